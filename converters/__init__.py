@@ -1,0 +1,1 @@
+"""Converters: HF checkpoints and PEFT adapters -> GGUF (merge, adapters, quantization)."""

@@ -1,0 +1,28 @@
+"""Environment read once, at import. Modules read these as ``constants.NAME`` (not
+``from constants import NAME``) so tests can monkeypatch them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import platformdirs
+
+
+def _path_from_env(var: str, default: Path) -> Path:
+    value = os.environ.get(var)
+    return Path(value).expanduser() if value else default
+
+
+# Adapter registry, settings and the last-converted-model pointer live here.
+EDGE_LORA_HOME: Path = _path_from_env("EDGE_LORA_HOME", Path(platformdirs.user_data_dir("edge-lora")))
+# Derived artifacts that can be rebuilt (HF-layout demo base, KLD baselines, demo outputs).
+EDGE_LORA_CACHE: Path = _path_from_env("EDGE_LORA_CACHE", Path(platformdirs.user_cache_dir("edge-lora")))
+EDGE_LORA_API_KEY: str | None = os.environ.get("EDGE_LORA_API_KEY") or None
+HF_HUB_OFFLINE: bool = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+# Tools that default to a model's full 128K context mislead users about memory.
+DEFAULT_CTX_CAP: int = 4096
+DEFAULT_HOST: str = "127.0.0.1"
+DEFAULT_PORT: int = 8000
+N_THREADS: int = max(1, os.cpu_count() or 1)

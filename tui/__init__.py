@@ -1,0 +1,1 @@
+"""The Textual app; only the CLI imports it."""
