@@ -1,0 +1,296 @@
+"""validate_gguf / check_adapter_fits: the real Gemma file passes; every hostile header
+llama.cpp's test-gguf.cpp builds is refused with InvalidGGUFError, quickly."""
+
+from __future__ import annotations
+
+import struct
+import time
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from edge_lora.errors import AdapterError, AdapterMismatchError, InputNotFoundError, InvalidGGUFError
+from edge_lora.gguf_check import ArraySummary, check_adapter_fits, validate_gguf
+
+VT = gguf.GGUFValueType
+
+
+# --- a byte-level GGUF builder, so each test can corrupt exactly one field ---
+
+def _str(s: str | bytes) -> bytes:
+    b = s.encode() if isinstance(s, str) else s
+    return struct.pack("<Q", len(b)) + b
+
+
+def _kv(key: str, vtype: int, payload: bytes) -> bytes:
+    return _str(key) + struct.pack("<I", vtype) + payload
+
+
+def _tensor_info(name: str, dims: list[int], ttype: int, offset: int, n_dims: int | None = None) -> bytes:
+    nd = len(dims) if n_dims is None else n_dims
+    return _str(name) + struct.pack("<I", nd) + b"".join(struct.pack("<Q", d) for d in dims) + \
+        struct.pack("<IQ", ttype, offset)
+
+
+def build_gguf(*, magic: bytes = b"GGUF", version: int = 3, kvs: list[bytes] | None = None,
+               tensors: list[bytes] | None = None, n_kv: int | None = None, n_tensors: int | None = None,
+               data: bytes | None = None, alignment: int = 32) -> bytes:
+    if kvs is None:
+        kvs = [_kv("general.architecture", VT.STRING, _str("llama"))]
+    if tensors is None:
+        tensors = [_tensor_info("a.weight", [32, 2], gguf.GGMLQuantizationType.F32, 0),
+                   _tensor_info("b.weight", [32], gguf.GGMLQuantizationType.F32, 256)]
+    head = magic + struct.pack("<IQQ", version, len(tensors) if n_tensors is None else n_tensors,
+                               len(kvs) if n_kv is None else n_kv)
+    body = head + b"".join(kvs) + b"".join(tensors)
+    body += b"\0" * (-len(body) % alignment)
+    if data is None:
+        data = b"\0" * (256 + 128)
+    return body + data
+
+
+def write(tmp_path: Path, blob: bytes, name: str = "x.gguf") -> Path:
+    p = tmp_path / name
+    p.write_bytes(blob)
+    return p
+
+
+def refused(path: Path, match: str) -> None:
+    start = time.perf_counter()
+    with pytest.raises(InvalidGGUFError, match=match):
+        validate_gguf(path)
+    assert time.perf_counter() - start < 1.0
+
+
+def test_builder_makes_a_valid_file_that_gguf_reader_agrees_with(tmp_path: Path) -> None:
+    p = write(tmp_path, build_gguf())
+    info = validate_gguf(p)
+    reader = gguf.GGUFReader(p)
+    assert [(t.name, t.n_bytes, t.data_offset) for t in reader.tensors] == \
+        [(t.name, t.n_bytes, t.offset) for t in info.tensors]
+    assert info.architecture == "llama" and info.tensor_data_bytes == 256 + 128
+
+
+@pytest.mark.slow
+def test_real_gemma_file_passes_fast_and_matches_gguf_reader(gemma_q4_gguf: Path) -> None:
+    start = time.perf_counter()
+    info = validate_gguf(gemma_q4_gguf, expect_type="model")
+    assert time.perf_counter() - start < 0.5
+    assert info.architecture == "gemma3" and info.version == 3 and info.file_type == 15
+    assert info.metadata["tokenizer.ggml.tokens"] == ArraySummary("STRING", 262144)
+    assert info.array_length("tokenizer.ggml.tokens") == 262144
+    assert len(info.tensors) == 236
+    reader = gguf.GGUFReader(gemma_q4_gguf)
+    for t in reader.tensors:
+        rec = info.tensor(t.name)
+        assert rec is not None
+        assert (rec.shape, rec.n_bytes, rec.offset, rec.type_name) == \
+            (tuple(int(x) for x in t.shape), int(t.n_bytes), int(t.data_offset), t.tensor_type.name)
+
+
+def test_writer_output_passes(tmp_path: Path) -> None:
+    p = tmp_path / "w.gguf"
+    w = gguf.GGUFWriter(p, "llama")
+    w.add_uint32("llama.block_count", 1)
+    w.add_array("tokenizer.ggml.tokens", [f"t{i}" for i in range(1000)])
+    w.add_tensor("blk.0.attn_q.weight", np.ones((64, 32), dtype=np.float32))
+    w.add_tensor("blk.0.ffn_up.weight", np.ones((128, 32), dtype=np.float16))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    info = validate_gguf(p)
+    assert info.tensor("blk.0.attn_q.weight").shape == (32, 64)
+    assert info.tensor("blk.0.ffn_up.weight").type_name == "F16"
+    assert info.metadata["llama.block_count"] == 1
+    assert info.array_length("tokenizer.ggml.tokens") == 1000
+
+
+def test_missing_file_is_not_found(tmp_path: Path) -> None:
+    with pytest.raises(InputNotFoundError):
+        validate_gguf(tmp_path / "nope.gguf")
+
+
+@pytest.mark.parametrize("cut", [3, 20, 40, 80, 200])
+def test_truncated_files_refused(tmp_path: Path, cut: int) -> None:
+    blob = build_gguf()
+    refused(write(tmp_path, blob[:cut]), "not a valid GGUF")
+
+
+def test_zeroed_header_refused(tmp_path: Path) -> None:
+    blob = build_gguf()
+    refused(write(tmp_path, b"\0" * 32 + blob[32:]), "bad magic")
+
+
+def test_bad_magic(tmp_path: Path) -> None:
+    refused(write(tmp_path, build_gguf(magic=b"GGML")), "bad magic")
+
+
+@pytest.mark.parametrize("version", [0, 1, 4, 0x03000000])
+def test_bad_version(tmp_path: Path, version: int) -> None:
+    refused(write(tmp_path, build_gguf(version=version)), "version|big-endian")
+
+
+def test_huge_n_kv(tmp_path: Path) -> None:
+    refused(write(tmp_path, build_gguf(n_kv=2**63)), "metadata entries")
+
+
+def test_huge_n_tensors(tmp_path: Path) -> None:
+    refused(write(tmp_path, build_gguf(n_tensors=2**40)), "tensors")
+
+
+def test_huge_string_length(tmp_path: Path) -> None:
+    bad = struct.pack("<Q", 2**62) + b"general.architecture"
+    refused(write(tmp_path, build_gguf(kvs=[bad + struct.pack("<I", VT.STRING) + _str("x")])), "past the end")
+
+
+def test_huge_array_count(tmp_path: Path) -> None:
+    # GGUFReader spends seconds on this; the pre-parse refuses it immediately.
+    kv = _kv("tokenizer.ggml.scores", VT.ARRAY, struct.pack("<IQ", VT.FLOAT32, 10**9))
+    refused(write(tmp_path, build_gguf(kvs=[kv])), "past the end")
+    kv = _kv("tokenizer.ggml.tokens", VT.ARRAY, struct.pack("<IQ", VT.STRING, 10**9))
+    refused(write(tmp_path, build_gguf(kvs=[kv])), "more than the file can hold")
+
+
+def test_unknown_value_type_and_nested_array(tmp_path: Path) -> None:
+    refused(write(tmp_path, build_gguf(kvs=[_kv("k", 99, b"\0" * 8)])), "unknown value type")
+    nested = _kv("k", VT.ARRAY, struct.pack("<IQ", VT.ARRAY, 1) + struct.pack("<IQ", VT.UINT8, 1) + b"\1")
+    refused(write(tmp_path, build_gguf(kvs=[nested])), "nested array")
+
+
+def test_duplicate_key(tmp_path: Path) -> None:
+    kv = _kv("general.architecture", VT.STRING, _str("llama"))
+    refused(write(tmp_path, build_gguf(kvs=[kv, kv])), "duplicate metadata key")
+
+
+def test_huge_n_dims(tmp_path: Path) -> None:
+    t = _tensor_info("a.weight", [32], gguf.GGMLQuantizationType.F32, 0, n_dims=10**6)
+    refused(write(tmp_path, build_gguf(tensors=[t])), "dimensions")
+
+
+def test_zero_dim(tmp_path: Path) -> None:
+    t = _tensor_info("a.weight", [32, 0], gguf.GGMLQuantizationType.F32, 0)
+    refused(write(tmp_path, build_gguf(tensors=[t])), "zero dimension")
+
+
+def test_overflowing_element_count(tmp_path: Path) -> None:
+    # 2**32 * 2**32 wraps to 0 in uint64; Python ints see the real product.
+    t = _tensor_info("a.weight", [2**32, 2**32], gguf.GGMLQuantizationType.F32, 0)
+    refused(write(tmp_path, build_gguf(tensors=[t])), "elements")
+    t = _tensor_info("a.weight", [2**16, 2**16, 2**16, 2**16], gguf.GGMLQuantizationType.F32, 0)
+    refused(write(tmp_path, build_gguf(tensors=[t])), "elements")
+
+
+def test_unknown_tensor_type_and_block_divisibility(tmp_path: Path) -> None:
+    refused(write(tmp_path, build_gguf(tensors=[_tensor_info("a", [32], 200, 0)])), "unknown type")
+    t = _tensor_info("a", [100], gguf.GGMLQuantizationType.Q4_K, 0)
+    refused(write(tmp_path, build_gguf(tensors=[t])), "block size")
+
+
+@pytest.mark.parametrize("alignment", [0, 3, 48])
+def test_bad_alignment(tmp_path: Path, alignment: int) -> None:
+    kvs = [_kv("general.alignment", VT.UINT32, struct.pack("<I", alignment))]
+    refused(write(tmp_path, build_gguf(kvs=kvs)), "power of two")
+
+
+def test_alignment_wrong_type(tmp_path: Path) -> None:
+    kvs = [_kv("general.alignment", VT.STRING, _str("32"))]
+    refused(write(tmp_path, build_gguf(kvs=kvs)), "power of two")
+
+
+def test_misaligned_offset(tmp_path: Path) -> None:
+    t = _tensor_info("a.weight", [32], gguf.GGMLQuantizationType.F32, 4)
+    refused(write(tmp_path, build_gguf(tensors=[t])), "not aligned")
+
+
+def test_offset_past_eof(tmp_path: Path) -> None:
+    t = _tensor_info("a.weight", [32], gguf.GGMLQuantizationType.F32, 2**60)
+    refused(write(tmp_path, build_gguf(tensors=[t])), "past the end")
+
+
+def test_overlapping_tensors(tmp_path: Path) -> None:
+    ts = [_tensor_info("a.weight", [32, 2], gguf.GGMLQuantizationType.F32, 0),
+          _tensor_info("b.weight", [32], gguf.GGMLQuantizationType.F32, 128)]
+    refused(write(tmp_path, build_gguf(tensors=ts)), "overlaps")
+
+
+def test_duplicate_tensor_names(tmp_path: Path) -> None:
+    ts = [_tensor_info("a.weight", [32], gguf.GGMLQuantizationType.F32, 0),
+          _tensor_info("a.weight", [32], gguf.GGMLQuantizationType.F32, 128)]
+    refused(write(tmp_path, build_gguf(tensors=ts)), "duplicate tensor name")
+
+
+def test_data_shorter_than_declared(tmp_path: Path) -> None:
+    refused(write(tmp_path, build_gguf(data=b"\0" * 300)), "shorter than declared")
+
+
+def test_expect_type(tmp_path: Path) -> None:
+    p = write(tmp_path, build_gguf())
+    with pytest.raises(AdapterError, match="not a GGUF LoRA adapter"):
+        validate_gguf(p, expect_type="adapter")
+    kvs = [_kv("general.architecture", VT.STRING, _str("llama")), _kv("general.type", VT.STRING, _str("adapter")),
+           _kv("adapter.type", VT.STRING, _str("lora"))]
+    a = write(tmp_path, build_gguf(kvs=kvs), "a.gguf")
+    assert validate_gguf(a, expect_type="adapter").general_type == "adapter"
+    with pytest.raises(InvalidGGUFError, match="adapter, not a model"):
+        validate_gguf(a, expect_type="model")
+
+
+# --- check_adapter_fits ---
+
+def _write_model(path: Path, arch: str, tensors: dict[str, np.ndarray], adapter: bool = False) -> Path:
+    w = gguf.GGUFWriter(path, arch)
+    if adapter:
+        w.add_string("general.type", "adapter")
+        w.add_string("adapter.type", "lora")
+        w.add_float32("adapter.lora.alpha", 8.0)
+    for name, arr in tensors.items():
+        w.add_tensor(name, arr)
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    return path
+
+
+@pytest.fixture
+def tiny_base(tmp_path: Path):
+    # numpy [out, in] = GGUF ne (in, out)
+    return validate_gguf(_write_model(tmp_path / "base.gguf", "llama", {
+        "blk.0.attn_q.weight": np.zeros((64, 32), np.float32),
+        "blk.0.ffn_up.weight": np.zeros((96, 32), np.float32)}))
+
+
+def _adapter(tmp_path: Path, tensors: dict[str, np.ndarray], arch: str = "llama"):
+    return validate_gguf(_write_model(tmp_path / "adapter.gguf", arch, tensors, adapter=True))
+
+
+def test_adapter_fits(tmp_path: Path, tiny_base) -> None:
+    a = _adapter(tmp_path, {"blk.0.attn_q.weight.lora_a": np.zeros((4, 32), np.float32),
+                            "blk.0.attn_q.weight.lora_b": np.zeros((64, 4), np.float32)})
+    check_adapter_fits(tiny_base, a)
+
+
+@pytest.mark.parametrize("tensors,match", [
+    ({"blk.0.attn_q.weight.lora_a": np.zeros((4, 32), np.float32)}, "no matching .lora_b"),
+    ({"blk.0.attn_q.weight.lora_b": np.zeros((64, 4), np.float32)}, "no matching .lora_a"),
+    ({"blk.9.attn_q.weight.lora_a": np.zeros((4, 32), np.float32),
+      "blk.9.attn_q.weight.lora_b": np.zeros((64, 4), np.float32)}, "blk.9.attn_q.weight does not exist"),
+    ({"blk.0.ffn_up.weight.lora_a": np.zeros((4, 32), np.float32),
+      "blk.0.ffn_up.weight.lora_b": np.zeros((64, 4), np.float32)}, "blk.0.ffn_up.weight shapes"),
+    ({"blk.0.attn_q.weight.lora_a": np.zeros((4, 64), np.float32),
+      "blk.0.attn_q.weight.lora_b": np.zeros((64, 4), np.float32)}, "blk.0.attn_q.weight shapes"),
+    ({"blk.0.attn_q.weight.lora_a": np.zeros((4, 32), np.float32),
+      "blk.0.attn_q.weight.lora_b": np.zeros((64, 8), np.float32)}, "blk.0.attn_q.weight shapes"),
+])
+def test_adapter_mismatches_name_the_tensor(tmp_path: Path, tiny_base, tensors, match: str) -> None:
+    with pytest.raises(AdapterMismatchError, match=match):
+        check_adapter_fits(tiny_base, _adapter(tmp_path, tensors))
+
+
+def test_adapter_wrong_architecture(tmp_path: Path, tiny_base) -> None:
+    a = _adapter(tmp_path, {"blk.0.attn_q.weight.lora_a": np.zeros((4, 32), np.float32),
+                            "blk.0.attn_q.weight.lora_b": np.zeros((64, 4), np.float32)}, arch="qwen2")
+    with pytest.raises(AdapterMismatchError, match="architecture 'qwen2'"):
+        check_adapter_fits(tiny_base, a)
+
+
+def test_model_file_as_adapter_refused(tiny_base) -> None:
+    with pytest.raises(AdapterError, match="not a GGUF LoRA adapter"):
+        check_adapter_fits(tiny_base, tiny_base)
