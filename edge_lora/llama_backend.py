@@ -1,0 +1,420 @@
+"""Typed thin wrapper over llama-cpp-python's low-level (ctypes) API.
+
+Why low-level rather than ``llama_cpp.Llama``: we need per-request LoRA sets on one loaded
+base (``llama_set_adapters_lora``), logits views without copies for perplexity, and
+deterministic freeing. Every file is pre-parsed by ``gguf_check`` before llama.cpp sees it,
+and every index we hand to llama.cpp is checked here first, so bad input becomes a typed
+error instead of a crash inside C.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import threading
+import weakref
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from edge_lora import constants
+from edge_lora.errors import AdapterError, InternalError, InvalidGGUFError, RequestError
+from edge_lora.gguf_check import GGUFInfo, check_adapter_fits, validate_gguf
+
+import llama_cpp.llama_cpp as llama  # noqa: E402  (heavy: imported only by modules that run models)
+
+LogitsRequest = Literal["last", "all"] | set[int] | frozenset[int]
+
+# --- logging: llama.cpp prints pages of loader chatter on stderr; keep it unless verbose, but
+# remember the last lines so a failed load can say why. ---
+_log_lock = threading.Lock()
+_recent_log: collections.deque[str] = collections.deque(maxlen=20)
+_verbose = False
+
+
+@llama.llama_log_callback
+def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    message = text.decode("utf-8", errors="replace")
+    with _log_lock:
+        if level in (2, 3):  # WARN, ERROR: kept for error messages
+            _recent_log.append(message.strip())
+    if _verbose:
+        import sys
+
+        print(message, end="", file=sys.stderr, flush=True)
+
+
+_backend_ready = False
+_backend_lock = threading.Lock()
+
+
+def _ensure_backend() -> None:
+    global _backend_ready
+    with _backend_lock:
+        if not _backend_ready:
+            llama.llama_log_set(_log_callback, ctypes.c_void_p(0))
+            llama.llama_backend_init()
+            _backend_ready = True
+
+
+def set_verbose(verbose: bool) -> None:
+    """Echo llama.cpp's own log on stderr (``--verbose``)."""
+    global _verbose
+    _verbose = verbose
+
+
+def _last_log_lines(n: int = 3) -> str:
+    with _log_lock:
+        lines = [line for line in list(_recent_log)[-n:] if line]
+        _recent_log.clear()
+    return "; ".join(lines)
+
+
+def _clear_log() -> None:
+    with _log_lock:
+        _recent_log.clear()
+
+
+class LlamaModel:
+    """A GGUF model loaded with mmap. Owns contexts and adapters made from it: closing the
+    model closes them first, so no native object outlives its model."""
+
+    def __init__(self, path: Path | str, n_gpu_layers: int = 0, *, info: GGUFInfo | None = None) -> None:
+        _ensure_backend()
+        self.path = Path(path)
+        self.info = info or validate_gguf(self.path, expect_type="model")
+        params = llama.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        params.load_mode = llama.LLAMA_LOAD_MODE_MMAP  # pages shared, loaded once
+        _clear_log()
+        self._ptr = llama.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self._ptr:
+            detail = _last_log_lines()
+            raise InvalidGGUFError(f"llama.cpp could not load {self.path}" + (f": {detail}" if detail else ""),
+                                   fix="check that the file is a complete model GGUF for a supported architecture")
+        self._vocab = llama.llama_model_get_vocab(self._ptr)
+        self.n_vocab: int = llama.llama_vocab_n_tokens(self._vocab)
+        self.n_ctx_train: int = llama.llama_model_n_ctx_train(self._ptr)
+        self.bos: int = llama.llama_vocab_bos(self._vocab)
+        self.eos: int = llama.llama_vocab_eos(self._vocab)
+        self.add_bos: bool = bool(llama.llama_vocab_get_add_bos(self._vocab))
+        self._dependents: weakref.WeakSet[LlamaContext | LoraAdapter] = weakref.WeakSet()
+        self._lock = threading.Lock()
+
+    # --- lifetime ---
+    @property
+    def ptr(self) -> llama.llama_model_p:
+        if not self._ptr:
+            raise InternalError("the model was already closed")
+        return self._ptr
+
+    @property
+    def closed(self) -> bool:
+        return not self._ptr
+
+    def _register(self, dependent: LlamaContext | LoraAdapter) -> None:
+        self._dependents.add(dependent)
+
+    def close(self) -> None:
+        if getattr(self, "_ptr", None):
+            for dependent in list(self._dependents):
+                dependent.close()
+            llama.llama_model_free(self._ptr)
+            self._ptr = None
+
+    def __enter__(self) -> LlamaModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    # --- vocabulary ---
+    def tokenize(self, text: str, add_bos: bool = True, special: bool = True) -> list[int]:
+        """``special=True`` parses control tokens written as text (``<start_of_turn>``), which
+        chat templates rely on; pass False for untrusted user text inside a template."""
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        buf = (llama.llama_token * capacity)()
+        n = llama.llama_tokenize(self._vocab_ptr(), data, len(data), buf, capacity, add_bos, special)
+        if n < 0:
+            capacity = -n
+            buf = (llama.llama_token * capacity)()
+            n = llama.llama_tokenize(self._vocab_ptr(), data, len(data), buf, capacity, add_bos, special)
+        if n < 0:
+            raise RequestError(f"text of {len(data)} bytes could not be tokenized",
+                               fix="shorten the prompt")
+        return list(buf[:n])
+
+    def _vocab_ptr(self) -> llama.llama_vocab_p:
+        self.ptr  # raises if closed
+        return self._vocab
+
+    def _check_token(self, token: int) -> None:
+        if not 0 <= token < self.n_vocab:
+            raise RequestError(f"token id {token} is outside the vocabulary (0..{self.n_vocab - 1})",
+                               fix="pass token ids from this model's tokenizer")
+
+    def token_piece(self, token: int, special: bool = False) -> bytes:
+        """Raw bytes of one token (may be part of a multi-byte UTF-8 character). Control
+        tokens render as empty unless ``special``."""
+        self._check_token(token)
+        buf = ctypes.create_string_buffer(64)
+        n = llama.llama_token_to_piece(self._vocab_ptr(), token, buf, 64, 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama.llama_token_to_piece(self._vocab_ptr(), token, buf, -n, 0, special)
+        return buf.raw[:max(n, 0)]
+
+    token_to_piece = token_piece  # ARCHITECTURE.md spelling
+
+    def detokenize(self, ids: Sequence[int], special: bool = False) -> str:
+        return b"".join(self.token_piece(t, special) for t in ids).decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama.llama_vocab_is_eog(self._vocab_ptr(), token))
+
+    def token_id(self, text: str) -> int | None:
+        """The id of a single (special) token spelled ``text``, or None."""
+        ids = self.tokenize(text, add_bos=False, special=True)
+        return ids[0] if len(ids) == 1 else None
+
+    # --- metadata ---
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(4096)
+        n = llama.llama_model_meta_val_str(self.ptr, key.encode(), buf, 4096)
+        if n < 0:
+            return None
+        if n >= 4096:
+            buf = ctypes.create_string_buffer(n + 1)
+            llama.llama_model_meta_val_str(self.ptr, key.encode(), buf, n + 1)
+        return buf.value.decode("utf-8", errors="replace")
+
+    @property
+    def metadata(self) -> dict:
+        return self.info.metadata
+
+    @property
+    def architecture(self) -> str:
+        return self.info.architecture or ""
+
+    @property
+    def chat_template(self) -> str | None:
+        raw = llama.llama_model_chat_template(self.ptr, None)
+        return raw.decode("utf-8", errors="replace") if raw else None
+
+
+class LoraAdapter:
+    """A GGUF LoRA adapter loaded for one model. Checked against the model's tensors in
+    Python first (llama.cpp's own check only logs and returns NULL)."""
+
+    def __init__(self, model: LlamaModel, path: Path | str) -> None:
+        self.path = Path(path)
+        self.model = model
+        self.info = validate_gguf(self.path, expect_type="adapter")
+        check_adapter_fits(model.info, self.info)
+        _clear_log()
+        with model._lock:
+            self._ptr = llama.llama_adapter_lora_init(model.ptr, str(self.path).encode())
+        if not self._ptr:
+            detail = _last_log_lines()
+            raise AdapterError(f"llama.cpp could not load adapter {self.path}" + (f": {detail}" if detail else ""),
+                               fix="re-convert the adapter for this base model")
+        model._register(self)
+
+    @property
+    def ptr(self) -> llama.llama_adapter_lora_p:
+        if not self._ptr:
+            raise InternalError(f"adapter {self.path.name} was already freed")
+        return self._ptr
+
+    @property
+    def closed(self) -> bool:
+        return not self._ptr
+
+    def free(self) -> None:
+        if getattr(self, "_ptr", None):
+            # Contexts still pointing at this adapter must drop it first.
+            for dependent in list(self.model._dependents):
+                if isinstance(dependent, LlamaContext):
+                    dependent._forget_adapter(self)
+            if not self.model.closed:
+                llama.llama_adapter_lora_free(self._ptr)
+            self._ptr = None
+
+    close = free
+
+    def __del__(self) -> None:
+        self.free()
+
+
+class LlamaContext:
+    """One inference context (KV cache) on a model: single sequence, batched decode."""
+
+    def __init__(self, model: LlamaModel, n_ctx: int, n_batch: int = 512, n_threads: int | None = None,
+                 seed: int = 0, n_ubatch: int | None = None) -> None:
+        if n_ctx < 8:
+            raise RequestError(f"context size {n_ctx} is too small", fix="use --ctx 512 or more")
+        if n_batch < 1:
+            raise RequestError(f"batch size {n_batch} must be positive")
+        self.model = model
+        self.n_ctx = n_ctx
+        self.n_batch = min(n_batch, n_ctx)
+        self.seed = seed
+        params = llama.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = self.n_batch
+        params.n_ubatch = min(n_ubatch or self.n_batch, self.n_batch)
+        params.n_seq_max = 1
+        threads = n_threads or constants.N_THREADS
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        params.no_perf = True
+        _clear_log()
+        self._ptr = llama.llama_init_from_model(model.ptr, params)
+        if not self._ptr:
+            detail = _last_log_lines()
+            raise InternalError(f"llama.cpp could not create a context of {n_ctx} tokens"
+                                + (f": {detail}" if detail else ""))
+        self._batch = llama.llama_batch_init(self.n_batch, 0, 1)
+        self._adapters: tuple[tuple[LoraAdapter, float], ...] = ()
+        # Logit rows of earlier chunks of a multi-chunk decode (copied: llama.cpp reuses its buffer).
+        self._saved: dict[int, np.ndarray] = {}
+        self._last_rows: dict[int, int] = {}  # token index in the decode call -> row in last chunk
+        model._register(self)
+
+    # --- lifetime ---
+    @property
+    def ptr(self) -> llama.llama_context_p:
+        if not self._ptr:
+            raise InternalError("the context was already closed")
+        return self._ptr
+
+    def close(self) -> None:
+        if getattr(self, "_ptr", None):
+            llama.llama_batch_free(self._batch)
+            llama.llama_free(self._ptr)
+            self._ptr = None
+            self._adapters = ()
+
+    def __enter__(self) -> LlamaContext:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    # --- KV cache ---
+    def clear_kv(self) -> None:
+        llama.llama_memory_clear(llama.llama_get_memory(self.ptr), True)
+
+    def remove_kv_from(self, pos: int) -> bool:
+        """Drop cached positions >= pos (to reuse a shared prompt prefix). False when the cache
+        cannot cut there (then call clear_kv)."""
+        return bool(llama.llama_memory_seq_rm(llama.llama_get_memory(self.ptr), 0, pos, -1))
+
+    # --- adapters ---
+    @property
+    def adapters(self) -> tuple[tuple[LoraAdapter, float], ...]:
+        return self._adapters
+
+    def set_adapters(self, adapters: Iterable[tuple[LoraAdapter, float]]) -> bool:
+        """Make exactly these adapters (with scales) active. Returns True when the set changed,
+        in which case the KV cache was cleared (it was computed under other weights)."""
+        wanted = tuple((a, float(s)) for a, s in adapters if float(s) != 0.0)
+        for adapter, _ in wanted:
+            if adapter.model is not self.model:
+                raise AdapterError(f"adapter {adapter.path.name} was loaded for another model")
+            adapter.ptr  # raises if freed
+        if wanted == self._adapters:
+            return False
+        n = len(wanted)
+        if n:
+            ptrs = (llama.llama_adapter_lora_p_ctypes * n)(*[a.ptr for a, _ in wanted])
+            scales = (ctypes.c_float * n)(*[s for _, s in wanted])
+            rc = llama.llama_set_adapters_lora(self.ptr, ptrs, n, scales)
+        else:
+            rc = llama.llama_set_adapters_lora(self.ptr, None, 0, None)
+        if rc != 0:
+            raise InternalError(f"llama.cpp refused the adapter set (code {rc}): {_last_log_lines()}")
+        self._adapters = wanted
+        self.clear_kv()
+        return True
+
+    def _forget_adapter(self, adapter: LoraAdapter) -> None:
+        if self._ptr and any(a is adapter for a, _ in self._adapters):
+            self.set_adapters([(a, s) for a, s in self._adapters if a is not adapter])
+
+    # --- decoding ---
+    def decode(self, tokens: Sequence[int], pos0: int = 0, logits: LogitsRequest = "last") -> None:
+        """Evaluate ``tokens`` at positions pos0.. in chunks of n_batch. Afterwards
+        ``logits(i)`` gives the logits after token i of this call (i in the request)."""
+        n = len(tokens)
+        if n == 0:
+            raise RequestError("nothing to decode", fix="give a non-empty prompt")
+        if pos0 < 0 or pos0 + n > self.n_ctx:
+            raise RequestError(f"{pos0 + n} tokens do not fit the context of {self.n_ctx} tokens",
+                               fix="shorten the prompt or raise --ctx")
+        for t in tokens:
+            self.model._check_token(int(t))
+        if logits == "last":
+            wanted: set[int] = {n - 1}
+        elif logits == "all":
+            wanted = set(range(n))
+        else:
+            wanted = {int(i) for i in logits}
+            if any(not 0 <= i < n for i in wanted):
+                raise RequestError(f"logit indices must lie in 0..{n - 1}")
+        self._saved = {}
+        self._last_rows = {}
+        batch = self._batch
+        for start in range(0, n, self.n_batch):
+            chunk = tokens[start:start + self.n_batch]
+            rows: dict[int, int] = {}
+            for k, token in enumerate(chunk):
+                batch.token[k] = int(token)
+                batch.pos[k] = pos0 + start + k
+                batch.n_seq_id[k] = 1
+                batch.seq_id[k][0] = 0
+                want = (start + k) in wanted
+                batch.logits[k] = 1 if want else 0
+                if want:
+                    rows[start + k] = k
+            batch.n_tokens = len(chunk)
+            rc = llama.llama_decode(self.ptr, batch)
+            if rc != 0:
+                if rc == 1:
+                    raise RequestError("the KV cache is full", fix="shorten the prompt or raise --ctx")
+                raise InternalError(f"llama_decode failed with code {rc}: {_last_log_lines()}")
+            is_last_chunk = start + self.n_batch >= n
+            if is_last_chunk:
+                self._last_rows = rows
+            else:
+                for index, row in rows.items():
+                    self._saved[index] = self._row(row).copy()
+
+    def _row(self, row: int) -> np.ndarray:
+        ptr = llama.llama_get_logits_ith(self.ptr, row)
+        if not ptr:
+            raise InternalError(f"llama.cpp returned no logits for batch row {row}")
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
+
+    def logits(self, i: int = -1) -> np.ndarray:
+        """Logits (n_vocab float32) after token ``i`` of the last decode call; -1 = the last
+        requested. A view into llama.cpp's buffer, valid until the next decode."""
+        if i == -1:
+            if self._last_rows:
+                i = max(self._last_rows)
+            elif self._saved:
+                i = max(self._saved)
+        if i in self._last_rows:
+            return self._row(self._last_rows[i])
+        if i in self._saved:
+            return self._saved[i]
+        raise RequestError(f"no logits were requested for token {i} in the last decode")

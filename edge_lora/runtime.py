@@ -1,0 +1,325 @@
+"""The runtime: a quantized base loaded once (mmap) and LoRA adapters hot-applied per request.
+
+Concurrency: requests take a context from a small pool (default: one context). A context's
+adapter set is switched (and its KV cache cleared) at the start of each request while the
+request holds the context exclusively, so one request's adapters are never active during
+another's. bench/runtime.py measures one context vs a pool of two on this machine; with the
+CPU as the bottleneck a second context only splits the same cores (see the report there).
+Every request starts from an empty KV cache: reusing a cached prefix would make a request's
+logits depend on what ran before it (llama.cpp's kernels differ by batch shape), and the
+contract is that a request gives the same tokens whether made alone or among others.
+"""
+
+from __future__ import annotations
+
+import codecs
+import queue
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge_lora import constants
+from edge_lora.chat_template import ChatTemplate, render_chat, template_for
+from edge_lora.errors import InputNotFoundError, RegistryError, RequestError
+from edge_lora.llama_backend import LlamaContext, LlamaModel, LoraAdapter
+
+MAX_STOP_STRINGS = 16
+
+
+@dataclass
+class LoadedAdapter:
+    name: str
+    path: Path
+    scale: float
+    adapter: LoraAdapter
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    tokens: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def check(self) -> None:
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 0:
+            raise RequestError(f"max_tokens must be a non-negative integer, got {self.max_tokens!r}")
+        if not 0.0 <= self.temperature <= 100.0:
+            raise RequestError(f"temperature must be between 0 and 100, got {self.temperature!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.top_k < 0:
+            raise RequestError(f"top_k must be >= 0, got {self.top_k!r}")
+        if len(self.stop) > MAX_STOP_STRINGS or any(not isinstance(s, str) or not s for s in self.stop):
+            raise RequestError(f"stop must be up to {MAX_STOP_STRINGS} non-empty strings")
+
+
+def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    """Greedy at temperature 0; otherwise top-k, then top-p (nucleus), then a seeded draw."""
+    if params.temperature == 0.0:
+        return int(np.argmax(logits))
+    scaled = logits.astype(np.float64) / params.temperature
+    if params.top_k and params.top_k < scaled.size:
+        candidates = np.argpartition(scaled, -params.top_k)[-params.top_k:]
+    else:
+        candidates = np.arange(scaled.size)
+    order = candidates[np.argsort(-scaled[candidates], kind="stable")]
+    values = scaled[order]
+    probs = np.exp(values - values[0])
+    probs /= probs.sum()
+    if params.top_p < 1.0:
+        keep = int(np.searchsorted(np.cumsum(probs), params.top_p) + 1)
+        order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
+    return int(order[rng.choice(order.size, p=probs)])
+
+
+class _StopMatcher:
+    """Streams text while holding back any tail that could be the start of a stop string."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = tuple(stops)
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        self.pending += text
+        if not self.stops:
+            out, self.pending = self.pending, ""
+            return out, False
+        first = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
+        if first >= 0:
+            out, self.pending = self.pending[:first], ""
+            return out, True
+        hold = 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(stop[:k]):
+                    hold = max(hold, k)
+                    break
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class Generation:
+    """An iterator of text pieces; ``stats`` is filled in as it runs. Holding it holds a
+    context: iterate to the end or call close()."""
+
+    def __init__(self, pieces: Iterator[str], stats: GenerationStats) -> None:
+        self._pieces = pieces
+        self.stats = stats
+
+    def __iter__(self) -> Iterator[str]:
+        return self._pieces
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        self._pieces.close()  # type: ignore[attr-defined]
+
+    def text(self) -> str:
+        return "".join(self._pieces)
+
+
+class Runtime:
+    def __init__(self, model_path: Path | str, n_ctx: int | None = None, seed: int = 0,
+                 n_threads: int | None = None, n_batch: int = 512, n_contexts: int = 1) -> None:
+        if n_contexts < 1:
+            raise RequestError("n_contexts must be at least 1")
+        self.model = LlamaModel(model_path)
+        self.model_path = Path(model_path)
+        self.model_id = self.model_path.name.removesuffix(".gguf")
+        self.seed = seed
+        self.n_ctx = n_ctx or min(self.model.n_ctx_train or constants.DEFAULT_CTX_CAP, constants.DEFAULT_CTX_CAP)
+        threads = n_threads or max(1, constants.N_THREADS // n_contexts)
+        self._contexts = [LlamaContext(self.model, self.n_ctx, n_batch=n_batch, n_threads=threads, seed=seed)
+                          for _ in range(n_contexts)]
+        self._free: queue.Queue[LlamaContext] = queue.Queue()
+        for context in self._contexts:
+            self._free.put(context)
+        self._adapters: dict[str, LoadedAdapter] = {}
+        self._adapters_lock = threading.Lock()
+        self.template: ChatTemplate = template_for(self.model)
+        self._request_counter = 0
+
+    # --- lifetime ---
+    def close(self) -> None:
+        for context in self._contexts:
+            context.close()
+        for loaded in self._adapters.values():
+            loaded.adapter.free()
+        self._adapters.clear()
+        self.model.close()
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- adapters ---
+    def load_adapter(self, name: str, path: Path | str, scale: float = 1.0) -> LoadedAdapter:
+        """Load (or replace) adapter ``name``; validated against the base before llama.cpp sees it."""
+        path = Path(path)
+        if not path.exists():
+            raise InputNotFoundError(f"adapter file {path} does not exist", fix="check the path")
+        adapter = LoraAdapter(self.model, path)
+        loaded = LoadedAdapter(name, path, float(scale), adapter)
+        with self._adapters_lock:
+            old = self._adapters.get(name)
+            self._adapters[name] = loaded
+        if old is not None:
+            self._free_when_idle(old.adapter)
+        return loaded
+
+    def unload_adapter(self, name: str) -> None:
+        with self._adapters_lock:
+            loaded = self._adapters.pop(name, None)
+        if loaded is None:
+            raise RegistryError(f"no adapter named {name!r} is loaded",
+                                fix=f"loaded adapters: {', '.join(self._adapters) or 'none'}")
+        self._free_when_idle(loaded.adapter)
+
+    def _free_when_idle(self, adapter: LoraAdapter) -> None:
+        # Take every context so no running request still uses the adapter, then free it.
+        taken = [self._free.get() for _ in self._contexts]
+        try:
+            adapter.free()
+        finally:
+            for context in taken:
+                self._free.put(context)
+
+    @property
+    def adapters(self) -> dict[str, LoadedAdapter]:
+        with self._adapters_lock:
+            return dict(self._adapters)
+
+    def _resolve_adapters(self, adapters: Mapping[str, float | None] | None) -> list[tuple[LoraAdapter, float]]:
+        if not adapters:
+            return []
+        active: list[tuple[LoraAdapter, float]] = []
+        with self._adapters_lock:
+            for name, scale in adapters.items():
+                loaded = self._adapters.get(name)
+                if loaded is None:
+                    raise RequestError(f"adapter {name!r} is not loaded",
+                                       fix=f"loaded adapters: {', '.join(self._adapters) or 'none'}")
+                value = loaded.scale if scale is None else float(scale)
+                if not -100.0 <= value <= 100.0:
+                    raise RequestError(f"adapter scale {value} for {name!r} is out of range (-100..100)")
+                active.append((loaded.adapter, value))
+        return active
+
+    # --- prompts ---
+    def tokenize_prompt(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.model.tokenize(prompt, add_bos=self.model.add_bos, special=True)
+        tokens = [int(t) for t in prompt]
+        for t in tokens:
+            self.model._check_token(t)
+        return tokens
+
+    def render_messages(self, messages: object) -> list[int]:
+        bos_text = self.model.token_piece(self.model.bos, special=True).decode("utf-8", "replace") \
+            if self.model.bos >= 0 else ""
+        eos_text = self.model.token_piece(self.model.eos, special=True).decode("utf-8", "replace") \
+            if self.model.eos >= 0 else ""
+        text = render_chat(self.template.source, messages, add_generation_prompt=True,
+                           bos_token=bos_text, eos_token=eos_text)
+        # A template that writes the BOS itself must not get a second one from the tokenizer.
+        add_bos = self.model.add_bos and not (bos_text and text.startswith(bos_text))
+        return self.model.tokenize(text, add_bos=add_bos, special=True)
+
+    # --- generation ---
+    def generate(self, prompt: str | Sequence[int], adapters: Mapping[str, float | None] | None = None,
+                 max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                 seed: int | None = None, stop: Sequence[str] = (),
+                 cancel: threading.Event | None = None) -> Generation:
+        tokens = self.tokenize_prompt(prompt)
+        return self._start(tokens, adapters, SamplingParams(max_tokens, float(temperature), float(top_p),
+                                                            int(top_k), seed, tuple(stop)), cancel)
+
+    def chat(self, messages: object, adapters: Mapping[str, float | None] | None = None,
+             max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+             seed: int | None = None, stop: Sequence[str] = (),
+             cancel: threading.Event | None = None) -> Generation:
+        tokens = self.render_messages(messages)
+        return self._start(tokens, adapters, SamplingParams(max_tokens, float(temperature), float(top_p),
+                                                            int(top_k), seed, tuple(stop)), cancel)
+
+    def _start(self, tokens: list[int], adapters: Mapping[str, float | None] | None,
+               params: SamplingParams, cancel: threading.Event | None) -> Generation:
+        # Everything that can be refused is refused here, before a context is taken.
+        params.check()
+        if not tokens:
+            raise RequestError("the prompt is empty", fix="give a non-empty prompt")
+        if len(tokens) >= self.n_ctx:
+            raise RequestError(f"the prompt is {len(tokens)} tokens; the context holds {self.n_ctx}",
+                               fix="shorten the prompt or raise --ctx")
+        active = self._resolve_adapters(adapters)
+        stats = GenerationStats(prompt_tokens=len(tokens))
+        if params.seed is None:
+            self._request_counter += 1
+            rng = np.random.default_rng([self.seed, self._request_counter])
+        else:
+            rng = np.random.default_rng(params.seed)
+        return Generation(self._run(tokens, active, params, rng, stats, cancel), stats)
+
+    def _run(self, tokens: list[int], active: list[tuple[LoraAdapter, float]], params: SamplingParams,
+             rng: np.random.Generator, stats: GenerationStats, cancel: threading.Event | None) -> Iterator[str]:
+        context = self._free.get()
+        try:
+            context.set_adapters(active)
+            context.clear_kv()
+            stats.finish_reason = "length"
+            if params.max_tokens == 0:
+                return
+            context.decode(tokens, 0, "last")
+            pos = len(tokens)
+            utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            stopper = _StopMatcher(params.stop)
+            while True:
+                if cancel is not None and cancel.is_set():
+                    stats.finish_reason = "cancelled"
+                    return
+                token = sample_token(context.logits(), params, rng)
+                if self.model.is_eog(token):
+                    stats.finish_reason = "stop"
+                    break
+                stats.tokens.append(token)
+                stats.completion_tokens += 1
+                text, stopped = stopper.feed(utf8.decode(self.model.token_piece(token)))
+                if text:
+                    yield text
+                if stopped:
+                    stats.finish_reason = "stop"
+                    return
+                if stats.completion_tokens >= params.max_tokens or pos >= context.n_ctx:
+                    break
+                context.decode([token], pos, "last")
+                pos += 1
+            text, stopped = stopper.feed(utf8.decode(b"", final=True))
+            if stopped:
+                stats.finish_reason = "stop"
+            tail = text + ("" if stopped else stopper.flush())
+            if tail:
+                yield tail
+        finally:
+            self._free.put(context)
