@@ -38,7 +38,7 @@ _verbose = False
 def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     message = text.decode("utf-8", errors="replace")
     with _log_lock:
-        if level in (2, 3):  # WARN, ERROR: kept for error messages
+        if level in (3, 4):  # ggml: 3 WARN, 4 ERROR — kept for error messages
             _recent_log.append(message.strip())
     if _verbose:
         import sys
@@ -285,6 +285,7 @@ class LlamaContext:
         # Logit rows of earlier chunks of a multi-chunk decode (copied: llama.cpp reuses its buffer).
         self._saved: dict[int, np.ndarray] = {}
         self._last_rows: dict[int, int] = {}  # token index in the decode call -> row in last chunk
+        self._n_past = 0  # positions 0.._n_past-1 are in the KV cache
         model._register(self)
 
     # --- lifetime ---
@@ -313,11 +314,22 @@ class LlamaContext:
     # --- KV cache ---
     def clear_kv(self) -> None:
         llama.llama_memory_clear(llama.llama_get_memory(self.ptr), True)
+        self._n_past = 0
+
+    @property
+    def n_past(self) -> int:
+        return self._n_past
 
     def remove_kv_from(self, pos: int) -> bool:
         """Drop cached positions >= pos (to reuse a shared prompt prefix). False when the cache
         cannot cut there (then call clear_kv)."""
-        return bool(llama.llama_memory_seq_rm(llama.llama_get_memory(self.ptr), 0, pos, -1))
+        if pos <= 0:
+            self.clear_kv()
+            return True
+        ok = bool(llama.llama_memory_seq_rm(llama.llama_get_memory(self.ptr), 0, pos, -1))
+        if ok:
+            self._n_past = min(self._n_past, pos)
+        return ok
 
     # --- adapters ---
     @property
@@ -363,6 +375,11 @@ class LlamaContext:
                                fix="shorten the prompt or raise --ctx")
         for t in tokens:
             self.model._check_token(int(t))
+        if pos0 > self._n_past:
+            raise RequestError(f"decode at position {pos0} leaves a gap after the {self._n_past} cached tokens")
+        if pos0 < self._n_past and not self.remove_kv_from(pos0):
+            raise RequestError(f"the KV cache cannot be cut at position {pos0}",
+                               fix="call clear_kv() and decode from position 0")
         if logits == "last":
             wanted: set[int] = {n - 1}
         elif logits == "all":
@@ -388,7 +405,10 @@ class LlamaContext:
                     rows[start + k] = k
             batch.n_tokens = len(chunk)
             rc = llama.llama_decode(self.ptr, batch)
-            if rc != 0:
+            if rc == 0:
+                self._n_past = pos0 + start + len(chunk)
+            else:
+                self.clear_kv()  # a failed batch may leave part of it in the cache
                 if rc == 1:
                     raise RequestError("the KV cache is full", fix="shorten the prompt or raise --ctx")
                 raise InternalError(f"llama_decode failed with code {rc}: {_last_log_lines()}")

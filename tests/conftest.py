@@ -90,3 +90,15 @@ def legal_adapter_gguf(persistent_cache: Path, gemma_hf_dir: Path) -> Path:
     if not out.exists():
         convert_adapter_to_gguf(LEGAL_ADAPTER_DIR, gemma_hf_dir, out)
     return out
+
+
+# --- Small random GGUF LoRA adapters for the real Gemma base (runtime/server/CLI tests) ---
+
+@pytest.fixture(scope="session")
+def random_gemma_loras(tmp_path_factory: pytest.TempPathFactory, gemma_q4_gguf: Path) -> tuple[Path, Path]:
+    """Two different random LoRA adapters (attn_q + ffn_up, layers 0-3) that change greedy output."""
+    from lora_fixtures import write_random_lora
+
+    out = tmp_path_factory.mktemp("random-loras")
+    return (write_random_lora(gemma_q4_gguf, out / "adapter-a.gguf", seed=1, strength=0.3),
+            write_random_lora(gemma_q4_gguf, out / "adapter-b.gguf", seed=2, strength=0.3))

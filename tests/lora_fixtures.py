@@ -37,3 +37,38 @@ def write_random_lora(base_gguf: Path, out: Path, *, seed: int, layers: tuple[in
     writer.write_tensors_to_file()
     writer.close()
     return out
+
+
+def write_merged_reference(base_gguf: Path, lora_gguf: Path, out: Path, scale: float = 1.0) -> Path:
+    """A test-only reference merge: copy ``base_gguf``, replacing each LoRA-targeted tensor with
+    dequantize(W) + scale * alpha / r * B @ A in F32 (every other tensor byte-identical). Running
+    this file must give what llama.cpp computes with the adapter hot-applied on the base."""
+    from gguf import quants
+
+    base = gguf.GGUFReader(base_gguf)
+    lora = gguf.GGUFReader(lora_gguf)
+    alpha = float(lora.fields["adapter.lora.alpha"].contents())
+    lora_tensors = {t.name: t for t in lora.tensors}
+    writer = gguf.GGUFWriter(out, base.fields["general.architecture"].contents())
+    for key, fld in base.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        main_type = fld.types[0]
+        sub_type = fld.types[-1] if main_type == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, fld.contents(), main_type, sub_type)
+    for tensor in base.tensors:
+        a = lora_tensors.get(tensor.name + ".lora_a")
+        if a is None:
+            writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type)
+            continue
+        b = lora_tensors[tensor.name + ".lora_b"]
+        lora_a = np.asarray(a.data, dtype=np.float32)  # [r, in]
+        lora_b = np.asarray(b.data, dtype=np.float32)  # [out, r]
+        weight = quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)  # [out, in]
+        merged = weight + (scale * alpha / lora_a.shape[0]) * (lora_b @ lora_a)
+        writer.add_tensor(tensor.name, merged.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
