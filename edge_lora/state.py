@@ -1,0 +1,39 @@
+"""Small persistent state: the last converted output directory (so `edge-lora run` with no
+--model picks up what `edge-lora convert` just wrote). Lives in EDGE_LORA_HOME/state.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from edge_lora import constants
+from edge_lora.atomic import atomic_write_text, ensure_writable_dir
+
+STATE_FILE = "state.json"
+
+
+def _state_path() -> Path:
+    return constants.EDGE_LORA_HOME / STATE_FILE
+
+
+def _read() -> dict:
+    try:
+        data = json.loads(_state_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # missing or damaged state only means "nothing remembered"
+    return data if isinstance(data, dict) else {}
+
+
+def remember_output_dir(path: Path | str) -> None:
+    state = _read()
+    state["last_output_dir"] = str(Path(path).expanduser().resolve())
+    ensure_writable_dir(constants.EDGE_LORA_HOME)
+    atomic_write_text(_state_path(), json.dumps(state, indent=2) + "\n")
+
+
+def last_output_dir() -> Path | None:
+    value = _read().get("last_output_dir")
+    if not isinstance(value, str):
+        return None
+    path = Path(value)
+    return path if path.is_dir() else None
