@@ -58,7 +58,7 @@ def test_template_for_prefers_embedded_then_family() -> None:
 @pytest.mark.parametrize("payload", [
     "{{ ''.__class__.__mro__[1].__subclasses__() }}",
     "{{ cycler.__init__.__globals__.os.popen('id').read() }}",
-    "{{ self._TemplateReference__context }}{{ ''.__class__ }}",
+    "{{ self._TemplateReference__context.parent }}",
     "{% set x = messages %}{{ x.append({'role': 'user', 'content': 'x'}) }}",
     "{{ messages.__class__.__base__.__subclasses__() }}",
 ])
