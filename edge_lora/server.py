@@ -1,0 +1,340 @@
+"""OpenAI-compatible HTTP API over a Runtime (Starlette; run with uvicorn by `edge-lora serve`).
+
+`"model"` picks the adapter (vLLM's multi-LoRA convention): an adapter's name, or the base id
+for no adapter. Generation runs in worker threads so the event loop keeps answering (health,
+model list, other requests queueing for the runtime's context).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from edge_lora.errors import EdgeLoraError, InputNotFoundError, RegistryError, RequestError
+from edge_lora.registry import AdapterRegistry, check_name
+from edge_lora.runtime import Generation, Runtime
+
+MAX_BODY_BYTES = 8 * 1024 * 1024
+MAX_STOP = 16
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
+                                       "code": self.code}}, status_code=self.status)
+
+
+def _from_library_error(exc: EdgeLoraError) -> APIError:
+    text = exc.one_line()
+    if isinstance(exc, (InputNotFoundError, RegistryError)):
+        return APIError(404, text, type_="not_found_error", code="not_found")
+    if isinstance(exc, RequestError) and "context holds" in exc.message:
+        return APIError(400, text, param="messages", code="context_length_exceeded")
+    if exc.exit_code != 2:
+        return APIError(500, text, type_="server_error", code="internal_error")
+    return APIError(400, text)
+
+
+# --- request parsing: every field checked for type and range; unknown fields ignored ---
+
+def _number(body: dict, key: str, default: float, lo: float, hi: float, *, lo_open: bool = False) -> float:
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise APIError(400, f"{key} must be a number", param=key, code="invalid_type")
+    if not (lo < value if lo_open else lo <= value) or value > hi:
+        raise APIError(400, f"{key} must be between {lo} and {hi}, got {value}", param=key, code="invalid_value")
+    return float(value)
+
+
+def _integer(body: dict, key: str, default: int | None, lo: int, hi: int) -> int | None:
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise APIError(400, f"{key} must be an integer", param=key, code="invalid_type")
+    if not lo <= value <= hi:
+        raise APIError(400, f"{key} must be between {lo} and {hi}, got {value}", param=key, code="invalid_value")
+    return value
+
+
+def _stop(body: dict) -> tuple[str, ...]:
+    value = body.get("stop")
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if (not isinstance(value, list) or len(value) > MAX_STOP
+            or any(not isinstance(s, str) or not s for s in value)):
+        raise APIError(400, f"stop must be a string or a list of up to {MAX_STOP} non-empty strings",
+                       param="stop", code="invalid_value")
+    return tuple(value)
+
+
+def _sampling(body: dict, n_ctx: int) -> dict[str, Any]:
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = _integer({"max_tokens": max_tokens}, "max_tokens", 16, 0, n_ctx)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise APIError(400, "stream must be a boolean", param="stream", code="invalid_type")
+    _integer(body, "n", 1, 1, 1)  # one choice per request
+    return {"max_tokens": max_tokens, "temperature": _number(body, "temperature", 1.0, 0.0, 2.0),
+            "top_p": _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
+            "top_k": _integer(body, "top_k", 0, 0, 1_000_000),
+            "seed": _integer(body, "seed", None, -(2**63), 2**64 - 1), "stop": _stop(body)}
+
+
+async def _json_body(request: Request) -> dict:
+    raw = await request.body()
+    if len(raw) > MAX_BODY_BYTES:
+        raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes", code="body_too_large")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    return body
+
+
+class OpenAIServer:
+    def __init__(self, runtime: Runtime, registry: AdapterRegistry | None = None) -> None:
+        self.runtime = runtime
+        self.registry = registry
+        self.base_id = runtime.model_id
+        self.created = int(time.time())
+
+    def _adapters_for(self, body: dict) -> dict[str, float | None]:
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise APIError(400, "model is required (the base id or an adapter name)", param="model",
+                           code="missing_model")
+        extra = body.get("adapters")  # extension: {"name": scale, ...} on top of "model"
+        if extra is not None and (not isinstance(extra, dict) or any(
+                not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float))
+                for k, v in extra.items())):
+            raise APIError(400, "adapters must map adapter names to numeric scales", param="adapters")
+        loaded = self.runtime.adapters
+        if model == self.base_id:
+            chosen: dict[str, float | None] = {}
+        elif model in loaded:
+            chosen = {model: None}
+        else:
+            raise APIError(404, f"the model {model!r} does not exist; available: "
+                           f"{', '.join([self.base_id, *loaded])}", type_="not_found_error",
+                           param="model", code="model_not_found")
+        for name, scale in (extra or {}).items():
+            if name not in loaded:
+                raise APIError(404, f"adapter {name!r} is not loaded", type_="not_found_error",
+                               param="adapters", code="model_not_found")
+            chosen[name] = float(scale)
+        return chosen
+
+    # --- routes ---
+    async def models(self, request: Request) -> Response:
+        data = [{"id": self.base_id, "object": "model", "created": self.created, "owned_by": "edge-lora",
+                 "root": self.base_id, "parent": None}]
+        for name, loaded in self.runtime.adapters.items():
+            data.append({"id": name, "object": "model", "created": self.created, "owned_by": "edge-lora",
+                         "root": str(loaded.path), "parent": self.base_id})
+        return JSONResponse({"object": "list", "data": data})
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def completions(self, request: Request) -> Response:
+        body = await _json_body(request)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
+                                                       for t in prompt):
+            prompt = [int(t) for t in prompt]
+        elif not isinstance(prompt, str) or not prompt:
+            raise APIError(400, "prompt must be a non-empty string, a one-string list or a list of token ids",
+                           param="prompt", code="invalid_value")
+        return await self._respond(body, "text_completion",
+                                   lambda p, cancel: self.runtime.generate(prompt, cancel=cancel, **p))
+
+    async def chat_completions(self, request: Request) -> Response:
+        body = await _json_body(request)
+        messages = body.get("messages")
+        return await self._respond(body, "chat.completion",
+                                   lambda p, cancel: self.runtime.chat(messages, cancel=cancel, **p))
+
+    async def _respond(self, body: dict, kind: str,
+                       start: Callable[[dict, threading.Event], Generation]) -> Response:
+        params = _sampling(body, self.runtime.n_ctx)
+        stream = bool(body.get("stream", False))
+        params["adapters"] = self._adapters_for(body)
+        model = body["model"]
+        cancel = threading.Event()
+        # Tokenizing and checking run in a thread too: a huge prompt must not stall the loop.
+        generation = await run_in_threadpool(start, params, cancel)
+        request_id = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex[:24]
+        if stream:
+            return StreamingResponse(self._sse(generation, cancel, kind, request_id, model),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        text = await run_in_threadpool(generation.text)
+        stats = generation.stats
+        usage = {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
+                 "total_tokens": stats.prompt_tokens + stats.completion_tokens}
+        if kind == "chat.completion":
+            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
+                                      "logprobs": None, "finish_reason": stats.finish_reason}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": stats.finish_reason}
+        return JSONResponse({"id": request_id, "object": kind, "created": int(time.time()), "model": model,
+                             "choices": [choice], "usage": usage})
+
+    async def _sse(self, generation: Generation, cancel: threading.Event, kind: str, request_id: str,
+                   model: str) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+        def produce() -> None:
+            try:
+                for piece in generation:
+                    loop.call_soon_threadsafe(pieces.put_nowait, ("piece", piece))
+                loop.call_soon_threadsafe(pieces.put_nowait, ("done", None))
+            except EdgeLoraError as exc:
+                loop.call_soon_threadsafe(pieces.put_nowait, ("error", exc))
+
+        created = int(time.time())
+        chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
+
+        def chunk(text: str | None, finish: str | None, first: bool = False) -> bytes:
+            if kind == "chat.completion":
+                delta: dict[str, Any] = {}
+                if first:
+                    delta["role"] = "assistant"
+                if text:
+                    delta["content"] = text
+                choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            payload = {"id": request_id, "object": chunk_kind, "created": created, "model": model,
+                       "choices": [choice]}
+            return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+        worker = loop.run_in_executor(None, produce)
+        try:
+            if kind == "chat.completion":
+                yield chunk(None, None, first=True)
+            while True:
+                tag, value = await pieces.get()
+                if tag == "piece":
+                    yield chunk(value, None)
+                elif tag == "error":
+                    err = _from_library_error(value)
+                    yield b"data: " + json.dumps({"error": {"message": err.message, "type": err.type,
+                                                            "param": err.param, "code": err.code}}).encode() + b"\n\n"
+                    break
+                else:
+                    yield chunk(None, generation.stats.finish_reason)
+                    break
+            yield b"data: [DONE]\n\n"
+        finally:
+            # A client that went away stops the generation at its next token; the worker then
+            # returns the context by itself, so nothing here waits for it.
+            cancel.set()
+            worker.add_done_callback(lambda f: f.exception())  # retrieve, so no "never retrieved" warning
+
+    async def load_lora_adapter(self, request: Request) -> Response:
+        body = await _json_body(request)
+        name, path = body.get("lora_name"), body.get("lora_path")
+        if not isinstance(name, str) or not isinstance(path, str) or not path:
+            raise APIError(400, "lora_name and lora_path are required strings", param="lora_name")
+        try:
+            check_name(name)
+        except RegistryError as exc:
+            raise APIError(400, exc.one_line(), param="lora_name", code="invalid_value") from exc
+        if name == self.base_id:
+            raise APIError(400, f"{name!r} is the base model's id", param="lora_name", code="invalid_value")
+        if name in self.runtime.adapters:
+            raise APIError(400, f"an adapter named {name!r} is already loaded", param="lora_name",
+                           code="already_loaded")
+        registry = self.registry or AdapterRegistry()
+        entry = await run_in_threadpool(registry.resolve, path)
+        await run_in_threadpool(self.runtime.load_adapter, name, entry.path, entry.scale)
+        return JSONResponse({"status": "ok", "message": f"adapter {name!r} loaded"})
+
+    async def unload_lora_adapter(self, request: Request) -> Response:
+        body = await _json_body(request)
+        name = body.get("lora_name")
+        if not isinstance(name, str):
+            raise APIError(400, "lora_name is a required string", param="lora_name")
+        if name not in self.runtime.adapters:
+            raise APIError(404, f"no adapter named {name!r} is loaded", type_="not_found_error",
+                           param="lora_name", code="not_found")
+        # Waits for running requests to release their contexts, so run it off the loop.
+        await run_in_threadpool(self.runtime.unload_adapter, name)
+        return JSONResponse({"status": "ok", "message": f"adapter {name!r} unloaded"})
+
+
+def _guard(handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
+    """Turn every failure into the OpenAI error shape (never a stack trace, never a 500 for bad input)."""
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except APIError as exc:
+            return exc.response()
+        except EdgeLoraError as exc:
+            return _from_library_error(exc).response()
+    return wrapped
+
+
+class _APIKeyMiddleware(BaseHTTPMiddleware):
+    def __init__(self, app: Any, api_key: str) -> None:
+        super().__init__(app)
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        given = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(given, self.expected):
+            return APIError(401, "missing or wrong API key", type_="authentication_error",
+                            code="invalid_api_key").response()
+        return await call_next(request)
+
+
+def make_app(runtime: Runtime, registry: AdapterRegistry | None = None, api_key: str | None = None) -> Starlette:
+    server = OpenAIServer(runtime, registry)
+    routes = [
+        Route("/health", _guard(server.health), methods=["GET"]),
+        Route("/v1/models", _guard(server.models), methods=["GET"]),
+        Route("/v1/completions", _guard(server.completions), methods=["POST"]),
+        Route("/v1/chat/completions", _guard(server.chat_completions), methods=["POST"]),
+        Route("/v1/load_lora_adapter", _guard(server.load_lora_adapter), methods=["POST"]),
+        Route("/v1/unload_lora_adapter", _guard(server.unload_lora_adapter), methods=["POST"]),
+    ]
+    middleware = [Middleware(_APIKeyMiddleware, api_key=api_key)] if api_key else []
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        status = getattr(exc, "status_code", 404)
+        return APIError(status, f"no route {request.method} {request.url.path}", type_="not_found_error"
+                        if status == 404 else "invalid_request_error", code="not_found").response()
+
+    app = Starlette(routes=routes, middleware=middleware, exception_handlers={404: not_found, 405: not_found})
+    app.state.server = server
+    return app

@@ -1,0 +1,223 @@
+"""The OpenAI-compatible server on the real Gemma base with two adapters: model list, completions,
+chat (plain and streamed), concurrent mixed-adapter requests, errors, API key, adapter loading."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from edge_lora.runtime import Runtime
+from edge_lora.server import make_app
+
+PROMPT = "The Apache License, Version 2.0, grants"
+
+
+@pytest.fixture(scope="module")
+def runtime(gemma_q4_gguf: Path, random_gemma_loras: tuple[Path, Path]) -> Iterator[Runtime]:
+    rt = Runtime(gemma_q4_gguf, n_ctx=256, seed=0)
+    rt.load_adapter("alpha", random_gemma_loras[0])
+    rt.load_adapter("beta", random_gemma_loras[1])
+    yield rt
+    rt.close()
+
+
+def client_for(app, **headers: str) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", headers=headers,
+                             timeout=120)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_models_lists_base_and_adapters(runtime: Runtime) -> None:
+    async def go():
+        async with client_for(make_app(runtime)) as c:
+            return (await c.get("/v1/models")).json()
+    data = run(go())["data"]
+    base = runtime.model_id
+    assert data[0]["id"] == base and data[0]["parent"] is None
+    assert {(m["id"], m["parent"]) for m in data[1:]} == {("alpha", base), ("beta", base)}
+
+
+def _completion(c: httpx.AsyncClient, model: str, **extra):
+    return c.post("/v1/completions", json={"model": model, "prompt": PROMPT, "max_tokens": 8,
+                                           "temperature": 0, **extra})
+
+
+def test_concurrent_mixed_adapter_requests_equal_requests_made_alone(runtime: Runtime) -> None:
+    models = [runtime.model_id, "alpha", "beta", "alpha", runtime.model_id, "beta", "beta", "alpha"]
+
+    async def go():
+        async with client_for(make_app(runtime)) as c:
+            alone = {}
+            for m in dict.fromkeys(models):
+                r = await _completion(c, m)
+                assert r.status_code == 200, r.text
+                alone[m] = r.json()["choices"][0]["text"]
+            responses = await asyncio.gather(*[_completion(c, m) for m in models])
+            return alone, responses
+    alone, responses = run(go())
+    assert len(set(alone.values())) == 3  # each adapter really changes the output
+    for model, r in zip(models, responses):
+        body = r.json()
+        assert r.status_code == 200 and body["model"] == model
+        assert body["choices"][0]["text"] == alone[model]
+        assert body["usage"]["completion_tokens"] == 8 and body["choices"][0]["finish_reason"] == "length"
+
+
+def _sse_events(text: str) -> list:
+    events = [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_chat_streamed_equals_chat_plain(runtime: Runtime) -> None:
+    body = {"model": "alpha", "messages": [{"role": "user", "content": "Say something."}],
+            "max_tokens": 10, "temperature": 0}
+
+    async def go():
+        async with client_for(make_app(runtime)) as c:
+            plain = await c.post("/v1/chat/completions", json=body)
+            streamed = await c.post("/v1/chat/completions", json={**body, "stream": True})
+            completion_stream = await c.post("/v1/completions", json={"model": "beta", "prompt": PROMPT,
+                                                                      "max_tokens": 6, "stream": True,
+                                                                      "temperature": 0})
+            completion_plain = await _completion(c, "beta", max_tokens=6)
+            return plain, streamed, completion_stream, completion_plain
+    plain, streamed, cstream, cplain = run(go())
+    assert plain.status_code == 200 and streamed.status_code == 200
+    assert streamed.headers["content-type"].startswith("text/event-stream")
+    message = plain.json()["choices"][0]["message"]
+    assert message["role"] == "assistant" and message["content"]
+    events = _sse_events(streamed.text)
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant"}
+    assert all(e["object"] == "chat.completion.chunk" for e in events)
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == message["content"]
+    assert events[-1]["choices"][0]["finish_reason"] == plain.json()["choices"][0]["finish_reason"]
+    cevents = _sse_events(cstream.text)
+    assert "".join(e["choices"][0]["text"] for e in cevents) == cplain.json()["choices"][0]["text"]
+
+
+@pytest.mark.parametrize("path,payload,status,code", [
+    ("/v1/completions", b"{not json", 400, "invalid_json"),
+    ("/v1/completions", b"[1, 2]", 400, "invalid_json"),
+    ("/v1/completions", {"prompt": "x"}, 400, "missing_model"),
+    ("/v1/completions", {"model": "nope", "prompt": "x"}, 404, "model_not_found"),
+    ("/v1/completions", {"model": "BASE", "prompt": "word " * 400}, 400, "context_length_exceeded"),
+    ("/v1/completions", {"model": "BASE", "prompt": "x", "max_tokens": -1}, 400, "invalid_value"),
+    ("/v1/completions", {"model": "BASE", "prompt": "x", "max_tokens": "5"}, 400, "invalid_type"),
+    ("/v1/completions", {"model": "BASE", "prompt": "x", "temperature": "hot"}, 400, "invalid_type"),
+    ("/v1/completions", {"model": "BASE", "prompt": "x", "top_p": 0}, 400, "invalid_value"),
+    ("/v1/completions", {"model": "BASE", "prompt": "x", "n": 2}, 400, "invalid_value"),
+    ("/v1/completions", {"model": "BASE", "prompt": "x", "stop": [1]}, 400, "invalid_value"),
+    ("/v1/completions", {"model": "BASE", "prompt": "x", "stream": "yes"}, 400, "invalid_type"),
+    ("/v1/completions", {"model": "BASE", "prompt": 42}, 400, "invalid_value"),
+    ("/v1/completions", {"model": "BASE", "prompt": [10**9]}, 400, None),
+    ("/v1/completions", {"model": "BASE", "prompt": "x", "adapters": {"nope": 1}}, 404, "model_not_found"),
+    ("/v1/chat/completions", {"model": "BASE", "messages": "hi"}, 400, None),
+    ("/v1/chat/completions", {"model": "BASE", "messages": [{"role": "x", "content": "y"}]}, 400, None),
+    ("/v1/load_lora_adapter", {"lora_name": "../x", "lora_path": "/tmp/x.gguf"}, 400, "invalid_value"),
+    ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/no/such/file.gguf"}, 404, "not_found"),
+    ("/v1/unload_lora_adapter", {"lora_name": "nope"}, 404, "not_found"),
+    ("/v1/nothing", {}, 404, "not_found"),
+])
+def test_bad_requests_get_openai_errors_and_server_keeps_serving(runtime: Runtime, path: str, payload,
+                                                                  status: int, code: str | None) -> None:
+    async def go():
+        async with client_for(make_app(runtime)) as c:
+            if isinstance(payload, dict):
+                data = json.dumps(payload).replace('"BASE"', json.dumps(runtime.model_id)).encode()
+            else:
+                data = payload
+            bad = await c.post(path, content=data, headers={"content-type": "application/json"})
+            good = await _completion(c, runtime.model_id, max_tokens=2)
+            return bad, good
+    bad, good = run(go())
+    assert bad.status_code == status, bad.text
+    error = bad.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if code is not None:
+        assert error["code"] == code
+    assert good.status_code == 200
+
+
+def test_api_key_required_when_set(runtime: Runtime) -> None:
+    app = make_app(runtime, api_key="s3cret")
+
+    async def go():
+        async with client_for(app) as c:
+            missing = await c.get("/v1/models")
+            wrong = await c.get("/v1/models", headers={"Authorization": "Bearer nope"})
+            right = await c.get("/v1/models", headers={"Authorization": "Bearer s3cret"})
+            post = await c.post("/v1/completions", json={"model": runtime.model_id, "prompt": "x"})
+            return missing, wrong, right, post
+    missing, wrong, right, post = run(go())
+    assert missing.status_code == wrong.status_code == post.status_code == 401
+    assert missing.json()["error"]["type"] == "authentication_error"
+    assert right.status_code == 200
+
+
+def test_load_and_unload_adapter_at_run_time(runtime: Runtime, random_gemma_loras: tuple[Path, Path],
+                                             tmp_path: Path) -> None:
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 64)
+
+    async def go():
+        async with client_for(make_app(runtime)) as c:
+            loaded = await c.post("/v1/load_lora_adapter",
+                                  json={"lora_name": "gamma", "lora_path": str(random_gemma_loras[0])})
+            again = await c.post("/v1/load_lora_adapter",
+                                 json={"lora_name": "gamma", "lora_path": str(random_gemma_loras[0])})
+            listed = (await c.get("/v1/models")).json()["data"]
+            as_gamma = await _completion(c, "gamma")
+            as_alpha = await _completion(c, "alpha")
+            bad = await c.post("/v1/load_lora_adapter", json={"lora_name": "junk", "lora_path": str(junk)})
+            unloaded = await c.post("/v1/unload_lora_adapter", json={"lora_name": "gamma"})
+            after = await _completion(c, "gamma")
+            return loaded, again, listed, as_gamma, as_alpha, bad, unloaded, after
+    loaded, again, listed, as_gamma, as_alpha, bad, unloaded, after = run(go())
+    assert loaded.status_code == 200 and again.status_code == 400
+    assert ("gamma", runtime.model_id) in {(m["id"], m["parent"]) for m in listed}
+    assert as_gamma.json()["choices"][0]["text"] == as_alpha.json()["choices"][0]["text"]  # same file
+    assert bad.status_code == 400 and "not a valid GGUF" in bad.json()["error"]["message"]
+    assert unloaded.status_code == 200 and after.status_code == 404
+    assert "junk" not in runtime.adapters
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_over_real_http_with_uvicorn(runtime: Runtime) -> None:
+    import uvicorn
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(make_app(runtime), host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 20
+        while not server.started and time.time() < deadline:
+            time.sleep(0.05)
+        assert server.started
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
+            with c.stream("POST", "/v1/completions", json={"model": "alpha", "prompt": PROMPT, "max_tokens": 6,
+                                                           "stream": True, "temperature": 0}) as r:
+                lines = [line for line in r.iter_lines() if line]
+            # The loop keeps answering while a generation runs.
+            assert c.get("/health").json() == {"status": "ok"}
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    assert lines[-1] == "data: [DONE]" and len(lines) >= 3
