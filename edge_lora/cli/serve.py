@@ -1,0 +1,74 @@
+"""``edge-lora serve``: the OpenAI-compatible API (uvicorn) over one loaded base with adapters."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+
+from edge_lora import constants
+from edge_lora.cli.run import add_model_args, load_adapters, parse_adapter_arg, resolve_model_path
+from edge_lora.errors import InputError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = subparsers.add_parser(
+        "serve", help="serve an OpenAI-compatible API (adapters selected per request by model name)",
+        description="Serve /v1/models, /v1/completions, /v1/chat/completions and "
+                    "/v1/load_lora_adapter, /v1/unload_lora_adapter. \"model\" picks an adapter by name "
+                    "or the base by its id.")
+    add_model_args(parser)
+    parser.add_argument("--host", default=constants.DEFAULT_HOST, help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=constants.DEFAULT_PORT, help="port (default 8000)")
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on every route (or set EDGE_LORA_API_KEY)")
+    parser.add_argument("--contexts", type=int, default=1,
+                        help="parallel inference contexts sharing the cores (default 1; see bench/runtime.py)")
+    parser.set_defaults(handler=serve_command)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    # uvicorn reports a busy port by logging and exiting 1; say it as bad input instead.
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise InputError(f"cannot resolve --host {host!r}: {exc.strerror}", fix="use an address like 127.0.0.1") from exc
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise InputError(f"cannot listen on {host}:{port}: {exc.strerror}",
+                             fix="choose another --port or stop the program using it") from exc
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    if not 1 <= args.port <= 65535:
+        raise InputError(f"--port {args.port} is out of range", fix="use 1-65535")
+    if not 1 <= args.contexts <= 8:
+        raise InputError(f"--contexts {args.contexts} is out of range", fix="use 1-8")
+    if args.ctx is not None and not 64 <= args.ctx <= 1 << 20:
+        raise InputError(f"--ctx {args.ctx} is out of range", fix="use a context between 64 and 1048576")
+    api_key = args.api_key or constants.EDGE_LORA_API_KEY
+    choices = [parse_adapter_arg(a) for a in args.adapter]
+    model_path = resolve_model_path(args.model, args.quant, args.ctx)
+    _check_port_free(args.host, args.port)
+
+    import uvicorn
+
+    from edge_lora.registry import AdapterRegistry
+    from edge_lora.runtime import Runtime
+    from edge_lora.server import make_app
+
+    registry = AdapterRegistry()
+    with Runtime(model_path, n_ctx=args.ctx, n_contexts=args.contexts) as runtime:
+        load_adapters(runtime, registry, choices)
+        app = make_app(runtime, registry, api_key=api_key)
+        names = ", ".join([runtime.model_id, *runtime.adapters])
+        print(f"edge-lora: serving {names} on http://{args.host}:{args.port}/v1"
+              + ("" if api_key else " (no API key)"), file=sys.stderr)
+        if not api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
+            print("edge-lora: warning: listening beyond localhost without --api-key", file=sys.stderr)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0

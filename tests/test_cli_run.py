@@ -1,0 +1,218 @@
+"""`edge-lora run`, `serve` and `adapters` end to end: stdout carries only generated text, model
+directories resolve, interactive adapter switching, and bad files exit 2 with one stderr line
+(checked in subprocesses, so a crash inside llama.cpp could not hide)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from edge_lora import state
+from edge_lora.cli import main
+from edge_lora.cli.run import parse_adapter_arg, resolve_model_path
+from edge_lora.errors import InputError, InputNotFoundError
+from edge_lora.runtime import Runtime
+
+PROMPT = "The Apache License, Version 2.0, grants"
+
+
+@pytest.fixture(scope="module")
+def expected(gemma_q4_gguf: Path, random_gemma_loras: tuple[Path, Path]) -> dict[str, str]:
+    """Greedy texts made through the library, to compare the CLI's stdout with."""
+    with Runtime(gemma_q4_gguf, n_ctx=512) as rt:
+        rt.load_adapter("a", random_gemma_loras[0])
+        return {"base": rt.generate(PROMPT, max_tokens=10).text(),
+                "a": rt.generate(PROMPT, adapters={"a": 1.0}, max_tokens=10).text(),
+                "a_half": rt.generate(PROMPT, adapters={"a": 0.5}, max_tokens=10).text(),
+                "chat_a": rt.chat([{"role": "user", "content": "Hello"}], adapters={"a": 1.0},
+                                  max_tokens=6).text(),
+                "chat_base_2": rt.chat([{"role": "user", "content": "Hello"}, {"role": "assistant", "content":
+                                        rt.chat([{"role": "user", "content": "Hello"}], adapters={"a": 1.0},
+                                                max_tokens=6).text()},
+                                        {"role": "user", "content": "More"}], max_tokens=6).text()}
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_run_prompt_prints_only_generated_text(capsys, gemma_q4_gguf: Path, expected: dict) -> None:
+    code, out, err = run_cli(capsys, "run", "--model", str(gemma_q4_gguf), "--prompt", PROMPT,
+                             "--max-tokens", "10", "--temperature", "0", "--ctx", "512")
+    assert code == 0 and err == ""
+    assert out == expected["base"] + "\n"
+
+
+def test_run_with_registered_adapter_and_scale(capsys, gemma_q4_gguf: Path, random_gemma_loras, expected) -> None:
+    assert run_cli(capsys, "adapters", "add", "a", str(random_gemma_loras[0]))[0] == 0
+    common = ("run", "--model", str(gemma_q4_gguf), "--prompt", PROMPT, "--max-tokens", "10",
+              "--temperature", "0", "--ctx", "512")
+    code, out, _ = run_cli(capsys, *common, "--adapter", "a")
+    assert code == 0 and out == expected["a"] + "\n" and expected["a"] != expected["base"]
+    code, out, _ = run_cli(capsys, *common, "--adapter", "a:0.5")
+    assert code == 0 and out == expected["a_half"] + "\n"
+    code, out, _ = run_cli(capsys, *common, "--adapter", f"{random_gemma_loras[0]}:1")  # a path works too
+    assert code == 0 and out == expected["a"] + "\n"
+
+
+def test_interactive_chat_switches_adapters(capsys, monkeypatch, gemma_q4_gguf: Path, random_gemma_loras,
+                                            expected) -> None:
+    run_cli(capsys, "adapters", "add", "a", str(random_gemma_loras[0]))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/adapter a\nHello\n/adapter none\nMore\n/bogus\n/quit\nignored\n"))
+    code, out, err = run_cli(capsys, "run", "--model", str(gemma_q4_gguf), "--max-tokens", "6",
+                             "--temperature", "0", "--ctx", "512")
+    assert code == 0
+    assert out.splitlines() == [expected["chat_a"], expected["chat_base_2"]]
+    assert "adapters: a:1" in err and "adapters: none" in err and "commands:" in err
+
+
+def test_model_directory_resolution(tmp_path: Path, gemma_q4_gguf: Path) -> None:
+    by_manifest = tmp_path / "m"
+    by_manifest.mkdir()
+    (by_manifest / "gemma-Q4_K_M.gguf").symlink_to(gemma_q4_gguf)
+    (by_manifest / "gemma-Q8_0.gguf").symlink_to(gemma_q4_gguf)
+    (by_manifest / "manifest.json").write_text(json.dumps({"name": "gemma", "files": [
+        {"path": "gemma-Q4_K_M.gguf", "format": "Q4_K_M", "kind": "merged"},
+        {"path": "gemma-Q8_0.gguf", "format": "Q8_0", "kind": "merged"},
+        {"path": "adapter-x.gguf", "format": "F32", "kind": "adapter"}]}))
+    assert resolve_model_path(by_manifest, "q8_0") == by_manifest / "gemma-Q8_0.gguf"
+    assert resolve_model_path(by_manifest, None).name in ("gemma-Q4_K_M.gguf", "gemma-Q8_0.gguf")
+    with pytest.raises(InputNotFoundError, match="no Q2_K file"):
+        resolve_model_path(by_manifest, "Q2_K")
+    by_name = tmp_path / "n"
+    by_name.mkdir()
+    (by_name / "gemma-Q6_K.gguf").symlink_to(gemma_q4_gguf)
+    (by_name / "adapter-legal.gguf").symlink_to(gemma_q4_gguf)
+    assert resolve_model_path(by_name, None) == by_name / "gemma-Q6_K.gguf"
+    with pytest.raises(InputError, match="no --model given"):
+        resolve_model_path(None, None)
+    state.remember_output_dir(by_name)
+    assert resolve_model_path(None, "Q6_K") == by_name.resolve() / "gemma-Q6_K.gguf"
+
+
+def test_parse_adapter_arg() -> None:
+    assert parse_adapter_arg("legal") == parse_adapter_arg("legal")
+    assert parse_adapter_arg("legal:0.5").scale == 0.5 and parse_adapter_arg("legal:0.5").name_or_path == "legal"
+    assert parse_adapter_arg("/x/a.gguf").scale is None
+    assert parse_adapter_arg("/x/a.gguf:-1").scale == -1.0
+
+
+def test_adapters_cli(capsys, tmp_path: Path, random_gemma_loras) -> None:
+    assert run_cli(capsys, "adapters", "list")[1].startswith("no adapters registered")
+    copy = tmp_path / "copy.gguf"
+    copy.write_bytes(random_gemma_loras[1].read_bytes())
+    code, out, _ = run_cli(capsys, "adapters", "add", "b", str(copy), "--scale", "0.5")
+    assert code == 0 and "registered b" in out
+    copy.unlink()
+    code, out, _ = run_cli(capsys, "adapters", "list", "--json")
+    [entry] = json.loads(out)["adapters"]
+    assert entry["name"] == "b" and entry["scale"] == 0.5 and entry["exists"] is False
+    assert "[missing file]" in run_cli(capsys, "adapters", "list")[1]
+    assert run_cli(capsys, "adapters", "remove", "b")[0] == 0
+    code, out, err = run_cli(capsys, "adapters", "remove", "b")
+    assert code == 2 and out == "" and err.startswith("edge-lora: error: no adapter named 'b'")
+    code, _, err = run_cli(capsys, "adapters", "add", "../evil", str(random_gemma_loras[0]))
+    assert code == 2 and "invalid adapter name" in err
+
+
+def _cli_subprocess(*argv: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edge_lora", *argv], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory: pytest.TempPathFactory, gemma_q4_gguf: Path) -> dict[str, Path]:
+    import gguf
+    import numpy as np
+
+    d = tmp_path_factory.mktemp("bad")
+    files = {"junk": d / "junk.gguf", "truncated": d / "truncated.gguf", "zeroed": d / "zeroed.gguf",
+             "mismatch": d / "mismatch.gguf"}
+    files["junk"].write_bytes(os.urandom(4096))
+    with open(gemma_q4_gguf, "rb") as fh:
+        head = fh.read(8_000_000)
+    files["truncated"].write_bytes(head)
+    files["zeroed"].write_bytes(b"\0" * 64 + head[64:100_000])
+    w = gguf.GGUFWriter(files["mismatch"], "gemma3")
+    w.add_string("general.type", "adapter"); w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", 8.0)
+    w.add_tensor("blk.0.attn_q.weight.lora_a", np.zeros((8, 512), np.float32))
+    w.add_tensor("blk.0.attn_q.weight.lora_b", np.zeros((1024, 8), np.float32))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    return files
+
+
+@pytest.mark.slow
+def test_bad_files_exit_2_with_one_line(bad_files: dict[str, Path], gemma_q4_gguf: Path,
+                                        random_gemma_loras, tmp_path: Path) -> None:
+    cases = [
+        (["run", "--model", str(bad_files["junk"]), "--prompt", "x"], "not a valid GGUF"),
+        (["run", "--model", str(bad_files["truncated"]), "--prompt", "x"], "not a valid GGUF"),
+        (["run", "--model", str(bad_files["zeroed"]), "--prompt", "x"], "interrupted write"),
+        (["run", "--model", str(random_gemma_loras[0]), "--prompt", "x"], "adapter, not a model"),
+        (["run", "--model", str(tmp_path / "none.gguf"), "--prompt", "x"], "does not exist"),
+        (["run", "--model", str(gemma_q4_gguf), "--adapter", str(bad_files["mismatch"]), "--prompt", "x"],
+         "blk.0.attn_q.weight shapes do not fit"),
+        (["run", "--model", str(gemma_q4_gguf), "--adapter", str(gemma_q4_gguf), "--prompt", "x"],
+         "not a GGUF LoRA adapter"),
+        (["run", "--model", str(gemma_q4_gguf), "--adapter", "unregistered", "--prompt", "x"],
+         "neither a registered adapter"),
+        (["run", "--model", str(gemma_q4_gguf), "--max-tokens", "-1", "--prompt", "x"], "negative"),
+        (["run", "--model", str(gemma_q4_gguf), "--ctx", "64", "--prompt", "word " * 200], "context holds 64"),
+        (["serve", "--model", str(bad_files["junk"])], "not a valid GGUF"),
+    ]
+    env = {"EDGE_LORA_HOME": str(tmp_path / "home")}
+    for argv, message in cases:
+        result = _cli_subprocess(*argv, env=env)
+        lines = result.stderr.splitlines()
+        assert result.returncode == 2, (argv, result.stderr)
+        assert len(lines) == 1 and lines[0].startswith("edge-lora: error: ") and message in lines[0], (argv, lines)
+        assert result.stdout == ""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_serve_end_to_end_and_busy_port(tmp_path: Path, gemma_q4_gguf: Path, random_gemma_loras) -> None:
+    port = _free_port()
+    env = {**os.environ, "EDGE_LORA_HOME": str(tmp_path / "home"), "EDGE_LORA_API_KEY": "k"}
+    proc = subprocess.Popen([sys.executable, "-m", "edge_lora", "serve", "--model", str(gemma_q4_gguf),
+                             "--adapter", f"{random_gemma_loras[0]}:1", "--port", str(port), "--ctx", "512"],
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        headers = {"Authorization": "Bearer k"}
+        deadline = time.time() + 60
+        while True:
+            try:
+                models = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers=headers, timeout=5)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.stderr else ""
+                time.sleep(0.2)
+        ids = [m["id"] for m in models.json()["data"]]
+        assert ids == ["gemma-3-270m-q4_k_m", "a"]
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).status_code == 401
+        reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions", headers=headers, timeout=60,
+                           json={"model": "a", "prompt": PROMPT, "max_tokens": 4, "temperature": 0})
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 4
+        busy = _cli_subprocess("serve", "--model", str(gemma_q4_gguf), "--port", str(port),
+                               env={"EDGE_LORA_HOME": str(tmp_path / "home")})
+        assert busy.returncode == 2 and busy.stderr.startswith("edge-lora: error: cannot listen")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
