@@ -1,10 +1,12 @@
 """The runtime: a quantized base loaded once (mmap) and LoRA adapters hot-applied per request.
 
-Concurrency: requests take a context from a small pool (default: one context). A context's
+Concurrency: requests take a context from a small pool (the queue is the lock). A context's
 adapter set is switched (and its KV cache cleared) at the start of each request while the
 request holds the context exclusively, so one request's adapters are never active during
-another's. bench/runtime.py measures one context vs a pool of two on this machine; with the
-CPU as the bottleneck a second context only splits the same cores (see the report there).
+another's. bench/runtime.py measured on 2 cores: one 2-thread context behind a lock serves 8
+concurrent mixed-adapter clients at the same tokens/s as sequential requests, while two
+1-thread contexts serve them 1.74x faster, and a lone request is no slower on one thread. So
+`serve` uses a pool of two (threads split between them); `run` (one user) uses one context.
 Every request starts from an empty KV cache: reusing a cached prefix would make a request's
 logits depend on what ran before it (llama.cpp's kernels differ by batch shape), and the
 contract is that a request gives the same tokens whether made alone or among others.

@@ -74,6 +74,26 @@ def test_concurrent_mixed_adapter_requests_equal_requests_made_alone(runtime: Ru
         assert body["usage"]["completion_tokens"] == 8 and body["choices"][0]["finish_reason"] == "length"
 
 
+def test_context_pool_gives_the_same_answers(gemma_q4_gguf: Path, random_gemma_loras: tuple[Path, Path],
+                                             runtime: Runtime) -> None:
+    """Two contexts serving mixed adapters in parallel answer exactly as one context does alone."""
+    models = ["alpha", "beta", runtime.model_id, "alpha", "beta", runtime.model_id, "alpha", "beta"]
+
+    async def answers(rt: Runtime, concurrent: bool) -> list[str]:
+        async with client_for(make_app(rt)) as c:
+            if concurrent:
+                responses = await asyncio.gather(*[_completion(c, m) for m in models])
+            else:
+                responses = [await _completion(c, m) for m in models]
+            return [r.json()["choices"][0]["text"] for r in responses]
+
+    alone = run(answers(runtime, concurrent=False))
+    with Runtime(gemma_q4_gguf, n_ctx=256, seed=0, n_contexts=2) as pool:
+        pool.load_adapter("alpha", random_gemma_loras[0])
+        pool.load_adapter("beta", random_gemma_loras[1])
+        assert run(answers(pool, concurrent=True)) == alone
+
+
 def _sse_events(text: str) -> list:
     events = [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"

