@@ -10,6 +10,7 @@ error instead of a crash inside C.
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import threading
 import weakref
@@ -131,7 +132,8 @@ class LlamaModel:
         self.close()
 
     def __del__(self) -> None:
-        self.close()
+        with contextlib.suppress(Exception):  # at interpreter exit the ctypes module may be gone
+            self.close()
 
     # --- vocabulary ---
     def tokenize(self, text: str, add_bos: bool = True, special: bool = True) -> list[int]:
@@ -249,7 +251,8 @@ class LoraAdapter:
     close = free
 
     def __del__(self) -> None:
-        self.free()
+        with contextlib.suppress(Exception):
+            self.free()
 
 
 class LlamaContext:
@@ -309,7 +312,8 @@ class LlamaContext:
         self.close()
 
     def __del__(self) -> None:
-        self.close()
+        with contextlib.suppress(Exception):  # at interpreter exit the ctypes module may be gone
+            self.close()
 
     # --- KV cache ---
     def clear_kv(self) -> None:

@@ -152,6 +152,10 @@ class Runtime:
         self.model_id = self.model_path.name.removesuffix(".gguf")
         self.seed = seed
         self.n_ctx = n_ctx or min(self.model.n_ctx_train or constants.DEFAULT_CTX_CAP, constants.DEFAULT_CTX_CAP)
+        if self.model.n_ctx_train and self.n_ctx > self.model.n_ctx_train:
+            self.model.close()
+            raise RequestError(f"context {self.n_ctx} exceeds the {self.model.n_ctx_train} tokens the model was "
+                               f"trained for", fix=f"use --ctx {self.model.n_ctx_train} or less")
         threads = n_threads or max(1, constants.N_THREADS // n_contexts)
         self._contexts = [LlamaContext(self.model, self.n_ctx, n_batch=n_batch, n_threads=threads, seed=seed)
                           for _ in range(n_contexts)]

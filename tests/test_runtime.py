@@ -88,6 +88,8 @@ def test_corrupt_and_wrong_files_are_typed_errors(tmp_path: Path, gemma_q4_gguf:
         LlamaModel(random_gemma_loras[0])
     with pytest.raises(InputNotFoundError):
         Runtime(tmp_path / "missing.gguf")
+    with pytest.raises(RequestError, match="exceeds the 32768 tokens"):
+        Runtime(gemma_q4_gguf, n_ctx=40000)
 
 
 def test_adapter_for_other_shapes_refused(tmp_path: Path, runtime: Runtime) -> None:
@@ -288,3 +290,4 @@ def test_cancel_and_unload(runtime: Runtime, random_gemma_loras: tuple[Path, Pat
     assert "tmp" not in runtime.adapters
     with pytest.raises(RequestError):
         runtime.generate(PROMPT, adapters={"tmp": 1.0})
+
