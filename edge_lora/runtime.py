@@ -293,31 +293,34 @@ class Runtime:
     def _run(self, tokens: list[int], active: list[tuple[LoraAdapter, float]], params: SamplingParams,
              rng: np.random.Generator, stats: GenerationStats, cancel: threading.Event | None) -> Iterator[str]:
         context = self._free.get()
+        # stats.finish_reason is set only when the generation is over, so readers can poll it.
         try:
             context.set_adapters(active)
             context.clear_kv()
-            stats.finish_reason = "length"
             if params.max_tokens == 0:
+                stats.finish_reason = "length"
                 return
             context.decode(tokens, 0, "last")
             pos = len(tokens)
             utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
             stopper = _StopMatcher(params.stop)
+            finish = "length"
             while True:
                 if cancel is not None and cancel.is_set():
                     stats.finish_reason = "cancelled"
                     return
                 token = sample_token(context.logits(), params, rng)
                 if self.model.is_eog(token):
-                    stats.finish_reason = "stop"
+                    finish = "stop"
                     break
                 stats.tokens.append(token)
                 stats.completion_tokens += 1
                 text, stopped = stopper.feed(utf8.decode(self.model.token_piece(token)))
+                if stopped:
+                    stats.finish_reason = "stop"
                 if text:
                     yield text
                 if stopped:
-                    stats.finish_reason = "stop"
                     return
                 # Stop when prompt + completion fill the context (the last token needs no slot).
                 if stats.completion_tokens >= params.max_tokens or pos + 1 >= context.n_ctx:
@@ -325,9 +328,8 @@ class Runtime:
                 context.decode([token], pos, "last")
                 pos += 1
             text, stopped = stopper.feed(utf8.decode(b"", final=True))
-            if stopped:
-                stats.finish_reason = "stop"
             tail = text + ("" if stopped else stopper.flush())
+            stats.finish_reason = "stop" if stopped else finish
             if tail:
                 yield tail
         finally:

@@ -241,3 +241,39 @@ def test_over_real_http_with_uvicorn(runtime: Runtime) -> None:
         server.should_exit = True
         thread.join(timeout=10)
     assert lines[-1] == "data: [DONE]" and len(lines) >= 3
+
+
+def test_client_that_goes_away_cancels_its_generation(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvicorn
+
+    started = []
+    original = runtime._start
+
+    def spy(*args, **kwargs):
+        generation = original(*args, **kwargs)
+        started.append(generation)
+        return generation
+
+    monkeypatch.setattr(runtime, "_start", spy)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(make_app(runtime), host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
+            with c.stream("POST", "/v1/completions", json={"model": runtime.model_id, "prompt": PROMPT,
+                                                           "max_tokens": 200, "stream": True}) as r:
+                lines = r.iter_lines()
+                next(lines), next(lines)
+            after = c.post("/v1/completions", json={"model": runtime.model_id, "prompt": "x", "max_tokens": 2})
+        assert after.status_code == 200
+        deadline = time.time() + 10
+        while started[0].stats.finish_reason is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert started[0].stats.finish_reason == "cancelled"
+        assert started[0].stats.completion_tokens < 200
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
