@@ -23,6 +23,7 @@ GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
+GGML_MAX_NAME = 64  # ggml tensor names are char[64], NUL included
 # No real tensor comes near 2**48 elements; a larger product is a hostile header.
 MAX_TENSOR_ELEMENTS = 1 << 48
 # Arrays up to this length are kept in GGUFInfo.metadata; longer ones are summarised.
@@ -257,9 +258,10 @@ def _parse(cur: _Cursor) -> GGUFInfo:
     raw: list[tuple[str, tuple[int, ...], str, int, int]] = []
     seen: set[str] = set()
     for _ in range(n_tensors):
-        name = cur.string("tensor name")
-        if not name:
-            raise cur.fail("empty tensor name")
+        raw_name = cur.string_bytes("tensor name")
+        if not raw_name or len(raw_name) >= GGML_MAX_NAME:
+            raise cur.fail(f"tensor name of {len(raw_name)} bytes (allowed: 1..{GGML_MAX_NAME - 1})")
+        name = raw_name.decode("utf-8", errors="replace")
         if name in seen:
             raise cur.fail(f"duplicate tensor name {name!r}")
         seen.add(name)

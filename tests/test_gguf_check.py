@@ -219,6 +219,11 @@ def test_duplicate_tensor_names(tmp_path: Path) -> None:
     refused(write(tmp_path, build_gguf(tensors=ts)), "duplicate tensor name")
 
 
+def test_tensor_name_too_long(tmp_path: Path) -> None:
+    t = _tensor_info("x" * 64, [32], gguf.GGMLQuantizationType.F32, 0)
+    refused(write(tmp_path, build_gguf(tensors=[t])), "tensor name of 64 bytes")
+
+
 def test_data_shorter_than_declared(tmp_path: Path) -> None:
     refused(write(tmp_path, build_gguf(data=b"\0" * 300)), "shorter than declared")
 
