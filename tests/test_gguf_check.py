@@ -299,3 +299,34 @@ def test_adapter_wrong_architecture(tmp_path: Path, tiny_base) -> None:
 def test_model_file_as_adapter_refused(tiny_base) -> None:
     with pytest.raises(AdapterError, match="not a GGUF LoRA adapter"):
         check_adapter_fits(tiny_base, tiny_base)
+
+
+def test_random_header_corruption_only_raises_invalid_gguf(tmp_path: Path) -> None:
+    """Fuzz: flip bytes and cut the header of a valid file; the parser may accept (a data byte
+    changed) or refuse with InvalidGGUFError — never any other exception, never slowly."""
+    w = gguf.GGUFWriter(tmp_path / "seed.gguf", "llama")
+    w.add_uint32("llama.block_count", 2)
+    w.add_array("tokenizer.ggml.tokens", [f"tok{i}" for i in range(100)])
+    w.add_array("tokenizer.ggml.scores", [float(i) for i in range(100)])
+    w.add_string("tokenizer.chat_template", "{{ messages }}")
+    w.add_tensor("blk.0.attn_q.weight", np.ones((64, 32), dtype=np.float32))
+    w.add_tensor("blk.0.ffn_up.weight", np.ones((8, 256), dtype=np.float16))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    seed = (tmp_path / "seed.gguf").read_bytes()
+    header_end = seed.index(b"blk.0.ffn_up.weight") + 64
+    rng = np.random.default_rng(0)
+    target = tmp_path / "fuzz.gguf"
+    start = time.perf_counter()
+    for trial in range(400):
+        blob = bytearray(seed)
+        for _ in range(int(rng.integers(1, 4))):
+            pos = int(rng.integers(0, header_end))
+            blob[pos] = int(rng.choice([0, 0xFF, 0x7F, 0x80, int(rng.integers(0, 256))]))
+        if trial % 5 == 0:
+            blob = blob[:int(rng.integers(0, len(blob)))]
+        target.write_bytes(bytes(blob))
+        try:
+            validate_gguf(target)
+        except InvalidGGUFError:
+            pass
+    assert time.perf_counter() - start < 20
