@@ -22,9 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.add_argument("--port", type=int, default=constants.DEFAULT_PORT, help="port (default 8000)")
     parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY' on every route (or set EDGE_LORA_API_KEY)")
-    # bench/runtime.py on 2 cores: 8 concurrent mixed-adapter clients get 1.74x the tokens/s from
-    # two 1-thread contexts than from one 2-thread context behind a lock, with no loss for a
-    # lone client (small-model decoding does not scale past one thread per sequence).
+    # bench/runtime.py on 2 cores (Gemma 3 270M): 8 concurrent mixed-adapter clients get 1.6-1.7x
+    # the tokens/s from two 1-thread contexts than from one 2-thread context behind a lock; a lone
+    # client loses 0-10% (small-model decoding barely scales past one thread per sequence).
     parser.add_argument("--contexts", type=int, default=min(2, constants.N_THREADS),
                         help="parallel inference contexts sharing the cores (default 2 on 2+ cores)")
     parser.set_defaults(handler=serve_command)
