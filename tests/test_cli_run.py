@@ -77,6 +77,15 @@ def test_interactive_chat_switches_adapters(capsys, monkeypatch, gemma_q4_gguf: 
     assert "adapters: a:1" in err and "adapters: none" in err and "commands:" in err
 
 
+def test_interactive_chat_forgets_oldest_turns_to_fit(capsys, monkeypatch, gemma_q4_gguf: Path) -> None:
+    turns = "".join(f"Tell me about licence number {i} and its many clauses please\n" for i in range(12))
+    monkeypatch.setattr(sys, "stdin", io.StringIO(turns))
+    code, out, err = run_cli(capsys, "run", "--model", str(gemma_q4_gguf), "--max-tokens", "16",
+                             "--temperature", "0", "--ctx", "128")
+    assert code == 0 and len(out.splitlines()) >= 12
+    assert "oldest messages to fit the context" in err and "error" not in err
+
+
 def test_model_directory_resolution(tmp_path: Path, gemma_q4_gguf: Path) -> None:
     by_manifest = tmp_path / "m"
     by_manifest.mkdir()

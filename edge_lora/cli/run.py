@@ -250,6 +250,16 @@ class ChatSession:
             print(HELP, file=err)
         return True
 
+    def _trim_history(self, err: TextIO) -> None:
+        """Forget the oldest exchanges until the conversation leaves room for a reply."""
+        room = min(self.sampling["max_tokens"], self.runtime.n_ctx // 4)
+        dropped = 0
+        while len(self.history) > 1 and len(self.runtime.render_messages(self.history)) + room > self.runtime.n_ctx:
+            del self.history[0]
+            dropped += 1
+        if dropped:
+            print(f"(forgot the {dropped} oldest messages to fit the context)", file=err)
+
     def loop(self, inp: TextIO, out: TextIO, err: TextIO) -> int:
         interactive = inp.isatty()
         if interactive:
@@ -270,6 +280,7 @@ class ChatSession:
                         return 0
                     continue
                 self.history.append({"role": "user", "content": line})
+                self._trim_history(err)
                 generation = self.runtime.chat(self.history, adapters=self.active, **self.sampling)
                 pieces = []
                 for piece in generation:
