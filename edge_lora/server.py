@@ -19,10 +19,10 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
-from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from edge_lora.errors import EdgeLoraError, InputNotFoundError, RegistryError, RequestError
 from edge_lora.registry import AdapterRegistry, check_name
@@ -305,17 +305,23 @@ def _guard(handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
     return wrapped
 
 
-class _APIKeyMiddleware(BaseHTTPMiddleware):
-    def __init__(self, app: Any, api_key: str) -> None:
-        super().__init__(app)
+class _APIKeyMiddleware:
+    """Plain ASGI (not BaseHTTPMiddleware) so streamed responses and client disconnects pass
+    through untouched."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
         self.expected = f"Bearer {api_key}".encode()
 
-    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
-        given = request.headers.get("authorization", "").encode()
-        if not hmac.compare_digest(given, self.expected):
-            return APIError(401, "missing or wrong API key", type_="authentication_error",
-                            code="invalid_api_key").response()
-        return await call_next(request)
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                response = APIError(401, "missing or wrong API key", type_="authentication_error",
+                                    code="invalid_api_key").response()
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def make_app(runtime: Runtime, registry: AdapterRegistry | None = None, api_key: str | None = None) -> Starlette:
