@@ -13,7 +13,7 @@ import mmap
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import gguf
 
@@ -54,8 +54,9 @@ class ArraySummary:
 MetadataValue = int | float | bool | str | list | ArraySummary
 
 
-@dataclass(frozen=True)
-class TensorRecord:
+class TensorRecord(NamedTuple):
+    """(name, shape, type_name, n_bytes, offset): unpacks like a tuple, reads like a record."""
+
     name: str
     shape: tuple[int, ...]  # GGUF ne order: ne[0] is the row length
     type_name: str  # gguf.GGMLQuantizationType name, e.g. "Q4_K"
