@@ -1,0 +1,88 @@
+"""What this machine offers for local inference: RAM, cores, CPU features llama.cpp was built
+to use, GPU offload, and the versions of the libraries that matter when reporting a bug."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import re
+from dataclasses import asdict, dataclass, field
+
+import psutil
+
+# Features worth showing; llama.cpp prints many more (e.g. per-backend flags).
+_INTERESTING_FEATURES = ("AVX", "AVX2", "AVX512", "AVX512_VNNI", "AVX512_BF16", "F16C", "FMA", "NEON",
+                         "ARM_FMA", "SVE", "DOTPROD", "MATMUL_INT8", "SSE3", "SSSE3", "BMI2", "METAL",
+                         "CUDA", "VULKAN", "BLAS", "OPENMP")
+
+
+@dataclass(frozen=True)
+class Hardware:
+    total_ram_bytes: int
+    available_ram_bytes: int
+    physical_cores: int
+    logical_cores: int
+    cpu_features: dict[str, bool]
+    gpu_offload: bool
+    llama_cpp_system_info: str
+    os: str
+    machine: str
+    python: str
+    versions: dict[str, str | None] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @property
+    def enabled_features(self) -> list[str]:
+        return [name for name, on in self.cpu_features.items() if on]
+
+
+def parse_system_info(text: str) -> dict[str, bool]:
+    """Parse llama.cpp's ``llama_print_system_info`` (``CPU : AVX = 1 | AVX2 = 1 | ...``):
+    every ``NAME = value`` pair, value non-zero means the build uses it."""
+    features: dict[str, bool] = {}
+    for name, value in re.findall(r"([A-Za-z0-9_]+)\s*=\s*([0-9]+)", text):
+        features[name.upper()] = features.get(name.upper(), False) or int(value) != 0
+    return features
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _llama_cpp_info() -> tuple[str, bool, str | None]:
+    """(system info text, GPU offload supported, llama-cpp-python version); empty when the
+    native library cannot load — doctor must still report everything else."""
+    try:
+        import llama_cpp
+    except (ImportError, OSError) as exc:  # a broken native build shows up here
+        return f"llama_cpp unavailable: {exc}", False, None
+    info = llama_cpp.llama_print_system_info().decode("utf-8", errors="replace").strip()
+    return info, bool(llama_cpp.llama_supports_gpu_offload()), getattr(llama_cpp, "__version__", None)
+
+
+def detect_hardware() -> Hardware:
+    memory = psutil.virtual_memory()
+    logical = psutil.cpu_count(logical=True) or os.cpu_count() or 1
+    physical = psutil.cpu_count(logical=False) or logical
+    system_info, gpu, llama_version = _llama_cpp_info()
+    parsed = parse_system_info(system_info)
+    features = {name: parsed[name] for name in _INTERESTING_FEATURES if name in parsed}
+    versions = {
+        "edge-lora": _package_version("edge-lora"),
+        "llama-cpp-python": llama_version or _package_version("llama_cpp_python"),
+        "gguf": _package_version("gguf"),
+        "textual": _package_version("textual"),
+        "numpy": _package_version("numpy"),
+        "psutil": _package_version("psutil"),
+    }
+    return Hardware(
+        total_ram_bytes=int(memory.total), available_ram_bytes=int(memory.available),
+        physical_cores=int(physical), logical_cores=int(logical), cpu_features=features,
+        gpu_offload=gpu, llama_cpp_system_info=system_info, os=f"{platform.system()} {platform.release()}",
+        machine=platform.machine(), python=platform.python_version(), versions=versions)
