@@ -148,6 +148,20 @@ class OpenAIServer:
                 raise APIError(404, f"adapter {name!r} is not loaded", type_="not_found_error",
                                param="adapters", code="model_not_found")
             chosen[name] = float(scale)
+        lora = body.get("lora")  # llama-server's form: [{"id": index in load order, "scale": s}]
+        if lora is not None:
+            names = list(loaded)
+            if not isinstance(lora, list):
+                raise APIError(400, "lora must be a list of {id, scale}", param="lora")
+            for item in lora:
+                if (not isinstance(item, dict) or isinstance(item.get("id"), bool)
+                        or not isinstance(item.get("id"), int) or isinstance(item.get("scale"), bool)
+                        or not isinstance(item.get("scale"), (int, float))):
+                    raise APIError(400, "lora entries must be {\"id\": int, \"scale\": number}", param="lora")
+                if not 0 <= item["id"] < len(names):
+                    raise APIError(404, f"no adapter with id {item['id']}", type_="not_found_error",
+                                   param="lora", code="model_not_found")
+                chosen[names[item["id"]]] = float(item["scale"])
         return chosen
 
     # --- routes ---
@@ -158,6 +172,11 @@ class OpenAIServer:
             data.append({"id": name, "object": "model", "created": self.created, "owned_by": "edge-lora",
                          "root": str(loaded.path), "parent": self.base_id})
         return JSONResponse({"object": "list", "data": data})
+
+    async def lora_adapters(self, request: Request) -> Response:
+        """llama-server's listing: ids usable in a request's "lora" field."""
+        return JSONResponse([{"id": i, "name": name, "path": str(loaded.path), "scale": loaded.scale}
+                             for i, (name, loaded) in enumerate(self.runtime.adapters.items())])
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -329,6 +348,7 @@ def make_app(runtime: Runtime, registry: AdapterRegistry | None = None, api_key:
     routes = [
         Route("/health", _guard(server.health), methods=["GET"]),
         Route("/v1/models", _guard(server.models), methods=["GET"]),
+        Route("/lora-adapters", _guard(server.lora_adapters), methods=["GET"]),
         Route("/v1/completions", _guard(server.completions), methods=["POST"]),
         Route("/v1/chat/completions", _guard(server.chat_completions), methods=["POST"]),
         Route("/v1/load_lora_adapter", _guard(server.load_lora_adapter), methods=["POST"]),

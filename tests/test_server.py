@@ -94,6 +94,23 @@ def test_context_pool_gives_the_same_answers(gemma_q4_gguf: Path, random_gemma_l
         assert run(answers(pool, concurrent=True)) == alone
 
 
+def test_llama_server_lora_field_and_explicit_scales(runtime: Runtime) -> None:
+    async def go():
+        async with client_for(make_app(runtime)) as c:
+            listing = (await c.get("/lora-adapters")).json()
+            by_id = await _completion(c, runtime.model_id, lora=[{"id": 1, "scale": 1.0}])
+            by_name = await _completion(c, "beta")
+            by_map = await _completion(c, runtime.model_id, adapters={"beta": 1.0})
+            zero = await _completion(c, "beta", adapters={"beta": 0.0})
+            base = await _completion(c, runtime.model_id)
+            return listing, by_id, by_name, by_map, zero, base
+    listing, by_id, by_name, by_map, zero, base = run(go())
+    assert [(e["id"], e["name"]) for e in listing] == [(0, "alpha"), (1, "beta")]
+    text = [r.json()["choices"][0]["text"] for r in (by_id, by_name, by_map, zero, base)]
+    assert text[0] == text[1] == text[2] != text[4]
+    assert text[3] == text[4]  # scale 0 switches the adapter off
+
+
 def _sse_events(text: str) -> list:
     events = [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
@@ -143,6 +160,8 @@ def test_chat_streamed_equals_chat_plain(runtime: Runtime) -> None:
     ("/v1/completions", {"model": "BASE", "prompt": 42}, 400, "invalid_value"),
     ("/v1/completions", {"model": "BASE", "prompt": [10**9]}, 400, None),
     ("/v1/completions", {"model": "BASE", "prompt": "x", "adapters": {"nope": 1}}, 404, "model_not_found"),
+    ("/v1/completions", {"model": "BASE", "prompt": "x", "lora": [{"id": 9, "scale": 1}]}, 404, "model_not_found"),
+    ("/v1/completions", {"model": "BASE", "prompt": "x", "lora": [{"id": "0", "scale": 1}]}, 400, None),
     ("/v1/chat/completions", {"model": "BASE", "messages": "hi"}, 400, None),
     ("/v1/chat/completions", {"model": "BASE", "messages": [{"role": "x", "content": "y"}]}, 400, None),
     ("/v1/load_lora_adapter", {"lora_name": "../x", "lora_path": "/tmp/x.gguf"}, 400, "invalid_value"),
