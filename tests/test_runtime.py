@@ -151,9 +151,10 @@ def test_hot_applied_adapter_matches_reference_merge(tmp_path: Path, gemma_q4_gg
 
     lora = write_random_lora(gemma_q4_gguf, tmp_path / "lora.gguf", seed=5, strength=0.1)
     merged = persistent_cache / "gemma-q4-merged-lora-seed5-s0.1.gguf"
-    if not merged.exists():
-        write_merged_reference(gemma_q4_gguf, lora, tmp_path / "merged.gguf")
-        (tmp_path / "merged.gguf").replace(merged)
+    if not merged.exists():  # built once per machine; written beside its final name, then renamed
+        partial = merged.with_name(merged.name + ".partial")
+        write_merged_reference(gemma_q4_gguf, lora, partial)
+        partial.replace(merged)
     text = (Path("/usr/share/common-licenses/Apache-2.0").read_text())[:600]
 
     def all_logits(model_path: Path, adapter: Path | None) -> np.ndarray:
