@@ -23,8 +23,9 @@ class Hardware:
     available_ram_bytes: int
     physical_cores: int
     logical_cores: int
-    cpu_features: dict[str, bool]
+    cpu_features: tuple[str, ...]  # features the llama.cpp build uses on this CPU
     gpu_offload: bool
+    llama_build: str  # llama-cpp-python version, which pins the vendored llama.cpp
     llama_cpp_system_info: str
     os: str
     machine: str
@@ -35,8 +36,9 @@ class Hardware:
         return asdict(self)
 
     @property
-    def enabled_features(self) -> list[str]:
-        return [name for name, on in self.cpu_features.items() if on]
+    def cores(self) -> int:
+        """Physical cores: llama.cpp runs best with one thread per physical core."""
+        return self.physical_cores
 
 
 def parse_system_info(text: str) -> dict[str, bool]:
@@ -72,7 +74,7 @@ def detect_hardware() -> Hardware:
     physical = psutil.cpu_count(logical=False) or logical
     system_info, gpu, llama_version = _llama_cpp_info()
     parsed = parse_system_info(system_info)
-    features = {name: parsed[name] for name in _INTERESTING_FEATURES if name in parsed}
+    features = tuple(name for name in _INTERESTING_FEATURES if parsed.get(name))
     versions = {
         "edge-lora": _package_version("edge-lora"),
         "llama-cpp-python": llama_version or _package_version("llama_cpp_python"),
@@ -84,5 +86,6 @@ def detect_hardware() -> Hardware:
     return Hardware(
         total_ram_bytes=int(memory.total), available_ram_bytes=int(memory.available),
         physical_cores=int(physical), logical_cores=int(logical), cpu_features=features,
-        gpu_offload=gpu, llama_cpp_system_info=system_info, os=f"{platform.system()} {platform.release()}",
+        gpu_offload=gpu, llama_build=f"llama-cpp-python {llama_version}" if llama_version else "unavailable",
+        llama_cpp_system_info=system_info, os=f"{platform.system()} {platform.release()}",
         machine=platform.machine(), python=platform.python_version(), versions=versions)

@@ -26,8 +26,9 @@ def doctor_command(args: argparse.Namespace) -> int:
         return 0
     print(f"RAM          {_gb(hw.total_ram_bytes)} total, {_gb(hw.available_ram_bytes)} available")
     print(f"CPU cores    {hw.physical_cores} physical, {hw.logical_cores} logical ({hw.machine})")
-    print(f"CPU features {' '.join(hw.enabled_features) or 'none detected'}")
+    print(f"CPU features {' '.join(hw.cpu_features) or 'none detected'}")
     print(f"GPU offload  {'yes' if hw.gpu_offload else 'no (CPU only)'}")
+    print(f"llama.cpp    {hw.llama_build}")
     print(f"OS / Python  {hw.os} / {hw.python}")
     for name, version in hw.versions.items():
         print(f"{name:<17}{version or 'not installed'}")

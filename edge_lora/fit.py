@@ -1,0 +1,328 @@
+"""Predict the peak RSS of running a GGUF with llama.cpp, and pick the format that fits RAM.
+
+The prediction is for: a Python process that loads the file (mmap), creates one context of
+``ctx`` tokens with batch ``n_batch`` and evaluates a prompt up to that context, asking for
+the last token's logits (what ``run`` / ``serve`` do). Terms, all read from the GGUF header:
+
+* weights: tensor data as mapped (every page is touched: Gemma-style tied embeddings are the
+  output matrix) + a second copy of the tensors llama.cpp's CPU backend repacks into
+  interleaved layouts on AVX2/NEON machines (Q4_0, Q4_K, IQ4_NL) — measured: a Q4_K_M file's
+  load grows by exactly its Q4_K bytes, Q2_K's by its Q4_0 fallback bytes;
+* KV cache: F16 K and V for every layer and every cell. llama.cpp's default
+  (``swa_full = true``) gives sliding-window layers a full-size cache too — measured on
+  Gemma 3 (the 8192-context cache is 151 MB, not the 25 MB of global layers alone);
+* compute: activations per micro-batch token, the attention mask (n_ubatch x n_ctx F16 per
+  micro-batch) and logits rows (n_vocab F32 each);
+* overhead: the Python interpreter with numpy and llama.cpp loaded, plus llama.cpp's
+  vocabulary tables (per token) and fixed runtime state.
+
+Constants are calibrated by ``bench/fit.py`` (subprocess peak RSS on real files); on Gemma 3
+270M every format at ctx 512 / 2048 / 8192 is predicted within 10% (tests/test_fit.py).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+
+from edge_lora import constants
+from edge_lora.errors import InputError, InputNotFoundError
+from edge_lora.gguf_check import GGUFInfo, validate_gguf
+
+MB = 1_000_000
+# Measured: `python -c "import numpy, llama_cpp"` process before any model is loaded.
+PROCESS_BASE_BYTES = 46 * MB
+# Measured residual after load minus tensor bytes (Gemma 3, 262,144 tokens: 60.6 MB), split
+# between llama.cpp's per-token vocabulary tables (strings, maps, piece cache) and the rest.
+VOCAB_BYTES_PER_TOKEN = 150
+RUNTIME_FIXED_BYTES = 21 * MB
+KV_BYTES_PER_ELEMENT = 2  # F16 cache (llama.cpp default)
+MASK_BYTES_PER_ELEMENT = 2  # F16 attention mask, n_ubatch x n_ctx
+LOGITS_BYTES_PER_ELEMENT = 4
+REPACKED_TYPES = frozenset({"Q4_0", "Q4_K", "IQ4_NL"})
+KV_PAD = 256  # llama.cpp pads the number of KV cells
+
+# Memory headroom: a model may use at most this share of available RAM to "fit"; up to all
+# of it is "tight" (it runs, but leaves little for everything else on the laptop).
+FIT_SHARE = 0.8
+
+# Best first. F16 and BF16 are equal quality; F16 runs faster on most CPUs.
+FORMAT_QUALITY_ORDER: tuple[str, ...] = (
+    "F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S",
+    "Q4_1", "Q4_0", "IQ4_NL", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K")
+# llama_ftype (include/llama.h) -> format name, for files whose name does not say it.
+FTYPE_NAMES: dict[int, str] = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1",
+                               10: "Q2_K", 11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S",
+                               15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 25: "IQ4_NL", 32: "BF16"}
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    file_bytes: int
+    weights_bytes: int
+    kv_bytes: int
+    compute_bytes: int
+    overhead_bytes: int
+    adapters_bytes: int
+    total_bytes: int
+
+
+@dataclass(frozen=True)
+class ModelFit:
+    path: str
+    format: str
+    ctx: int
+    estimate: MemoryEstimate
+    verdict: str  # "fits" | "tight" | "no"
+    recommended: bool
+    kld: float | None = None
+
+    @property
+    def fits(self) -> bool:
+        return self.verdict != "no"
+
+    @property
+    def file_bytes(self) -> int:
+        return self.estimate.file_bytes
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.estimate.kv_bytes
+
+    @property
+    def overhead_bytes(self) -> int:
+        return self.estimate.overhead_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return self.estimate.total_bytes
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "format": self.format, "file_bytes": self.file_bytes,
+                "kv_bytes": self.kv_bytes, "overhead_bytes": self.overhead_bytes, "total_bytes": self.total_bytes,
+                "fits": self.fits, "recommended": self.recommended, "verdict": self.verdict,
+                "weights_bytes": self.estimate.weights_bytes, "compute_bytes": self.estimate.compute_bytes,
+                "adapters_bytes": self.estimate.adapters_bytes}
+
+
+@dataclass(frozen=True)
+class FitReport:
+    total_bytes: int
+    available_bytes: int
+    ctx: int
+    models: list[ModelFit]
+
+    @property
+    def recommended(self) -> ModelFit | None:
+        return next((m for m in self.models if m.recommended), None)
+
+    def to_json(self) -> dict:
+        """DESIGN.md ``fit --json`` schema (extra per-model keys after the required ones)."""
+        return {"ram": {"total_bytes": self.total_bytes, "available_bytes": self.available_bytes},
+                "ctx": self.ctx, "models": [m.to_json() for m in self.models]}
+
+
+def _int_meta(info: GGUFInfo, key: str, default: int | None = None) -> int | None:
+    value = info.metadata.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, list)):
+        return default
+    if isinstance(value, list):  # per-layer arrays (e.g. OpenELM): the largest bounds the cache
+        numbers = [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
+        return max(numbers) if numbers else default
+    return value
+
+
+def _arch_int(info: GGUFInfo, suffix: str, default: int | None = None) -> int | None:
+    return _int_meta(info, f"{info.architecture}.{suffix}", default)
+
+
+def format_of(info: GGUFInfo) -> str:
+    """The format name: from the file name (``<name>-Q4_K_M.gguf``) when it says, else from
+    general.file_type."""
+    stem = info.path.stem.upper()
+    for name in sorted(FORMAT_QUALITY_ORDER, key=len, reverse=True):
+        if stem.endswith(name):
+            return name
+    if info.file_type is not None and info.file_type in FTYPE_NAMES:
+        return FTYPE_NAMES[info.file_type]
+    return "unknown"
+
+
+def context_length(info: GGUFInfo) -> int | None:
+    return _arch_int(info, "context_length")
+
+
+def default_ctx(info: GGUFInfo) -> int:
+    trained = context_length(info)
+    return min(trained, constants.DEFAULT_CTX_CAP) if trained else constants.DEFAULT_CTX_CAP
+
+
+def _n_vocab(info: GGUFInfo) -> int:
+    return info.array_length("tokenizer.ggml.tokens") or _arch_int(info, "vocab_size", 0) or 0
+
+
+def _kv_bytes(info: GGUFInfo, ctx: int) -> int:
+    n_layer = _arch_int(info, "block_count")
+    n_head = _arch_int(info, "attention.head_count")
+    n_embd = _arch_int(info, "embedding_length")
+    if not n_layer or not n_head or not n_embd:
+        raise InputError(f"{info.path.name} lacks block_count / head_count / embedding_length metadata",
+                         fix="re-convert the model; its GGUF header is incomplete")
+    n_head_kv = _arch_int(info, "attention.head_count_kv", n_head) or n_head
+    key_len = _arch_int(info, "attention.key_length", n_embd // n_head) or n_embd // n_head
+    value_len = _arch_int(info, "attention.value_length", n_embd // n_head) or n_embd // n_head
+    cells = -(-ctx // KV_PAD) * KV_PAD
+    return n_layer * n_head_kv * (key_len + value_len) * cells * KV_BYTES_PER_ELEMENT
+
+
+def _compute_bytes(info: GGUFInfo, ctx: int, n_batch: int, logits_rows: int) -> int:
+    n_embd = _arch_int(info, "embedding_length", 0) or 0
+    n_ff = _arch_int(info, "feed_forward_length", 4 * n_embd) or 4 * n_embd
+    n_ubatch = min(n_batch, ctx)
+    cells = -(-ctx // KV_PAD) * KV_PAD
+    activations = n_ubatch * 4 * (2 * n_ff + n_embd)  # F32 FFN intermediates dominate
+    mask = n_ubatch * cells * MASK_BYTES_PER_ELEMENT
+    logits = logits_rows * _n_vocab(info) * LOGITS_BYTES_PER_ELEMENT
+    return activations + mask + logits
+
+
+def _weights_bytes(info: GGUFInfo, repack: bool) -> int:
+    weights = info.tensor_data_bytes
+    if repack:  # the repacked copy lives beside the mapped pages it was read from
+        weights += sum(t.n_bytes for t in info.tensors
+                       if t.type_name in REPACKED_TYPES and len(t.shape) >= 2 and t.name != "token_embd.weight")
+    return weights
+
+
+def _cpu_repacks() -> bool:
+    from edge_lora.hardware import parse_system_info
+
+    try:
+        import llama_cpp
+        features = parse_system_info(llama_cpp.llama_print_system_info().decode("utf-8", "replace"))
+    except (ImportError, OSError):
+        return True  # assume the common (x86 AVX2 / ARM NEON) case
+    return bool(features.get("AVX2") or features.get("NEON") or features.get("AVX512"))
+
+
+def estimate_memory(gguf_path: Path | str, ctx: int, adapters: Sequence[Path | str] = (), n_batch: int = 512,
+                    logits_rows: int = 1, *, repack: bool | None = None) -> MemoryEstimate:
+    """Predicted peak RSS of loading ``gguf_path`` and evaluating at ``ctx`` tokens.
+    ``logits_rows``: how many logit rows one batch asks for (1 for generation)."""
+    path = Path(gguf_path)
+    if not path.is_file():
+        raise InputNotFoundError(f"model file {path} does not exist", fix="give a .gguf file or a converted directory")
+    if ctx < 1 or n_batch < 1:
+        raise InputError(f"context {ctx} and batch {n_batch} must be positive", fix="use --ctx 512 or more")
+    info = validate_gguf(path, expect_type="model")
+    trained = context_length(info)
+    if trained and ctx > trained:
+        raise InputError(f"context {ctx} is larger than {path.name}'s training context {trained}",
+                         fix=f"use --ctx {trained} or less")
+    adapters_bytes = sum(validate_gguf(Path(a), expect_type="adapter").tensor_data_bytes for a in adapters)
+    weights = _weights_bytes(info, _cpu_repacks() if repack is None else repack)
+    kv = _kv_bytes(info, ctx)
+    compute = _compute_bytes(info, ctx, n_batch, logits_rows)
+    overhead = PROCESS_BASE_BYTES + RUNTIME_FIXED_BYTES + VOCAB_BYTES_PER_TOKEN * _n_vocab(info)
+    total = weights + kv + compute + overhead + adapters_bytes
+    return MemoryEstimate(file_bytes=info.file_bytes, weights_bytes=weights, kv_bytes=kv, compute_bytes=compute,
+                          overhead_bytes=overhead, adapters_bytes=adapters_bytes, total_bytes=total)
+
+
+# --- choosing a format ---
+
+def _model_files(paths: Iterable[Path | str]) -> list[Path]:
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.glob("*.gguf") if not p.name.startswith("adapter-"))
+            files.extend(p for p in found if _is_model(p))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise InputNotFoundError(f"{path} does not exist", fix="give a .gguf file or a converted directory")
+    if not files:
+        raise InputNotFoundError("no model GGUF files found", fix="run `edge-lora convert` first or name a .gguf file")
+    return files
+
+
+def _is_model(path: Path) -> bool:
+    try:
+        return validate_gguf(path).general_type != "adapter"
+    except InputError:
+        return False  # a damaged file in a directory is skipped; named directly it errors
+
+
+def _manifest_klds(files: list[Path]) -> dict[Path, float]:
+    """KLD per file from the manifest.json beside it, when measured (``edge-lora ppl --kld-base``)."""
+    klds: dict[Path, float] = {}
+    for directory in {f.parent for f in files}:
+        try:
+            data = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        entries = data.get("files") if isinstance(data, dict) else None
+        for entry in entries if isinstance(entries, list) else []:
+            if isinstance(entry, dict) and isinstance(entry.get("kld"), (int, float)) and isinstance(entry.get("path"), str):
+                klds[(directory / entry["path"]).resolve()] = float(entry["kld"])
+    return klds
+
+
+def _quality_rank(fmt: str) -> int:
+    return FORMAT_QUALITY_ORDER.index(fmt) if fmt in FORMAT_QUALITY_ORDER else len(FORMAT_QUALITY_ORDER)
+
+
+def verdict_for(total_bytes: int, available_bytes: int) -> str:
+    if total_bytes <= available_bytes * FIT_SHARE:
+        return "fits"
+    return "tight" if total_bytes <= available_bytes else "no"
+
+
+def fit_report(paths_or_dirs: Sequence[Path | str] | Path | str, ctx: int | None = None,
+               available_bytes: int | None = None, adapters: Sequence[Path | str] = ()) -> FitReport:
+    """Estimate every model file, judge it against available RAM and recommend exactly one:
+    the best quality among those that fit (by measured KLD when every candidate has one,
+    else by format), or among the tight ones when none fits comfortably."""
+    if isinstance(paths_or_dirs, (str, Path)):
+        paths_or_dirs = [paths_or_dirs]
+    files = _model_files(paths_or_dirs)
+    memory = psutil.virtual_memory()
+    available = int(memory.available if available_bytes is None else available_bytes)
+    infos = [validate_gguf(f, expect_type="model") for f in files]
+    if ctx is None:
+        ctx = min(default_ctx(i) for i in infos)
+    klds = _manifest_klds(files)
+    rows: list[ModelFit] = []
+    for path, info in zip(files, infos):
+        estimate = estimate_memory(path, ctx, adapters)
+        rows.append(ModelFit(path=str(path), format=format_of(info), ctx=ctx, estimate=estimate,
+                             verdict=verdict_for(estimate.total_bytes, available), recommended=False,
+                             kld=klds.get(path.resolve())))
+    choice = _choose(rows)
+    models = [ModelFit(**{**_fields(r), "recommended": r is choice}) for r in rows]
+    return FitReport(total_bytes=int(memory.total), available_bytes=available, ctx=ctx, models=models)
+
+
+def _fields(row: ModelFit) -> dict:
+    return {"path": row.path, "format": row.format, "ctx": row.ctx, "estimate": row.estimate,
+            "verdict": row.verdict, "recommended": row.recommended, "kld": row.kld}
+
+
+def _choose(rows: list[ModelFit]) -> ModelFit | None:
+    for verdict in ("fits", "tight"):
+        candidates = [r for r in rows if r.verdict == verdict]
+        if not candidates:
+            continue
+        if all(r.kld is not None for r in candidates):
+            return min(candidates, key=lambda r: (r.kld, -r.total_bytes))
+        return min(candidates, key=lambda r: (_quality_rank(r.format), -r.total_bytes))
+    return None
+
+
+def estimate_as_dict(estimate: MemoryEstimate) -> dict:
+    return asdict(estimate)
