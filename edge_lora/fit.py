@@ -303,6 +303,7 @@ def fit_report(paths_or_dirs: Sequence[Path | str] | Path | str, ctx: int | None
         rows.append(ModelFit(path=str(path), format=format_of(info), ctx=ctx, estimate=estimate,
                              verdict=verdict_for(estimate.total_bytes, available), recommended=False,
                              kld=klds.get(path.resolve())))
+    rows.sort(key=lambda r: (_quality_rank(r.format), r.path))  # best quality first, as users read tables
     choice = _choose(rows)
     models = [ModelFit(**{**_fields(r), "recommended": r is choice}) for r in rows]
     return FitReport(total_bytes=int(memory.total), available_bytes=available, ctx=ctx, models=models)

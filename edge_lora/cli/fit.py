@@ -1,0 +1,55 @@
+"""``edge-lora fit [DIR|FILE.gguf...] [--ctx N] [--json]``: which format fits this machine's RAM."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = subparsers.add_parser("fit", help="predict RAM use of each format and recommend one",
+                                   description="Predict the peak RAM of each model file at a context size "
+                                               "and recommend the best format that fits.")
+    parser.add_argument("paths", nargs="*", type=Path, metavar="DIR|FILE",
+                        help="converted output directories or .gguf files (default: the last converted directory)")
+    parser.add_argument("--ctx", type=int, default=None,
+                        help="context size (default: the model's, capped at 4096)")
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.set_defaults(handler=fit_command)
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def fit_command(args: argparse.Namespace) -> int:
+    from edge_lora.errors import InputError
+    from edge_lora.fit import fit_report
+
+    paths = list(args.paths)
+    if not paths:
+        from edge_lora.state import last_output_dir
+
+        last = last_output_dir()
+        if last is None:
+            raise InputError("no model given and no converted output directory remembered",
+                             fix="pass a DIR or FILE.gguf, or run `edge-lora convert` / `edge-lora demo` first")
+        print(f"using the last converted directory {last}", file=sys.stderr)
+        paths = [last]
+    if args.ctx is not None and args.ctx < 1:
+        raise InputError(f"--ctx {args.ctx} must be positive", fix="use --ctx 512 or more")
+    report = fit_report(paths, ctx=args.ctx)
+    if args.json:
+        print(json.dumps(report.to_json()))
+        return 0
+    print(f"RAM {_gb(report.total_bytes)} total, {_gb(report.available_bytes)} available; context {report.ctx}")
+    for m in report.models:
+        mark = "  <- recommended" if m.recommended else ""
+        print(f"{m.format:<8} {_gb(m.file_bytes):>9} file  {_gb(m.total_bytes):>9} predicted  {m.verdict:<5} "
+              f"{Path(m.path).name}{mark}")
+    if report.recommended is None:
+        print("nothing fits: try a smaller --ctx or a smaller format (edge-lora quantize --quant Q4_K_M)",
+              file=sys.stderr)
+    return 0

@@ -1,0 +1,77 @@
+"""``edge-lora ppl FILE.gguf [--adapter NAME] [--text FILE] [--ctx N] [--kld-base F16.gguf] [--json]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = subparsers.add_parser("ppl", help="measure perplexity (and KL divergence against a baseline)",
+                                   description="Perplexity in llama-perplexity's method; with --kld-base also "
+                                               "KL divergence and top-1 agreement against that model.")
+    parser.add_argument("file", type=Path, metavar="FILE.gguf")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME",
+                        help="registered adapter name or adapter .gguf to hot-apply (repeatable)")
+    parser.add_argument("--text", type=Path, default=None,
+                        help="UTF-8 text file (default: the shipped Apache-2.0 + MPL-2.0 text)")
+    parser.add_argument("--ctx", type=int, default=512, help="window size in tokens (default 512)")
+    parser.add_argument("--kld-base", type=Path, default=None, metavar="F16.gguf",
+                        help="baseline model for KL divergence")
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.set_defaults(handler=ppl_command)
+
+
+def _read_text(path: Path) -> str:
+    from edge_lora.errors import InputError, InputNotFoundError
+
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise InputNotFoundError(f"text file {path} does not exist", fix="give an existing --text file") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read {path} as UTF-8 text: {exc}", fix="give a UTF-8 --text file") from exc
+
+
+def _record_in_manifest(model: Path, ppl: float, kld: float | None) -> bool:
+    """Store the figures in manifest.json when the file lives in a converted output directory."""
+    if not (model.parent / "manifest.json").is_file():
+        return False
+    from converters.manifest import Manifest
+
+    manifest = Manifest.load(model.parent)
+    manifest.record_quality(model, ppl=ppl, kld=kld)
+    manifest.save()
+    return True
+
+
+def ppl_command(args: argparse.Namespace) -> int:
+    from edge_lora.perplexity import default_eval_text, measure_perplexity
+    from edge_lora.progress import cli_progress
+
+    text = _read_text(args.text) if args.text is not None else default_eval_text()
+    adapters = []
+    if args.adapter:
+        from edge_lora.registry import AdapterRegistry
+
+        registry = AdapterRegistry()
+        adapters = [(e.path, e.scale) for e in (registry.resolve(name) for name in args.adapter)]
+    with cli_progress(quiet=args.json) as progress:
+        result = measure_perplexity(args.file, text, ctx=args.ctx, adapters=adapters, kld_base=args.kld_base,
+                                    progress=progress)
+    if not adapters:  # the manifest describes the file itself, not file + adapter
+        _record_in_manifest(args.file, result.ppl, result.kld)
+    if args.json:
+        print(json.dumps(result.to_json()))
+        return 0
+    print(f"{args.file.name}: PPL {result.ppl:.4f} ± {result.ppl_stderr:.4f} over {result.tokens} tokens "
+          f"({result.windows} windows of {result.ctx}, {result.tokens_per_second:.0f} tokens/s)")
+    if result.kld is not None:
+        exact = "" if result.kld_exact else " (from cached baseline top-k: a lower bound)"
+        print(f"KLD vs {Path(result.kld_base or '').name}: mean {result.kld:.6f} ± {result.kld_stderr:.6f}, "
+              f"median {result.kld_median:.6f}, p99 {result.kld_p99:.6f}, max {result.kld_max:.6f}; "
+              f"same top token {100 * (result.top1_agreement or 0):.2f}%{exact}")
+    sys.stdout.flush()
+    return 0
