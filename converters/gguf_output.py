@@ -1,0 +1,135 @@
+"""Streaming GGUF writing: header, metadata and tensor infos first, then each tensor's data
+row block by row block, so peak memory is one block, not the model.
+
+gguf-py's ``GGUFWriter`` packs the header/KV/tensor-info part (it only needs each tensor's
+shape, type and byte size up front); the data part is written here from producer callables.
+The writer knows nothing about architectures: callers hand it keys, values and row blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import gguf
+import numpy as np
+
+from converters.safetensors_io import f32_to_bf16_bits
+from edge_lora.atomic import atomic_path, check_free_space
+from edge_lora.errors import InternalError
+from edge_lora.gguf_check import validate_gguf
+from edge_lora.progress import NullProgress, ProgressSink
+
+GGMLType = gguf.GGMLQuantizationType
+
+# Output types for unquantized tensors: GGML type and bytes per element.
+ELEMENT_BYTES: dict[GGMLType, int] = {GGMLType.F32: 4, GGMLType.F16: 2, GGMLType.BF16: 2}
+
+
+def encode_rows(rows_f32: np.ndarray, ggml_type: GGMLType) -> np.ndarray:
+    """A float32 row block in the stored representation of ``ggml_type``."""
+    if ggml_type == GGMLType.F32:
+        return np.ascontiguousarray(rows_f32, dtype=np.float32)
+    if ggml_type == GGMLType.F16:
+        return np.ascontiguousarray(rows_f32, dtype=np.float16)
+    if ggml_type == GGMLType.BF16:
+        return f32_to_bf16_bits(rows_f32)
+    raise InternalError(f"gguf_output cannot encode {ggml_type.name}")
+
+
+RowBlocks = Callable[[], Iterable[np.ndarray]]
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    shape: tuple[int, ...]  # numpy order: rows first (GGUF ne order is the reverse)
+    ggml_type: GGMLType
+    blocks: RowBlocks  # yields encoded row blocks, in order, covering the tensor exactly
+
+    @property
+    def n_elements(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def n_bytes(self) -> int:
+        return self.n_elements * ELEMENT_BYTES[self.ggml_type]
+
+
+def write_block(fh: BinaryIO, block: np.ndarray) -> None:
+    """One row block to the file (a seam tests patch to simulate a full disk)."""
+    fh.write(memoryview(np.ascontiguousarray(block)).cast("B"))
+
+
+class StreamingGGUFWriter:
+    """Collect metadata and tensor plans, then ``write(path)`` atomically."""
+
+    def __init__(self, arch: str) -> None:
+        # path=None: nothing is opened until write(); the KV/tensor-info API is gguf-py's.
+        self.kv = gguf.GGUFWriter(path=None, arch=arch)
+        self.tensors: list[PlannedTensor] = []
+
+    def add_metadata(self, items: Iterable[tuple[str, Any, gguf.GGUFValueType]]) -> None:
+        for key, value, vtype in items:
+            self.kv.add_key_value(key, value, vtype)
+
+    def add_tensor(self, tensor: PlannedTensor) -> None:
+        if any(t.name == tensor.name for t in self.tensors):
+            raise InternalError(f"tensor {tensor.name} planned twice")
+        self.tensors.append(tensor)
+        # dtype is a placeholder: raw_dtype carries the real type, shape is taken as given.
+        self.kv.add_tensor_info(tensor.name, tensor.shape, np.dtype(np.float32), tensor.n_bytes,
+                                raw_dtype=tensor.ggml_type)
+
+    @property
+    def tensor_data_bytes(self) -> int:
+        align = self.kv.data_alignment
+        return sum(-(-t.n_bytes // align) * align for t in self.tensors)
+
+    def write(self, final: Path, progress: ProgressSink = NullProgress()) -> Path:
+        final = Path(final)
+        check_free_space(final.parent, self.tensor_data_bytes)
+        expected = {t.name: t.n_bytes for t in self.tensors}
+        with atomic_path(final, validate=lambda p: _validate_written(p, expected)) as tmp:
+            self._write_to(tmp, progress)
+        return final
+
+    def _write_to(self, tmp: Path, progress: ProgressSink) -> None:
+        writer = self.kv
+        writer.open_output_file(tmp)
+        try:
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            assert writer.fout is not None
+            fh = writer.fout[0]
+            align = writer.data_alignment
+            fh.write(b"\0" * (-fh.tell() % align))
+            progress.start("writing GGUF", total=sum(t.n_bytes for t in self.tensors))
+            for tensor in self.tensors:
+                written = 0
+                for block in tensor.blocks():
+                    write_block(fh, block)
+                    written += block.nbytes
+                    progress.advance(block.nbytes, description=tensor.name)
+                if written != tensor.n_bytes:
+                    raise InternalError(f"tensor {tensor.name}: wrote {written} bytes, planned {tensor.n_bytes}")
+                fh.write(b"\0" * (-written % align))
+            progress.finish()
+            fh.flush()
+        finally:
+            writer.close()
+
+
+def _validate_written(path: Path, expected: dict[str, int]) -> None:
+    """Re-read the header we wrote (bounds-checked) and compare it with the plan."""
+    info = validate_gguf(path)
+    got = {t.name: t.n_bytes for t in info.tensors}
+    if got != expected:
+        raise InternalError(f"the written file {path} does not match what was planned",
+                            fix="report this as a bug")
