@@ -327,3 +327,33 @@ def _choose(rows: list[ModelFit]) -> ModelFit | None:
 
 def estimate_as_dict(estimate: MemoryEstimate) -> dict:
     return asdict(estimate)
+
+
+# --- measuring the real thing (calibration, tests, bench) ---
+
+_MEASURE_SCRIPT = """
+import sys
+from edge_lora.llama_backend import LlamaContext, LlamaModel
+path, ctx, n_batch, fill = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+model = LlamaModel(path)
+context = LlamaContext(model, n_ctx=ctx, n_batch=n_batch)
+n = ctx if fill else min(n_batch, ctx)
+tokens = [model.bos] + [1000 + i % 5000 for i in range(n - 1)]
+context.decode(tokens, 0, "last")
+# VmHWM, not ru_maxrss: ru_maxrss survives exec and reports a big parent's peak.
+status = open("/proc/self/status").read().split("VmHWM:")[1].split()
+print(int(status[0]) * 1024)
+"""
+
+
+def measure_peak_rss(gguf_path: Path | str, ctx: int, n_batch: int = 512, fill: bool = False) -> int:
+    """Peak RSS (bytes) of a fresh Python process that loads the file, creates a context and
+    decodes one batch (``fill``: the whole context). Linux only (/proc/self/status VmHWM)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _MEASURE_SCRIPT, str(gguf_path), str(ctx), str(n_batch),
+                          "1" if fill else "0"], capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise InputError(f"measuring {gguf_path} failed: {out.stderr.strip().splitlines()[-1:]}")
+    return int(out.stdout.strip().splitlines()[-1])

@@ -40,9 +40,14 @@ def _record_in_manifest(model: Path, ppl: float, kld: float | None) -> bool:
     if not (model.parent / "manifest.json").is_file():
         return False
     from converters.manifest import Manifest
+    from edge_lora.errors import InputError
 
     manifest = Manifest.load(model.parent)
-    manifest.record_quality(model, ppl=ppl, kld=kld)
+    try:
+        manifest.record_quality(model, ppl=ppl, kld=kld)
+    except InputError as exc:  # the measurement stands; only the bookkeeping is skipped
+        print(f"edge-lora: note: not recorded in manifest.json: {exc.one_line()}", file=sys.stderr)
+        return False
     manifest.save()
     return True
 
