@@ -142,6 +142,10 @@ class HFCheckpoint:
     def read(self, name: str, rows: slice | None = None) -> np.ndarray:
         return self._file_for(name).read(name, rows)
 
+    def release(self, name: str, rows: slice | None = None) -> None:
+        """See ``SafetensorsFile.release``: drop a copied row block's pages from RSS."""
+        self._file_for(name).release(name, rows)
+
     def close(self) -> None:
         for shard in self._shards.values():
             shard.close()

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 # Rows per block are chosen so a float32 block stays near this size: small enough that peak
 # RSS does not depend on the model, large enough that numpy overhead is negligible.
-BLOCK_ELEMENTS = 4 * 1024 * 1024
+BLOCK_ELEMENTS = 1024 * 1024
 
 OUTTYPES: dict[str, GGMLType] = {"f16": GGMLType.F16, "bf16": GGMLType.BF16, "f32": GGMLType.F32}
 # llama_ftype values for general.file_type (llama.h): ALL_F32 = 0, MOSTLY_F16 = 1, MOSTLY_BF16 = 32.
@@ -69,8 +69,11 @@ class _TensorSource:
     def read_f32(self, name: str, rows: slice) -> np.ndarray:
         if name in self.extras:
             return np.asarray(self.extras[name], dtype=np.float32)[rows].copy()
-        # astype copies: the mmap view is read-only and transforms may work in place.
-        return self.ckpt.read(name, rows).astype(np.float32, copy=True)
+        # astype copies: the mmap view is read-only and transforms may work in place. Once
+        # copied, the mapped pages are released so RSS stays at about one block.
+        block = self.ckpt.read(name, rows).astype(np.float32, copy=True)
+        self.ckpt.release(name, rows)
+        return block
 
 
 def _check_tensors(spec: ArchSpec, source: _TensorSource, ckpt: HFCheckpoint,
@@ -138,10 +141,10 @@ def convert_checkpoint(ckpt_dir: Path | str, out_path: Path | str, *, outtype: s
 
     with HFCheckpoint.open(ckpt_dir) as ckpt:
         spec = arch_spec_for(ckpt.config)
-        tokenizer = read_tokenizer(Path(ckpt_dir), ckpt.config)
         extras = dict(adapter.extra_tensors()) if adapter is not None else {}
         source = _TensorSource(ckpt, extras)
         ordered = _check_tensors(spec, source, ckpt, extras)
+        tokenizer = read_tokenizer(Path(ckpt_dir), ckpt.config)
         display_name = name or ckpt.name
 
         writer = StreamingGGUFWriter(spec.gguf_arch_name)

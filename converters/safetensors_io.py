@@ -188,6 +188,25 @@ class SafetensorsFile:
             return bf16_bits_to_f32(raw)
         return raw
 
+    def release(self, name: str, rows: slice | None = None) -> None:
+        """Drop the mmap pages of a row block already read (and copied) from this process's
+        resident set. Touched file pages otherwise count towards RSS until unmapped, so a
+        streaming pass over a 500 MB checkpoint would end with 500 MB resident. The kernel's
+        page cache keeps the data; only our mapping of it goes."""
+        info = self.info(name)
+        if self._mmap is None or not hasattr(self._mmap, "madvise") or info.n_elements == 0:
+            return
+        itemsize = STORED_DTYPES[info.dtype][1]
+        row_bytes = (info.n_elements // info.n_rows) * itemsize
+        start, stop, _ = (rows or slice(None)).indices(info.n_rows)
+        begin = self._data_start + info.begin + start * row_bytes
+        end = self._data_start + info.begin + max(start, stop) * row_bytes
+        page = mmap.PAGESIZE
+        # Whole pages strictly inside the block: never drop a neighbour's page that is in use.
+        first, last = -(-begin // page) * page, (end // page) * page
+        if last > first:
+            self._mmap.madvise(mmap.MADV_DONTNEED, first, last - first)
+
     def close(self) -> None:
         if self._mmap is not None:
             try:
