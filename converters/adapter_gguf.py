@@ -1,0 +1,86 @@
+"""PEFT LoRA -> GGUF LoRA adapter that llama.cpp hot-applies (``llama_adapter_lora_init``).
+
+Tensors are ``<base GGUF name>.lora_a`` [r, in] and ``.lora_b`` [out, r] (numpy order; GGUF ne
+is the reverse, so base.ne[0] == a.ne[0] and base.ne[1] == b.ne[1] as the loader requires),
+stored F32. llama.cpp scales every pair by alpha / r with r read from the tensor shape, which
+cannot express rsLoRA or rank/alpha patterns; so we write the config's lora_alpha and fold
+``scale · r / alpha`` into lora_b, making llama.cpp's product exactly PEFT's per-module scale
+(the factor is exactly 1 for a plain LoRA). lora_b also gets the base's row transforms
+(Llama q/k permutation), as the base weight did in conversion.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from converters.architectures import ArchSpec, arch_spec_for
+from converters.checkpoint import HFCheckpoint
+from converters.gguf_output import GGMLType, PlannedTensor, StreamingGGUFWriter
+from converters.peft import LoraDelta, PeftAdapter
+from edge_lora.atomic import ensure_writable_dir
+from edge_lora.errors import AdapterError, AdapterMismatchError
+from edge_lora.progress import NullProgress, ProgressSink
+
+MERGE_INSTEAD = "merge it with `edge-lora convert BASE --adapter PEFT` instead"
+
+
+def written_alpha(adapter: PeftAdapter) -> float:
+    """The adapter.lora.alpha we write: the config's alpha (0 would make llama.cpp skip scaling)."""
+    return adapter.config.lora_alpha if adapter.config.lora_alpha != 0 else 1.0
+
+
+def gguf_lora_pair(spec: ArchSpec, delta: LoraDelta, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """(lora_a, lora_b) as written: lora_b carries scale·r/alpha and the base's row transform."""
+    fold = np.float32(delta.scale * delta.rank / alpha)
+    lora_b = spec.transform_lora_b(delta.module, delta.lora_b * fold, spec.config)
+    return (np.ascontiguousarray(delta.lora_a, dtype=np.float32),
+            np.ascontiguousarray(lora_b, dtype=np.float32))
+
+
+def check_expressible(adapter: PeftAdapter) -> None:
+    """Refuse what a GGUF LoRA cannot carry (llama.cpp applies W·x + s·B(A·x) only)."""
+    if adapter.uses_dora:
+        raise AdapterError("DoRA cannot be expressed as a GGUF LoRA adapter", fix=MERGE_INSTEAD)
+    if adapter.replacements:
+        first = next(iter(adapter.replacements))
+        raise AdapterError(
+            f"adapter {adapter.name} replaces whole modules (modules_to_save: {first}), which a GGUF LoRA "
+            "adapter cannot express", fix=MERGE_INSTEAD)
+
+
+def convert_adapter_to_gguf(peft_dir: Path | str, base_ckpt_dir: Path | str, out_path: Path | str, *,
+                            progress: ProgressSink = NullProgress()) -> Path:
+    """Validate the adapter against the base checkpoint, then write the GGUF LoRA atomically."""
+    adapter = PeftAdapter.open(peft_dir)
+    check_expressible(adapter)
+    out_path = Path(out_path)
+    ensure_writable_dir(out_path.parent)
+    with HFCheckpoint.open(base_ckpt_dir) as ckpt:
+        adapter.check_fits(ckpt)
+        spec = arch_spec_for(ckpt.config)
+    alpha = written_alpha(adapter)
+
+    writer = StreamingGGUFWriter(spec.gguf_arch_name)
+    kv = writer.kv
+    kv.add_type(gguf.GGUFType.ADAPTER)
+    kv.add_name(f"adapter-{adapter.name}")
+    kv.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    kv.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
+    # Base order (the order llama.cpp lists the model's tensors), then anything left.
+    expected = list(spec.expected_shapes())
+    ordered = [n for n in expected if n in adapter.deltas] + [n for n in adapter.deltas if n not in expected]
+    for hf_name in ordered:
+        delta = adapter.deltas[hf_name]
+        gguf_name = spec.gguf_name(hf_name)
+        if gguf_name is None or hf_name not in expected:
+            raise AdapterMismatchError(
+                f"adapter {adapter.name} adapts {hf_name}, which has no tensor in the {spec.gguf_arch_name} GGUF",
+                fix=MERGE_INSTEAD)
+        lora_a, lora_b = gguf_lora_pair(spec, delta, alpha)
+        for suffix, array in ((".lora_a", lora_a), (".lora_b", lora_b)):
+            writer.add_tensor(PlannedTensor(name=gguf_name + suffix, shape=array.shape, ggml_type=GGMLType.F32,
+                                            blocks=lambda a=array: [a]))
+    return writer.write(out_path, progress)
