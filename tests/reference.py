@@ -1,0 +1,357 @@
+"""An independent numpy forward pass with Hugging Face transformers semantics, and a PEFT merge
+with PEFT semantics. Every correctness test compares the project's output against this.
+
+Deliberately shares no code with the project's converters: weights are read with
+`safetensors.numpy` (bf16, which numpy cannot name, is decoded here by bit shift), q/k stay in
+HF's unpermuted layout and RoPE uses HF's rotate_half convention, so a wrong permutation in the
+converter shows up as a logits mismatch. Arithmetic is float64 (reductions HF does in float32
+are at least as exact here), weights keep their stored values.
+
+Sources of the semantics: transformers' modeling_llama / modeling_mistral / modeling_qwen2 /
+modeling_qwen3 / modeling_gemma3, masking_utils (sliding window: kv > q - window),
+modeling_rope_utils (default, linear, llama3); PEFT's lora layer (scale alpha/r, rsLoRA
+alpha/sqrt(r), get_pattern_key), dora.py (norm per output row) and save_and_load.py (key names).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from safetensors.numpy import load_file
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _read_bf16_file(path: Path) -> dict[str, np.ndarray]:
+    """safetensors.numpy cannot return bfloat16 (numpy has no such dtype): parse the header
+    ourselves and widen bf16 to float32 exactly (bits << 16)."""
+    raw = path.read_bytes()
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + header_len])
+    base = 8 + header_len
+    np_types = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "<u2"}
+    out: dict[str, np.ndarray] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        values = np.frombuffer(raw, dtype=np_types[info["dtype"]], count=(end - start) // np.dtype(
+            np_types[info["dtype"]]).itemsize, offset=base + start)
+        if info["dtype"] == "BF16":
+            values = (values.astype(np.uint32) << 16).view(np.float32)
+        out[name] = values.reshape(info["shape"]).astype(np.float32)
+    return out
+
+
+def load_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """All tensors of one safetensors file as float32 numpy arrays."""
+    path = Path(path)
+    try:
+        tensors = load_file(str(path))
+    except TypeError:  # "data type 'bfloat16' not understood"
+        return _read_bf16_file(path)
+    return {name: np.asarray(values, dtype=np.float32) for name, values in tensors.items()}
+
+
+def load_checkpoint(ckpt_dir: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(config.json, all weights as float32) of an HF checkpoint, single file or sharded."""
+    ckpt_dir = Path(ckpt_dir)
+    config = json.loads((ckpt_dir / "config.json").read_text())
+    index = ckpt_dir / "model.safetensors.index.json"
+    weights: dict[str, np.ndarray] = {}
+    if index.exists():
+        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            weights.update(load_safetensors(ckpt_dir / shard))
+    else:
+        weights.update(load_safetensors(ckpt_dir / "model.safetensors"))
+    return config, weights
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def _round_to_dtype(value: float, torch_dtype: str | None) -> float:
+    """What `torch.tensor(value).to(dtype)` keeps (Gemma casts its sqrt(hidden) normalizer)."""
+    if torch_dtype in ("bfloat16", "torch.bfloat16"):
+        bits = int(np.array([value], dtype=np.float32).view(np.uint32)[0])
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        return float(np.array([bits << 16], dtype=np.uint32).view(np.float32)[0])
+    if torch_dtype in ("float16", "torch.float16"):
+        return float(np.float16(value))
+    return float(np.float32(value))
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, *, gemma: bool) -> np.ndarray:
+    """Llama: w * x / rms(x).  Gemma: (1 + w) * x / rms(x)."""
+    normed = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+    w = weight.astype(np.float64)
+    return normed * (1.0 + w if gemma else w)
+
+
+def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    """x @ W.T for W [out, in]; chunked over output rows so a 262k-row head stays in memory."""
+    n_out = weight.shape[0]
+    if n_out <= 32768:
+        y = x @ weight.astype(np.float64).T
+    else:
+        y = np.empty(x.shape[:-1] + (n_out,), dtype=np.float64)
+        for start in range(0, n_out, 16384):
+            y[..., start:start + 16384] = x @ weight[start:start + 16384].astype(np.float64).T
+    if bias is not None:
+        y = y + bias.astype(np.float64)
+    return y
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """gelu_pytorch_tanh."""
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def rope_inv_freq(head_dim: int, base: float, rope_scaling: Mapping[str, Any] | None) -> np.ndarray:
+    """modeling_rope_utils: default, linear (divide by factor) and llama3 (wavelength bands)."""
+    inv_freq = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    if not rope_scaling:
+        return inv_freq
+    kind = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / float(rope_scaling["factor"])
+    if kind == "llama3":
+        factor = float(rope_scaling["factor"])
+        low = float(rope_scaling["low_freq_factor"])
+        high = float(rope_scaling["high_freq_factor"])
+        old_ctx = float(rope_scaling["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return np.where(is_medium, smoothed, scaled)
+    raise ValueError(f"reference: unsupported rope_scaling {rope_scaling!r}")
+
+
+def apply_rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
+    """HF rotate_half RoPE on [T, heads, head_dim]: x*cos + rotate_half(x)*sin with the
+    frequencies repeated over both halves."""
+    freqs = positions[:, None].astype(np.float64) * inv_freq[None, :]
+    emb = np.concatenate([freqs, freqs], axis=-1)
+    cos, sin = np.cos(emb)[:, None, :], np.sin(emb)[:, None, :]
+    half = x.shape[-1] // 2
+    rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def attention_mask(n_tokens: int, sliding_window: int | None) -> np.ndarray:
+    """True where query i may see key j: causal, and within the window (i - j < window)."""
+    q = np.arange(n_tokens)[:, None]
+    k = np.arange(n_tokens)[None, :]
+    allowed = k <= q
+    if sliding_window is not None:
+        allowed &= k > q - sliding_window
+    return allowed
+
+
+# ----------------------------------------------------------------------------- architectures
+
+
+def _family(config: Mapping[str, Any]) -> str:
+    model_type = config.get("model_type", "")
+    if model_type in ("llama", "mistral", "qwen2", "qwen3"):
+        return model_type
+    if model_type in ("gemma3_text", "gemma3"):
+        return "gemma3"
+    raise ValueError(f"reference: unsupported model_type {model_type!r}")
+
+
+def layer_types(config: Mapping[str, Any]) -> list[str]:
+    n_layers = int(config["num_hidden_layers"])
+    if config.get("layer_types"):
+        return list(config["layer_types"])
+    family = _family(config)
+    if family == "gemma3":
+        pattern = int(config.get("sliding_window_pattern") or config.get("_sliding_window_pattern") or 6)
+        return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)]
+    if family == "mistral" and config.get("sliding_window"):
+        return ["sliding_attention"] * n_layers
+    if family in ("qwen2", "qwen3") and config.get("use_sliding_window") and config.get("sliding_window"):
+        max_window_layers = int(config.get("max_window_layers", n_layers))
+        return ["sliding_attention" if i >= max_window_layers else "full_attention" for i in range(n_layers)]
+    return ["full_attention"] * n_layers
+
+
+def reference_logits(config: dict, weights: dict[str, np.ndarray], token_ids: list[int]) -> np.ndarray:
+    """Logits [n_tokens, vocab] (float64) of a causal LM forward pass over `token_ids` at positions
+    0..n-1, with transformers' semantics for llama, mistral, qwen2, qwen3 and gemma3(_text)."""
+    family = _family(config)
+    gemma = family == "gemma3"
+    hidden = int(config["hidden_size"])
+    n_heads = int(config["num_attention_heads"])
+    n_kv = int(config.get("num_key_value_heads") or n_heads)
+    head_dim = int(config.get("head_dim") or hidden // n_heads)
+    eps = float(config.get("rms_norm_eps", 1e-6))
+    ids = np.asarray(token_ids, dtype=np.int64)
+    if ids.ndim != 1 or len(ids) == 0:
+        raise ValueError("token_ids must be a non-empty list of ints")
+    embed = weights["model.embed_tokens.weight"]
+    if ids.min() < 0 or ids.max() >= embed.shape[0]:
+        raise ValueError("token id outside the vocabulary")
+    n_tokens = len(ids)
+    positions = np.arange(n_tokens)
+
+    x = embed[ids].astype(np.float64)
+    if gemma:  # Gemma3TextScaledWordEmbedding: sqrt(hidden) cast to the weights' dtype
+        x = x * _round_to_dtype(math.sqrt(hidden), config.get("torch_dtype"))
+
+    if gemma:
+        scaling = float(config.get("query_pre_attn_scalar") or head_dim) ** -0.5
+    else:
+        scaling = head_dim ** -0.5
+    softcap = config.get("attn_logit_softcapping") if gemma else None
+    rope_scaling = config.get("rope_scaling")
+    global_inv_freq = rope_inv_freq(head_dim, float(config.get("rope_theta", 10000.0)), rope_scaling)
+    local_inv_freq = (rope_inv_freq(head_dim, float(config.get("rope_local_base_freq", 10000.0)), None)
+                      if gemma else global_inv_freq)
+    window = config.get("sliding_window")
+    types = layer_types(config)
+    masks = {"full_attention": attention_mask(n_tokens, None),
+             "sliding_attention": attention_mask(n_tokens, int(window) if window else None)}
+    group = n_heads // n_kv
+
+    for i in range(int(config["num_hidden_layers"])):
+        p = f"model.layers.{i}."
+        sliding = types[i] == "sliding_attention"
+        inv_freq = local_inv_freq if sliding else global_inv_freq
+
+        residual = x
+        h = rms_norm(x, weights[p + "input_layernorm.weight"], eps, gemma=gemma)
+        q = linear(h, weights[p + "self_attn.q_proj.weight"], weights.get(p + "self_attn.q_proj.bias"))
+        k = linear(h, weights[p + "self_attn.k_proj.weight"], weights.get(p + "self_attn.k_proj.bias"))
+        v = linear(h, weights[p + "self_attn.v_proj.weight"], weights.get(p + "self_attn.v_proj.bias"))
+        q = q.reshape(n_tokens, n_heads, head_dim)
+        k = k.reshape(n_tokens, n_kv, head_dim)
+        v = v.reshape(n_tokens, n_kv, head_dim)
+        if p + "self_attn.q_norm.weight" in weights:  # qwen3, gemma3: per-head RMSNorm before RoPE
+            q = rms_norm(q, weights[p + "self_attn.q_norm.weight"], eps, gemma=gemma)
+            k = rms_norm(k, weights[p + "self_attn.k_norm.weight"], eps, gemma=gemma)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        k = np.repeat(k, group, axis=1)  # GQA: query head j reads KV head j // group
+        v = np.repeat(v, group, axis=1)
+        scores = np.einsum("qhd,khd->hqk", q, k) * scaling
+        if softcap:
+            scores = np.tanh(scores / softcap) * softcap
+        scores = np.where(masks[types[i]][None], scores, -np.inf)
+        scores -= scores.max(axis=-1, keepdims=True)
+        probs = np.exp(scores)
+        probs /= probs.sum(axis=-1, keepdims=True)
+        attn = np.einsum("hqk,khd->qhd", probs, v).reshape(n_tokens, n_heads * head_dim)
+        attn = linear(attn, weights[p + "self_attn.o_proj.weight"], weights.get(p + "self_attn.o_proj.bias"))
+        if gemma:
+            attn = rms_norm(attn, weights[p + "post_attention_layernorm.weight"], eps, gemma=True)
+        x = residual + attn
+
+        residual = x
+        norm_name = "pre_feedforward_layernorm" if gemma else "post_attention_layernorm"
+        h = rms_norm(x, weights[p + norm_name + ".weight"], eps, gemma=gemma)
+        gate = linear(h, weights[p + "mlp.gate_proj.weight"])
+        up = linear(h, weights[p + "mlp.up_proj.weight"])
+        act = gelu_tanh(gate) if gemma else silu(gate)
+        mlp = linear(act * up, weights[p + "mlp.down_proj.weight"])
+        if gemma:
+            mlp = rms_norm(mlp, weights[p + "post_feedforward_layernorm.weight"], eps, gemma=True)
+        x = residual + mlp
+
+    x = rms_norm(x, weights["model.norm.weight"], eps, gemma=gemma)
+    head = weights.get("lm_head.weight")
+    if head is None:
+        if config.get("tie_word_embeddings") is False:
+            raise ValueError("untied model without lm_head.weight")
+        head = embed
+    logits = linear(x, head)
+    final_cap = config.get("final_logit_softcapping")
+    if final_cap:
+        logits = np.tanh(logits / final_cap) * final_cap
+    return logits
+
+
+# ----------------------------------------------------------------------------- PEFT
+
+
+def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+    """PEFT's get_pattern_key: the first pattern key K with re.match(rf"(.*\\.)?({K})$", module)."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return patterns[key]
+    return default
+
+
+def lora_scale(adapter_config: Mapping[str, Any], module: str, rank: int) -> float:
+    """alpha / r, or alpha / sqrt(r) with use_rslora; alpha from alpha_pattern if a key matches.
+    `rank` is the module's actual rank (rank_pattern already decided it: the tensor shape)."""
+    alpha = float(_pattern_value(adapter_config.get("alpha_pattern") or {}, module,
+                                 adapter_config.get("lora_alpha", 8)))
+    return alpha / math.sqrt(rank) if adapter_config.get("use_rslora") else alpha / rank
+
+
+def lora_delta(adapter_config: Mapping[str, Any], module: str, lora_a: np.ndarray,
+               lora_b: np.ndarray) -> np.ndarray:
+    """scale * B @ A in [out, in] orientation (lora_A is [r, in] and lora_B [out, r] even for
+    fan_in_fan_out modules; only the base weight is stored transposed there)."""
+    return lora_scale(adapter_config, module, lora_a.shape[0]) * (
+        lora_b.astype(np.float64) @ lora_a.astype(np.float64))
+
+
+def apply_peft(weights: dict[str, np.ndarray], adapter_dir: Path,
+               config: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
+    """Return a copy of `weights` with a PEFT LoRA adapter merged as PEFT's merge_and_unload does.
+
+    W' = W + s * B @ A; DoRA: W' = m / ||W + s*B@A||_row * (W + s*B@A) with the norm per output
+    row (dora.py get_weight_norm: norm over dim=1 of [out, in]); modules_to_save tensors replace
+    the base weights outright."""
+    adapter_dir = Path(adapter_dir)
+    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    if adapter_config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"reference: unsupported peft_type {adapter_config.get('peft_type')!r}")
+    tensors = load_safetensors(adapter_dir / "adapter_model.safetensors")
+    merged = dict(weights)
+    prefix = "base_model.model."
+    modules = sorted({name[len(prefix):-len(".lora_A.weight")] for name in tensors
+                      if name.startswith(prefix) and name.endswith(".lora_A.weight")})
+    used: set[str] = set()
+    for module in modules:
+        key = prefix + module
+        a, b = tensors[key + ".lora_A.weight"], tensors[key + ".lora_B.weight"]
+        used.update({key + ".lora_A.weight", key + ".lora_B.weight"})
+        weight_name = module + ".weight"
+        if weight_name not in merged:
+            raise KeyError(f"adapter targets {weight_name}, which the base does not have")
+        base = merged[weight_name].astype(np.float64)
+        base_oi = base.T if adapter_config.get("fan_in_fan_out") else base
+        combined = base_oi + lora_delta(adapter_config, module, a, b)
+        magnitude = tensors.get(key + ".lora_magnitude_vector")
+        if magnitude is not None:
+            used.add(key + ".lora_magnitude_vector")
+            row_norm = np.linalg.norm(combined, axis=1)
+            combined = (magnitude.astype(np.float64) / row_norm)[:, None] * combined
+        elif adapter_config.get("use_dora"):
+            raise KeyError(f"use_dora is set but {key}.lora_magnitude_vector is missing")
+        new = combined.T if adapter_config.get("fan_in_fan_out") else combined
+        merged[weight_name] = new.astype(np.float32)
+    # modules_to_save: full trained weights saved as base_model.model.<module>.<param>
+    for name, values in tensors.items():
+        if name in used or not name.startswith(prefix) or "lora_" in name:
+            continue
+        merged[name[len(prefix):]] = values.astype(np.float32)
+    return merged
