@@ -1,0 +1,95 @@
+"""``edge-lora convert`` orchestration: F16 (merged when an adapter is given), the GGUF LoRA
+adapter, the quantization ladder and manifest.json.
+
+Layout (DESIGN.md "Output directory"), with an adapter:
+
+- ``<base>-<adapter>-F16.gguf`` and its quants: the merged model (kind ``merged``);
+- ``adapter-<adapter>.gguf``: the same adapter as a GGUF LoRA (kind ``adapter``), for hot-apply
+  on quants of the plain base — convert the base without ``--adapter`` (same or another
+  directory) to get those; it is not written here, so one directory holds one model per format.
+
+Without an adapter: ``<base>-F16.gguf`` and its quants (kind ``model``). Everything is validated
+(adapter against the base, quant names, outtype) before the first byte is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from converters.adapter_gguf import check_expressible, convert_adapter_to_gguf
+from converters.checkpoint import HFCheckpoint
+from converters.convert import FORMAT_LABELS, OUTTYPES, convert_checkpoint, model_name_for, output_file_name
+from converters.manifest import Manifest
+from converters.quantize import QuantResult, parse_quant_list, quantize_ladder, record_in_manifest
+from edge_lora.atomic import ensure_writable_dir
+from edge_lora.errors import EdgeLoraError, InputError, QuantizeError
+from edge_lora.progress import NullProgress, ProgressSink
+
+
+class PartialConversionError(QuantizeError):
+    """Some quant formats failed; the others (and the manifest) were written."""
+
+    def __init__(self, message: str, *, fix: str | None = None, manifest: Manifest, failed: list[QuantResult]) -> None:
+        super().__init__(message, fix=fix)
+        self.manifest = manifest
+        self.failed = failed
+
+
+def convert_model(base: str | Path, out_dir: str | Path, *, adapter: str | Path | None = None,
+                  quants: str | Iterable[str] = "all", outtype: str = "f16",
+                  progress: ProgressSink = NullProgress()) -> Manifest:
+    from converters.architectures import arch_spec_for
+    from converters.merge import PeftMerger
+    from converters.peft import PeftAdapter
+    from edge_lora.hub import resolve_local_or_hub
+
+    if outtype not in OUTTYPES:
+        raise InputError(f"unknown outtype {outtype!r}", fix=f"use one of {', '.join(OUTTYPES)}")
+    names = parse_quant_list(quants)
+    out_dir = Path(out_dir)
+    base_ref = str(base)
+    ckpt_dir = resolve_local_or_hub(base_ref, "model")
+    name = model_name_for(base_ref, ckpt_dir)
+    peft: PeftAdapter | None = None
+    adapter_name: str | None = None
+    adapter_dir: Path | None = None
+    with HFCheckpoint.open(ckpt_dir) as ckpt:
+        architecture = arch_spec_for(ckpt.config).gguf_arch_name
+        if adapter is not None:
+            adapter_dir = resolve_local_or_hub(str(adapter), "adapter")
+            peft = PeftAdapter.open(adapter_dir)
+            peft.check_fits(ckpt)
+            adapter_name = model_name_for(str(adapter), adapter_dir)
+            name = f"{name}-{adapter_name}"
+    ensure_writable_dir(out_dir)
+
+    full_path = convert_checkpoint(ckpt_dir, out_dir / output_file_name(name, outtype), outtype=outtype,
+                                   adapter=PeftMerger(peft) if peft is not None else None, name=name,
+                                   progress=progress)
+    manifest = Manifest.load(out_dir)
+    manifest.name, manifest.architecture, manifest.base = name, architecture, base_ref
+    manifest.adapter = str(adapter) if adapter is not None else None
+    manifest.add_file(full_path.name, format=FORMAT_LABELS[outtype], kind="merged" if peft else "model")
+    if peft is not None and adapter_name is not None and adapter_dir is not None:
+        try:
+            check_expressible(peft)
+        except EdgeLoraError:
+            pass  # DoRA / modules_to_save: only the merged model can carry it
+        else:
+            adapter_path = convert_adapter_to_gguf(adapter_dir, ckpt_dir, out_dir / f"adapter-{adapter_name}.gguf",
+                                                   progress=progress)
+            manifest.add_file(adapter_path.name, format="F32", kind="adapter")
+    manifest.save()
+
+    if names:
+        results = quantize_ladder(full_path, out_dir, names, progress=progress)
+        record_in_manifest(out_dir, full_path, results)
+        manifest = Manifest.load(out_dir)
+        failed = [r for r in results if not r.ok]
+        if failed:
+            raise PartialConversionError(
+                f"{len(failed)} of {len(results)} formats failed: {failed[0].error}",
+                fix="the other files were written; re-run with --quant for the failed ones",
+                manifest=manifest, failed=failed)
+    return manifest
