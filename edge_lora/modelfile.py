@@ -10,6 +10,7 @@ checked before it is quoted.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,8 +58,9 @@ def _quote_path(path_text: str) -> str:
 
 def modelfile_path_text(target: Path, modelfile_dir: Path | None) -> str:
     """``./name`` when ``target`` is directly inside ``modelfile_dir``, else the absolute path."""
-    target = target.resolve()
-    if modelfile_dir is not None and target.parent == Path(modelfile_dir).resolve():
+    # absolute(), not resolve(): a symlink placed beside the Modelfile stays a relative FROM.
+    target = Path(os.path.abspath(target))
+    if modelfile_dir is not None and target.parent == Path(os.path.abspath(modelfile_dir)):
         return _quote_path(f"./{target.name}")
     return _quote_path(str(target))
 
