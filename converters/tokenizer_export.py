@@ -97,8 +97,7 @@ def _looks_special(token: str) -> bool:
     # Same heuristic as llama.cpp's converter (does_token_look_special).
     return (token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
             or (token.startswith("<|") and token.endswith("|>"))
-            or (token.startswith("<\uff5c") and token.endswith("\uff5c>"))
-            or token.startswith("<start_of_") or token.startswith("<end_of_"))
+            or (token.startswith("<\uff5c") and token.endswith("\uff5c>")))
 
 
 @dataclass

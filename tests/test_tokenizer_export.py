@@ -1,0 +1,234 @@
+"""Tokenizer export: llama.cpp, loading our GGUF, must tokenize exactly as the HF tokenizer."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import gguf
+import pytest
+from tokenizers import Tokenizer
+
+from converters.convert import convert_checkpoint
+from converters.sentencepiece_model import (ModelType, Piece, PieceType, SentencePieceModel, parse_model,
+                                            read_model, serialize_model)
+from converters.tokenizer_export import add_tokenizer, read_tokenizer
+from edge_lora.errors import InvalidCheckpointError
+from model_fixtures import make_checkpoint
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+TEXTS = [
+    "Hello world",
+    "The Licensor grants You a perpetual, worldwide license.",
+    "café naïve résumé é",
+    "日本語のテキスト",
+    "emoji 🙂🚀 mixed",
+    "a    b     c",
+    "   leading and trailing   ",
+    "line one\nline two\n\nline four",
+    "tab\tseparated\t\tvalues",
+    "digits 123456 and 7 and 3.14159",
+    "it's they're we've I'm you'll he'd",
+    "",
+]
+
+# (arch, tokenizer kind) -> the four tokenizer families the fixtures build
+KINDS = [("llama", "spm"), ("gemma3", "spm"), ("llama", "bpe"), ("qwen2", "bpe")]
+SPECIAL_TEXTS = {
+    ("llama", "spm"): "<s>Hello</s> world",
+    ("gemma3", "spm"): "<start_of_turn>user\nHi there<end_of_turn>\n<start_of_turn>model\n",
+    ("llama", "bpe"): "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>",
+    ("qwen2", "bpe"): "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
+}
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], tuple[Path, Path]]:
+    out: dict[tuple[str, str], tuple[Path, Path]] = {}
+    for arch, kind in KINDS:
+        base = tmp_path_factory.mktemp(f"{arch}-{kind}")
+        ckpt = make_checkpoint(arch, base / "ckpt", tokenizer=kind, n_layers=1)
+        out[(arch, kind)] = (ckpt, convert_checkpoint(ckpt, base / "model-F16.gguf"))
+    return out
+
+
+def _llama(path: Path) -> object:
+    return llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+
+
+@pytest.mark.parametrize("key", KINDS, ids=[f"{a}-{k}" for a, k in KINDS])
+def test_llama_cpp_tokenizes_like_hf(converted: dict, key: tuple[str, str]) -> None:
+    ckpt, gguf_path = converted[key]
+    hf = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    llm = _llama(gguf_path)
+    for text in [*TEXTS, SPECIAL_TEXTS[key]]:
+        expected = hf.encode(text, add_special_tokens=True).ids
+        got = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+        assert got == expected, f"{key} {text!r}"
+        expected_plain = hf.encode(text, add_special_tokens=False).ids
+        assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) == expected_plain, f"{key} {text!r}"
+
+
+@pytest.mark.parametrize("key", KINDS, ids=[f"{a}-{k}" for a, k in KINDS])
+def test_metadata_matches_tokenizer_files(converted: dict, key: tuple[str, str]) -> None:
+    ckpt, gguf_path = converted[key]
+    reader = gguf.GGUFReader(gguf_path)
+    fields = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+    tc = json.loads((ckpt / "tokenizer_config.json").read_text())
+    hf = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    assert fields["tokenizer.ggml.model"] == ("gpt2" if key[1] == "bpe" else "llama")
+    tokens = fields["tokenizer.ggml.tokens"]
+    assert len(tokens) == json.loads((ckpt / "config.json").read_text())["vocab_size"]
+    types = fields["tokenizer.ggml.token_type"]
+    for token_id, entry in tc["added_tokens_decoder"].items():
+        assert tokens[int(token_id)] == entry["content"]
+        assert types[int(token_id)] == (gguf.TokenType.CONTROL if entry["special"] else gguf.TokenType.USER_DEFINED)
+    if tc.get("eos_token"):
+        assert fields["tokenizer.ggml.eos_token_id"] == hf.token_to_id(tc["eos_token"])
+    if tc.get("bos_token"):
+        assert fields["tokenizer.ggml.bos_token_id"] == hf.token_to_id(tc["bos_token"])
+    assert fields["tokenizer.ggml.add_bos_token"] == tc["add_bos_token"]
+    assert fields["tokenizer.chat_template"] == tc["chat_template"]
+    if key[1] == "spm":
+        assert all(types[hf.token_to_id(f"<0x{b:02X}>")] == gguf.TokenType.BYTE for b in range(256))
+        assert fields["tokenizer.ggml.add_space_prefix"] == (key[0] == "llama")
+    else:
+        assert fields["tokenizer.ggml.pre"] == {"llama": "llama-bpe", "qwen2": "qwen2"}[key[0]]
+        merges = json.loads((ckpt / "tokenizer.json").read_text())["model"]["merges"]
+        assert fields["tokenizer.ggml.merges"] == [m if isinstance(m, str) else " ".join(m) for m in merges]
+
+
+def test_bpe_spm_scores_follow_merge_rank(converted: dict) -> None:
+    ckpt, gguf_path = converted[("llama", "spm")]
+    model = json.loads((ckpt / "tokenizer.json").read_text())["model"]
+    reader = gguf.GGUFReader(gguf_path)
+    scores = reader.fields["tokenizer.ggml.scores"].contents()
+    first = model["merges"][0]
+    merged = (first if isinstance(first, str) else " ".join(first)).replace(" ", "")
+    assert scores[model["vocab"][merged]] == 0.0  # rank 0 merge -> the highest score
+    last = model["merges"][-1]
+    merged_last = (last if isinstance(last, str) else " ".join(last)).replace(" ", "")
+    assert scores[model["vocab"][merged_last]] < scores[model["vocab"][merged]]
+
+
+@pytest.mark.parametrize("kind", ["bpe", "spm"])
+def test_resized_vocabulary_with_extra_added_tokens(tmp_path: Path, kind: str) -> None:
+    ckpt = make_checkpoint("llama", tmp_path / "ckpt", tokenizer=kind, n_layers=1)
+    tj = json.loads((ckpt / "tokenizer.json").read_text())
+    base_size = 1 + max(max(tj["model"]["vocab"].values()), max(t["id"] for t in tj["added_tokens"]))
+    extra = [("<|tool_call|>", True), ("legalese", False)]
+    for offset, (content, special) in enumerate(extra):
+        tj["added_tokens"].append({"id": base_size + offset, "content": content, "single_word": False,
+                                   "lstrip": False, "rstrip": False, "normalized": not special, "special": special})
+    (ckpt / "tokenizer.json").write_text(json.dumps(tj))
+    config = json.loads((ckpt / "config.json").read_text())
+    # Embeddings resized past the tokenizer (padded to a multiple), as training scripts do.
+    new_vocab = base_size + 8
+    config["vocab_size"] = new_vocab
+    (ckpt / "config.json").write_text(json.dumps(config))
+    spec = read_tokenizer(ckpt, config)
+    assert len(spec.tokens) == new_vocab
+    assert spec.tokens[base_size] == "<|tool_call|>" and spec.token_types[base_size] == gguf.TokenType.CONTROL
+    assert spec.tokens[base_size + 1] == "legalese" and spec.token_types[base_size + 1] == gguf.TokenType.USER_DEFINED
+    assert spec.token_types[base_size + 2:] == [gguf.TokenType.UNUSED] * 6
+    # The whole vocabulary is also what llama.cpp sees (writer-level check, no weights needed).
+    writer = gguf.GGUFWriter(tmp_path / "vocab.gguf", "llama")
+    add_tokenizer(writer, spec)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    reader = gguf.GGUFReader(tmp_path / "vocab.gguf")
+    assert reader.fields["tokenizer.ggml.tokens"].contents() == spec.tokens
+
+
+def test_unknown_pre_tokenizer_regex_is_refused(tmp_path: Path) -> None:
+    ckpt = make_checkpoint("llama", tmp_path / "ckpt", tokenizer="bpe", n_layers=1)
+    tj = json.loads((ckpt / "tokenizer.json").read_text())
+    tj["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\p{L}+|\s+|[0-9]{1,2}"
+    (ckpt / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(InvalidCheckpointError, match=r"unknown pre-tokenizer regex .*\[0-9\]\{1,2\}") as err:
+        read_tokenizer(ckpt, json.loads((ckpt / "config.json").read_text()))
+    assert err.value.fix and "llama-bpe" in err.value.fix
+
+
+def test_missing_tokenizer(tmp_path: Path) -> None:
+    ckpt = make_checkpoint("llama", tmp_path / "ckpt", n_layers=1)
+    (ckpt / "tokenizer.json").unlink()
+    with pytest.raises(InvalidCheckpointError, match="no tokenizer.json or tokenizer.model in"):
+        read_tokenizer(ckpt, {})
+
+
+def test_malformed_tokenizer_json(tmp_path: Path) -> None:
+    ckpt = make_checkpoint("llama", tmp_path / "ckpt", n_layers=1)
+    (ckpt / "tokenizer.json").write_text('{"model": ')
+    with pytest.raises(InvalidCheckpointError, match="not valid JSON"):
+        read_tokenizer(ckpt, {})
+
+
+# --- tokenizer.model (SentencePiece protobuf) --------------------------------------------------------
+
+def _sample_model() -> SentencePieceModel:
+    pieces = [Piece("<unk>", 0.0, PieceType.UNKNOWN), Piece("<s>", 0.0, PieceType.CONTROL),
+              Piece("</s>", 0.0, PieceType.CONTROL)]
+    pieces += [Piece(f"<0x{b:02X}>", 0.0, PieceType.BYTE) for b in range(256)]
+    pieces += [Piece(p, -float(i), PieceType.NORMAL) for i, p in enumerate(["▁", "e", "t", "▁t", "he", "▁the", "é", "日"])]
+    return SentencePieceModel(pieces=pieces, model_type=ModelType.BPE, byte_fallback=True, unk_id=0, bos_id=1,
+                              eos_id=2, pad_id=-1, add_dummy_prefix=True, remove_extra_whitespaces=False)
+
+
+def test_sentencepiece_round_trip() -> None:
+    model = _sample_model()
+    parsed = parse_model(serialize_model(model))
+    assert parsed == model
+
+
+def test_sentencepiece_model_drives_llama_cpp(tmp_path: Path) -> None:
+    """A checkpoint with only tokenizer.model: llama.cpp must segment with its scores."""
+    ckpt = make_checkpoint("llama", tmp_path / "ckpt", tokenizer="spm", n_layers=1)
+    (ckpt / "tokenizer.json").unlink()
+    (ckpt / "tokenizer.model").write_bytes(serialize_model(_sample_model()))
+    config = json.loads((ckpt / "config.json").read_text())
+    spec = read_tokenizer(ckpt, config)
+    assert spec.add_space_prefix is True and spec.unk_id == 0 and spec.bos_id == 1
+    writer = gguf.GGUFWriter(tmp_path / "vocab.gguf", "llama")
+    writer.add_context_length(64)
+    writer.add_embedding_length(8)
+    writer.add_block_count(1)
+    writer.add_feed_forward_length(16)
+    writer.add_head_count(1)
+    writer.add_layer_norm_rms_eps(1e-5)
+    add_tokenizer(writer, spec)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    llm = _llama(tmp_path / "vocab.gguf")
+    the = spec.tokens.index("▁the")
+    assert llm.tokenize(b"the", add_bos=True, special=False) == [1, the]
+    # "é" is a piece; "ü" is not and falls back to its UTF-8 bytes.
+    assert llm.tokenize("é".encode(), add_bos=False)[-1] == spec.tokens.index("é")
+    assert llm.tokenize("ü".encode(), add_bos=False)[-2:] == [3 + 0xC3, 3 + 0xBC]
+
+
+@pytest.mark.parametrize("blob, message", [
+    (b"\x0a\xff\xff\xff\xff\x0f", "declares"),                  # piece length beyond the file
+    (b"\x0a\x80", "truncated varint"),
+    (b"\x0b\x00", "unsupported wire type"),                     # group wire type
+    (b"\x0a\x02\x18\x63", "unknown piece type"),            # type 99
+    (b"", "no pieces"),
+    (b"\x0a\x02\x0a\x00\x12\x03\xc0\x02\x02", "outside the vocabulary"),  # unk_id 2 with one piece
+])
+def test_sentencepiece_rejects_malformed(tmp_path: Path, blob: bytes, message: str) -> None:
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(blob)
+    with pytest.raises(InvalidCheckpointError, match=message):
+        read_model(path)
+
+
+def test_sentencepiece_negative_ids_and_float_scores() -> None:
+    model = _sample_model()
+    model.pieces[3].score = -12.5
+    raw = serialize_model(model)
+    assert struct.pack("<f", -12.5) in raw
+    assert parse_model(raw).pad_id == -1
