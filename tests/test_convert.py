@@ -262,15 +262,26 @@ def test_peak_rss_does_not_grow_with_model_size(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_real_gemma3_270m_conversion(gemma_f16_gguf: Path, gemma_q4_gguf: Path) -> None:
-    """Our F16 of the (dequantized) Gemma 3 270M reproduces the original Q4_K_M model's
-    predictions: the same network, only the storage precision differs."""
+    """Our F16 of the HF-layout Gemma 3 270M (rebuilt from the Q4_K_M GGUF, stored as bf16)
+    holds the original model's weights under the original names and metadata, and
+    llama.cpp predicts the same tokens with it."""
     info = validate_gguf(gemma_f16_gguf)
     original = validate_gguf(gemma_q4_gguf)
-    assert {t.name for t in info.tensors} == {t.name for t in original.tensors}
     assert {t.name: t.shape for t in info.tensors} == {t.name: t.shape for t in original.tensors}
     for key in ("gemma3.attention.sliding_window", "gemma3.rope.freq_base", "gemma3.context_length",
-                "gemma3.attention.head_count_kv", "gemma3.attention.key_length", "tokenizer.ggml.bos_token_id"):
+                "gemma3.embedding_length", "gemma3.feed_forward_length", "gemma3.block_count",
+                "gemma3.attention.head_count", "gemma3.attention.head_count_kv", "gemma3.attention.key_length",
+                "gemma3.attention.layer_norm_rms_epsilon", "tokenizer.ggml.bos_token_id"):
         assert info.metadata[key] == original.metadata[key], key
+    ours = {t.name: t for t in gguf.GGUFReader(gemma_f16_gguf).tensors}
+    # Weights: the dequantized original, up to the bf16 rounding of the HF checkpoint (2^-8
+    # relative). Two whole layers and the final norm (dequantizing all 236 takes ~45 s).
+    for t in gguf.GGUFReader(gemma_q4_gguf).tensors:
+        if not t.name.startswith(("blk.0.", "blk.17.", "output_norm")):
+            continue
+        ref = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        got = np.array(ours[t.name].data, dtype=np.float32).reshape(ref.shape)
+        assert np.abs(got - ref).max() <= 0.005 * np.abs(ref).max(), t.name
     import llama_cpp
 
     text = Path("/usr/share/common-licenses/Apache-2.0").read_text()[:600]
@@ -282,6 +293,11 @@ def test_real_gemma3_270m_conversion(gemma_f16_gguf: Path, gemma_q4_gguf: Path) 
         logits.append(np.array(llm.scores[: len(tokens)]))
         llm.close()
     f16, q4 = logits
+    # The runs differ in compute precision: Q4_K_M runs its matmuls on 8-bit activations.
+    # Measured: F32 from exact dequantized weights vs Q4_K_M gives the same 94.5% / 0.034 as
+    # our F16 does, while our F16 vs that F32 agrees 98.4% / 0.003. A wrong tensor or key
+    # would drop agreement far below these bounds.
     agreement = float((f16.argmax(-1) == q4.argmax(-1)).mean())
-    assert agreement > 0.95, agreement
-    assert np.abs(f16 - q4).max() / q4.std() < 0.1
+    rel = float(np.median(np.abs(f16 - q4)) / q4.std())
+    print(f"top-1 agreement {agreement:.3f}, median |diff|/std {rel:.4f}")
+    assert agreement >= 0.9 and rel < 0.05
