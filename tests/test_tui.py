@@ -1,0 +1,292 @@
+"""Textual TUI: formats table and fit verdicts, context control, perplexity worker, chat with
+hot-swapped adapters, modals, welcome screen, snapshots at 80x24 and 160x50."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from textual.widgets import Input, RadioButton, Select
+
+from tui_fakes import (GB, FakeRuntime, ScriptedFit, ScriptedPpl, fake_services, fixed_hardware,
+                             write_fixture_dir)
+from tui.app import make_app
+from tui.screens.chat_screen import ChatScreen
+from tui.screens.main_screen import MainScreen
+from tui.widgets.formats_table import FormatsTable
+from tui.widgets.size_kld_chart import SizeKldChart, bar
+
+
+pytestmark = pytest.mark.anyio  # async tests run on anyio's pytest plugin (anyio ships with starlette/httpx)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    return write_fixture_dir(tmp_path)
+
+
+async def settle(pilot) -> None:  # type: ignore[no-untyped-def]
+    """Let thread workers finish and their call_from_thread callbacks land."""
+    for _ in range(3):
+        await pilot.app.workers.wait_for_complete()
+        await pilot.pause()
+
+
+def table_rows(app) -> dict[str, list[str]]:  # type: ignore[no-untyped-def]
+    table = app.screen.query_one(FormatsTable)
+    rows = {}
+    for row_key in table.rows:
+        cells = table.row_text(Path(row_key.value))
+        rows[cells[1]] = cells
+    return rows
+
+
+async def test_table_lists_every_format_with_verdicts_for_mocked_ram(model_dir: Path) -> None:
+    app = make_app(model_dir, ctx=4096, refresh_seconds=0, **fake_services())
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(pilot)
+        rows = table_rows(app)
+        assert set(rows) == {"F16", "Q8_0", "Q4_K_M", "Q2_K"}  # the adapter file is not a format row
+        # 1 GB available, 409.6 MB of KV at 4K: F16 949.6 MB is over 80% of free RAM -> tight.
+        assert {k: r[5] for k, r in rows.items()} == {"F16": "tight", "Q8_0": "fits", "Q4_K_M": "fits", "Q2_K": "fits"}
+        assert rows["F16"][0] == "★" and all(r[0] == "" for k, r in rows.items() if k != "F16")
+        assert rows["Q4_K_M"][4] == "660 MB"  # 250 MB + 4096 * 100 kB
+        assert rows["Q4_K_M"][3] == "4.89"
+        table = app.screen.query_one(FormatsTable)
+        assert table.ordered_columns[4].label.plain == "RAM@4K"
+
+
+async def test_changing_context_changes_verdicts(model_dir: Path) -> None:
+    fit = ScriptedFit()
+    app = make_app(model_dir, ctx=4096, refresh_seconds=0, **fake_services(fit_fn=fit))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(pilot)
+        await pilot.press("plus")  # 4K -> 8K: 819.2 MB of KV
+        await settle(pilot)
+        assert app.screen.ctx == 8192
+        assert app.screen.query_one("#ctx", Select).value == 8192
+        rows = table_rows(app)
+        assert {k: r[5] for k, r in rows.items()} == {"F16": "no", "Q8_0": "no", "Q4_K_M": "no", "Q2_K": "tight"}
+        assert rows["Q2_K"][0] == "★"
+        assert fit.calls[-1] == (8192, 1 * GB)
+        await pilot.press("minus", "minus")  # 8K -> 2K
+        await settle(pilot)
+        assert {k: r[5] for k, r in table_rows(app).items()} == {
+            "F16": "fits", "Q8_0": "fits", "Q4_K_M": "fits", "Q2_K": "fits"}
+
+
+async def test_less_free_ram_turns_verdicts_red(model_dir: Path) -> None:
+    app = make_app(model_dir, ctx=4096, refresh_seconds=0,
+                   **fake_services(hardware_provider=lambda: fixed_hardware(available=680_000_000)))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(pilot)
+        verdicts = {k: r[5] for k, r in table_rows(app).items()}
+        assert verdicts == {"F16": "no", "Q8_0": "no", "Q4_K_M": "tight", "Q2_K": "tight"}
+
+
+async def test_perplexity_selected_row_then_all(model_dir: Path) -> None:
+    ppl = ScriptedPpl()
+    recorded: list[tuple[Path, float, float | None]] = []
+    app = make_app(model_dir, ctx=4096, refresh_seconds=0,
+                   **fake_services(ppl_fn=ppl, record_quality=lambda d, m, r: recorded.append((m, r.ppl, r.kld))))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(pilot)
+        table = app.screen.query_one(FormatsTable)
+        table.move_cursor(row=table.get_row_index(str(model_dir / "tiny-model-Q4_K_M.gguf")))
+        await pilot.press("p")
+        await settle(pilot)
+        rows = table_rows(app)
+        assert rows["Q4_K_M"][6] == f"{9.0 + 8.0 / 4.89:.3f}"
+        assert rows["Q4_K_M"][7] == f"{round(0.5 / 4.89, 4):.4f}"  # KLD against the F16 file
+        assert rows["Q8_0"][6] == "–"
+        assert ppl.calls == [(model_dir / "tiny-model-Q4_K_M.gguf", 512, model_dir / "tiny-model-F16.gguf")]
+        assert recorded[0][0] == model_dir / "tiny-model-Q4_K_M.gguf"
+        await pilot.press("P")
+        await settle(pilot)
+        rows = table_rows(app)
+        assert all(r[6] != "–" for r in rows.values())
+        assert rows["F16"][7] == "–"  # the baseline has no KLD against itself
+        assert ppl.calls[1][0].name == "tiny-model-F16.gguf"  # baseline measured first
+        assert "done for 4" in str(app.screen.query_one("#status").render())
+
+
+async def test_perplexity_cancel_leaves_row_untouched(model_dir: Path) -> None:
+    ppl = ScriptedPpl(steps=200, tick_seconds=0.02)
+    app = make_app(model_dir, ctx=4096, refresh_seconds=0, **fake_services(ppl_fn=ppl))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(pilot)
+        await pilot.press("p")
+        for _ in range(100):
+            if ppl.started.is_set():
+                break
+            await pilot.pause(0.05)
+        assert ppl.started.is_set()
+        assert app.screen.query_one("#task-row").display
+        await pilot.press("escape")
+        await settle(pilot)
+        assert "cancelled" in str(app.screen.query_one("#status").render())
+        assert not app.screen.query_one("#task-row").display
+        assert all(r[6] == "–" for r in table_rows(app).values())
+
+
+async def test_chat_switches_adapters_on_one_runtime(model_dir: Path) -> None:
+    FakeRuntime.instances.clear()
+    app = make_app(model_dir, ctx=2048, refresh_seconds=0, **fake_services())
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(pilot)
+        await pilot.press("t")
+        await settle(pilot)
+        chat = app.screen
+        assert isinstance(chat, ChatScreen)
+        assert len(FakeRuntime.instances) == 1
+        runtime = FakeRuntime.instances[0]
+        assert runtime.n_ctx == 2048
+        assert runtime.loaded == {"legal": model_dir / "adapter-legal.gguf"}
+        chat.query_one("#prompt", Input).value = "hello"
+        await pilot.press("enter")
+        await settle(pilot)
+        chat.query_one("#adapter-0", RadioButton).value = True  # pick "legal"
+        await pilot.pause()
+        chat.query_one("#prompt", Input).value = "hello"
+        await pilot.press("enter")
+        await settle(pilot)
+        assert chat.replies == [("base", "[base] echo hello"), ("legal", "[legal] echo hello")]
+        assert runtime.requests == [{}, {"legal": None}]
+        assert len(FakeRuntime.instances) == 1  # switched per message, never reloaded
+        await pilot.press("escape")
+        await settle(pilot)
+        assert isinstance(app.screen, MainScreen)
+        assert runtime.closed
+
+
+async def test_register_adapter_modal(model_dir: Path) -> None:
+    services = fake_services()
+    app = make_app(model_dir, refresh_seconds=0, **services)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        await pilot.press("a")
+        await pilot.pause()
+        app.screen.query_one("#adapter-name", Input).value = "mine"
+        app.screen.query_one("#adapter-path", Input).value = str(model_dir / "adapter-legal.gguf")
+        app.screen.query_one("#adapter-scale", Input).value = "abc"
+        await pilot.click("#adapter-ok")
+        await pilot.pause()
+        assert "not a number" in str(app.screen.query_one("#adapter-dialog-error").render())
+        app.screen.query_one("#adapter-scale", Input).value = "0.5"
+        await pilot.click("#adapter-ok")
+        await settle(pilot)
+        assert isinstance(app.screen, MainScreen)
+        assert [(a.name, a.scale) for a in services["list_adapters"]()] == [("mine", 0.5)]
+
+
+async def test_convert_modal_runs_convert_and_opens_result(model_dir: Path, tmp_path: Path) -> None:
+    calls: list[tuple[str, Path, str | None, tuple[str, ...]]] = []
+
+    def convert(base, out_dir, adapter, quants, progress):  # type: ignore[no-untyped-def]
+        calls.append((base, out_dir, adapter, tuple(quants)))
+        progress.start("tensors F16", 3)
+        for _ in range(3):
+            progress.advance(1)
+        return write_fixture_dir(out_dir.parent, out_dir.name)
+
+    app = make_app(model_dir, refresh_seconds=0, **fake_services(convert_fn=convert))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        await pilot.press("n")
+        await pilot.pause()
+        app.screen.query_one("#base", Input).value = "/models/base"
+        app.screen.query_one("#quants", Input).value = "q4_k_m, Q8_0"
+        app.screen.query_one("#out", Input).value = str(tmp_path / "new-model")
+        await pilot.click("#ok")
+        await settle(pilot)
+        assert calls == [("/models/base", tmp_path / "new-model", None, ("Q4_K_M", "Q8_0"))]
+        assert app.screen.view.name == "new-model"
+        assert set(table_rows(app)) == {"F16", "Q8_0", "Q4_K_M", "Q2_K"}
+
+
+async def test_modelfile_action_reports_written_file(model_dir: Path) -> None:
+    written: list[tuple[Path, int, Path]] = []
+
+    def write(model: Path, num_ctx: int, out_dir: Path) -> Path:
+        written.append((model, num_ctx, out_dir))
+        return out_dir / "Modelfile"
+
+    app = make_app(model_dir, ctx=4096, refresh_seconds=0, **fake_services(write_modelfile=write))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        await pilot.press("m")
+        await pilot.pause()
+        assert written == [(model_dir / "tiny-model-F16.gguf", 4096, model_dir)]  # the recommended row
+        assert "ollama create" in str(app.screen.query_one("#status").render())
+
+
+async def test_welcome_screen_opens_demo(model_dir: Path) -> None:
+    app = make_app(None, refresh_seconds=0, **fake_services(demo_model=lambda: model_dir))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()
+        assert "edge-lora demo" in app.screen.query_one("Markdown").source  # type: ignore[attr-defined]
+        await pilot.press("d")
+        await settle(pilot)
+        assert isinstance(app.screen, MainScreen)
+        assert set(table_rows(app)) == {"F16", "Q8_0", "Q4_K_M", "Q2_K"}
+
+
+async def test_resize_between_80x24_and_160x50(model_dir: Path) -> None:
+    app = make_app(model_dir, refresh_seconds=0, **fake_services())
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        table = app.screen.query_one(FormatsTable)
+        assert table.region.height >= 5 and table.region.right <= 80
+        await pilot.resize_terminal(160, 50)
+        await pilot.pause()
+        assert app.screen.query_one(SizeKldChart).region.width > 150
+        assert table.region.height > 5
+        await pilot.resize_terminal(80, 24)
+        await pilot.pause()
+        assert app.screen.query_one("Footer").region.bottom == 24
+
+
+def test_bar_uses_eighth_blocks() -> None:
+    assert bar(1.0, 4) == "████"
+    assert bar(0.0, 4) == "    "
+    assert bar(0.5 + 1 / 64, 4) == "██▏ "
+    assert bar(2.0, 3) == "███"  # clamped
+
+
+def test_bad_directory_is_a_typed_error(tmp_path: Path) -> None:
+    from edge_lora.errors import InputError, InputNotFoundError
+
+    with pytest.raises(InputNotFoundError):
+        make_app(tmp_path / "missing", **fake_services())
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "manifest.json").write_text('{"files": [{"path": "../../etc/passwd", "format": "F16", "bytes": 1}]}')
+    with pytest.raises(InputError, match="outside"):
+        make_app(tmp_path / "bad", **fake_services())
+
+
+def test_unknown_service_name_is_refused() -> None:
+    with pytest.raises(TypeError, match="fit_function"):
+        make_app(None, fit_function=lambda *a: [])
+
+
+# --- snapshots (deterministic: fixed RAM, fixture dir, no clock) ---
+
+def _snapshot_app(tmp_path: Path):  # type: ignore[no-untyped-def]
+    return make_app(write_fixture_dir(tmp_path), ctx=4096, refresh_seconds=0, **fake_services())
+
+
+async def _settle_for_snapshot(pilot) -> None:  # type: ignore[no-untyped-def]
+    await settle(pilot)
+
+
+def test_snapshot_main_80x24(snap_compare, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    assert snap_compare(_snapshot_app(tmp_path), terminal_size=(80, 24), run_before=_settle_for_snapshot)
+
+
+def test_snapshot_main_160x50(snap_compare, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    assert snap_compare(_snapshot_app(tmp_path), terminal_size=(160, 50), run_before=_settle_for_snapshot)

@@ -1,0 +1,1 @@
+"""Reusable widgets: one per module, CSS in the .tcss file beside it."""
