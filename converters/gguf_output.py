@@ -8,6 +8,7 @@ The writer knows nothing about architectures: callers hand it keys, values and r
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,36 @@ def encode_rows(rows_f32: np.ndarray, ggml_type: GGMLType) -> np.ndarray:
 
 RowBlocks = Callable[[], Iterable[np.ndarray]]
 
+VT = gguf.GGUFValueType
+_NUMPY_ARRAY_TYPES: dict[gguf.GGUFValueType, str] = {
+    VT.UINT8: "<u1", VT.INT8: "<i1", VT.UINT16: "<u2", VT.INT16: "<i2", VT.UINT32: "<u4", VT.INT32: "<i4",
+    VT.FLOAT32: "<f4", VT.UINT64: "<u8", VT.INT64: "<i8", VT.FLOAT64: "<f8", VT.BOOL: "?",
+}
+_FAST_ARRAY_MIN = 1024
+
+
+class FastKVWriter(gguf.GGUFWriter):
+    """gguf-py's writer, packing long homogeneous metadata arrays (a 262,144-token vocabulary:
+    tokens, scores, types) in bulk instead of one struct.pack per element, which took ~8 s
+    for Gemma 3. Produces the same bytes; anything unusual falls back to gguf-py."""
+
+    def _pack_val(self, val: Any, vtype: gguf.GGUFValueType, add_vtype: bool,
+                  sub_type: gguf.GGUFValueType | None = None) -> bytes:
+        if (vtype != VT.ARRAY or self.endianess != gguf.GGUFEndian.LITTLE or isinstance(val, (bytes, str))
+                or not isinstance(val, (list, tuple)) or len(val) < _FAST_ARRAY_MIN):
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+        first_type = type(val[0])
+        if not all(type(item) is first_type for item in val):
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+        item_type = sub_type if sub_type is not None else VT.get_type(val[0])
+        head = (struct.pack("<I", VT.ARRAY) if add_vtype else b"") + struct.pack("<IQ", item_type, len(val))
+        if item_type in _NUMPY_ARRAY_TYPES:
+            return head + np.asarray(val, dtype=_NUMPY_ARRAY_TYPES[item_type]).tobytes()
+        if item_type == VT.STRING and first_type in (str, bytes):
+            encoded = [v.encode("utf-8") if isinstance(v, str) else v for v in val]
+            return head + b"".join([struct.pack("<Q", len(e)) + e for e in encoded])
+        return super()._pack_val(val, vtype, add_vtype, sub_type)
+
 
 @dataclass(frozen=True)
 class PlannedTensor:
@@ -71,7 +102,7 @@ class StreamingGGUFWriter:
 
     def __init__(self, arch: str) -> None:
         # path=None: nothing is opened until write(); the KV/tensor-info API is gguf-py's.
-        self.kv = gguf.GGUFWriter(path=None, arch=arch)
+        self.kv = FastKVWriter(path=None, arch=arch)
         self.tensors: list[PlannedTensor] = []
 
     def add_metadata(self, items: Iterable[tuple[str, Any, gguf.GGUFValueType]]) -> None:

@@ -301,3 +301,28 @@ def test_real_gemma3_270m_conversion(gemma_f16_gguf: Path, gemma_q4_gguf: Path) 
     rel = float(np.median(np.abs(f16 - q4)) / q4.std())
     print(f"top-1 agreement {agreement:.3f}, median |diff|/std {rel:.4f}")
     assert agreement >= 0.9 and rel < 0.05
+
+
+def test_fast_metadata_arrays_pack_like_gguf_py() -> None:
+    """FastKVWriter's bulk array packing is byte-identical to gguf-py's per-element packing."""
+    from converters.gguf_output import FastKVWriter
+
+    vt = gguf.GGUFValueType
+    reference, fast = gguf.GGUFWriter(None, "llama"), FastKVWriter(None, "llama")
+    rng = np.random.default_rng(0)
+    cases = [
+        ([f"tok{i}é" for i in range(3000)] + [""], None),
+        ([float(x) for x in rng.standard_normal(5000)], None),
+        ([int(x) for x in rng.integers(0, 6, 5000)], None),
+        ([int(x) for x in rng.integers(0, 6, 5000)], vt.UINT32),
+        ([bool(x) for x in rng.integers(0, 2, 2000)], None),
+        ([1, 2.5] * 1000, None),  # mixed: must fall back (and fail) exactly like gguf-py
+    ]
+    for values, sub_type in cases:
+        outcomes = []
+        for writer in (reference, fast):
+            try:
+                outcomes.append(writer._pack_val(values, vt.ARRAY, True, sub_type))
+            except ValueError as exc:
+                outcomes.append(str(exc))
+        assert outcomes[0] == outcomes[1]
