@@ -292,3 +292,41 @@ def test_cancel_and_unload(runtime: Runtime, random_gemma_loras: tuple[Path, Pat
     with pytest.raises(RequestError):
         runtime.generate(PROMPT, adapters={"tmp": 1.0})
 
+
+
+# --- against the converters (merge + adapter conversion): the end-to-end hot-apply check ---
+
+@pytest.mark.slow
+def test_legal_adapter_hot_applied_on_f16_gives_merged_f16_tokens(gemma_hf_dir: Path, gemma_f16_gguf: Path,
+                                                                   legal_adapter_gguf: Path,
+                                                                   persistent_cache: Path) -> None:
+    """Base F16 + the legal adapter hot-applied by llama.cpp must generate the same greedy tokens
+    as the F16 model with the adapter merged by our converter (both made from the same HF base)."""
+    from converters.convert import convert_checkpoint
+    from converters.merge import PeftMerger
+    from converters.peft import PeftAdapter
+
+    from conftest import LEGAL_ADAPTER_DIR
+
+    merged = persistent_cache / "gemma-3-270m-legal-merged-F16.gguf"
+    if not merged.exists():  # convert_checkpoint writes atomically
+        convert_checkpoint(gemma_hf_dir, merged, outtype="f16",
+                           adapter=PeftMerger(PeftAdapter.open(LEGAL_ADAPTER_DIR)))
+    prompts = [PROMPT, "Permission is hereby granted, free of charge,", "THE SOFTWARE IS PROVIDED"]
+    with Runtime(gemma_f16_gguf, n_ctx=256) as hot:
+        hot.load_adapter("legal", legal_adapter_gguf)
+        hot_tokens = [greedy(hot, {"legal": 1.0}, n=16, prompt=p) for p in prompts]
+        base_tokens = [greedy(hot, None, n=16, prompt=p) for p in prompts]
+    with Runtime(merged, n_ctx=256) as merged_rt:
+        merged_tokens = [greedy(merged_rt, None, n=16, prompt=p) for p in prompts]
+    assert hot_tokens == merged_tokens
+    assert hot_tokens != base_tokens  # the adapter matters, so agreement is not vacuous
+
+
+@pytest.mark.slow
+def test_legal_adapter_loads_on_the_quantized_base(runtime: Runtime, legal_adapter_gguf: Path) -> None:
+    runtime.load_adapter("legal", legal_adapter_gguf)
+    try:
+        assert greedy(runtime, {"legal": 1.0}, n=16) != greedy(runtime, None, n=16)
+    finally:
+        runtime.unload_adapter("legal")
