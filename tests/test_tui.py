@@ -178,7 +178,8 @@ async def test_register_adapter_modal(model_dir: Path) -> None:
         await pilot.pause()
         assert "not a number" in str(app.screen.query_one("#adapter-dialog-error").render())
         app.screen.query_one("#adapter-scale", Input).value = "0.5"
-        await pilot.click("#adapter-ok")
+        app.screen.query_one("#adapter-scale", Input).focus()
+        await pilot.press("enter")  # enter in any field submits too
         await settle(pilot)
         assert isinstance(app.screen, MainScreen)
         assert [(a.name, a.scale) for a in services["list_adapters"]()] == [("mine", 0.5)]
@@ -254,7 +255,7 @@ async def test_resize_between_80x24_and_160x50(model_dir: Path) -> None:
 def test_bar_uses_eighth_blocks() -> None:
     assert bar(1.0, 4) == "████"
     assert bar(0.0, 4) == "    "
-    assert bar(0.5 + 1 / 64, 4) == "██▏ "
+    assert bar(0.5 + 1 / 32, 4) == "██▏ "
     assert bar(2.0, 3) == "███"  # clamped
 
 
@@ -264,7 +265,7 @@ def test_bad_directory_is_a_typed_error(tmp_path: Path) -> None:
     with pytest.raises(InputNotFoundError):
         make_app(tmp_path / "missing", **fake_services())
     (tmp_path / "bad").mkdir()
-    (tmp_path / "bad" / "manifest.json").write_text('{"files": [{"path": "../../etc/passwd", "format": "F16", "bytes": 1}]}')
+    (tmp_path / "bad" / "manifest.json").write_text('{"files": [{"path": "../../etc/passwd", "format": "F16", "kind": "model", "bytes": 1, "bpw": 16.0, "sha256": ""}]}')
     with pytest.raises(InputError, match="outside"):
         make_app(tmp_path / "bad", **fake_services())
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tui.view_model import AdapterEntry, FitPrediction, HardwareView, QualityResult
+from tui.view_model import AdapterEntry, FitPrediction, HardwareView, QualityResult, Verdict
 
 GB = 1_000_000_000
 # name -> (file bytes, bpw); small placeholder files stand for them (fast tests never parse them).
@@ -30,7 +30,7 @@ def write_fixture_dir(root: Path, name: str = "tiny-model") -> Path:
                       "sha256": "0" * 64})
     adapter = directory / "adapter-legal.gguf"
     adapter.write_bytes(b"GGUF")
-    files.append({"path": adapter.name, "format": "F32", "kind": "adapter", "bytes": 4, "sha256": "0" * 64})
+    files.append({"path": adapter.name, "format": "F32", "kind": "adapter", "bytes": 4, "bpw": 32.0, "sha256": "0" * 64})
     manifest = {"name": name, "architecture": "gemma3", "base": "fixture", "adapter": "legal", "files": files}
     (directory / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return directory
@@ -42,8 +42,8 @@ def fixed_hardware(available: int = 1 * GB, total: int = 8 * GB) -> HardwareView
 
 
 class ScriptedFit:
-    """file bytes + KV_BYTES_PER_TOKEN * ctx; fits when under the available RAM; the largest
-    fitting file is recommended. Records every call."""
+    """file bytes + KV_BYTES_PER_TOKEN * ctx; "fits" up to 80% of the available RAM, "tight" up
+    to all of it (edge_lora.fit's rule); the largest file that runs is recommended. Records calls."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[int, int]] = []
@@ -52,9 +52,10 @@ class ScriptedFit:
         self.calls.append((ctx, available))
         sizes = {p: FIXTURE_FORMATS[p.stem.rsplit("-", 1)[1]][0] for p in paths}
         totals = {p: sizes[p] + KV_BYTES_PER_TOKEN * ctx for p in paths}
-        fitting = [p for p in paths if totals[p] <= available]
-        best = max(fitting, key=lambda p: sizes[p], default=None)
-        return [FitPrediction(p, totals[p], totals[p] <= available, p == best) for p in paths]
+        verdicts = {p: Verdict.FITS if totals[p] <= 0.8 * available else Verdict.TIGHT if totals[p] <= available
+                    else Verdict.NO for p in paths}
+        best = max((p for p in paths if verdicts[p] is not Verdict.NO), key=lambda p: sizes[p], default=None)
+        return [FitPrediction(p, totals[p], verdicts[p], p == best) for p in paths]
 
 
 class ScriptedPpl:

@@ -7,10 +7,6 @@ import enum
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-# A format whose predicted peak RSS is above this share of the *available* RAM still loads,
-# but leaves little for the browser and editor running beside it: call it "tight", not "fits".
-TIGHT_FRACTION = 0.8
-
 # Full-precision formats serve as the KLD baseline for the quantized ones.
 REFERENCE_FORMATS = ("F32", "F16", "BF16")
 
@@ -67,23 +63,9 @@ class ModelDirView:
         return replace(self, formats=formats)
 
 
-@dataclass(frozen=True)
-class FitPrediction:
-    """Predicted peak RSS of one file at one context, as the fit estimator reports it."""
-
-    path: Path
-    total_bytes: int
-    fits: bool
-    recommended: bool
-
-
-@dataclass(frozen=True)
-class QualityResult:
-    ppl: float
-    kld: float | None = None
-
-
 class Verdict(enum.Enum):
+    """The fit estimator's judgement (edge_lora.fit: "fits" | "tight" | "no")."""
+
     FITS = "fits"
     TIGHT = "tight"
     NO = "no"
@@ -93,12 +75,20 @@ class Verdict(enum.Enum):
         return {"fits": "bold green", "tight": "bold yellow", "no": "bold red"}[self.value]
 
 
-def verdict_for(prediction: FitPrediction, available_bytes: int) -> Verdict:
-    if not prediction.fits or prediction.total_bytes > available_bytes:
-        return Verdict.NO
-    if prediction.total_bytes > TIGHT_FRACTION * available_bytes:
-        return Verdict.TIGHT
-    return Verdict.FITS
+@dataclass(frozen=True)
+class FitPrediction:
+    """Predicted peak RSS of one file at one context, and the verdict, as the fit estimator reports them."""
+
+    path: Path
+    total_bytes: int
+    verdict: Verdict
+    recommended: bool
+
+
+@dataclass(frozen=True)
+class QualityResult:
+    ppl: float
+    kld: float | None = None
 
 
 def human_bytes(n: int | float) -> str:

@@ -18,13 +18,14 @@ from edge_lora.errors import EdgeLoraError
 from tui.services import ChatRuntime, RuntimeFactory
 from tui.view_model import AdapterEntry
 
-BASE_CHOICE = "base (no adapter)"
+BASE_CHOICE = "none (base)"
 MAX_REPLY_TOKENS = 128
 
 
 class ChatScreen(Screen[None]):
     CSS_PATH = "chat_screen.tcss"
-    BINDINGS = [Binding("escape", "close_chat", "Back"), Binding("ctrl+r", "reset", "New chat")]
+    BINDINGS = [Binding("escape", "close_chat", "Back"), Binding("ctrl+t", "next_adapter", "Next adapter"),
+                Binding("ctrl+r", "reset", "New chat")]
 
     def __init__(self, model_path: Path, n_ctx: int, adapters: list[AdapterEntry], runtime_factory: RuntimeFactory,
                  max_tokens: int = MAX_REPLY_TOKENS) -> None:
@@ -176,6 +177,12 @@ class ChatScreen(Screen[None]):
 
     def _note(self, message: str, style: str) -> None:
         self._append(Text(message, style=style))
+
+    def action_next_adapter(self) -> None:
+        """Cycle base -> each loaded adapter -> base, without leaving the message box."""
+        buttons = [b for b in self.query(RadioButton) if not b.disabled]
+        current = next((i for i, b in enumerate(buttons) if b.value), 0)
+        buttons[(current + 1) % len(buttons)].value = True
 
     def action_reset(self) -> None:
         if not self.generating:

@@ -98,8 +98,7 @@ class MainScreen(Screen[None]):
 
     # --- state -> widgets ---
     def _redraw(self) -> None:
-        available = self.hardware.available_ram_bytes if self.hardware else None
-        self.query_one(FormatsTable).show(self.view, self.predictions, available, self.ctx)
+        self.query_one(FormatsTable).show(self.view, self.predictions, self.ctx)
         self.query_one(SizeKldChart).show(self.view.formats)
         self.query_one("#model-name", Label).update(self._model_label())
 

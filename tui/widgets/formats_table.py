@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.text import Text
 from textual.widgets import DataTable
 
-from tui.view_model import FitPrediction, FormatEntry, ModelDirView, Verdict, human_bytes, human_ctx, verdict_for
+from tui.view_model import FitPrediction, FormatEntry, ModelDirView, Verdict, human_bytes, human_ctx
 from tui.widgets._css import css_beside
 
 RECOMMENDED_MARK = "★"
@@ -22,8 +22,7 @@ class FormatsTable(DataTable[Text]):
         self.verdicts: dict[Path, Verdict] = {}
         self.recommended: Path | None = None
 
-    def show(self, view: ModelDirView, predictions: dict[Path, FitPrediction], available_bytes: int | None,
-             ctx: int) -> None:
+    def show(self, view: ModelDirView, predictions: dict[Path, FitPrediction], ctx: int) -> None:
         """Redraw every row, keeping the cursor on the same file."""
         keep = self.selected_path()
         self.clear(columns=True)
@@ -35,7 +34,7 @@ class FormatsTable(DataTable[Text]):
         self.recommended = None
         for entry in view.formats:
             prediction = predictions.get(entry.path)
-            verdict = verdict_for(prediction, available_bytes) if prediction and available_bytes is not None else None
+            verdict = prediction.verdict if prediction is not None else None
             if verdict is not None:
                 self.verdicts[entry.path] = verdict
             if prediction is not None and prediction.recommended:
