@@ -326,3 +326,27 @@ def test_fast_metadata_arrays_pack_like_gguf_py() -> None:
             except ValueError as exc:
                 outcomes.append(str(exc))
         assert outcomes[0] == outcomes[1]
+
+
+def test_cli_convert_with_adapter_merges_through_the_hook(fixtures_dir: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """`convert --adapter` routes through the TensorMerger hook: the merged model's logits are
+    HF's on W + s·B·A (q/k permuted after merging), and the adapter GGUF lands beside it."""
+    from model_fixtures import make_peft_adapter
+    from reference import apply_peft
+
+    ckpt_dir = make_checkpoint("llama", fixtures_dir / "merge-llama")
+    peft_dir = make_peft_adapter(ckpt_dir, tmp_path / "peft", strength=0.2)
+    out = tmp_path / "out"
+    rc = main(["convert", str(ckpt_dir), "--adapter", str(peft_dir), "--out", str(out), "--quant", "none", "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    kinds = {f["kind"]: f["path"] for f in doc["files"]}
+    assert set(kinds) == {"merged", "adapter"}
+    config, weights = _hf_weights(ckpt_dir)
+    merged_weights = apply_peft(weights, peft_dir)
+    tokens = _token_ids(config)
+    ref = reference_logits(config, merged_weights, tokens)
+    _assert_logits_match(_llama_cpp_logits(out / kinds["merged"], tokens), ref)
+    base_ref = reference_logits(config, weights, tokens)
+    assert np.abs(ref - base_ref).max() / base_ref.std() > 0.05  # the adapter really changes the model
