@@ -453,7 +453,7 @@ def _target_module_names(weight_names: Iterable[str], targets: Sequence[str]) ->
         if not name.endswith(".weight"):
             continue
         module = name[: -len(".weight")]
-        if module.split(".")[-1] in targets and ".layers." in module:
+        if module.split(".")[-1] in targets:
             modules.append(module)
     return sorted(modules)
 
@@ -465,14 +465,15 @@ def make_peft_adapter(ckpt_dir: Path, out_dir: Path, *, r: int = 8, alpha: float
                       target_modules: Sequence[str] = DEFAULT_TARGETS,
                       modules_to_save: Sequence[str] | None = None, seed: int = 1,
                       magnitude_scale: float = 0.1, strength: float = 0.02,
-                      dtype: str = "float32") -> Path:
+                      lora_bias: bool = False, dtype: str = "float32") -> Path:
     """Write adapter_config.json + adapter_model.safetensors exactly as PEFT's save_pretrained does.
 
     lora_A ~ N(0, 1/in) [r, in], lora_B ~ N(0, strength^2) [out, r] (nonzero: a trained adapter).
     DoRA magnitude = ||W||_row * (1 + magnitude_scale * N(0,1)), saved as `...lora_magnitude_vector`
     (PEFT >= 0.12 strips the DoraLinearLayer's `.weight`). modules_to_save entries are saved as
     full trained copies under `base_model.model.<module>.weight` (PEFT strips
-    `modules_to_save.default`)."""
+    `modules_to_save.default`). "embed_tokens" in target_modules gives PEFT's embedding LoRA
+    (`lora_embedding_A` [r, vocab], `lora_embedding_B` [hidden, r]); lora_bias adds `lora_B.bias`."""
     from reference import load_checkpoint  # tests-only helper, independent of the converters
 
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
@@ -484,8 +485,14 @@ def make_peft_adapter(ckpt_dir: Path, out_dir: Path, *, r: int = 8, alpha: float
         n_out, n_in = w.shape
         rank = int(_pattern_value(rank_pattern or {}, module, r))
         key = f"base_model.model.{module}"
+        if module.endswith("embed_tokens"):  # lora.Embedding: A [r, vocab], B [hidden, r]
+            tensors[key + ".lora_embedding_A"] = rng.standard_normal((rank, n_out)).astype(np.float32)
+            tensors[key + ".lora_embedding_B"] = (strength * rng.standard_normal((n_in, rank))).astype(np.float32)
+            continue
         tensors[key + ".lora_A.weight"] = (rng.standard_normal((rank, n_in)) / np.sqrt(n_in)).astype(np.float32)
         tensors[key + ".lora_B.weight"] = (strength * rng.standard_normal((n_out, rank))).astype(np.float32)
+        if lora_bias:
+            tensors[key + ".lora_B.bias"] = (strength * rng.standard_normal(n_out)).astype(np.float32)
         if use_dora:
             row_norm = np.linalg.norm(w.astype(np.float64), axis=1)
             magnitude = row_norm * (1.0 + magnitude_scale * rng.standard_normal(n_out))
@@ -508,7 +515,7 @@ def make_peft_adapter(ckpt_dir: Path, out_dir: Path, *, r: int = 8, alpha: float
         "base_model_name_or_path": str(ckpt_dir), "bias": "none", "corda_config": None,
         "eva_config": None, "exclude_modules": None, "fan_in_fan_out": False, "inference_mode": True,
         "init_lora_weights": True, "layer_replication": None, "layers_pattern": None,
-        "layers_to_transform": None, "loftq_config": {}, "lora_alpha": alpha, "lora_bias": False,
+        "layers_to_transform": None, "loftq_config": {}, "lora_alpha": alpha, "lora_bias": lora_bias,
         "lora_dropout": 0.0, "megatron_config": None, "megatron_core": "megatron.core",
         "modules_to_save": list(modules_to_save) if modules_to_save else None, "peft_type": "LORA",
         "peft_version": "0.17.1", "r": r, "rank_pattern": dict(rank_pattern or {}), "revision": None,

@@ -97,7 +97,11 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, *, gemma: bool) -> n
 def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
     """x @ W.T for W [out, in]; chunked over output rows so a 262k-row head stays in memory."""
     n_out = weight.shape[0]
-    if n_out <= 32768:
+    if x.size * n_out < 20_000_000:
+        # Small products: numpy's own loop. OpenBLAS threads on a busy 2-core machine (the test
+        # suite runs beside other work) make a tiny GEMM ~50x slower than single-threaded.
+        y = np.einsum("...i,oi->...o", x, weight.astype(np.float64), optimize=False)
+    elif n_out <= 32768:
         y = x @ weight.astype(np.float64).T
     else:
         y = np.empty(x.shape[:-1] + (n_out,), dtype=np.float64)
@@ -318,8 +322,9 @@ def apply_peft(weights: dict[str, np.ndarray], adapter_dir: Path,
     """Return a copy of `weights` with a PEFT LoRA adapter merged as PEFT's merge_and_unload does.
 
     W' = W + s * B @ A; DoRA: W' = m / ||W + s*B@A||_row * (W + s*B@A) with the norm per output
-    row (dora.py get_weight_norm: norm over dim=1 of [out, in]); modules_to_save tensors replace
-    the base weights outright."""
+    row (dora.py get_weight_norm: norm over dim=1 of [out, in]); lora_B.bias (lora_bias=True) adds
+    s * bias; embedding LoRA (lora_embedding_A/B) adds s * (B @ A).T; modules_to_save tensors
+    replace the base weights outright. Tensors with no known meaning raise ValueError."""
     adapter_dir = Path(adapter_dir)
     adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
     if adapter_config.get("peft_type", "LORA") != "LORA":
@@ -327,10 +332,11 @@ def apply_peft(weights: dict[str, np.ndarray], adapter_dir: Path,
     tensors = load_safetensors(adapter_dir / "adapter_model.safetensors")
     merged = dict(weights)
     prefix = "base_model.model."
-    modules = sorted({name[len(prefix):-len(".lora_A.weight")] for name in tensors
-                      if name.startswith(prefix) and name.endswith(".lora_A.weight")})
+    fan_in_fan_out = bool(adapter_config.get("fan_in_fan_out"))
     used: set[str] = set()
-    for module in modules:
+    linear_modules = sorted({name[len(prefix):-len(".lora_A.weight")] for name in tensors
+                             if name.startswith(prefix) and name.endswith(".lora_A.weight")})
+    for module in linear_modules:
         key = prefix + module
         a, b = tensors[key + ".lora_A.weight"], tensors[key + ".lora_B.weight"]
         used.update({key + ".lora_A.weight", key + ".lora_B.weight"})
@@ -338,7 +344,7 @@ def apply_peft(weights: dict[str, np.ndarray], adapter_dir: Path,
         if weight_name not in merged:
             raise KeyError(f"adapter targets {weight_name}, which the base does not have")
         base = merged[weight_name].astype(np.float64)
-        base_oi = base.T if adapter_config.get("fan_in_fan_out") else base
+        base_oi = base.T if fan_in_fan_out else base
         combined = base_oi + lora_delta(adapter_config, module, a, b)
         magnitude = tensors.get(key + ".lora_magnitude_vector")
         if magnitude is not None:
@@ -347,11 +353,30 @@ def apply_peft(weights: dict[str, np.ndarray], adapter_dir: Path,
             combined = (magnitude.astype(np.float64) / row_norm)[:, None] * combined
         elif adapter_config.get("use_dora"):
             raise KeyError(f"use_dora is set but {key}.lora_magnitude_vector is missing")
-        new = combined.T if adapter_config.get("fan_in_fan_out") else combined
-        merged[weight_name] = new.astype(np.float32)
+        merged[weight_name] = (combined.T if fan_in_fan_out else combined).astype(np.float32)
+        lora_bias = tensors.get(key + ".lora_B.bias")
+        if lora_bias is not None:  # lora_bias=True: bias' = bias + scale * lora_B.bias
+            used.add(key + ".lora_B.bias")
+            scale = lora_scale(adapter_config, module, a.shape[0])
+            base_bias = merged.get(module + ".bias", np.zeros(lora_bias.shape, dtype=np.float32))
+            merged[module + ".bias"] = (base_bias.astype(np.float64) + scale * lora_bias).astype(np.float32)
+    # Embedding LoRA (PEFT's lora.Embedding): A [r, num_embeddings], B [dim, r], ΔW = s * (B @ A).T
+    embedding_modules = sorted({name[len(prefix):-len(".lora_embedding_A")] for name in tensors
+                                if name.startswith(prefix) and name.endswith(".lora_embedding_A")})
+    for module in embedding_modules:
+        key = prefix + module
+        a, b = tensors[key + ".lora_embedding_A"], tensors[key + ".lora_embedding_B"]
+        used.update({key + ".lora_embedding_A", key + ".lora_embedding_B"})
+        weight_name = module + ".weight"
+        if weight_name not in merged:
+            raise KeyError(f"adapter targets {weight_name}, which the base does not have")
+        delta = lora_delta(adapter_config, module, a, b).T
+        merged[weight_name] = (merged[weight_name].astype(np.float64) + delta).astype(np.float32)
     # modules_to_save: full trained weights saved as base_model.model.<module>.<param>
     for name, values in tensors.items():
-        if name in used or not name.startswith(prefix) or "lora_" in name:
+        if name in used:
             continue
+        if not name.startswith(prefix) or "lora_" in name:
+            raise ValueError(f"reference: adapter tensor {name} has no known PEFT meaning")
         merged[name[len(prefix):]] = values.astype(np.float32)
     return merged

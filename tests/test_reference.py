@@ -394,3 +394,35 @@ def test_against_transformers_if_installed(tmp_path: Path, arch: str) -> None:
     with torch.no_grad():
         expected = model(torch.tensor([ids])).logits[0].double().numpy()
     np.testing.assert_allclose(reference_logits(config, weights, ids), expected, atol=2e-3)
+
+
+def test_lora_bias_and_embedding_lora(checkpoints: dict, tmp_path: Path) -> None:
+    ckpt = checkpoints[("qwen2", None)]  # tied embedding: an embedding LoRA moves the head too
+    config, weights = load_checkpoint(ckpt)
+    adapter = make_peft_adapter(ckpt, tmp_path / "emb", target_modules=("embed_tokens", "v_proj"),
+                                lora_bias=True, r=4, alpha=8)
+    tensors = _adapter_tensors(adapter)
+    a = tensors["base_model.model.model.embed_tokens.lora_embedding_A"]
+    b = tensors["base_model.model.model.embed_tokens.lora_embedding_B"]
+    assert a.shape == (4, config["vocab_size"]) and b.shape == (config["hidden_size"], 4)
+    merged = apply_peft(weights, adapter, config)
+    np.testing.assert_allclose(merged["model.embed_tokens.weight"] - weights["model.embed_tokens.weight"],
+                               2.0 * (b.astype(np.float64) @ a).T, atol=1e-5)
+    name = "model.layers.1.self_attn.v_proj"
+    np.testing.assert_allclose(merged[name + ".bias"] - weights[name + ".bias"],
+                               2.0 * tensors[f"base_model.model.{name}.lora_B.bias"], atol=1e-6)
+    ids = _text_ids(ckpt)[:4]
+    assert np.abs(reference_logits(config, merged, ids) - reference_logits(config, weights, ids)).max() > 1e-2
+
+
+def test_unknown_adapter_tensor_is_refused(checkpoints: dict, tmp_path: Path) -> None:
+    from model_fixtures import write_safetensors
+
+    ckpt = checkpoints[("llama", "spm")]
+    config, weights = load_checkpoint(ckpt)
+    adapter = make_peft_adapter(ckpt, tmp_path / "odd", target_modules=("q_proj",))
+    tensors = dict(_adapter_tensors(adapter))
+    tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_C.weight"] = np.zeros((2, 2), np.float32)
+    write_safetensors(adapter / "adapter_model.safetensors", tensors, "float32")
+    with pytest.raises(ValueError, match="lora_C"):
+        apply_peft(weights, adapter, config)
