@@ -350,3 +350,36 @@ def test_cli_convert_with_adapter_merges_through_the_hook(fixtures_dir: Path, tm
     _assert_logits_match(_llama_cpp_logits(out / kinds["merged"], tokens), ref)
     base_ref = reference_logits(config, weights, tokens)
     assert np.abs(ref - base_ref).max() / base_ref.std() > 0.05  # the adapter really changes the model
+
+
+def _metadata_for(config: dict) -> dict:
+    items, _ = arch_spec_for(config).metadata()
+    return {key: value for key, value, _ in items}
+
+
+_TINY = {"hidden_size": 64, "num_hidden_layers": 6, "intermediate_size": 128, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 100, "max_position_embeddings": 4096}
+
+
+def test_config_to_metadata_rules() -> None:
+    from edge_lora.errors import UnsupportedArchitectureError
+
+    # Mistral's sliding window: llama.cpp's llama arch has none, so the context is capped there.
+    md = _metadata_for({"architectures": ["MistralForCausalLM"], **_TINY, "sliding_window": 1024})
+    assert md["llama.context_length"] == 1024 and md["llama.rope.dimension_count"] == 16
+    md = _metadata_for({"architectures": ["Qwen2ForCausalLM"], **_TINY, "rope_scaling": {
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}})
+    assert md["qwen2.rope.scaling.type"] == "yarn" and md["qwen2.rope.scaling.factor"] == 4.0
+    assert md["qwen2.rope.scaling.original_context_length"] == 1024
+    md = _metadata_for({"architectures": ["Gemma3ForCausalLM"], **_TINY, "sliding_window": 512,
+                        "final_logit_softcapping": 30.0, "rope_scaling": {"rope_type": "linear", "factor": 8.0}})
+    assert md["gemma3.final_logit_softcapping"] == 30.0 and md["gemma3.rope.scaling.factor"] == 8.0
+    # What llama.cpp hard-codes for Gemma 3 must match, or the file would compute something else.
+    for bad in ({"query_pre_attn_scalar": 32}, {"rope_local_base_freq": 20000.0}, {"sliding_window_pattern": 4},
+                {"attn_logit_softcapping": 50.0}):
+        with pytest.raises(UnsupportedArchitectureError):
+            _metadata_for({"architectures": ["Gemma3ForCausalLM"], **_TINY, **bad})
+    with pytest.raises(UnsupportedArchitectureError, match="dynamic"):
+        _metadata_for({"architectures": ["LlamaForCausalLM"], **_TINY, "rope_scaling": {"type": "dynamic", "factor": 2.0}})
+    with pytest.raises(UnsupportedArchitectureError, match="Gemma3ForCausalLM"):
+        arch_spec_for({"architectures": ["Gemma3ForConditionalGeneration"], **_TINY})
