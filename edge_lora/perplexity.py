@@ -39,7 +39,7 @@ from edge_lora.errors import InputError, InputNotFoundError
 from edge_lora.progress import NullProgress, ProgressSink
 
 CACHE_TOP_K = 1024
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 MIN_CTX = 16
 AdapterSpec = Path | str | tuple[Path | str, float]
 
@@ -117,27 +117,30 @@ class _BaselineRows:
     top_logp: np.ndarray  # (rows, k) float32
     argmax: np.ndarray  # (rows,) int32
     nll: np.ndarray  # (rows,) float64
+    identity: np.ndarray  # (2,) int64: n_vocab and a hash of the evaluated tokens
 
     @classmethod
-    def empty(cls, rows: int) -> _BaselineRows:
+    def empty(cls, rows: int, identity: np.ndarray) -> _BaselineRows:
         return cls(np.zeros((rows, CACHE_TOP_K), np.int32), np.zeros((rows, CACHE_TOP_K), np.float32),
-                   np.zeros(rows, np.int32), np.zeros(rows))
+                   np.zeros(rows, np.int32), np.zeros(rows), identity)
 
     def save(self, path: Path) -> None:
         ensure_writable_dir(path.parent)
         with atomic_open(path) as fh:  # a Ctrl-C leaves no partial cache file
             np.savez(fh, top_ids=self.top_ids, top_logp=self.top_logp,
-                     argmax=self.argmax, nll=self.nll)
+                     argmax=self.argmax, nll=self.nll, identity=self.identity)
 
     @classmethod
-    def load(cls, path: Path, rows: int) -> _BaselineRows | None:
+    def load(cls, path: Path, rows: int, identity: np.ndarray) -> _BaselineRows | None:
         try:
             with np.load(path, allow_pickle=False) as data:
-                loaded = cls(data["top_ids"], data["top_logp"], data["argmax"], data["nll"])
+                loaded = cls(data["top_ids"], data["top_logp"], data["argmax"], data["nll"], data["identity"])
         except (OSError, KeyError, ValueError):
             return None  # a damaged cache is only a miss
         if loaded.nll.shape != (rows,) or loaded.top_ids.shape != (rows, CACHE_TOP_K):
             return None
+        if not np.array_equal(loaded.identity, identity):
+            return None  # another tokenizer or vocabulary: recompute in lockstep (which checks it)
         return loaded
 
 
@@ -197,12 +200,15 @@ def measure_perplexity(model_path: Path | str, text: str, ctx: int = 512, adapte
         n_rows = n_windows * rows_per_window
         bos = model.bos if model.bos >= 0 else tokens[0]
 
+        evaluated = np.asarray(tokens[:n_windows * ctx], dtype=np.int32).tobytes()
+        identity = np.array([model.n_vocab, int.from_bytes(hashlib.sha256(evaluated).digest()[:7], "little")],
+                            dtype=np.int64)
         cached: _BaselineRows | None = None
         cache_file: Path | None = None
         if base_path is not None:
             cache_file = _cache_path(_baseline_key(base_path, text if max_windows is None
                                                    else f"{max_windows}\0{text}", ctx))
-            cached = _BaselineRows.load(cache_file, n_rows) if use_cache else None
+            cached = _BaselineRows.load(cache_file, n_rows, identity) if use_cache else None
 
         ctx_main = LlamaContext(model, n_ctx=ctx, n_batch=n_batch, n_threads=n_threads)
         loaded = [LoraAdapter(model, p) for p, _ in _resolve_adapters(adapters)]
@@ -218,7 +224,7 @@ def measure_perplexity(model_path: Path | str, text: str, ctx: int = 512, adapte
                                  f"{model_path.name} has {model.n_vocab}",
                                  fix="compare against the F16 file of the same model")
             base_ctx = LlamaContext(base_model, n_ctx=ctx, n_batch=n_batch, n_threads=n_threads)
-            fresh = _BaselineRows.empty(n_rows)
+            fresh = _BaselineRows.empty(n_rows, identity)
 
         nll = np.zeros(n_rows)
         kld = np.zeros(n_rows) if base_path is not None else None

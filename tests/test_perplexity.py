@@ -179,3 +179,28 @@ def test_adapter_lowers_heldout_ppl_and_cli_json(capsys, gemma_q4_gguf: Path, le
                  "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert {"path", "ctx", "tokens", "ppl"} <= set(data) and data["ctx"] == 512 and data["ppl"] > 1
+
+
+@pytest.mark.slow
+def test_cli_records_quality_in_manifest(capsys, gemma_q4_gguf: Path, heldout_text: str, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from converters.manifest import Manifest
+
+    out = tmp_path / "out"
+    out.mkdir()
+    model = out / "gemma-Q4_K_M.gguf"
+    shutil.copy(gemma_q4_gguf, model)
+    manifest = Manifest.load(out)
+    manifest.add_file(model, format="Q4_K_M", kind="model")
+    manifest.save()
+    text = tmp_path / "t.txt"
+    text.write_text(heldout_text[:5000])
+    monkeypatch.chdir(tmp_path)  # a relative FILE argument must still find its manifest row
+    assert main(["ppl", "out/gemma-Q4_K_M.gguf", "--text", str(text), "--kld-base", str(gemma_q4_gguf),
+                 "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    row = json.loads((out / "manifest.json").read_text())["files"][0]
+    assert row["ppl"] == pytest.approx(data["ppl"]) and row["kld"] == pytest.approx(data["kld"])
+    assert abs(row["kld"]) < 1e-9 and data["top1_agreement"] == 1.0

@@ -67,7 +67,7 @@ def ppl_command(args: argparse.Namespace) -> int:
         result = measure_perplexity(args.file, text, ctx=args.ctx, adapters=adapters, kld_base=args.kld_base,
                                     progress=progress)
     if not adapters:  # the manifest describes the file itself, not file + adapter
-        _record_in_manifest(args.file, result.ppl, result.kld)
+        _record_in_manifest(args.file.absolute(), result.ppl, result.kld)
     if args.json:
         print(json.dumps(result.to_json()))
         return 0
