@@ -15,7 +15,7 @@ from converters.sentencepiece_model import (ModelType, Piece, PieceType, Sentenc
                                             read_model, serialize_model)
 from converters.tokenizer_export import add_tokenizer, read_tokenizer
 from edge_lora.errors import InvalidCheckpointError
-from model_fixtures import make_checkpoint
+from model_fixtures import STORAGE_DTYPE, _write_weights, make_checkpoint, make_weights
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -115,32 +115,37 @@ def test_bpe_spm_scores_follow_merge_rank(converted: dict) -> None:
 
 @pytest.mark.parametrize("kind", ["bpe", "spm"])
 def test_resized_vocabulary_with_extra_added_tokens(tmp_path: Path, kind: str) -> None:
+    """Tokens added after training (and embeddings resized past them, padded) still convert, and
+    llama.cpp splits them out of text exactly like the HF tokenizer."""
     ckpt = make_checkpoint("llama", tmp_path / "ckpt", tokenizer=kind, n_layers=1)
     tj = json.loads((ckpt / "tokenizer.json").read_text())
     base_size = 1 + max(max(tj["model"]["vocab"].values()), max(t["id"] for t in tj["added_tokens"]))
+    # normalized=False, as real added tokens are: llama.cpp matches added tokens in the raw text
+    # (HF matches normalized=True ones after "▁" replacement, which llama.cpp cannot express).
     extra = [("<|tool_call|>", True), ("legalese", False)]
     for offset, (content, special) in enumerate(extra):
         tj["added_tokens"].append({"id": base_size + offset, "content": content, "single_word": False,
-                                   "lstrip": False, "rstrip": False, "normalized": not special, "special": special})
+                                   "lstrip": False, "rstrip": False, "normalized": False, "special": special})
     (ckpt / "tokenizer.json").write_text(json.dumps(tj))
     config = json.loads((ckpt / "config.json").read_text())
-    # Embeddings resized past the tokenizer (padded to a multiple), as training scripts do.
-    new_vocab = base_size + 8
+    new_vocab = base_size + 8  # resized to a multiple, as training scripts do
     config["vocab_size"] = new_vocab
     (ckpt / "config.json").write_text(json.dumps(config))
+    _write_weights(ckpt, make_weights("llama", config, seed=0), STORAGE_DTYPE["llama"], sharded=False)
+
     spec = read_tokenizer(ckpt, config)
     assert len(spec.tokens) == new_vocab
     assert spec.tokens[base_size] == "<|tool_call|>" and spec.token_types[base_size] == gguf.TokenType.CONTROL
     assert spec.tokens[base_size + 1] == "legalese" and spec.token_types[base_size + 1] == gguf.TokenType.USER_DEFINED
     assert spec.token_types[base_size + 2:] == [gguf.TokenType.UNUSED] * 6
-    # The whole vocabulary is also what llama.cpp sees (writer-level check, no weights needed).
-    writer = gguf.GGUFWriter(tmp_path / "vocab.gguf", "llama")
-    add_tokenizer(writer, spec)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.close()
-    reader = gguf.GGUFReader(tmp_path / "vocab.gguf")
-    assert reader.fields["tokenizer.ggml.tokens"].contents() == spec.tokens
+
+    gguf_path = convert_checkpoint(ckpt, tmp_path / "resized-F16.gguf")
+    llm = _llama(gguf_path)
+    hf = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    for text in ["call <|tool_call|> now", "the legalese of the License", "legalese<|tool_call|>legalese"]:
+        expected = hf.encode(text, add_special_tokens=True).ids
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) == expected, text
+    assert base_size in expected and base_size + 1 in expected
 
 
 def test_unknown_pre_tokenizer_regex_is_refused(tmp_path: Path) -> None:
