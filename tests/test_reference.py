@@ -426,3 +426,119 @@ def test_unknown_adapter_tensor_is_refused(checkpoints: dict, tmp_path: Path) ->
     write_safetensors(adapter / "adapter_model.safetensors", tensors, "float32")
     with pytest.raises(ValueError, match="lora_C"):
         apply_peft(weights, adapter, config)
+
+
+# ----------------------------------------------------------------------------- real weights vs llama.cpp
+
+GGUF_TO_HF = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+              "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
+              "attn_k_norm": "self_attn.k_norm", "attn_norm": "input_layernorm",
+              "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+              "post_ffw_norm": "post_feedforward_layernorm", "ffn_gate": "mlp.gate_proj",
+              "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+REAL_LAYERS, REAL_WINDOW, REAL_VOCAB = 6, 8, 771
+
+
+def _small_real_gemma(src: Path, out_gguf: Path) -> dict[str, np.ndarray]:
+    """The first 6 blocks of the real Gemma 3 270M (dequantized to F32, so both sides use the
+    same weights) with a 771-row slice of its embedding as the vocabulary and an 8-token window,
+    written as a GGUF llama.cpp loads directly (no project code involved). Returns HF-named
+    weights (GGUF norms carry Gemma's +1, undone here)."""
+    import gguf
+    from gguf import quants
+
+    from edge_lora.gguf_check import validate_gguf
+
+    # The bounded header parser locates tensors in ~0.1 s; gguf.GGUFReader spends ~20 s walking
+    # the 262k-entry vocabulary arrays.
+    info = validate_gguf(src)
+    raw = np.memmap(src, dtype=np.uint8, mode="r")
+
+    def read(name: str, rows: slice | None = None) -> np.ndarray:
+        record = info.tensor(name)
+        assert record is not None, name
+        qtype = gguf.GGMLQuantizationType[record.type_name]
+        n_rows = int(np.prod(record.shape[1:]))
+        data = raw[record.offset:record.offset + record.n_bytes].reshape(n_rows, -1)
+        data = data[rows] if rows is not None else data
+        values = quants.dequantize(np.asarray(data), qtype).astype(np.float32)  # [rows, ne0]
+        return values.reshape(-1) if len(record.shape) == 1 else values
+
+    meta = info.metadata
+    weights = {"model.embed_tokens.weight": read("token_embd.weight", slice(1000, 1000 + REAL_VOCAB))}
+    writer = gguf.GGUFWriter(out_gguf, "gemma3")
+    hidden = weights["model.embed_tokens.weight"].shape[1]
+    writer.add_block_count(REAL_LAYERS)
+    writer.add_context_length(1024)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(int(meta["gemma3.feed_forward_length"]))
+    writer.add_head_count(int(meta["gemma3.attention.head_count"]))
+    writer.add_head_count_kv(int(meta["gemma3.attention.head_count_kv"]))
+    writer.add_key_length(int(meta["gemma3.attention.key_length"]))
+    writer.add_value_length(int(meta["gemma3.attention.value_length"]))
+    writer.add_layer_norm_rms_eps(float(meta["gemma3.attention.layer_norm_rms_epsilon"]))
+    writer.add_rope_freq_base(float(meta["gemma3.rope.freq_base"]))
+    writer.add_sliding_window(REAL_WINDOW)
+    writer.add_file_type(0)
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    tokens += [f"▁w{i}" for i in range(REAL_VOCAB - len(tokens))]
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * REAL_VOCAB)
+    writer.add_token_types([2, 3, 3] + [6] * 256 + [1] * (REAL_VOCAB - 259))
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_tensor("token_embd.weight", weights["model.embed_tokens.weight"])
+    for record in info.tensors:
+        name = record.name
+        if name == "token_embd.weight" or (name.startswith("blk.") and int(name.split(".")[1]) >= REAL_LAYERS):
+            continue
+        values = read(name)
+        writer.add_tensor(name, values)
+        if name == "output_norm.weight":
+            hf_name = "model.norm.weight"
+        else:
+            _, layer, kind, _ = name.split(".")
+            hf_name = f"model.layers.{layer}.{GGUF_TO_HF[kind]}.weight"
+        weights[hf_name] = values - 1.0 if name.endswith("norm.weight") else values
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return weights
+
+
+@pytest.mark.slow
+def test_reference_matches_llama_cpp_on_real_gemma3_blocks(gemma_q4_gguf: Path, tmp_path: Path) -> None:
+    """The reference's Gemma 3 semantics (sandwich norms, q/k norms, GeGLU, scaled embedding,
+    sliding + global layers with their two RoPE bases) checked against llama.cpp itself on real
+    trained weights — independently of the project's converters."""
+    import llama_cpp
+
+    model = tmp_path / "gemma3-real-blocks.gguf"
+    weights = _small_real_gemma(gemma_q4_gguf, model)
+    config = {"model_type": "gemma3_text", "hidden_size": 640, "num_hidden_layers": REAL_LAYERS,
+              "intermediate_size": 2048, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256,
+              "rms_norm_eps": 1e-6, "rope_theta": 1e6, "rope_local_base_freq": 10000.0,
+              "sliding_window": REAL_WINDOW, "sliding_window_pattern": 6, "query_pre_attn_scalar": 256,
+              "tie_word_embeddings": True, "torch_dtype": "float32"}  # llama.cpp: sqrtf(n_embd) in f32
+    assert layer_types(config) == ["sliding_attention"] * 5 + ["full_attention"]
+    ids = [1] + [int(t) for t in np.random.default_rng(0).integers(259, REAL_VOCAB, 23)]
+    llm = llama_cpp.Llama(str(model), logits_all=True, n_ctx=64, n_batch=64, n_threads=2, verbose=False)
+    try:
+        llm.eval(ids)
+        expected = np.array(llm.scores[: len(ids)], dtype=np.float64)
+    finally:
+        llm.close()
+
+    def max_error(cfg: dict) -> float:
+        return float(np.abs(reference_logits(cfg, weights, ids) - expected).max() / expected.std())
+
+    ours = max_error(config)
+    assert ours < 0.01, ours
+    np.testing.assert_array_equal(reference_logits(config, weights, ids).argmax(-1), expected.argmax(-1))
+    # The check resolves each semantic detail: getting any one wrong is at least 5x further off.
+    for wrong in (dict(config, sliding_window=None), dict(config, rope_local_base_freq=1e6),
+                  dict(config, query_pre_attn_scalar=640 / 4), dict(config, torch_dtype="bfloat16")):
+        assert max_error(wrong) > 5 * ours, wrong
