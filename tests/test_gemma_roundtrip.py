@@ -149,3 +149,13 @@ def test_failed_build_leaves_nothing(tmp_path: Path, gemma_q4_gguf: Path, monkey
     with pytest.raises(OutputError, match="disk full"):
         build_hf_checkpoint_from_gguf(gemma_q4_gguf, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bf16_rounding_is_nearest_even() -> None:
+    ulp = 2.0 ** -7  # bf16 spacing just above 1.0
+    values = np.array([1.0, 1 + ulp / 2, 1 + 3 * ulp / 2, 1 + ulp / 2 + 2.0 ** -20, -0.0, np.inf, -np.inf, np.nan,
+                       3.0e38], dtype=np.float32)
+    got = _bf16(values)
+    np.testing.assert_array_equal(got[:4], np.array([1.0, 1.0, 1 + 2 * ulp, 1 + ulp], dtype=np.float32))
+    assert np.signbit(got[4]) and got[5] == np.inf and got[6] == -np.inf and np.isnan(got[7])
+    assert abs(got[8] - 3.0e38) <= 3.0e38 * 2.0 ** -8

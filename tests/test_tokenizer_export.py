@@ -237,3 +237,38 @@ def test_sentencepiece_negative_ids_and_float_scores() -> None:
     raw = serialize_model(model)
     assert struct.pack("<f", -12.5) in raw
     assert parse_model(raw).pad_id == -1
+
+
+def test_unigram_tokenizer_json_keeps_scores(tmp_path: Path) -> None:
+    """A Unigram tokenizer.json (T5/Gemma-1 style) becomes a SentencePiece vocabulary with its
+    own log-probabilities as scores and the unk piece typed UNKNOWN."""
+    from tokenizers import models, normalizers, pre_tokenizers
+
+    ckpt = make_checkpoint("llama", tmp_path / "ckpt", tokenizer="spm", n_layers=1)
+    pieces = [("<unk>", 0.0), ("<s>", 0.0), ("</s>", 0.0), ("▁", -2.0), ("▁the", -3.5), ("a", -4.25), ("<0x41>", 0.0)]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=0, byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tj = json.loads(tok.to_str())
+    tj["added_tokens"] = [{"id": 1, "content": "<s>", "special": True}, {"id": 2, "content": "</s>", "special": True}]
+    (ckpt / "tokenizer.json").write_text(json.dumps(tj))
+    tc = json.loads((ckpt / "tokenizer_config.json").read_text())
+    del tc["added_tokens_decoder"]  # the added tokens come from tokenizer.json alone here
+    (ckpt / "tokenizer_config.json").write_text(json.dumps(tc))
+    config = dict(json.loads((ckpt / "config.json").read_text()), vocab_size=len(pieces))
+    spec = read_tokenizer(ckpt, config)
+    assert spec.model == "llama" and spec.add_space_prefix is True
+    assert spec.tokens == [p for p, _s in pieces]
+    assert spec.scores == [0.0, -1000.0, -1000.0, -2.0, -3.5, -4.25, 0.0]
+    assert spec.token_types == [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL,
+                                gguf.TokenType.NORMAL, gguf.TokenType.NORMAL, gguf.TokenType.NORMAL,
+                                gguf.TokenType.BYTE]
+    assert spec.unk_id == 0 and spec.bos_id == 1 and spec.eos_id == 2
+
+
+def test_vocab_larger_than_config_is_refused(tmp_path: Path) -> None:
+    ckpt = make_checkpoint("llama", tmp_path / "ckpt", tokenizer="bpe", n_layers=1)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["vocab_size"] = 100
+    with pytest.raises(InvalidCheckpointError, match="vocab_size is 100"):
+        read_tokenizer(ckpt, config)
