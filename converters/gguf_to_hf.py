@@ -180,7 +180,7 @@ def _dequantized_blocks(tensor: gguf.ReaderTensor, shape: tuple[int, ...], hf_na
         block = data[start:start + ROWS_PER_BLOCK] if data.ndim >= 2 else data
         try:
             values = gguf.quants.dequantize(block, tensor.tensor_type)
-        except (NotImplementedError, ValueError) as exc:
+        except (RuntimeError, ValueError) as exc:  # gguf-py raises a RuntimeError subclass for unknown types
             raise InvalidGGUFError(f"{path}: cannot dequantize {tensor.name} ({tensor.tensor_type.name}): {exc}",
                                    fix="use a GGUF whose tensor types gguf-py can dequantize") from exc
         values = np.asarray(values, dtype=np.float32).reshape((-1, *row_shape) if data.ndim >= 2 else shape)
