@@ -197,7 +197,12 @@ def layer_types(config: Mapping[str, Any]) -> list[str]:
 
 def reference_logits(config: dict, weights: dict[str, np.ndarray], token_ids: list[int]) -> np.ndarray:
     """Logits [n_tokens, vocab] (float64) of a causal LM forward pass over `token_ids` at positions
-    0..n-1, with transformers' semantics for llama, mistral, qwen2, qwen3 and gemma3(_text)."""
+    0..n-1, with transformers' semantics for llama, mistral, qwen2, qwen3 and gemma3(_text).
+
+    `config["torch_dtype"]` is taken as the dtype the model was loaded in; it matters only for
+    Gemma's sqrt(hidden) normalizer, which HF casts to that dtype (bf16: sqrt(640) -> 25.25) while
+    llama.cpp uses sqrtf(n_embd) (25.298). Pass torch_dtype="float32" to compare with llama.cpp
+    on a model whose hidden size is not a power of 4."""
     family = _family(config)
     gemma = family == "gemma3"
     hidden = int(config["hidden_size"])
