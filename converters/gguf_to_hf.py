@@ -23,8 +23,9 @@ import numpy as np
 from converters.sentencepiece_model import ModelType, Piece, PieceType, SentencePieceModel, serialize_model
 from edge_lora.atomic import check_free_space, ensure_writable_dir, os_error_to_output_error
 from edge_lora.chat_template import GEMMA_TEMPLATE
-from edge_lora.errors import InvalidGGUFError, UnsupportedArchitectureError
+from edge_lora.errors import InputError, InvalidGGUFError, UnsupportedArchitectureError
 from edge_lora.gguf_check import validate_gguf
+from edge_lora.progress import NullProgress, ProgressSink
 
 DTYPES: dict[str, str] = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 _BYTES_PER_ELEMENT = {"BF16": 2, "F16": 2, "F32": 4}
@@ -192,7 +193,7 @@ def _dequantized_blocks(tensor: gguf.ReaderTensor, shape: tuple[int, ...], hf_na
 
 
 def _write_safetensors_streamed(out: Path, plan: list[tuple[str, gguf.ReaderTensor, tuple[int, ...]]],
-                                st_dtype: str, path: Path) -> None:
+                                st_dtype: str, path: Path, progress: ProgressSink = NullProgress()) -> None:
     """Header first (every size is known from shapes), then one tensor at a time."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
@@ -210,6 +211,7 @@ def _write_safetensors_streamed(out: Path, plan: list[tuple[str, gguf.ReaderTens
             for block in _dequantized_blocks(tensor, shape, hf, path):
                 fh.write(_encode(block, st_dtype))
                 written += block.size
+                progress.advance(block.size, description=hf)
             if written != math.prod(shape):
                 raise InvalidGGUFError(f"{path}: tensor {tensor.name} holds {written} values, its shape "
                                        f"{list(shape)} needs {math.prod(shape)}", fix="the GGUF is corrupt")
@@ -265,11 +267,12 @@ def _tokenizer_files(reader: gguf.GGUFReader, path: Path, out: Path, config: dic
                                                 encoding="utf-8")
 
 
-def build_hf_checkpoint_from_gguf(gguf_path: Path | str, out_dir: Path | str, dtype: str = "bfloat16") -> Path:
+def build_hf_checkpoint_from_gguf(gguf_path: Path | str, out_dir: Path | str, dtype: str = "bfloat16", *,
+                                  progress: ProgressSink = NullProgress()) -> Path:
     """Write an HF-layout Gemma 3 checkpoint for ``gguf_path`` at ``out_dir`` (atomically)."""
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
+        raise InputError(f"unknown dtype {dtype!r}", fix=f"use one of {', '.join(DTYPES)}")
     info = validate_gguf(gguf_path)
     if info.architecture != "gemma3":
         raise UnsupportedArchitectureError(
@@ -287,7 +290,9 @@ def build_hf_checkpoint_from_gguf(gguf_path: Path | str, out_dir: Path | str, dt
             shutil.rmtree(partial)  # leftover of an interrupted build
         partial.mkdir()
         check_free_space(partial, sum(math.prod(s) for _h, _t, s in plan) * _BYTES_PER_ELEMENT[DTYPES[dtype]])
-        _write_safetensors_streamed(partial / "model.safetensors", plan, DTYPES[dtype], gguf_path)
+        progress.start("dequantizing GGUF -> safetensors", float(sum(math.prod(s) for _h, _t, s in plan)))
+        _write_safetensors_streamed(partial / "model.safetensors", plan, DTYPES[dtype], gguf_path, progress)
+        progress.finish()
         (partial / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
         generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
                       "pad_token_id": config["pad_token_id"], "cache_implementation": "hybrid"}

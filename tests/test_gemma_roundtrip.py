@@ -159,3 +159,48 @@ def test_bf16_rounding_is_nearest_even() -> None:
     np.testing.assert_array_equal(got[:4], np.array([1.0, 1.0, 1 + 2 * ulp, 1 + ulp], dtype=np.float32))
     assert np.signbit(got[4]) and got[5] == np.inf and got[6] == -np.inf and np.isnan(got[7])
     assert abs(got[8] - 3.0e38) <= 3.0e38 * 2.0 ** -8
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tiny_gemma_round_trip_is_exact(tmp_path: Path, dtype: str) -> None:
+    """Synthetic Gemma 3 checkpoint -> F32 GGUF -> builder -> the same weights (exactly in
+    float32; bf16 values are exact in bf16 too) and a tokenizer that converts to the same vocabulary."""
+    from converters.convert import convert_checkpoint
+    from converters.safetensors_io import SafetensorsFile
+    from converters.tokenizer_export import read_tokenizer
+    from model_fixtures import make_checkpoint
+
+    from edge_lora.progress import NullProgress
+
+    class Counting(NullProgress):
+        total = 0.0
+        done = 0.0
+
+        def start(self, task: str, total: float | None) -> None:
+            self.total = total or 0.0
+
+        def advance(self, amount: float = 1.0, *, description: str | None = None) -> None:
+            self.done += amount
+
+    ckpt = make_checkpoint("gemma3", tmp_path / "ckpt", tokenizer="spm", n_layers=2)
+    f32 = convert_checkpoint(ckpt, tmp_path / "tiny-F32.gguf", outtype="f32")
+    progress = Counting()
+    out = build_hf_checkpoint_from_gguf(f32, tmp_path / "rebuilt", dtype=dtype, progress=progress)
+    assert progress.total > 0 and progress.done == progress.total
+    with SafetensorsFile(next(ckpt.glob("*.safetensors"))) as original, \
+            SafetensorsFile(out / "model.safetensors") as rebuilt:
+        assert sorted(rebuilt.names()) == sorted(n for n in original.names() if n != "lm_head.weight")
+        for name in rebuilt.names():
+            want = original.read(name).astype(np.float32)
+            np.testing.assert_array_equal(rebuilt.read(name).astype(np.float32), want, err_msg=name)
+    original_config = json.loads((ckpt / "config.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                "num_hidden_layers", "vocab_size", "sliding_window", "rms_norm_eps", "rope_theta"):
+        assert config[key] == original_config[key], key
+    spec_from_original = read_tokenizer(ckpt, original_config)
+    spec_from_rebuilt = read_tokenizer(out, config)
+    assert spec_from_rebuilt.tokens == spec_from_original.tokens
+    assert spec_from_rebuilt.token_types == spec_from_original.token_types
+    assert (spec_from_rebuilt.bos_id, spec_from_rebuilt.eos_id, spec_from_rebuilt.pad_id) == \
+        (spec_from_original.bos_id, spec_from_original.eos_id, spec_from_original.pad_id)
