@@ -96,7 +96,11 @@ def test_model_directory_resolution(tmp_path: Path, gemma_q4_gguf: Path) -> None
         {"path": "gemma-Q8_0.gguf", "format": "Q8_0", "kind": "merged"},
         {"path": "adapter-x.gguf", "format": "F32", "kind": "adapter"}]}))
     assert resolve_model_path(by_manifest, "q8_0") == by_manifest / "gemma-Q8_0.gguf"
-    assert resolve_model_path(by_manifest, None).name in ("gemma-Q4_K_M.gguf", "gemma-Q8_0.gguf")
+    from edge_lora.fit import fit_report
+
+    [recommended] = [row for row in fit_report([by_manifest / "gemma-Q4_K_M.gguf", by_manifest / "gemma-Q8_0.gguf"])
+                     .models if row.recommended]
+    assert resolve_model_path(by_manifest, None) == Path(recommended.path)  # the fit estimator decides
     with pytest.raises(InputNotFoundError, match="no Q2_K file"):
         resolve_model_path(by_manifest, "Q2_K")
     by_name = tmp_path / "n"

@@ -79,7 +79,7 @@ def _recommended(files: dict[str, Path], ctx: int | None) -> Path | None:
     except ImportError:
         return None
     try:
-        report = fit_report(list(files.values()), ctx or 4096)
+        report = fit_report(list(files.values()), ctx)
         for row in getattr(report, "models", []):
             if getattr(row, "recommended", False):
                 return Path(row.path)
