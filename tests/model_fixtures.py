@@ -153,11 +153,13 @@ def _bpe_tokenizer(flavour: str) -> TokenizerFiles:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
         eos = tok.token_to_id("<|im_end|>")
         pad = tok.token_to_id("<|endoftext|>")
+        # As in Qwen2/2.5 releases: config.json names <|endoftext|> as bos_token_id, but the
+        # tokenizer never adds it (tokenizer_config bos_token null).
         config = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
                   "chat_template": CHATML_TEMPLATE, "clean_up_tokenization_spaces": False,
                   "errors": "replace", "model_max_length": 32768, "split_special_tokens": False,
                   "tokenizer_class": "Qwen2Tokenizer", "unk_token": None}
-        files = TokenizerFiles("", config, None, eos, pad, tok.get_vocab_size(with_added_tokens=True))
+        files = TokenizerFiles("", config, pad, eos, pad, tok.get_vocab_size(with_added_tokens=True))
     else:
         raise ValueError(f"unknown bpe flavour {flavour!r}")
     files.tokenizer_json = tok.to_str()

@@ -51,6 +51,9 @@ def test_checkpoint_is_hf_layout(checkpoints: dict, arch: str, kind: str | None)
     assert config["eos_token_id"] == tok.token_to_id(tok_config["eos_token"])
     if tok_config["bos_token"] is not None:
         assert config["bos_token_id"] == tok.token_to_id(tok_config["bos_token"])
+    else:  # Qwen: config.json has a BOS id the tokenizer does not add
+        assert config["bos_token_id"] == tok.token_to_id("<|endoftext|>")
+        assert tok.encode("hi").ids[0] != config["bos_token_id"]
     assert (config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"],
             config["head_dim"]) == (256, 4, 2, 64)
     header = _header(ckpt / "model.safetensors")
