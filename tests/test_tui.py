@@ -14,6 +14,7 @@ from tui.app import make_app
 from tui.screens.chat_screen import ChatScreen
 from tui.screens.main_screen import MainScreen
 from tui.widgets.formats_table import FormatsTable
+from tui.view_model import human_bytes
 from tui.widgets.size_kld_chart import SizeKldChart, bar
 
 
@@ -291,3 +292,100 @@ def test_snapshot_main_80x24(snap_compare, tmp_path: Path) -> None:  # type: ign
 
 def test_snapshot_main_160x50(snap_compare, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     assert snap_compare(_snapshot_app(tmp_path), terminal_size=(160, 50), run_before=_settle_for_snapshot)
+
+
+# --- real library on the real Gemma 3 270M files ---
+
+@pytest.fixture
+def gemma_dir(tmp_path: Path, gemma_q4_gguf: Path, gemma_f16_gguf: Path) -> Path:
+    from tui_fakes import write_gemma_dir
+
+    return write_gemma_dir(tmp_path, {"F16": gemma_f16_gguf, "Q4_K_M": gemma_q4_gguf})
+
+
+@pytest.mark.slow  # the F16 fixture is a real conversion the first time
+async def test_real_fit_estimator_on_gemma_files(gemma_dir: Path) -> None:
+    from edge_lora.fit import estimate_memory
+
+    q4, f16 = gemma_dir / "gemma-3-270m-Q4_K_M.gguf", gemma_dir / "gemma-3-270m-F16.gguf"
+    q4_total = estimate_memory(q4, 2048).total_bytes
+    f16_total = estimate_memory(f16, 2048).total_bytes
+    assert f16_total > q4_total
+    # Free RAM between the two predictions: Q4_K_M runs comfortably, F16 does not run at all.
+    available = max(int(q4_total / 0.8) + 1, (q4_total + f16_total) // 2)
+    assert available < f16_total
+    app = make_app(gemma_dir, ctx=2048, refresh_seconds=0,
+                   hardware_provider=lambda: fixed_hardware(available=available))  # real fit_fn
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(pilot)
+        rows = table_rows(app)
+        assert rows["Q4_K_M"][4:6] == [human_bytes(q4_total), "fits"]
+        assert rows["F16"][4:6] == [human_bytes(f16_total), "no"]
+        assert rows["Q4_K_M"][0] == "★" and rows["F16"][0] == ""
+        # Gemma's 262K x 640 embedding falls back to 8-bit types, so its "Q4_K_M" averages well above 4.9 bpw.
+        assert 4.5 < float(rows["Q4_K_M"][3]) < 8.5 < float(rows["F16"][3])
+        await pilot.press("plus", "plus", "plus")  # 2K -> 16K
+        await settle(pilot)
+        q4_16k = estimate_memory(q4, 16384).total_bytes
+        assert q4_16k > q4_total
+        assert table_rows(app)["Q4_K_M"][4] == human_bytes(q4_16k)
+
+
+@pytest.mark.slow
+async def test_real_perplexity_updates_row_and_manifest(tmp_path: Path, gemma_q4_gguf: Path) -> None:
+    from converters.manifest import Manifest
+    from tui_fakes import write_gemma_dir
+
+    directory = write_gemma_dir(tmp_path, {"Q4_K_M": gemma_q4_gguf})
+    text = Path("/usr/share/common-licenses/Apache-2.0").read_text()[:900]  # ~200 tokens: 2 windows of 64
+    app = make_app(directory, ctx=2048, ppl_ctx=64, refresh_seconds=0,
+                   hardware_provider=lambda: fixed_hardware(available=8 * GB), eval_text=lambda: text)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(pilot)
+        await pilot.press("p")
+        for _ in range(1200):
+            if app.screen.busy is None:
+                break
+            await pilot.pause(0.1)
+        await settle(pilot)
+        status = str(app.screen.query_one("#status").render())
+        assert "done for 1" in status, status
+        q4_ppl = float(table_rows(app)["Q4_K_M"][6])
+        assert 1.0 < q4_ppl < 200.0  # licence prose at a 64-token context: a few tens
+        recorded = {f.format: f for f in Manifest.load(directory).files}
+        assert recorded["Q4_K_M"].ppl == pytest.approx(q4_ppl, abs=1e-3)
+
+
+@pytest.mark.slow
+async def test_real_runtime_chat_switches_adapter(tmp_path: Path, gemma_q4_gguf: Path,
+                                                  random_gemma_loras: tuple[Path, Path]) -> None:
+    from tui_fakes import write_gemma_dir
+
+    directory = write_gemma_dir(tmp_path, {"Q4_K_M": gemma_q4_gguf}, {"rand": random_gemma_loras[0]})
+    app = make_app(directory, ctx=512, refresh_seconds=0, chat_max_tokens=12,
+                   hardware_provider=lambda: fixed_hardware(available=8 * GB))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(pilot)
+        await pilot.press("t")
+        chat = app.screen
+        for _ in range(300):
+            await settle(pilot)
+            if chat.runtime is not None and not chat.query_one("#prompt", Input).disabled:
+                break
+        assert chat.loaded == ["rand"]
+        runtime = chat.runtime
+        for _ in range(2):
+            chat.query_one("#prompt", Input).value = "The license grants you"
+            await pilot.press("enter")
+            for _ in range(300):
+                await settle(pilot)
+                if not chat.generating:
+                    break
+            await pilot.press("ctrl+t")  # next adapter: base -> rand
+        assert [label for label, _ in chat.replies] == ["base", "rand"]
+        base_reply, adapter_reply = (text for _, text in chat.replies)
+        assert base_reply.strip() and adapter_reply.strip()
+        assert base_reply != adapter_reply
+        assert chat.runtime is runtime  # one runtime: the adapter was applied per message
+        await pilot.press("escape")
+        await settle(pilot)

@@ -125,3 +125,28 @@ def fake_services(**overrides: Any) -> dict[str, Any]:
     )
     services.update(overrides)
     return services
+
+
+def write_gemma_dir(root: Path, files: Mapping[str, Path], adapters: Mapping[str, Path] = {},
+                    name: str = "gemma-3-270m") -> Path:
+    """A converted-output dir over real GGUF files (symlinked, not copied): ``files`` maps a format
+    name to a model GGUF, ``adapters`` an adapter name to a GGUF LoRA. The manifest carries the
+    real size and bpw (read by converters.manifest)."""
+    from converters.manifest import gguf_bits_per_weight
+
+    directory = root / name
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for fmt, target in files.items():
+        link = directory / f"{name}-{fmt}.gguf"
+        link.symlink_to(target)
+        rows.append({"path": link.name, "format": fmt, "kind": "model", "bytes": target.stat().st_size,
+                     "bpw": round(gguf_bits_per_weight(target)[1], 4), "sha256": ""})
+    for adapter_name, target in adapters.items():
+        link = directory / f"adapter-{adapter_name}.gguf"
+        link.symlink_to(target)
+        rows.append({"path": link.name, "format": "F32", "kind": "adapter", "bytes": target.stat().st_size,
+                     "bpw": 32.0, "sha256": ""})
+    (directory / "manifest.json").write_text(json.dumps(
+        {"name": name, "architecture": "gemma3", "base": "test", "adapter": None, "files": rows}, indent=1))
+    return directory

@@ -22,13 +22,14 @@ class EdgeLoraApp(App[None]):
     BINDINGS = [Binding("q", "quit", "Quit")]
 
     def __init__(self, services: TuiServices, view: ModelDirView | None, *, ctx: int, ppl_ctx: int,
-                 refresh_seconds: float) -> None:
+                 refresh_seconds: float, chat_max_tokens: int) -> None:
         super().__init__()
         self.services = services
         self.initial_view = view
         self.ctx = ctx
         self.ppl_ctx = ppl_ctx
         self.refresh_seconds = refresh_seconds
+        self.chat_max_tokens = chat_max_tokens
 
     def on_mount(self) -> None:
         if self.initial_view is not None:
@@ -38,7 +39,7 @@ class EdgeLoraApp(App[None]):
 
     def main_screen(self, view: ModelDirView) -> MainScreen:
         return MainScreen(view, self.services, ctx=self.ctx, ppl_ctx=self.ppl_ctx,
-                          refresh_seconds=self.refresh_seconds)
+                          refresh_seconds=self.refresh_seconds, chat_max_tokens=self.chat_max_tokens)
 
     def _open(self, view: ModelDirView | None) -> None:
         if view is not None:
@@ -46,7 +47,7 @@ class EdgeLoraApp(App[None]):
 
 
 def make_app(directory: Path | str | None = None, *, ctx: int | None = None, ppl_ctx: int = 512,
-             refresh_seconds: float = 2.0, **deps: Any) -> EdgeLoraApp:
+             refresh_seconds: float = 2.0, chat_max_tokens: int = 128, **deps: Any) -> EdgeLoraApp:
     """Build the app for ``directory`` (a converted output dir or one GGUF file; None -> welcome).
 
     ``deps`` override services by name (see ``tui.services.TuiServices``). The directory is read
@@ -54,4 +55,4 @@ def make_app(directory: Path | str | None = None, *, ctx: int | None = None, ppl
     services = default_services().with_overrides(**deps)
     view = services.load_model_dir(Path(directory)) if directory is not None else None
     return EdgeLoraApp(services, view, ctx=ctx or constants.DEFAULT_CTX_CAP, ppl_ctx=ppl_ctx,
-                       refresh_seconds=refresh_seconds)
+                       refresh_seconds=refresh_seconds, chat_max_tokens=chat_max_tokens)

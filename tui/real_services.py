@@ -44,7 +44,9 @@ def record_quality(directory: Path, model: Path, result: QualityResult) -> None:
     if not (directory / "manifest.json").is_file():
         return  # a lone GGUF (the demo model) has no manifest to remember figures in
     manifest = Manifest.load(directory)
-    manifest.record_quality(model, ppl=result.ppl, kld=result.kld)
+    # Relative name: the manifest resolves absolute paths, which would leave a symlinked directory.
+    name = model.relative_to(directory) if model.is_relative_to(directory) else model
+    manifest.record_quality(name, ppl=result.ppl, kld=result.kld)
     manifest.save()
 
 

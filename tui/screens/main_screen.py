@@ -52,13 +52,14 @@ class MainScreen(Screen[None]):
     ]
 
     def __init__(self, view: ModelDirView, services: TuiServices, *, ctx: int = 4096, ppl_ctx: int = 512,
-                 refresh_seconds: float = 2.0) -> None:
+                 refresh_seconds: float = 2.0, chat_max_tokens: int = 128) -> None:
         super().__init__()
         self.view = view
         self.services = services
         self.ctx = ctx
         self.ppl_ctx = ppl_ctx
         self.refresh_seconds = refresh_seconds
+        self.chat_max_tokens = chat_max_tokens
         self.hardware: HardwareView | None = None
         self.predictions: dict[Path, FitPrediction] = {}
         self._fit_ram: int | None = None
@@ -274,7 +275,8 @@ class MainScreen(Screen[None]):
             registered = []
         names = {a.name for a in self.view.adapters}
         adapters = list(self.view.adapters) + [a for a in registered if a.name not in names]
-        self.app.push_screen(ChatScreen(path, self.ctx, adapters, self.services.runtime_factory))
+        self.app.push_screen(ChatScreen(path, self.ctx, adapters, self.services.runtime_factory,
+                                           max_tokens=self.chat_max_tokens))
 
     def action_modelfile(self) -> None:
         path = self.query_one(FormatsTable).selected_path()
