@@ -170,9 +170,11 @@ def test_interrupt_leaves_no_cache_file(gemma_q4_gguf: Path, heldout_text: str) 
 @pytest.mark.slow
 def test_adapter_lowers_heldout_ppl_and_cli_json(capsys, gemma_q4_gguf: Path, legal_adapter_gguf: Path,
                                                  heldout_text: str, tmp_path: Path) -> None:
-    base = measure_perplexity(gemma_q4_gguf, heldout_text, ctx=512, max_windows=4)
-    tuned = measure_perplexity(gemma_q4_gguf, heldout_text, ctx=512, adapters=[legal_adapter_gguf], max_windows=4)
-    assert tuned.ppl < base.ppl
+    # The adapter's README: base 9.46 -> 8.944 with the adapter hot-applied on Q4_K_M (whole text;
+    # the base figure on this file, 9.44, is checked by test_ppl_matches_independent_loop...).
+    # On the Apache-only first windows the adapter does not help, so the whole text is needed.
+    tuned = measure_perplexity(gemma_q4_gguf, heldout_text, ctx=512, adapters=[legal_adapter_gguf])
+    assert 8.85 < tuned.ppl < 9.05
     text = tmp_path / "t.txt"
     text.write_text(heldout_text[:6000])
     assert main(["ppl", str(gemma_q4_gguf), "--text", str(text), "--adapter", str(legal_adapter_gguf),
