@@ -389,3 +389,50 @@ async def test_real_runtime_chat_switches_adapter(tmp_path: Path, gemma_q4_gguf:
         assert chat.runtime is runtime  # one runtime: the adapter was applied per message
         await pilot.press("escape")
         await settle(pilot)
+
+
+async def test_welcome_opens_the_real_demo_model() -> None:
+    app = make_app(None, refresh_seconds=0, hardware_provider=lambda: fixed_hardware(available=8 * GB))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("d")
+        for _ in range(100):
+            await settle(pilot)
+            if isinstance(app.screen, MainScreen) and app.screen.predictions:
+                break
+        rows = table_rows(app)
+        assert list(rows) == ["Q4_K_M"]  # read from the GGUF's file type, not its name
+        assert rows["Q4_K_M"][0] == "★" and rows["Q4_K_M"][5] == "fits"
+
+
+async def test_real_convert_from_modal_then_modelfile(tmp_path: Path) -> None:
+    from model_fixtures import make_checkpoint
+
+    checkpoint = make_checkpoint("llama", tmp_path / "ckpt")
+    start = write_fixture_dir(tmp_path / "start")
+    # Real services throughout; the start dir's placeholder files are not GGUF, so the real fit refuses them.
+    app = make_app(start, refresh_seconds=0, hardware_provider=lambda: fixed_hardware(available=8 * GB))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        assert "fit: " in str(app.screen.query_one("#status").render())  # a typed error shown, no crash
+        await pilot.press("n")
+        await pilot.pause()
+        app.screen.query_one("#base", Input).value = str(checkpoint)
+        app.screen.query_one("#quants", Input).value = "Q8_0"
+        app.screen.query_one("#out", Input).value = str(tmp_path / "out")
+        app.screen.query_one("#out", Input).focus()
+        await pilot.press("enter")
+        for _ in range(600):
+            await settle(pilot)
+            if isinstance(app.screen, MainScreen) and app.screen.busy is None:
+                break
+        status = str(app.screen.query_one("#status").render())
+        assert "converted" in status, status
+        rows = table_rows(app)
+        assert set(rows) == {"F16", "Q8_0"}
+        assert all(r[5] == "fits" for r in rows.values())  # a tiny model, 8 GB free
+        await pilot.press("m")
+        await pilot.pause()
+        modelfile = tmp_path / "out" / "Modelfile"
+        assert modelfile.is_file()
+        assert "FROM" in modelfile.read_text()
+        assert str(modelfile) in str(app.screen.query_one("#status").render())
