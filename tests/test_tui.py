@@ -436,3 +436,19 @@ async def test_real_convert_from_modal_then_modelfile(tmp_path: Path) -> None:
         assert modelfile.is_file()
         assert "FROM" in modelfile.read_text()
         assert str(modelfile) in str(app.screen.query_one("#status").render())
+
+
+async def test_hardware_panel_refreshes_and_refits_when_free_ram_moves(model_dir: Path) -> None:
+    readings = iter([1 * GB] * 3 + [680_000_000] * 1000)  # free RAM drops after a few readings
+    fit = ScriptedFit()
+    app = make_app(model_dir, ctx=4096, refresh_seconds=0.05,
+                   **fake_services(fit_fn=fit, hardware_provider=lambda: fixed_hardware(available=next(readings))))
+    async with app.run_test(size=(100, 30)) as pilot:
+        for _ in range(100):
+            await pilot.pause(0.05)
+            if fit.calls and fit.calls[-1][1] == 680_000_000:
+                break
+        await settle(pilot)
+        assert [available for _, available in fit.calls] == [1 * GB, 680_000_000]  # only on a real change
+        assert "680 MB free" in str(app.screen.query_one("#hardware").render())
+        assert table_rows(app)["Q8_0"][5] == "no"
