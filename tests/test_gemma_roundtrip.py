@@ -33,10 +33,16 @@ def _bf16(values: np.ndarray) -> np.ndarray:
     return (f32_to_bf16_bits(values).astype(np.uint32) << 16).view(np.float32)
 
 
+# Every 7th row of the 262144-row embedding (plus the last): all of it would take most of a minute.
+EMBEDDING_ROWS = np.r_[0:262144:7, 262143]
+
+
 def _tensor(reader: gguf.GGUFReader, name: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
     tensor = next(t for t in reader.tensors if t.name == name)
-    values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
-    return values.reshape(tuple(reversed(tensor.shape.tolist()))), tensor.tensor_type
+    data = tensor.data[EMBEDDING_ROWS] if name == "token_embd.weight" else tensor.data
+    values = gguf.quants.dequantize(data, tensor.tensor_type).astype(np.float32)
+    shape = tuple(reversed(tensor.shape.tolist()))
+    return values.reshape((-1, *shape[1:]) if len(shape) > 1 else shape), tensor.tensor_type
 
 
 @pytest.fixture(scope="module")
@@ -111,12 +117,16 @@ def _perplexity(path: Path, text: str, n_ctx: int = 512) -> tuple[float, int]:
     return math.exp(nll / count), count // (n_ctx // 2 - 1)
 
 
-def test_perplexity_matches_original(gemma_q4_gguf: Path, gemma_f16_gguf: Path, heldout_text: str) -> None:
-    original, windows = _perplexity(gemma_q4_gguf, heldout_text)
-    ours, _ = _perplexity(gemma_f16_gguf, heldout_text)
+# REFERENCE.md: the original Q4_K_M file scores 9.4520 with exactly this loop (and 9.4432 with
+# llama-perplexity); this loop reproduced 9.45197 on it here. Running the Q4 file again in every
+# test run would double this test's ~1-2 minutes, so ours is compared with that measured anchor.
+ORIGINAL_Q4_PERPLEXITY = 9.4520
+
+
+def test_perplexity_matches_original(gemma_f16_gguf: Path, heldout_text: str) -> None:
+    ours, windows = _perplexity(gemma_f16_gguf, heldout_text)
     assert windows == 11
-    assert 9.3 < original < 9.6  # REFERENCE.md: 9.44-9.46 for this text and method
-    assert abs(ours - original) / original < 0.01, (ours, original)
+    assert abs(ours - ORIGINAL_Q4_PERPLEXITY) / ORIGINAL_Q4_PERPLEXITY < 0.01, ours
 
 
 def test_refuses_non_gemma_gguf(tmp_path: Path) -> None:
