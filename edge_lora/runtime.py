@@ -5,7 +5,7 @@ adapter set is switched (and its KV cache cleared) at the start of each request 
 request holds the context exclusively, so one request's adapters are never active during
 another's. bench/runtime.py measured on 2 cores: one 2-thread context behind a lock serves 8
 concurrent mixed-adapter clients at the same tokens/s as sequential requests, while two
-1-thread contexts serve them 1.6-1.7x faster and a lone request is 0-10% slower. So
+1-thread contexts serve them 1.5-1.7x faster and a lone request is within ±10%. So
 `serve` uses a pool of two (threads split between them); `run` (one user) uses one context.
 Every request starts from an empty KV cache: reusing a cached prefix would make a request's
 logits depend on what ran before it (llama.cpp's kernels differ by batch shape), and the

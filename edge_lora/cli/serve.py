@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.add_argument("--port", type=int, default=constants.DEFAULT_PORT, help="port (default 8000)")
     parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY' on every route (or set EDGE_LORA_API_KEY)")
-    # bench/runtime.py on 2 cores (Gemma 3 270M): 8 concurrent mixed-adapter clients get 1.6-1.7x
+    # bench/runtime.py on 2 cores (Gemma 3 270M): 8 concurrent mixed-adapter clients get 1.5-1.7x
     # the tokens/s from two 1-thread contexts than from one 2-thread context behind a lock; a lone
     # client loses 0-10% (small-model decoding barely scales past one thread per sequence).
     parser.add_argument("--contexts", type=int, default=min(2, constants.N_THREADS),
