@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -323,10 +323,6 @@ def _choose(rows: list[ModelFit]) -> ModelFit | None:
             return min(candidates, key=lambda r: (r.kld, -r.total_bytes))
         return min(candidates, key=lambda r: (_quality_rank(r.format), -r.total_bytes))
     return None
-
-
-def estimate_as_dict(estimate: MemoryEstimate) -> dict:
-    return asdict(estimate)
 
 
 # --- measuring the real thing (calibration, tests, bench) ---
