@@ -171,3 +171,24 @@ def test_merge_row_blocks_equal_whole_merge() -> None:
             whole = (magnitude / np.linalg.norm(whole, axis=1))[:, None] * whole
         blocks = np.concatenate([merge_lora_into(w[s], delta, s) for s in (slice(0, 20), slice(20, 48))])
         np.testing.assert_allclose(blocks, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_convert_with_adapter_writes_merged_adapter_and_quant(bases: dict[str, Base], tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from converters.manifest import Manifest
+    from edge_lora.cli import main
+
+    base = bases["qwen3"]
+    adapter_dir = make_peft_adapter(base.ckpt, tmp_path / "myadapter", strength=STRENGTH)
+    out = tmp_path / "out"
+    assert main(["convert", str(base.ckpt), "--adapter", str(adapter_dir), "--out", str(out),
+                 "--quant", "Q8_0", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    kinds = {f["path"]: f["kind"] for f in report["files"]}
+    assert kinds == {"qwen3-myadapter-F16.gguf": "merged", "qwen3-myadapter-Q8_0.gguf": "merged",
+                     "adapter-myadapter.gguf": "adapter"}
+    assert Manifest.load(out).adapter == str(adapter_dir)
+    ref = reference_logits(base.config, apply_peft(base.weights, adapter_dir, base.config), base.tokens)
+    _assert_matches(_llama_logits(out / "qwen3-myadapter-F16.gguf", base.tokens), ref, base.ref)
