@@ -1,0 +1,61 @@
+"""`edge-lora demo --json` end to end on the real Gemma 3 270M and the bundled legal adapter."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from modelfile_grammar import parse_modelfile, resolve_modelfile_path
+
+from edge_lora.gguf_check import validate_gguf
+
+EXPECTED_FORMATS = {"F16", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K",
+                    "Q8_0"}
+# The adapter README's measurements (F16, llama-perplexity's method): 9.460 -> 8.918.
+README_BASE_PPL, README_ADAPTER_PPL = 9.460, 8.918
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path: Path, persistent_cache: Path) -> None:
+    out = tmp_path / "demo-out"
+    # The HF-layout base is shared with the conftest fixtures through the persistent cache.
+    env = {**os.environ, "EDGE_LORA_CACHE": str(persistent_cache), "EDGE_LORA_HOME": str(tmp_path / "home")}
+    done = subprocess.run([sys.executable, "-m", "edge_lora", "demo", "--out", str(out), "--json"],
+                          capture_output=True, text=True, env=env, timeout=1800)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout)  # exactly one JSON document on stdout
+
+    files = summary["files"]
+    models = [f for f in files if f["kind"] == "merged"]
+    assert {f["format"] for f in models} == EXPECTED_FORMATS
+    for f in files:
+        info = validate_gguf(f["path"])
+        assert Path(f["path"]).stat().st_size == f["bytes"]
+        assert info.general_type == ("adapter" if f["kind"] == "adapter" else info.general_type)
+    sizes = {f["format"]: f["bytes"] for f in models}
+    assert sizes["Q2_K"] < sizes["Q4_K_M"] < sizes["Q8_0"] < sizes["F16"]
+    assert [f["kind"] for f in files].count("adapter") == 1
+    assert sum(f["recommended"] for f in files) == 1
+    assert not list(out.glob("*.partial"))
+
+    ppl = summary["perplexity"]
+    assert ppl["adapter"] < ppl["base"]
+    assert ppl["base"] == pytest.approx(README_BASE_PPL, rel=0.03)
+    assert ppl["adapter"] == pytest.approx(README_ADAPTER_PPL, rel=0.03)
+    # the drop itself, not only the endpoints: ~5.7% in the README
+    assert ppl["adapter"] / ppl["base"] == pytest.approx(README_ADAPTER_PPL / README_BASE_PPL, abs=0.01)
+    # merging and hot-applying the same adapter agree
+    assert ppl["merged"] == pytest.approx(ppl["adapter"], rel=0.03)
+
+    modelfile = Path(summary["modelfile"])
+    parsed = parse_modelfile(modelfile.read_text())
+    assert resolve_modelfile_path(modelfile, parsed.from_).samefile(summary["recommended"])
+    assert parsed.parameter("stop") == ["<end_of_turn>"]
+
+    assert summary["sample_adapter"].strip()
+    assert summary["sample_adapter"] != summary["sample_base"]  # the adapter is really applied
+    assert set(summary["stage_seconds"]) == {"base", "convert", "fit", "quality", "sample", "modelfile"}
