@@ -9,8 +9,6 @@ Prints wall time and peak RSS (this process + children) and ratios. No assertion
 from __future__ import annotations
 
 import argparse
-import ctypes
-import resource
 import subprocess
 import sys
 import tempfile

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import gguf
 import numpy as np
@@ -17,9 +17,6 @@ from converters.gguf_output import GGMLType, PlannedTensor, StreamingGGUFWriter,
 from edge_lora.atomic import ensure_writable_dir
 from edge_lora.errors import InputError, InternalError, InvalidCheckpointError
 from edge_lora.progress import NullProgress, ProgressSink
-
-if TYPE_CHECKING:
-    from converters.manifest import Manifest
 
 # Rows per block are chosen so a float32 block stays near this size: small enough that peak
 # RSS does not depend on the model, large enough that numpy overhead is negligible.
@@ -179,28 +176,3 @@ def model_name_for(ref: str, ckpt_dir: Path) -> str:
     if not Path(ref).expanduser().exists() and ref.count("/") <= 1:
         return ref.rstrip("/").split("/")[-1]
     return checkpoint_name(ckpt_dir)
-
-
-def convert_to_dir(base_ref: str, out_dir: Path | str, *, outtype: str = "f16",
-                   progress: ProgressSink = NullProgress()) -> tuple[Path, Manifest]:
-    """``edge-lora convert BASE --quant none``: resolve BASE (local dir or repo id), write
-    ``<name>-F16.gguf`` into ``out_dir`` and record it in ``manifest.json``."""
-    from converters.manifest import Manifest
-    from edge_lora.hub import resolve_local_or_hub
-
-    if outtype not in OUTTYPES:
-        raise InputError(f"unknown outtype {outtype!r}", fix=f"use one of {', '.join(OUTTYPES)}")
-    out_dir = Path(out_dir)
-    ensure_writable_dir(out_dir)
-    ckpt_dir = resolve_local_or_hub(base_ref, "model")
-    name = model_name_for(str(base_ref), ckpt_dir)
-    out_path = convert_checkpoint(ckpt_dir, out_dir / output_file_name(name, outtype), outtype=outtype,
-                                  name=name, progress=progress)
-    manifest = Manifest.load(out_dir)
-    with HFCheckpoint.open(ckpt_dir) as ckpt:
-        manifest.architecture = arch_spec_for(ckpt.config).gguf_arch_name
-    manifest.name = name
-    manifest.base = str(base_ref)
-    manifest.add_file(out_path.name, format=FORMAT_LABELS[outtype], kind="model")
-    manifest.save()
-    return out_path, manifest

@@ -14,6 +14,8 @@ Without an adapter: ``<base>-F16.gguf`` and its quants (kind ``model``). Everyth
 
 from __future__ import annotations
 
+import logging
+
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -26,6 +28,8 @@ from edge_lora.atomic import ensure_writable_dir
 from edge_lora.errors import EdgeLoraError, InputError, QuantizeError
 from edge_lora.progress import NullProgress, ProgressSink
 
+
+logger = logging.getLogger(__name__)
 
 class PartialConversionError(QuantizeError):
     """Some quant formats failed; the others (and the manifest) were written."""
@@ -82,14 +86,31 @@ def convert_model(base: str | Path, out_dir: str | Path, *, adapter: str | Path 
             manifest.add_file(adapter_path.name, format="F32", kind="adapter")
     manifest.save()
 
+    failed: list[QuantResult] = []
     if names:
         results = quantize_ladder(full_path, out_dir, names, progress=progress)
         record_in_manifest(out_dir, full_path, results)
         manifest = Manifest.load(out_dir)
         failed = [r for r in results if not r.ok]
+    _hand_off(out_dir, manifest)
+    if names:
         if failed:
             raise PartialConversionError(
                 f"{len(failed)} of {len(results)} formats failed: {failed[0].error}",
                 fix="the other files were written; re-run with --quant for the failed ones",
                 manifest=manifest, failed=failed)
     return manifest
+
+
+def _hand_off(out_dir: Path, manifest: Manifest) -> None:
+    """Make the output set usable right away: an Ollama Modelfile beside it, and `run`/`fit`
+    without arguments pointing at it. A model whose chat template no Ollama family matches still
+    converts: the Modelfile is skipped with a warning, not the conversion failed."""
+    from edge_lora.modelfile import write_modelfiles_for_output
+    from edge_lora.state import remember_output_dir
+
+    remember_output_dir(out_dir)
+    try:
+        write_modelfiles_for_output(out_dir, manifest)
+    except EdgeLoraError as exc:
+        logger.warning("no Modelfile written: %s", exc.one_line())

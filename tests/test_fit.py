@@ -8,7 +8,7 @@ import pytest
 
 from edge_lora.cli import main
 from edge_lora.errors import InputError, InputNotFoundError, InvalidGGUFError
-from edge_lora.fit import (FIT_SHARE, MemoryEstimate, estimate_memory, fit_report, format_of,
+from edge_lora.fit import (FIT_SHARE, estimate_memory, fit_report, format_of,
                            measure_peak_rss, verdict_for)
 from edge_lora.gguf_check import validate_gguf
 from quant_fixtures import gemma_formats

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import pkgutil
 import sys
 from collections.abc import Sequence
@@ -35,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Library code reports non-fatal problems through logging; show them as one-line warnings.
+    logging.basicConfig(format="edge-lora: %(levelname)s: %(message)s", level=logging.WARNING)
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse itself exits 2 with a usage line on bad arguments
     handler = getattr(args, "handler", None)

@@ -1,7 +1,6 @@
 """``edge-lora convert BASE [--adapter PEFT] [--out DIR] [--quant ...] [--outtype ...] [--json]``.
 
-``--quant none`` without an adapter is the plain streaming HF -> GGUF conversion done here;
-merging an adapter and the quantization ladder go through ``converters.pipeline``.
+A thin layer over ``converters.pipeline.convert_model``.
 """
 
 from __future__ import annotations
@@ -21,8 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                         help="PEFT LoRA adapter (directory or repo id) to merge and export")
     parser.add_argument("--out", metavar="DIR", type=Path, default=None,
                         help="output directory (default: ./<name>-gguf)")
-    parser.add_argument("--quant", default="none", metavar="all|none|Q4_K_M,Q8_0,...",
-                        help="quantized formats to write besides the full-precision file (default: none)")
+    parser.add_argument("--quant", default="all", metavar="all|none|Q4_K_M,Q8_0,...",
+                        help="quantized formats to write besides the full-precision file (default: all: every K-quant and Q8_0)")
     parser.add_argument("--outtype", choices=("f16", "bf16", "f32"), default="f16",
                         help="type of the full-precision file (default: f16)")
     parser.add_argument("--json", action="store_true", help="print one JSON document (the manifest) on stdout")
@@ -39,26 +38,14 @@ def convert_command(args: argparse.Namespace) -> int:
     out_dir: Path = args.out if args.out is not None else _default_out(args.base)
     quant = str(args.quant).strip()
     with cli_progress(quiet=args.json) as progress:
-        if quant.lower() == "none" and args.adapter is None:
-            from converters.convert import convert_to_dir
+        from converters.pipeline import convert_model
 
-            out_path, manifest = convert_to_dir(args.base, out_dir, outtype=args.outtype, progress=progress)
-        else:
-            try:
-                from converters.pipeline import convert_model
-            except ImportError as exc:
-                from edge_lora.errors import InputError
-
-                raise InputError("merging adapters and quantizing are not available in this installation",
-                                 fix="run with --quant none and without --adapter") from exc
-            manifest = convert_model(args.base, out_dir, adapter=args.adapter, quants=quant,
-                                     outtype=args.outtype, progress=progress)
-            out_path = None
+        manifest = convert_model(args.base, out_dir, adapter=args.adapter, quants=quant,
+                                 outtype=args.outtype, progress=progress)
     if args.json:
         print(json.dumps({"directory": str(out_dir), **manifest.to_json()}))
         return 0
     for row in manifest.files:
         print(f"{out_dir / row.path}  {row.format:<7} {row.bytes / 1e6:9.1f} MB  {row.bpw:.2f} bpw")
-    if out_path is not None:
-        print(f"wrote {out_path} and {out_dir / 'manifest.json'}")
+    print(f"wrote {out_dir / 'manifest.json'}")
     return 0
