@@ -362,17 +362,15 @@ def _gpt2_from_tokenizer_json(tj: dict[str, Any], files: _Files, vocab_size: int
 # --- special ids, flags, template -------------------------------------------------------------------
 
 def _special_id(files: _Files, config: dict[str, Any], role: str, tokens: list[str]) -> int | None:
-    lookup: dict[str, int] = {}
-    for i, text in enumerate(tokens):
-        lookup.setdefault(text, i)
     for source in (files.tokenizer_config, files.special_tokens_map):
         text = _token_text(source.get(f"{role}_token"))
         if text is not None:
-            if text not in lookup:
+            try:
+                return tokens.index(text)  # the first id with that text, searched at C speed
+            except ValueError:
                 raise InvalidCheckpointError(
                     f"{role}_token {text!r} in {files.directory} is not in the vocabulary",
-                    fix="fix tokenizer_config.json / special_tokens_map.json")
-            return lookup[text]
+                    fix="fix tokenizer_config.json / special_tokens_map.json") from None
     for source in (files.generation_config, config):
         value = source.get(f"{role}_token_id")
         if isinstance(value, list) and value:
