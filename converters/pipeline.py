@@ -78,8 +78,9 @@ def convert_model(base: str | Path, out_dir: str | Path, *, adapter: str | Path 
     if peft is not None and adapter_name is not None and adapter_dir is not None:
         try:
             check_expressible(peft)
-        except EdgeLoraError:
-            pass  # DoRA / modules_to_save: only the merged model can carry it
+        except EdgeLoraError as exc:
+            # DoRA / modules_to_save: only the merged model can carry it.
+            logger.warning("no GGUF adapter written (the merged model has it): %s", exc.one_line())
         else:
             adapter_path = convert_adapter_to_gguf(adapter_dir, ckpt_dir, out_dir / f"adapter-{adapter_name}.gguf",
                                                    progress=progress)
