@@ -385,3 +385,27 @@ def apply_peft(weights: dict[str, np.ndarray], adapter_dir: Path,
             raise ValueError(f"reference: adapter tensor {name} has no known PEFT meaning")
         merged[name[len(prefix):]] = values.astype(np.float32)
     return merged
+
+
+def straightforward_perplexity(path: Path, text: str, n_ctx: int = 512) -> tuple[float, int]:
+    """llama-perplexity's method done the plain way, as an independent check of
+    ``edge_lora.perplexity``: ``Llama(logits_all=True)``, BOS replaces each window's first token,
+    the second half of each window is scored. Returns (perplexity, windows)."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, n_threads=2, verbose=False)
+    tokens = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+    nll, count = 0.0, 0
+    for start in range(0, len(tokens) - n_ctx + 1, n_ctx):
+        window = list(tokens[start:start + n_ctx])
+        window[0] = llm.token_bos()
+        llm.reset()
+        llm.eval(window)
+        logits = np.asarray(llm.scores[n_ctx // 2:n_ctx - 1], dtype=np.float32)
+        peak = logits.max(axis=1, keepdims=True)
+        log_z = np.log(np.exp(logits - peak).sum(axis=1, dtype=np.float64)) + peak[:, 0]
+        targets = np.asarray(window[n_ctx // 2 + 1:n_ctx])
+        nll += float((log_z - logits[np.arange(len(targets)), targets]).sum())
+        count += len(targets)
+    llm.close()
+    return math.exp(nll / count), count // (n_ctx // 2 - 1)

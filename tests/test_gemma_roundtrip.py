@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import gguf
@@ -13,8 +12,8 @@ import pytest
 
 from converters.gguf_to_hf import build_hf_checkpoint_from_gguf, f32_to_bf16_bits, iter_hf_tensors
 from edge_lora.errors import UnsupportedArchitectureError
+from reference import straightforward_perplexity
 
-llama_cpp = pytest.importorskip("llama_cpp")
 
 pytestmark = pytest.mark.slow
 
@@ -97,26 +96,6 @@ def test_hf_checkpoint_layout(gemma_hf_dir: Path) -> None:
     assert not gemma_hf_dir.with_name(gemma_hf_dir.name + ".partial").exists()
 
 
-def _perplexity(path: Path, text: str, n_ctx: int = 512) -> tuple[float, int]:
-    """llama-perplexity's method: BOS replaces each window's first token; score the second half."""
-    llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, n_threads=2, verbose=False)
-    tokens = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
-    nll, count = 0.0, 0
-    for start in range(0, len(tokens) - n_ctx + 1, n_ctx):
-        window = list(tokens[start:start + n_ctx])
-        window[0] = llm.token_bos()
-        llm.reset()
-        llm.eval(window)
-        logits = np.asarray(llm.scores[n_ctx // 2:n_ctx - 1], dtype=np.float32)
-        peak = logits.max(axis=1, keepdims=True)
-        log_z = np.log(np.exp(logits - peak).sum(axis=1, dtype=np.float64)) + peak[:, 0]
-        targets = np.asarray(window[n_ctx // 2 + 1:n_ctx])
-        nll += float((log_z - logits[np.arange(len(targets)), targets]).sum())
-        count += len(targets)
-    llm.close()
-    return math.exp(nll / count), count // (n_ctx // 2 - 1)
-
-
 # REFERENCE.md: the original Q4_K_M file scores 9.4520 with exactly this loop (and 9.4432 with
 # llama-perplexity); this loop reproduced 9.45197 on it here. Running the Q4 file again in every
 # test run would double this test's ~1-2 minutes, so ours is compared with that measured anchor.
@@ -124,7 +103,7 @@ ORIGINAL_Q4_PERPLEXITY = 9.4520
 
 
 def test_perplexity_matches_original(gemma_f16_gguf: Path, heldout_text: str) -> None:
-    ours, windows = _perplexity(gemma_f16_gguf, heldout_text)
+    ours, windows = straightforward_perplexity(gemma_f16_gguf, heldout_text)
     assert windows == 11
     assert abs(ours - ORIGINAL_Q4_PERPLEXITY) / ORIGINAL_Q4_PERPLEXITY < 0.01, ours
 

@@ -12,6 +12,7 @@ from edge_lora.cli import main
 from edge_lora.errors import InputError, InputNotFoundError, InvalidGGUFError
 from edge_lora.perplexity import (default_eval_text, log_softmax_row, measure_perplexity, window_plan)
 from quant_fixtures import gemma_formats
+from reference import straightforward_perplexity
 
 
 @pytest.fixture(scope="session")
@@ -94,34 +95,13 @@ def test_cli_errors_are_one_line(capsys, tmp_path: Path, gemma_q4_gguf: Path) ->
     assert main(["ppl", str(gemma_q4_gguf), "--ctx", "100000"]) == 2
 
 
-def _reference_ppl(path: Path, text: str, ctx: int) -> float:
-    """Straightforward loop with llama_cpp.Llama: every position's logits, same windows."""
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(path), n_ctx=ctx, n_batch=ctx, logits_all=True, verbose=False, n_threads=2)
-    tokens = llm.tokenize(text.encode(), add_bos=True, special=False)
-    nll: list[float] = []
-    for w in range(len(tokens) // ctx):
-        window = tokens[w * ctx:(w + 1) * ctx]
-        window[0] = llm.token_bos()
-        llm.reset()
-        llm.eval(window)
-        scores = np.asarray(llm.scores[:ctx], dtype=np.float64)
-        for j in range(ctx // 2, ctx - 1):
-            row = scores[j]
-            lse = row.max() + math.log(np.exp(row - row.max()).sum())
-            nll.append(lse - row[window[j + 1]])
-    llm.close()
-    return math.exp(sum(nll) / len(nll))
-
-
 @pytest.mark.slow
 def test_ppl_matches_independent_loop_and_llama_perplexity(gemma_q4_gguf: Path, heldout_text: str) -> None:
     progress = RecordingProgress()
     result = measure_perplexity(gemma_q4_gguf, heldout_text, ctx=512, progress=progress)
     assert result.windows == 11 and result.tokens == 11 * 255
     assert 9.40 < result.ppl < 9.50  # llama-perplexity measured 9.4432 on this file and text
-    reference = _reference_ppl(gemma_q4_gguf, heldout_text, 512)
+    reference, _ = straightforward_perplexity(gemma_q4_gguf, heldout_text, 512)
     assert abs(result.ppl - reference) / reference < 0.005
     assert progress.events[0] == ("start", 11) and progress.events.count(("advance", 1)) == 11
     assert 0 < result.ppl_stderr < result.ppl
