@@ -16,7 +16,7 @@ import threading
 import weakref
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 
@@ -78,7 +78,28 @@ def _clear_log() -> None:
         _recent_log.clear()
 
 
-class LlamaModel:
+_Handle = TypeVar("_Handle", bound="_NativeHandle")
+
+
+class _NativeHandle:
+    """Deterministic release of a llama.cpp object: ``close()``, a ``with`` block, or (as a
+    last resort) garbage collection."""
+
+    def close(self) -> None:
+        raise InternalError(f"{type(self).__name__} does not define close()")
+
+    def __enter__(self: _Handle) -> _Handle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # at interpreter exit the ctypes module may be gone
+            self.close()
+
+
+class LlamaModel(_NativeHandle):
     """A GGUF model loaded with mmap. Owns contexts and adapters made from it: closing the
     model closes them first, so no native object outlives its model."""
 
@@ -124,16 +145,6 @@ class LlamaModel:
                 dependent.close()
             llama.llama_model_free(self._ptr)
             self._ptr = None
-
-    def __enter__(self) -> LlamaModel:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):  # at interpreter exit the ctypes module may be gone
-            self.close()
 
     # --- vocabulary ---
     def tokenize(self, text: str, add_bos: bool = True, special: bool = True) -> list[int]:
@@ -210,7 +221,7 @@ class LlamaModel:
         return raw.decode("utf-8", errors="replace") if raw else None
 
 
-class LoraAdapter:
+class LoraAdapter(_NativeHandle):
     """A GGUF LoRA adapter loaded for one model. Checked against the model's tensors in
     Python first (llama.cpp's own check only logs and returns NULL)."""
 
@@ -248,14 +259,11 @@ class LoraAdapter:
                 llama.llama_adapter_lora_free(self._ptr)
             self._ptr = None
 
-    close = free
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):
-            self.free()
+    def close(self) -> None:
+        self.free()
 
 
-class LlamaContext:
+class LlamaContext(_NativeHandle):
     """One inference context (KV cache) on a model: single sequence, batched decode."""
 
     def __init__(self, model: LlamaModel, n_ctx: int, n_batch: int = 512, n_threads: int | None = None,
@@ -304,16 +312,6 @@ class LlamaContext:
             llama.llama_free(self._ptr)
             self._ptr = None
             self._adapters = ()
-
-    def __enter__(self) -> LlamaContext:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):  # at interpreter exit the ctypes module may be gone
-            self.close()
 
     # --- KV cache ---
     def clear_kv(self) -> None:
