@@ -25,10 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import gguf
-import numpy as np
 
 from edge_lora.gguf_check import validate_gguf
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "tests")]
+from lora_fixtures import write_random_lora  # noqa: E402  (tests/ helper, shared with the runtime tests)
 from edge_lora.llama_backend import LlamaContext, LlamaModel, LoraAdapter
 from edge_lora.runtime import Runtime
 
@@ -36,25 +38,13 @@ LEGAL_TARGETS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_u
 PROMPT = "Licensed under the Apache License, Version 2.0 (the \"License\"); you may not use this file"
 
 
-def legal_shaped_lora(base: Path, out: Path, seed: int, rank: int = 16, alpha: float = 32.0) -> Path:
-    info = validate_gguf(base, expect_type="model")
-    rng = np.random.default_rng(seed)
-    writer = gguf.GGUFWriter(out, info.architecture or "")
-    writer.add_string("general.type", "adapter")
-    writer.add_string("adapter.type", "lora")
-    writer.add_float32("adapter.lora.alpha", alpha)
+def legal_shaped_lora(base: Path, out: Path, seed: int) -> Path:
+    """A random adapter with the legal adapter's shape (r=16, alpha=32, all 7 linear targets
+    in every layer), so its run-time cost is the real one."""
+    info = validate_gguf(base)
     n_layers = int(info.metadata[f"{info.architecture}.block_count"])
-    for layer in range(n_layers):
-        for target in LEGAL_TARGETS:
-            name = f"blk.{layer}.{target}.weight"
-            n_in, n_out = info.tensor(name).shape[:2]
-            writer.add_tensor(name + ".lora_a", (rng.standard_normal((rank, n_in)) / np.sqrt(n_in)).astype(np.float32))
-            writer.add_tensor(name + ".lora_b", (rng.standard_normal((n_out, rank)) * 0.01).astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return out
+    return write_random_lora(base, out, seed=seed, layers=tuple(range(n_layers)), targets=LEGAL_TARGETS,
+                             rank=16, alpha=32.0, strength=0.01)
 
 
 def find_adapters(base: Path, work: Path, given: Path | None) -> tuple[Path, Path, str]:
