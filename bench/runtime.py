@@ -25,6 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import gguf
+import numpy as np
+from gguf.quants import dequantize, quantize
 
 from edge_lora.gguf_check import validate_gguf
 
@@ -114,25 +117,92 @@ def bench_switch(base: Path, legal: Path, second: Path, repeat: int) -> None:
     print(f"   ratio reload / switch           {t_reload / t_switch_prefill:9.1f} x")
 
 
-def bench_tokens_per_second(base: Path, legal: Path, second: Path, n_tokens: int) -> None:
+def bench_tokens_per_second(base: Path, legal: Path, second: Path, n_tokens: int, repeat: int) -> None:
     with Runtime(base, n_ctx=512) as rt:
         rt.load_adapter("legal", legal)
         rt.load_adapter("second", second)
 
         def tps(adapters: dict | None) -> float:
-            rt.generate(PROMPT, adapters=adapters, max_tokens=4).text()  # warm-up
             start = time.perf_counter()
             gen = rt.generate(PROMPT, adapters=adapters, max_tokens=n_tokens)
             gen.text()
             return gen.stats.completion_tokens / (time.perf_counter() - start)
 
-        merged = tps(None)
-        hot = tps({"legal": 1.0})
-        both = tps({"legal": 1.0, "second": 1.0})
-    print(f"2. generation speed, {n_tokens} tokens greedy, prompt included")
+        configs = {"merged": None, "hot": {"legal": 1.0}, "both": {"legal": 1.0, "second": 1.0}}
+        for adapters in configs.values():
+            rt.generate(PROMPT, adapters=adapters, max_tokens=4).text()  # warm-up
+        runs: dict[str, list[float]] = {name: [] for name in configs}
+        for _ in range(repeat):  # interleaved, so drift hits every row alike
+            for name, adapters in configs.items():
+                runs[name].append(tps(adapters))
+        merged, hot, both = (statistics.median(runs[name]) for name in configs)
+    print(f"2. generation speed, {n_tokens} tokens greedy, prompt included (median of {repeat})")
     print(f"   merged Q4_K_M (no adapter op)   {merged:9.1f} tok/s   (baseline)")
     print(f"   hot-applied adapter             {hot:9.1f} tok/s   ratio {hot / merged:.2f}")
     print(f"   two adapters hot-applied        {both:9.1f} tok/s   ratio {both / merged:.2f}")
+
+
+def rewrite_lora(src: Path, out: Path, tensor_type: gguf.GGMLQuantizationType, rank_multiple: int = 1) -> Path:
+    """The same adapter with other tensor types; the rank is zero-padded up to ``rank_multiple``
+    (exact: zero rows of A meet zero columns of B) so Q8_0's 32-wide blocks fit B's rows."""
+    reader = gguf.GGUFReader(src)
+    alpha = float(reader.fields["adapter.lora.alpha"].parts[-1][0])
+    tensors = {t.name: dequantize(t.data, t.tensor_type).reshape([int(n) for n in reversed(t.shape)])
+               for t in reader.tensors}
+    rank = next(v.shape[0] for k, v in tensors.items() if k.endswith(".lora_a"))
+    padded = -(-rank // rank_multiple) * rank_multiple
+    writer = gguf.GGUFWriter(out, str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8"))
+    writer.add_string("general.type", "adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", alpha * padded / rank)  # llama.cpp scales by alpha / r
+    for name, value in tensors.items():
+        pad = [(0, padded - rank), (0, 0)] if name.endswith(".lora_a") else [(0, 0), (0, padded - rank)]
+        value = np.pad(value.astype(np.float32), pad)
+        if tensor_type == gguf.GGMLQuantizationType.F16:
+            writer.add_tensor(name, value.astype(np.float16))
+        else:
+            writer.add_tensor(name, quantize(value, tensor_type), raw_dtype=tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+def bench_adapter_layouts(base: Path, legal: Path, work: Path, repeat: int) -> None:
+    """Where the hot-applied cost goes: llama.cpp adds mul_mat(B, mul_mat(A, x)), scale and add
+    per target (4 graph nodes x 126 targets). Timed on the bare decode loop, so only the graph
+    differs; the tensor type changes the kernels, not the node count."""
+    layouts = {"F32 (as converted)": legal,
+               "F16": rewrite_lora(legal, work / "f16.gguf", gguf.GGMLQuantizationType.F16),
+               "Q8_0, rank padded to 32": rewrite_lora(legal, work / "q8.gguf", gguf.GGMLQuantizationType.Q8_0, 32)}
+    model = LlamaModel(base)
+    ctx = LlamaContext(model, 512)
+    adapters = {label: LoraAdapter(model, path) for label, path in layouts.items()}
+    prompt = model.tokenize(PROMPT)
+
+    def ms_per_token(active: list) -> float:
+        ctx.clear_kv()
+        ctx.set_adapters(active)
+        ctx.decode(prompt)
+        start = time.perf_counter()
+        for i in range(48):
+            ctx.decode([prompt[-1]], pos0=len(prompt) + i)
+        return (time.perf_counter() - start) / 48 * 1e3
+
+    times: dict[str, list[float]] = {"no adapter": [], **{label: [] for label in adapters}}
+    for _ in range(repeat):  # interleaved, so drift hits every row alike
+        times["no adapter"].append(ms_per_token([]))
+        for label, adapter in adapters.items():
+            times[label].append(ms_per_token([(adapter, 1.0)]))
+    ctx.close()
+    model.close()
+    baseline = statistics.median(times["no adapter"])
+    print("2b. decode cost by adapter tensor type (bare decode loop, median ms/token)")
+    for label, values in times.items():
+        size = "" if label == "no adapter" else f"{layouts[label].stat().st_size / 1e6:5.1f} MB"
+        print(f"   {label:<26} {statistics.median(values):6.2f} ms  {size:>8}   speed ratio "
+              f"{baseline / statistics.median(values):.3f}")
 
 
 def bench_server(base: Path, legal: Path, second: Path, n_tokens: int) -> None:
@@ -189,7 +259,8 @@ def main() -> int:
         print(f"base: {base.name} ({base.stat().st_size / 1e6:.0f} MB); adapter: {label}, "
               f"{legal.stat().st_size / 1e6:.1f} MB")
         bench_switch(base, legal, second, args.repeat)
-        bench_tokens_per_second(base, legal, second, args.tokens)
+        bench_tokens_per_second(base, legal, second, args.tokens, args.repeat)
+        bench_adapter_layouts(base, legal, Path(tmp), args.repeat)
         bench_server(base, legal, second, args.tokens // 2)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS of this process: {peak:.0f} MB")
