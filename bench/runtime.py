@@ -25,11 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import gguf
-import numpy as np
-from gguf.quants import dequantize, quantize
-
 from edge_lora.gguf_check import validate_gguf
+from edge_lora.perplexity import default_eval_text, measure_perplexity
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "tests")]
@@ -38,6 +35,7 @@ from edge_lora.llama_backend import LlamaContext, LlamaModel, LoraAdapter
 from edge_lora.runtime import Runtime
 
 LEGAL_TARGETS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+LEGAL_DIR = REPO_ROOT / "edge_lora" / "data" / "legal-adapter"
 PROMPT = "Licensed under the Apache License, Version 2.0 (the \"License\"); you may not use this file"
 
 
@@ -58,8 +56,7 @@ def find_adapters(base: Path, work: Path, given: Path | None) -> tuple[Path, Pat
         from converters.gguf_to_hf import build_hf_checkpoint_from_gguf
 
         hf = build_hf_checkpoint_from_gguf(base, work / "hf")
-        legal_dir = Path(__file__).resolve().parent.parent / "edge_lora" / "data" / "legal-adapter"
-        legal = convert_adapter_to_gguf(legal_dir, hf, work / "adapter-legal.gguf")
+        legal = convert_adapter_to_gguf(LEGAL_DIR, hf, work / "adapter-legal.gguf")
         label = "legal adapter (converted to GGUF)"
     except ImportError:
         legal = legal_shaped_lora(base, work / "legal-shaped.gguf", seed=1)
@@ -142,40 +139,17 @@ def bench_tokens_per_second(base: Path, legal: Path, second: Path, n_tokens: int
     print(f"   two adapters hot-applied        {both:9.1f} tok/s   ratio {both / merged:.2f}")
 
 
-def rewrite_lora(src: Path, out: Path, tensor_type: gguf.GGMLQuantizationType, rank_multiple: int = 1) -> Path:
-    """The same adapter with other tensor types; the rank is zero-padded up to ``rank_multiple``
-    (exact: zero rows of A meet zero columns of B) so Q8_0's 32-wide blocks fit B's rows."""
-    reader = gguf.GGUFReader(src)
-    alpha = float(reader.fields["adapter.lora.alpha"].parts[-1][0])
-    tensors = {t.name: dequantize(t.data, t.tensor_type).reshape([int(n) for n in reversed(t.shape)])
-               for t in reader.tensors}
-    rank = next(v.shape[0] for k, v in tensors.items() if k.endswith(".lora_a"))
-    padded = -(-rank // rank_multiple) * rank_multiple
-    writer = gguf.GGUFWriter(out, str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8"))
-    writer.add_string("general.type", "adapter")
-    writer.add_string("adapter.type", "lora")
-    writer.add_float32("adapter.lora.alpha", alpha * padded / rank)  # llama.cpp scales by alpha / r
-    for name, value in tensors.items():
-        pad = [(0, padded - rank), (0, 0)] if name.endswith(".lora_a") else [(0, 0), (0, padded - rank)]
-        value = np.pad(value.astype(np.float32), pad)
-        if tensor_type == gguf.GGMLQuantizationType.F16:
-            writer.add_tensor(name, value.astype(np.float16))
-        else:
-            writer.add_tensor(name, quantize(value, tensor_type), raw_dtype=tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return out
-
-
-def bench_adapter_layouts(base: Path, legal: Path, work: Path, repeat: int) -> None:
+def bench_adapter_layouts(base: Path, work: Path, repeat: int) -> None:
     """Where the hot-applied cost goes: llama.cpp adds mul_mat(B, mul_mat(A, x)), scale and add
     per target (4 graph nodes x 126 targets). Timed on the bare decode loop, so only the graph
-    differs; the tensor type changes the kernels, not the node count."""
-    layouts = {"F32 (as converted)": legal,
-               "F16": rewrite_lora(legal, work / "f16.gguf", gguf.GGMLQuantizationType.F16),
-               "Q8_0, rank padded to 32": rewrite_lora(legal, work / "q8.gguf", gguf.GGMLQuantizationType.Q8_0, 32)}
+    differs; `adapter convert --outtype` changes the kernels, not the node count."""
+    from converters.adapter_gguf import convert_adapter_to_gguf
+
+    if not (work / "hf").is_dir():
+        print("2b. skipped: needs the legal adapter converted here (no --adapter)")
+        return
+    layouts = {f"--outtype {t}": convert_adapter_to_gguf(LEGAL_DIR, work / "hf", work / f"legal-{t}.gguf", outtype=t)
+               for t in ("f32", "f16", "q8_0")}
     model = LlamaModel(base)
     ctx = LlamaContext(model, 512)
     adapters = {label: LoraAdapter(model, path) for label, path in layouts.items()}
@@ -197,12 +171,15 @@ def bench_adapter_layouts(base: Path, legal: Path, work: Path, repeat: int) -> N
             times[label].append(ms_per_token([(adapter, 1.0)]))
     ctx.close()
     model.close()
+    text = default_eval_text()
+    ppl = {label: measure_perplexity(base, text, adapters=[path]).ppl for label, path in layouts.items()}
+    ppl["no adapter"] = measure_perplexity(base, text).ppl
     baseline = statistics.median(times["no adapter"])
-    print("2b. decode cost by adapter tensor type (bare decode loop, median ms/token)")
+    print("2b. decode cost by adapter tensor type (bare decode loop, median ms/token; held-out PPL, ctx 512)")
     for label, values in times.items():
         size = "" if label == "no adapter" else f"{layouts[label].stat().st_size / 1e6:5.1f} MB"
-        print(f"   {label:<26} {statistics.median(values):6.2f} ms  {size:>8}   speed ratio "
-              f"{baseline / statistics.median(values):.3f}")
+        print(f"   {label:<18} {statistics.median(values):6.2f} ms  {size:>8}   speed ratio "
+              f"{baseline / statistics.median(values):.3f}   PPL {ppl[label]:.4f}")
 
 
 def bench_server(base: Path, legal: Path, second: Path, n_tokens: int) -> None:
@@ -260,7 +237,7 @@ def main() -> int:
               f"{legal.stat().st_size / 1e6:.1f} MB")
         bench_switch(base, legal, second, args.repeat)
         bench_tokens_per_second(base, legal, second, args.tokens, args.repeat)
-        bench_adapter_layouts(base, legal, Path(tmp), args.repeat)
+        bench_adapter_layouts(base, Path(tmp), args.repeat)
         bench_server(base, legal, second, args.tokens // 2)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS of this process: {peak:.0f} MB")

@@ -2,11 +2,17 @@
 
 Tensors are ``<base GGUF name>.lora_a`` [r, in] and ``.lora_b`` [out, r] (numpy order; GGUF ne
 is the reverse, so base.ne[0] == a.ne[0] and base.ne[1] == b.ne[1] as the loader requires),
-stored F32. llama.cpp scales every pair by alpha / r with r read from the tensor shape, which
-cannot express rsLoRA or rank/alpha patterns; so we write the config's lora_alpha and fold
-``scale · r / alpha`` into lora_b, making llama.cpp's product exactly PEFT's per-module scale
-(the factor is exactly 1 for a plain LoRA). lora_b also gets the base's row transforms
+stored F32 by default. llama.cpp scales every pair by alpha / r with r read from the tensor
+shape, which cannot express rsLoRA or rank/alpha patterns; so we write the config's lora_alpha
+and fold ``scale · r / alpha`` into lora_b, making llama.cpp's product exactly PEFT's per-module
+scale (the factor is exactly 1 for a plain LoRA). lora_b also gets the base's row transforms
 (Llama q/k permutation), as the base weight did in conversion.
+
+``outtype="q8_0"`` (llama.cpp's convert_lora_to_gguf offers it too) halves the file and makes
+hot-applied decoding faster on CPU: B's rows are r long, and ggml's F32/F16 dot products run
+rows shorter than 64 through a scalar tail loop, while Q8_0 does a 32-wide block in SIMD. Q8_0
+rows must be whole blocks, so the rank is zero-padded to a multiple of 32 (exact: zero rows of
+A meet zero columns of B), with the padded r in the fold.
 """
 
 from __future__ import annotations
@@ -18,10 +24,10 @@ import numpy as np
 
 from converters.architectures import ArchSpec, arch_spec_for
 from converters.checkpoint import HFCheckpoint
-from converters.gguf_output import GGMLType, PlannedTensor, StreamingGGUFWriter
+from converters.gguf_output import GGMLType, PlannedTensor, StreamingGGUFWriter, encode_rows
 from converters.peft import LoraDelta, PeftAdapter
 from edge_lora.atomic import ensure_writable_dir
-from edge_lora.errors import AdapterError, AdapterMismatchError
+from edge_lora.errors import AdapterError, AdapterMismatchError, InputError
 from edge_lora.progress import NullProgress, ProgressSink
 
 MERGE_INSTEAD = "merge it with `edge-lora convert BASE --adapter PEFT` instead"
@@ -32,12 +38,25 @@ def written_alpha(adapter: PeftAdapter) -> float:
     return adapter.config.lora_alpha if adapter.config.lora_alpha != 0 else 1.0
 
 
-def gguf_lora_pair(spec: ArchSpec, delta: LoraDelta, alpha: float) -> tuple[np.ndarray, np.ndarray]:
-    """(lora_a, lora_b) as written: lora_b carries scale·r/alpha and the base's row transform."""
-    fold = np.float32(delta.scale * delta.rank / alpha)
+OUTTYPES: dict[str, GGMLType] = {"f32": GGMLType.F32, "f16": GGMLType.F16, "q8_0": GGMLType.Q8_0}
+
+
+def gguf_lora_pair(spec: ArchSpec, delta: LoraDelta, alpha: float,
+                   rank_multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(lora_a, lora_b) as written: lora_b carries scale·r/alpha and the base's row transform;
+    the rank is zero-padded up to a multiple of ``rank_multiple``."""
+    rank = -(-delta.rank // rank_multiple) * rank_multiple
+    fold = np.float32(delta.scale * rank / alpha)
     lora_b = spec.transform_lora_b(delta.module, delta.lora_b * fold, spec.config)
-    return (np.ascontiguousarray(delta.lora_a, dtype=np.float32),
-            np.ascontiguousarray(lora_b, dtype=np.float32))
+    pad = rank - delta.rank
+    return (np.pad(np.asarray(delta.lora_a, dtype=np.float32), ((0, pad), (0, 0))),
+            np.pad(np.asarray(lora_b, dtype=np.float32), ((0, 0), (0, pad))))
+
+
+def stored_type(requested: GGMLType, row_length: int) -> GGMLType:
+    """Q8_0 needs whole 32-wide blocks; a row that is not falls back to F32 (exact)."""
+    block, _ = gguf.GGML_QUANT_SIZES[requested]
+    return requested if row_length % block == 0 else GGMLType.F32
 
 
 def check_expressible(adapter: PeftAdapter) -> None:
@@ -52,8 +71,12 @@ def check_expressible(adapter: PeftAdapter) -> None:
 
 
 def convert_adapter_to_gguf(peft_dir: Path | str, base_ckpt_dir: Path | str, out_path: Path | str, *,
-                            progress: ProgressSink = NullProgress()) -> Path:
+                            outtype: str = "f32", progress: ProgressSink = NullProgress()) -> Path:
     """Validate the adapter against the base checkpoint, then write the GGUF LoRA atomically."""
+    if outtype not in OUTTYPES:
+        raise InputError(f"unknown adapter outtype {outtype!r}", fix=f"use one of {', '.join(OUTTYPES)}")
+    requested = OUTTYPES[outtype]
+    rank_multiple = gguf.GGML_QUANT_SIZES[requested][0]
     adapter = PeftAdapter.open(peft_dir)
     check_expressible(adapter)
     out_path = Path(out_path)
@@ -79,8 +102,9 @@ def convert_adapter_to_gguf(peft_dir: Path | str, base_ckpt_dir: Path | str, out
             raise AdapterMismatchError(
                 f"adapter {adapter.name} adapts {hf_name}, which has no tensor in the {spec.gguf_arch_name} GGUF",
                 fix=MERGE_INSTEAD)
-        lora_a, lora_b = gguf_lora_pair(spec, delta, alpha)
+        lora_a, lora_b = gguf_lora_pair(spec, delta, alpha, rank_multiple)
         for suffix, array in ((".lora_a", lora_a), (".lora_b", lora_b)):
-            writer.add_tensor(PlannedTensor(name=gguf_name + suffix, shape=array.shape, ggml_type=GGMLType.F32,
-                                            blocks=lambda a=array: [a]))
+            ggml_type = stored_type(requested, array.shape[-1])
+            writer.add_tensor(PlannedTensor(name=gguf_name + suffix, shape=array.shape, ggml_type=ggml_type,
+                                            blocks=lambda a=array, t=ggml_type: [encode_rows(a, t)]))
     return writer.write(out_path, progress)

@@ -25,10 +25,6 @@ from edge_lora.progress import NullProgress, ProgressSink
 
 GGMLType = gguf.GGMLQuantizationType
 
-# Output types for unquantized tensors: GGML type and bytes per element.
-ELEMENT_BYTES: dict[GGMLType, int] = {GGMLType.F32: 4, GGMLType.F16: 2, GGMLType.BF16: 2}
-
-
 def encode_rows(rows_f32: np.ndarray, ggml_type: GGMLType) -> np.ndarray:
     """A float32 row block in the stored representation of ``ggml_type``."""
     if ggml_type == GGMLType.F32:
@@ -37,6 +33,8 @@ def encode_rows(rows_f32: np.ndarray, ggml_type: GGMLType) -> np.ndarray:
         return np.ascontiguousarray(rows_f32, dtype=np.float16)
     if ggml_type == GGMLType.BF16:
         return f32_to_bf16_bits(rows_f32)
+    if ggml_type == GGMLType.Q8_0:
+        return gguf.quants.quantize(np.ascontiguousarray(rows_f32, dtype=np.float32), ggml_type)
     raise InternalError(f"gguf_output cannot encode {ggml_type.name}")
 
 
@@ -89,7 +87,8 @@ class PlannedTensor:
 
     @property
     def n_bytes(self) -> int:
-        return self.n_elements * ELEMENT_BYTES[self.ggml_type]
+        block, block_bytes = gguf.GGML_QUANT_SIZES[self.ggml_type]
+        return self.n_elements // block * block_bytes
 
 
 def write_block(fh: BinaryIO, block: np.ndarray) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converters.adapter_gguf import convert_adapter_to_gguf
+from converters.adapter_gguf import convert_adapter_to_gguf, written_alpha
 from converters.checkpoint import HFCheckpoint
 from converters.convert import convert_checkpoint
 from converters.merge import PeftMerger, merge_lora_into
@@ -128,6 +128,48 @@ def test_plain_lora_b_is_written_unscaled_and_alpha_kept(bases: dict[str, Base],
     peft = PeftAdapter.open(adapter_dir)
     b = next(t for t in reader.tensors if t.name == "blk.0.attn_v.weight.lora_b")
     np.testing.assert_array_equal(np.asarray(b.data), peft.deltas["model.layers.0.self_attn.v_proj.weight"].lora_b)
+
+
+@pytest.mark.parametrize("case", ["llama-patterns", "gemma3-rslora-patterns"])
+def test_q8_0_adapter_pads_rank_and_still_matches_peft(case: str, bases: dict[str, Base], tmp_path: Path) -> None:
+    """outtype q8_0: every tensor Q8_0, every rank (2..12 here) zero-padded to 32, alpha kept,
+    and llama.cpp's hot-applied logits keep the adapter's effect up to 8-bit rounding (these
+    test adapters move logits by ~3 std, so the rounding shows; F32 stays under 0.01)."""
+    import gguf
+
+    arch, options = CASES[case]
+    base = bases[arch]
+    adapter_dir = make_peft_adapter(base.ckpt, tmp_path / "peft", strength=STRENGTH, **options)
+    ref = reference_logits(base.config, apply_peft(base.weights, adapter_dir, base.config), base.tokens)
+    lora = convert_adapter_to_gguf(adapter_dir, base.ckpt, tmp_path / "adapter-q8.gguf", outtype="q8_0")
+    reader = gguf.GGUFReader(lora)
+    assert {t.tensor_type for t in reader.tensors} == {gguf.GGMLQuantizationType.Q8_0}
+    assert {int(t.shape[1]) for t in reader.tensors if t.name.endswith(".lora_a")} == {32}
+    assert {int(t.shape[0]) for t in reader.tensors if t.name.endswith(".lora_b")} == {32}
+    alpha = float(reader.fields["adapter.lora.alpha"].contents())
+    assert alpha == written_alpha(PeftAdapter.open(adapter_dir))
+    got = _llama_logits(base.f16, base.tokens, lora)
+    effect = _rel(base.ref, ref)
+    assert _rel(got, ref) < 0.03 * effect, (_rel(got, ref), effect)
+    assert np.mean(got.argmax(-1) == ref.argmax(-1)) >= 0.9
+
+
+def test_rank_padding_is_exact_and_odd_rows_stay_f32(bases: dict[str, Base], tmp_path: Path) -> None:
+    from converters.adapter_gguf import gguf_lora_pair, stored_type
+    from converters.architectures import arch_spec_for
+    from converters.gguf_output import GGMLType
+
+    base = bases["llama"]
+    adapter_dir = make_peft_adapter(base.ckpt, tmp_path / "peft", r=8, alpha=16)
+    delta = PeftAdapter.open(adapter_dir).deltas["model.layers.0.self_attn.q_proj.weight"]
+    spec = arch_spec_for(base.config)
+    a, b = gguf_lora_pair(spec, delta, 16.0)
+    a_pad, b_pad = gguf_lora_pair(spec, delta, 16.0, rank_multiple=32)
+    assert a_pad.shape == (32, a.shape[1]) and b_pad.shape == (b.shape[0], 32)
+    # llama.cpp multiplies by alpha / r with r from the shape: 16/8 unpadded, 16/32 padded.
+    np.testing.assert_allclose(b_pad @ a_pad * (16 / 32), b @ a * (16 / 8), rtol=1e-6, atol=1e-7)
+    assert stored_type(GGMLType.Q8_0, 96) == GGMLType.Q8_0
+    assert stored_type(GGMLType.Q8_0, 100) == GGMLType.F32  # not whole 32-wide blocks
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])

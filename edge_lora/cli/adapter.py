@@ -18,6 +18,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     convert.add_argument("--base", metavar="BASE", required=True, help="HF base checkpoint directory or repo id")
     convert.add_argument("--out", metavar="FILE.gguf", type=Path, default=None,
                          help="output file (default: ./adapter-<name>.gguf)")
+    convert.add_argument("--outtype", choices=("f32", "f16", "q8_0"), default="f32",
+                         help="tensor type: f32 is exact; q8_0 is half the size and faster to hot-apply on CPU "
+                              "(default: f32)")
     convert.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     convert.set_defaults(handler=adapter_convert_command)
 
@@ -33,7 +36,7 @@ def adapter_convert_command(args: argparse.Namespace) -> int:
     base_dir = resolve_local_or_hub(args.base, "model")
     out: Path = args.out if args.out is not None else Path.cwd() / f"adapter-{model_name_for(args.peft, peft_dir)}.gguf"
     with cli_progress(quiet=args.json) as progress:
-        path = convert_adapter_to_gguf(peft_dir, base_dir, out, progress=progress)
+        path = convert_adapter_to_gguf(peft_dir, base_dir, out, outtype=args.outtype, progress=progress)
     if args.json:
         print(json.dumps({"path": str(path), "bytes": path.stat().st_size, "sha256": sha256_file(path)}))
     else:
