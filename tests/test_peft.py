@@ -175,3 +175,15 @@ def test_embedding_lora_is_refused(llama_ckpt: Path, tmp_path: Path) -> None:
         "base_model.model.model.embed_tokens.lora_embedding_A", np.zeros((8, 4), np.float32)))
     with pytest.raises(AdapterError, match="embedding"):
         PeftAdapter.open(adapter_dir)
+
+
+def test_cli_adapter_convert_outtype_q8_0(llama_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    import gguf
+
+    adapter = make_peft_adapter(llama_ckpt, tmp_path / "adapter")
+    out = tmp_path / "adapter-q8.gguf"
+    assert main(_adapter_convert(adapter, llama_ckpt, out) + ["--outtype", "q8_0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["path"] == str(out)
+    assert {t.tensor_type for t in gguf.GGUFReader(out).tensors} == {gguf.GGMLQuantizationType.Q8_0}
