@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import gguf
@@ -239,6 +239,46 @@ GEMMA_FFN_NORMS = ("pre_feedforward_layernorm.weight", "post_feedforward_layerno
 
 
 @dataclass(frozen=True)
+class TextOnlyView:
+    """How a multimodal checkpoint is read as its language model alone (what llama.cpp's
+    convert_hf_to_gguf.py does: the text model becomes a plain text GGUF, the vision tower and
+    projector go to a separate mmproj file, which edge-lora does not write)."""
+
+    text_architecture: str  # the ARCH_TABLE entry the language model converts as
+    text_config_key: str  # the text hyper-parameters live under config[text_config_key]
+    # Fields the nested config may omit; the text config class's defaults.
+    text_config_defaults: Config
+    # (checkpoint name prefix, name the text architecture uses); both transformers layouts.
+    prefix_renames: tuple[tuple[str, str], ...]
+    # Modules that are not part of the text model: their tensors are never read.
+    skipped_prefixes: tuple[str, ...]
+
+    def flatten_config(self, config: Config) -> Config:
+        """The text model's config, as config.json of ``text_architecture``: defaults < top level
+        (token ids, tie_word_embeddings) < text_config."""
+        nested = config.get(self.text_config_key)
+        if not isinstance(nested, dict):
+            # transformers would build its default text model and ignore flat text fields.
+            raise UnsupportedArchitectureError(
+                f"{config.get('architectures', ['?'])[0]} config.json has no {self.text_config_key!r} object "
+                f"(flat text hyper-parameters are a {self.text_architecture} config)",
+                fix=f"nest the text fields under {self.text_config_key!r}, or set architectures to "
+                    f"[\"{self.text_architecture}\"]")
+        top = {k: v for k, v in config.items() if not k.endswith("_config")}
+        return {**self.text_config_defaults, **top, **nested, "architectures": [self.text_architecture]}
+
+    def text_name(self, name: str) -> str | None:
+        """The text architecture's name for a checkpoint (or PEFT module) name; None for a
+        vision/projector one; anything else unchanged (so unknown tensors stay errors)."""
+        if name.startswith(self.skipped_prefixes):
+            return None
+        for prefix, replacement in self.prefix_renames:
+            if name.startswith(prefix):
+                return replacement + name[len(prefix):]
+        return name
+
+
+@dataclass(frozen=True)
 class ArchEntry:
     hf_architecture: str
     gguf_arch: gguf.MODEL_ARCH
@@ -248,11 +288,29 @@ class ArchEntry:
     norm_plus_one: bool = False  # Gemma: RMSNorm computes x * (1 + w); llama.cpp wants 1 + w
     tied_default: bool = False  # tie_word_embeddings when config.json does not say
     default_head_dim: int | None = None
+    text_only: TextOnlyView | None = None  # a multimodal checkpoint converted as its text model
 
 
 def _llama_layer(config: Config) -> tuple[str, ...]:
     return LLAMA_LAYER + (QKV_BIAS + ("self_attn.o_proj.bias",) if config.get("attention_bias") else ())
 
+
+GEMMA3_TEXT_ONLY = TextOnlyView(
+    text_architecture="Gemma3ForCausalLM",
+    text_config_key="text_config",
+    # Gemma3TextConfig defaults the released configs rely on (the 4B text_config has no
+    # vocab_size). The other defaults (head_dim, rope_theta, ...) are the Gemma3ForCausalLM
+    # entry's. llama.cpp trims token_embd to the tokenizer's size when vocab_size is absent
+    # (262144 of 262208 rows: the rest are never produced by the tokenizer); we keep all rows
+    # and pad the GGUF vocab to vocab_size with [PAD] tokens instead, which loads and computes
+    # the same logits for every real token.
+    text_config_defaults={"vocab_size": 262208, "hidden_activation": "gelu_pytorch_tanh"},
+    prefix_renames=(("language_model.model.", "model."),  # transformers < 4.52
+                    ("language_model.lm_head.", "lm_head."),
+                    ("model.language_model.", "model.")),  # transformers >= 4.52
+    skipped_prefixes=("vision_tower.", "multi_modal_projector.",
+                      "model.vision_tower.", "model.multi_modal_projector."),
+)
 
 ARCH_TABLE: dict[str, ArchEntry] = {
     "LlamaForCausalLM": ArchEntry("LlamaForCausalLM", gguf.MODEL_ARCH.LLAMA, _llama_layer,
@@ -268,7 +326,30 @@ ARCH_TABLE: dict[str, ArchEntry] = {
                                    lambda c: LLAMA_LAYER + QK_NORM + GEMMA_FFN_NORMS, _gemma3_metadata,
                                    norm_plus_one=True, tied_default=True, default_head_dim=256),
 }
+# Gemma 3 4B/12B/27B: llama.cpp converts the language model as plain gemma3 (Gemma3ForCausalLM).
+ARCH_TABLE["Gemma3ForConditionalGeneration"] = replace(
+    ARCH_TABLE["Gemma3ForCausalLM"], hf_architecture="Gemma3ForConditionalGeneration", text_only=GEMMA3_TEXT_ONLY)
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(ARCH_TABLE)
+
+
+def _distinct_text_only_views() -> tuple[TextOnlyView, ...]:
+    views: list[TextOnlyView] = []
+    for entry in ARCH_TABLE.values():
+        if entry.text_only is not None and entry.text_only not in views:
+            views.append(entry.text_only)
+    return tuple(views)
+
+
+# Every multimodal layout: a PEFT adapter does not say which base it was trained on.
+TEXT_ONLY_VIEWS: tuple[TextOnlyView, ...] = _distinct_text_only_views()
+
+
+def text_only_view(config: Config) -> TextOnlyView | None:
+    """The text-only view for a multimodal architecture named in config.json, else None."""
+    architectures = config.get("architectures") or []
+    name = architectures[0] if isinstance(architectures, list) and architectures else None
+    entry = ARCH_TABLE.get(name) if isinstance(name, str) else None
+    return entry.text_only if entry is not None else None
 
 
 @dataclass
@@ -358,6 +439,9 @@ def arch_spec_for(config: Config) -> ArchSpec:
         raise UnsupportedArchitectureError(
             f"architecture {name!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})",
             fix="convert a checkpoint of a supported architecture")
+    if entry.text_only is not None:
+        config = entry.text_only.flatten_config(config)
+        entry = ARCH_TABLE[entry.text_only.text_architecture]
     dims = Dims.from_config(config, entry.default_head_dim)
     tied = config.get("tie_word_embeddings", entry.tied_default)
     return ArchSpec(entry=entry, config=config, dims=dims,

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from converters.architectures import text_only_view
 from converters.safetensors_io import SafetensorsFile, TensorInfo
 from edge_lora.errors import InputNotFoundError, InvalidCheckpointError, UnsafeFormatError
 
@@ -45,11 +46,37 @@ def checkpoint_name(path: Path) -> str:
     return path.name
 
 
+def _text_only_names(weight_map: dict[str, str], config: dict[str, Any]
+                     ) -> tuple[dict[str, str], dict[str, str]]:
+    """(text name -> shard, text name -> stored name): a multimodal checkpoint seen as its text
+    model, with the vision tower and projector dropped from the map so they are never read."""
+    view = text_only_view(config)
+    if view is None:
+        return weight_map, {n: n for n in weight_map}
+    shards: dict[str, str] = {}
+    stored: dict[str, str] = {}
+    for name, shard in weight_map.items():
+        text_name = view.text_name(name)
+        if text_name is None:
+            continue
+        if text_name in stored:
+            raise InvalidCheckpointError(f"checkpoint holds both {stored[text_name]!r} and {name!r}",
+                                         fix="re-download the checkpoint (it mixes two transformers layouts)")
+        shards[text_name], stored[text_name] = shard, name
+    return shards, stored
+
+
 class HFCheckpoint:
+    """``config`` and tensor names are the text model's for a multimodal architecture with a
+    text-only view (``converters.architectures.TextOnlyView``): ``config`` is then the text
+    architecture's config.json, ``raw_config`` the file as written."""
+
     def __init__(self, path: Path, config: dict[str, Any], weight_map: dict[str, str]) -> None:
         self.path = path
-        self.config = config
-        self._weight_map = weight_map
+        self.raw_config = config
+        view = text_only_view(config)
+        self.config = view.flatten_config(config) if view is not None else config
+        self._weight_map, self._stored_names = _text_only_names(weight_map, config)
         self._shards: dict[str, SafetensorsFile] = {}
 
     @classmethod
@@ -117,7 +144,8 @@ class HFCheckpoint:
 
     @property
     def architecture(self) -> str:
-        return str(self.config["architectures"][0])
+        """What config.json says (``config`` names the text architecture for a multimodal one)."""
+        return str(self.raw_config["architectures"][0])
 
     @property
     def name(self) -> str:
@@ -137,14 +165,14 @@ class HFCheckpoint:
         return self._shard(shard)
 
     def tensor_info(self, name: str) -> TensorInfo:
-        return self._file_for(name).info(name)
+        return self._file_for(name).info(self._stored_names[name])
 
     def read(self, name: str, rows: slice | None = None) -> np.ndarray:
-        return self._file_for(name).read(name, rows)
+        return self._file_for(name).read(self._stored_names[name], rows)
 
     def release(self, name: str, rows: slice | None = None) -> None:
         """See ``SafetensorsFile.release``: drop a copied row block's pages from RSS."""
-        self._file_for(name).release(name, rows)
+        self._file_for(name).release(self._stored_names[name], rows)
 
     def close(self) -> None:
         for shard in self._shards.values():

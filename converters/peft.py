@@ -10,6 +10,7 @@ is computed once here; merge and GGUF export only read ``LoraDelta.scale``.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from collections.abc import Mapping
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from converters.architectures import TEXT_ONLY_VIEWS
 from converters.safetensors_io import SafetensorsFile
 from edge_lora.errors import (AdapterError, AdapterMismatchError, EdgeLoraError, InputNotFoundError,
                               UnsafeFormatError)
@@ -34,6 +36,7 @@ MAGNITUDE_SUFFIXES = (".lora_magnitude_vector", ".lora_magnitude_vector.weight")
 # Config options whose non-empty value changes the computation in ways we do not reproduce.
 UNSUPPORTED_OPTIONS = ("lora_bias", "layer_replication", "trainable_token_indices", "target_parameters",
                        "use_qalora", "use_bdlora", "layers_pattern")
+logger = logging.getLogger(__name__)
 CONVERT_HINT = ("load it with PEFT in an environment you trust and save it again with "
                 "`model.save_pretrained(dir, safe_serialization=True)`")
 
@@ -289,6 +292,17 @@ class PeftAdapter:
                     fix="use the exact base checkpoint (and tokenizer) the adapter was trained with")
 
 
+def text_module_name(module: str) -> str | None:
+    """An adapter trained on a multimodal model names its modules by the multimodal layout
+    (``language_model.model.layers.0...`` / ``model.language_model.layers.0...``): map them to
+    the text model's names the base checkpoint is read with; None for a vision/projector module."""
+    for view in TEXT_ONLY_VIEWS:
+        text_name = view.text_name(module)
+        if text_name != module:
+            return text_name
+    return module
+
+
 def _assemble(path: Path, config: LoraConfig, tensors: dict[str, np.ndarray]
               ) -> tuple[dict[str, LoraDelta], dict[str, np.ndarray]]:
     parts: dict[str, dict[str, np.ndarray]] = {}
@@ -314,6 +328,8 @@ def _assemble(path: Path, config: LoraConfig, tensors: dict[str, np.ndarray]
             if not any(module == m or module.endswith("." + m) for m in config.modules_to_save):
                 raise _err(path, f"tensor {key!r} is neither a LoRA weight nor listed in modules_to_save")
             replacements[rest] = value
+    skipped = [name for name in list(parts) + list(replacements) if text_module_name(name) is None]
+    replacements = {text_module_name(n) or n: v for n, v in replacements.items() if n not in skipped}
     deltas: dict[str, LoraDelta] = {}
     for module, part in parts.items():
         a, b, m = part.get("a"), part.get("b"), part.get("m")
@@ -338,8 +354,19 @@ def _assemble(path: Path, config: LoraConfig, tensors: dict[str, np.ndarray]
             raise _err(path, f"module {module} has NaN/inf weights")
         # fan_in_fan_out only applies to Conv1D (GPT-2) bases; PEFT resets it to False for
         # nn.Linear, which every supported architecture uses, so B @ A is [out, in] as stored.
-        deltas[module + ".weight"] = LoraDelta(module=module, lora_a=a, lora_b=b,
-                                               scale=config.scale_for(module), magnitude=m)
+        text_module = text_module_name(module)
+        if text_module is None:
+            continue  # validated like the rest (and scaled by its original name), then dropped
+        deltas[text_module + ".weight"] = LoraDelta(module=text_module, lora_a=a, lora_b=b,
+                                                    scale=config.scale_for(module), magnitude=m)
+    if skipped and not deltas and not replacements:
+        raise _err(path, f"adapts only the vision tower / multimodal projector ({len(skipped)} modules, "
+                         f"e.g. {skipped[0]}), which the text-only GGUF does not have",
+                   fix="use an adapter trained on the language model's modules")
+    if skipped:
+        # The text model is still exactly what PEFT computes for text input; images are out of scope.
+        logger.warning("adapter %s: skipped %d vision tower / projector module(s) (e.g. %s); the text "
+                       "model does not use them", path.name, len(skipped), skipped[0])
     if not deltas and not replacements:
         raise _err(path, "holds no LoRA weights")
     return deltas, replacements

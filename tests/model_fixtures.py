@@ -528,3 +528,73 @@ def make_peft_adapter(ckpt_dir: Path, out_dir: Path, *, r: int = 8, alpha: float
     (out_dir / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
     write_safetensors(out_dir / "adapter_model.safetensors", tensors, dtype)
     return out_dir
+
+
+# ----------------------------------------------------------------------------- Gemma 3 multimodal
+
+# How Gemma3ForConditionalGeneration names its language model, by transformers version.
+GEMMA3_MULTIMODAL_LAYOUTS: dict[str, dict[str, str]] = {
+    "pre-4.52": {"model.": "language_model.model.", "lm_head.": "language_model.lm_head.",
+                 "vision": "vision_tower.", "projector": "multi_modal_projector."},
+    "4.52+": {"model.": "model.language_model.", "lm_head.": "lm_head.",
+              "vision": "model.vision_tower.", "projector": "model.multi_modal_projector."},
+}
+
+
+def multimodal_name(text_name: str, layout: str) -> str:
+    """The Gemma3ForConditionalGeneration name of a Gemma3ForCausalLM tensor/module name."""
+    for text_prefix in ("model.", "lm_head."):
+        if text_name.startswith(text_prefix):
+            return GEMMA3_MULTIMODAL_LAYOUTS[layout][text_prefix] + text_name[len(text_prefix):]
+    raise ValueError(f"{text_name!r} is not a Gemma 3 text tensor name")
+
+
+def vision_tensor_names(layout: str) -> list[str]:
+    names = GEMMA3_MULTIMODAL_LAYOUTS[layout]
+    return [names["vision"] + "vision_model.encoder.layers.0.self_attn.q_proj.weight",
+            names["vision"] + "vision_model.post_layernorm.weight",
+            names["projector"] + "mm_input_projection_weight"]
+
+
+def make_gemma3_multimodal_checkpoint(text_dir: Path, out_dir: Path, *, layout: str,
+                                      tie_at_top: bool = False, extra_vocab_rows: int = 0) -> Path:
+    """A Gemma3ForConditionalGeneration checkpoint whose language model is the Gemma3ForCausalLM
+    checkpoint ``text_dir``: its config under text_config, its tensors renamed to ``layout``,
+    plus small fake vision tower / projector tensors. Tokenizer files are copied.
+    ``extra_vocab_rows`` appends embedding rows no token maps to (as the real models' 262208 vs
+    the tokenizer's 262144) and raises vocab_size to match."""
+    import shutil
+
+    from reference import load_checkpoint
+
+    text_config, weights = load_checkpoint(Path(text_dir))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for item in Path(text_dir).iterdir():
+        if item.name != "config.json" and not item.name.startswith("model.safetensors") \
+                and not item.name.startswith("model-"):
+            shutil.copy(item, out_dir / item.name)
+    nested = {k: v for k, v in text_config.items() if k not in ("architectures", "transformers_version")}
+    config: dict[str, Any] = {
+        "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+        "boi_token_index": 255999, "eoi_token_index": 256000, "image_token_index": 262144,
+        "mm_tokens_per_image": 256, "initializer_range": 0.02, "text_config": nested,
+        "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 8, "image_size": 16,
+                          "patch_size": 8, "num_hidden_layers": 1},
+        "transformers_version": text_config.get("transformers_version", "4.56.0"),
+    }
+    if extra_vocab_rows:
+        embed = weights["model.embed_tokens.weight"]
+        extra = np.random.default_rng(4).standard_normal((extra_vocab_rows, embed.shape[1])) * embed.std()
+        weights["model.embed_tokens.weight"] = np.concatenate([embed, extra.astype(np.float32)])
+        nested["vocab_size"] = int(nested["vocab_size"]) + extra_vocab_rows
+    if tie_at_top:
+        config["tie_word_embeddings"] = nested.pop("tie_word_embeddings", True)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tensors = {multimodal_name(n, layout): w for n, w in weights.items()}
+    rng = np.random.default_rng(3)
+    for name in vision_tensor_names(layout):
+        tensors[name] = rng.standard_normal((8, 8) if name.endswith("q_proj.weight") or
+                                            name.endswith("projection_weight") else (8,)).astype(np.float32)
+    write_safetensors(out_dir / "model.safetensors", tensors, STORAGE_DTYPE["gemma3"])
+    return out_dir
