@@ -48,20 +48,24 @@ def legal_shaped_lora(base: Path, out: Path, seed: int) -> Path:
                              rank=16, alpha=32.0, strength=0.01)
 
 
-def find_adapters(base: Path, work: Path, given: Path | None) -> tuple[Path, Path, str]:
+def find_adapters(base: Path, work: Path, given: Path | None, legal_fits: bool) -> tuple[Path, Path, str]:
+    """(adapter, second adapter, label): the given file, else the legal adapter converted for
+    ``base`` when it fits (the Gemma package), else a random one of the legal adapter's shape."""
+    second = legal_shaped_lora(base, work / "second.gguf", seed=2)
     if given is not None:
-        return given, legal_shaped_lora(base, work / "second.gguf", seed=2), f"given adapter {given.name}"
-    try:
-        from converters.adapter_gguf import convert_adapter_to_gguf
-        from converters.gguf_to_hf import build_hf_checkpoint_from_gguf
+        return given, second, f"given adapter {given.name}"
+    if legal_fits:
+        try:
+            from converters.adapter_gguf import convert_adapter_to_gguf
+            from converters.gguf_to_hf import build_hf_checkpoint_from_gguf
 
-        hf = build_hf_checkpoint_from_gguf(base, work / "hf")
-        legal = convert_adapter_to_gguf(LEGAL_DIR, hf, work / "adapter-legal.gguf")
-        label = "legal adapter (converted to GGUF)"
-    except ImportError:
-        legal = legal_shaped_lora(base, work / "legal-shaped.gguf", seed=1)
-        label = "random LoRA shaped like the legal adapter (converter not available)"
-    return legal, legal_shaped_lora(base, work / "second.gguf", seed=2), label
+            hf = build_hf_checkpoint_from_gguf(base, work / "hf")
+            return (convert_adapter_to_gguf(LEGAL_DIR, hf, work / "adapter-legal.gguf"), second,
+                    "legal adapter (converted to GGUF)")
+        except ImportError:
+            pass
+    return (legal_shaped_lora(base, work / "legal-shaped.gguf", seed=1), second,
+            "random LoRA shaped like the legal adapter (r=16, 7 targets per block)")
 
 
 def median_time(fn, repeat: int) -> float:
@@ -139,17 +143,18 @@ def bench_tokens_per_second(base: Path, legal: Path, second: Path, n_tokens: int
     print(f"   two adapters hot-applied        {both:9.1f} tok/s   ratio {both / merged:.2f}")
 
 
-def bench_adapter_layouts(base: Path, work: Path, repeat: int) -> None:
+def bench_adapter_layouts(base: Path, legal: Path, work: Path, repeat: int) -> None:
     """Where the hot-applied cost goes: llama.cpp adds mul_mat(B, mul_mat(A, x)), scale and add
     per target (4 graph nodes x 126 targets). Timed on the bare decode loop, so only the graph
     differs; `adapter convert --outtype` changes the kernels, not the node count."""
     from converters.adapter_gguf import convert_adapter_to_gguf
 
     if not (work / "hf").is_dir():
-        print("2b. skipped: needs the legal adapter converted here (no --adapter)")
+        print("2b. skipped: needs the legal adapter on the Gemma package (not with --adapter or --model)")
         return
-    layouts = {f"--outtype {t}": convert_adapter_to_gguf(LEGAL_DIR, work / "hf", work / f"legal-{t}.gguf", outtype=t)
-               for t in ("f32", "f16", "q8_0")}
+    layouts = {"--outtype f32": legal, **{
+        f"--outtype {t}": convert_adapter_to_gguf(LEGAL_DIR, work / "hf", work / f"legal-{t}.gguf", outtype=t)
+        for t in ("f16", "q8_0")}}
     model = LlamaModel(base)
     ctx = LlamaContext(model, 512)
     adapters = {label: LoraAdapter(model, path) for label, path in layouts.items()}
@@ -234,17 +239,12 @@ def main() -> int:
 
     base = args.model or Path(assemble())
     with tempfile.TemporaryDirectory() as tmp:
-        if args.model is not None and args.adapter is None:
-            legal = legal_shaped_lora(base, Path(tmp) / "legal-shaped.gguf", seed=1)
-            second = legal_shaped_lora(base, Path(tmp) / "second.gguf", seed=2)
-            label = "random LoRA shaped like the legal adapter (r=16, 7 targets per block)"
-        else:
-            legal, second, label = find_adapters(base, Path(tmp), args.adapter)
+        legal, second, label = find_adapters(base, Path(tmp), args.adapter, legal_fits=args.model is None)
         print(f"base: {base.name} ({base.stat().st_size / 1e6:.0f} MB); adapter: {label}, "
               f"{legal.stat().st_size / 1e6:.1f} MB")
         bench_switch(base, legal, second, args.repeat)
         bench_tokens_per_second(base, legal, second, args.tokens, args.repeat)
-        bench_adapter_layouts(base, Path(tmp), args.repeat)
+        bench_adapter_layouts(base, legal, Path(tmp), args.repeat)
         bench_server(base, legal, second, args.tokens // 2)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS of this process: {peak:.0f} MB")
