@@ -2,7 +2,8 @@
 baseline measured in the same run, as ratios (no assertions on wall time).
 
   1. adapter switch latency vs reloading a merged model (the alternative to hot-apply)
-  2. tokens/s with the adapter hot-applied vs the merged Q4_K_M
+  2. tokens/s with the adapter hot-applied vs the merged Q4_K_M; where the extra time goes
+     (2b: by adapter tensor type, 2c: arithmetic vs thread sync)
   3. server throughput, 8 concurrent clients on mixed adapters vs the same requests sequentially,
      with one context + lock vs a pool of two contexts
 
@@ -32,6 +33,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "tests")]
 from lora_fixtures import write_random_lora  # noqa: E402  (tests/ helper, shared with the runtime tests)
 from edge_lora.llama_backend import LlamaContext, LlamaModel, LoraAdapter
+from edge_lora.constants import N_THREADS
 from edge_lora.runtime import Runtime
 
 LEGAL_TARGETS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -143,6 +145,17 @@ def bench_tokens_per_second(base: Path, legal: Path, second: Path, n_tokens: int
     print(f"   two adapters hot-applied        {both:9.1f} tok/s   ratio {both / merged:.2f}")
 
 
+def decode_ms_per_token(ctx: LlamaContext, prompt: list[int], active: list) -> float:
+    """Bare decode loop (no sampling, no Python text work): ms per generated token."""
+    ctx.clear_kv()
+    ctx.set_adapters(active)
+    ctx.decode(prompt)
+    start = time.perf_counter()
+    for i in range(48):
+        ctx.decode([prompt[-1]], pos0=len(prompt) + i)
+    return (time.perf_counter() - start) / 48 * 1e3
+
+
 def bench_adapter_layouts(base: Path, legal: Path, work: Path, repeat: int) -> None:
     """Where the hot-applied cost goes: llama.cpp adds mul_mat(B, mul_mat(A, x)), scale and add
     per target (4 graph nodes x 126 targets). Timed on the bare decode loop, so only the graph
@@ -160,20 +173,11 @@ def bench_adapter_layouts(base: Path, legal: Path, work: Path, repeat: int) -> N
     adapters = {label: LoraAdapter(model, path) for label, path in layouts.items()}
     prompt = model.tokenize(PROMPT)
 
-    def ms_per_token(active: list) -> float:
-        ctx.clear_kv()
-        ctx.set_adapters(active)
-        ctx.decode(prompt)
-        start = time.perf_counter()
-        for i in range(48):
-            ctx.decode([prompt[-1]], pos0=len(prompt) + i)
-        return (time.perf_counter() - start) / 48 * 1e3
-
     times: dict[str, list[float]] = {"no adapter": [], **{label: [] for label in adapters}}
     for _ in range(repeat):  # interleaved, so drift hits every row alike
-        times["no adapter"].append(ms_per_token([]))
+        times["no adapter"].append(decode_ms_per_token(ctx, prompt, []))
         for label, adapter in adapters.items():
-            times[label].append(ms_per_token([(adapter, 1.0)]))
+            times[label].append(decode_ms_per_token(ctx, prompt, [(adapter, 1.0)]))
     ctx.close()
     model.close()
     text = default_eval_text()
@@ -185,6 +189,37 @@ def bench_adapter_layouts(base: Path, legal: Path, work: Path, repeat: int) -> N
         size = "" if label == "no adapter" else f"{layouts[label].stat().st_size / 1e6:5.1f} MB"
         print(f"   {label:<18} {statistics.median(values):6.2f} ms  {size:>8}   speed ratio "
               f"{baseline / statistics.median(values):.3f}   PPL {ppl[label]:.4f}")
+
+
+def bench_thread_sync(base: Path, legal: Path, repeat: int) -> None:
+    """Split the hot-applied cost into arithmetic and thread synchronisation: on one thread
+    the added nodes cost only their arithmetic; on all threads each of them also ends in a
+    barrier across threads (ggml-cpu syncs after every graph node)."""
+    n_targets = sum(t.name.endswith(".lora_a") for t in validate_gguf(legal).tensors)
+    model = LlamaModel(base)
+    adapter = LoraAdapter(model, legal)
+    prompt = model.tokenize(PROMPT)
+    rows = {}
+    for threads in sorted({1, N_THREADS}):
+        ctx = LlamaContext(model, 512, n_threads=threads)
+        plain: list[float] = []
+        hot: list[float] = []
+        for _ in range(repeat):
+            plain.append(decode_ms_per_token(ctx, prompt, []))
+            hot.append(decode_ms_per_token(ctx, prompt, [(adapter, 1.0)]))
+        ctx.close()
+        rows[threads] = (statistics.median(plain), statistics.median(hot))
+    adapter.close()
+    model.close()
+    print(f"2c. hot-applied cost by thread count (bare decode, median ms/token; {4 * n_targets} added nodes)")
+    for threads, (plain, hot) in rows.items():
+        print(f"   {threads} thread{'s' if threads > 1 else ' '}  no adapter {plain:6.2f} ms   adapter {hot:6.2f} ms   "
+              f"extra {hot - plain:5.2f} ms   speed ratio {plain / hot:.3f}")
+    if N_THREADS > 1:
+        arithmetic = (rows[1][1] - rows[1][0]) / N_THREADS  # if it split perfectly across threads
+        extra = rows[N_THREADS][1] - rows[N_THREADS][0]
+        print(f"   sync and imbalance: {(extra - arithmetic) * 1e3 / (4 * n_targets):.2f} us per added node "
+              f"({(extra - arithmetic) / extra:.0%} of the extra time on {N_THREADS} threads)")
 
 
 def bench_server(base: Path, legal: Path, second: Path, n_tokens: int) -> None:
@@ -245,6 +280,7 @@ def main() -> int:
         bench_switch(base, legal, second, args.repeat)
         bench_tokens_per_second(base, legal, second, args.tokens, args.repeat)
         bench_adapter_layouts(base, legal, Path(tmp), args.repeat)
+        bench_thread_sync(base, legal, args.repeat)
         bench_server(base, legal, second, args.tokens // 2)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS of this process: {peak:.0f} MB")
