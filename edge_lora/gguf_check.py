@@ -9,6 +9,7 @@ Python ints, and large arrays (token lists) are skipped with bounds rather than 
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from dataclasses import dataclass, field
@@ -331,6 +332,7 @@ def validate_gguf(path: Path | str, *, expect_type: GGUFKind | None = None) -> G
                 f"{path} is not a GGUF LoRA adapter (general.type={info.general_type!r}, "
                 f"adapter.type={info.metadata.get('adapter.type')!r})",
                 fix="convert the PEFT adapter with `edge-lora adapter convert`")
+        _check_lora_alpha(info)
     elif expect_type == "model" and info.general_type == "adapter":
         raise InvalidGGUFError(f"{path} is a LoRA adapter, not a model",
                                fix="pass it with --adapter and give the base model with --model")
@@ -338,6 +340,16 @@ def validate_gguf(path: Path | str, *, expect_type: GGUFKind | None = None) -> G
         raise InvalidGGUFError(f"{path} has no general.architecture",
                                fix="re-convert the model")
     return info
+
+
+def _check_lora_alpha(info: GGUFInfo) -> None:
+    # llama.cpp multiplies every LoRA delta by alpha / rank: a NaN/inf alpha turns all logits NaN.
+    alpha = info.metadata.get("adapter.lora.alpha")
+    if alpha is None:
+        return  # llama.cpp then uses scale 1
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise AdapterError(f"{info.path} has adapter.lora.alpha {alpha!r}, which is not a finite number",
+                           fix="re-convert the adapter with `edge-lora adapter convert`")
 
 
 LORA_A_SUFFIX = ".lora_a"

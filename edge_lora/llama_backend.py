@@ -150,7 +150,11 @@ class LlamaModel(_NativeHandle):
     def tokenize(self, text: str, add_bos: bool = True, special: bool = True) -> list[int]:
         """``special=True`` parses control tokens written as text (``<start_of_turn>``), which
         chat templates rely on; pass False for untrusted user text inside a template."""
-        data = text.encode("utf-8")
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate: undecodable argv bytes, or "\udcff" in JSON
+            raise RequestError(f"the text is not valid Unicode (a lone surrogate at character {exc.start})",
+                               fix="pass UTF-8 text") from None
         capacity = len(data) + 8
         buf = (llama.llama_token * capacity)()
         n = llama.llama_tokenize(self._vocab_ptr(), data, len(data), buf, capacity, add_bos, special)

@@ -25,7 +25,7 @@ import numpy as np
 
 from edge_lora import constants
 from edge_lora.chat_template import ChatTemplate, render_chat, template_for
-from edge_lora.errors import InputNotFoundError, RegistryError, RequestError
+from edge_lora.errors import InputNotFoundError, InvalidGGUFError, RegistryError, RequestError
 from edge_lora.llama_backend import LlamaContext, LlamaModel, LoraAdapter
 
 MAX_STOP_STRINGS = 16
@@ -65,15 +65,29 @@ class SamplingParams:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.top_k < 0:
             raise RequestError(f"top_k must be >= 0, got {self.top_k!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise RequestError(f"seed must be an integer, got {self.seed!r}")
         if len(self.stop) > MAX_STOP_STRINGS or any(not isinstance(s, str) or not s for s in self.stop):
             raise RequestError(f"stop must be up to {MAX_STOP_STRINGS} non-empty strings")
+
+
+def _check_finite(top_logit: float) -> None:
+    # NaN/inf logits come from NaN weights in the model or an adapter (or an adapter alpha that
+    # overflows); sampling from them would emit token 0 forever or fail inside numpy.
+    if not np.isfinite(top_logit):
+        raise InvalidGGUFError("the model produced NaN/inf logits: the model or an active adapter holds "
+                               "non-finite weights or an overflowing alpha/scale",
+                               fix="re-convert the model and adapter, or lower the adapter scale")
 
 
 def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
     """Greedy at temperature 0; otherwise top-k, then top-p (nucleus), then a seeded draw."""
     if params.temperature == 0.0:
-        return int(np.argmax(logits))
+        best = int(np.argmax(logits))  # argmax lands on the first NaN when there is one
+        _check_finite(float(logits[best]))
+        return best
     scaled = logits.astype(np.float64) / params.temperature
+    _check_finite(float(scaled.max()))  # max is NaN if any logit is
     if params.top_k and params.top_k < scaled.size:
         candidates = np.argpartition(scaled, -params.top_k)[-params.top_k:]
     else:
@@ -287,7 +301,9 @@ class Runtime:
             self._request_counter += 1
             rng = np.random.default_rng([self.seed, self._request_counter])
         else:
-            rng = np.random.default_rng(params.seed)
+            # numpy takes only non-negative seeds; a negative one (llama.cpp's -1, an int64 from
+            # the API) is read as its 64-bit two's complement, so every integer seed repeats.
+            rng = np.random.default_rng(params.seed % (1 << 64) if params.seed < 0 else params.seed)
         return Generation(self._run(tokens, active, params, rng, stats, cancel), stats)
 
     def _run(self, tokens: list[int], active: list[tuple[LoraAdapter, float]], params: SamplingParams,

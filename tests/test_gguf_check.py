@@ -240,6 +240,17 @@ def test_expect_type(tmp_path: Path) -> None:
         validate_gguf(a, expect_type="model")
 
 
+@pytest.mark.parametrize("alpha", [_kv("adapter.lora.alpha", VT.FLOAT32, struct.pack("<f", float("nan"))),
+                                   _kv("adapter.lora.alpha", VT.FLOAT32, struct.pack("<f", float("inf"))),
+                                   _kv("adapter.lora.alpha", VT.STRING, _str("32"))], ids=["nan", "inf", "string"])
+def test_adapter_alpha_must_be_a_finite_number(tmp_path: Path, alpha: bytes) -> None:
+    # llama.cpp scales every delta by alpha / rank: a NaN alpha makes every logit NaN.
+    kvs = [_kv("general.architecture", VT.STRING, _str("llama")), _kv("general.type", VT.STRING, _str("adapter")),
+           _kv("adapter.type", VT.STRING, _str("lora")), alpha]
+    with pytest.raises(AdapterError, match="adapter.lora.alpha"):
+        validate_gguf(write(tmp_path, build_gguf(kvs=kvs)), expect_type="adapter")
+
+
 # --- check_adapter_fits ---
 
 def _write_model(path: Path, arch: str, tensors: dict[str, np.ndarray], adapter: bool = False) -> Path:

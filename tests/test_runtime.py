@@ -196,6 +196,46 @@ def test_sampling_is_seeded_and_temperature_zero_is_greedy(runtime: Runtime) -> 
     assert picks == {1}
 
 
+def test_non_finite_logits_are_a_typed_error_not_token_zero() -> None:
+    rng = np.random.default_rng(0)
+    for bad in (np.array([0.0, np.nan, 1.0], np.float32), np.array([0.0, np.inf, 1.0], np.float32),
+                np.full(3, -np.inf, np.float32)):
+        for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=0.8)):
+            with pytest.raises(InvalidGGUFError, match="NaN/inf logits"):
+                sample_token(bad, params, rng)
+
+
+def test_nan_adapter_is_refused_at_generation(tmp_path: Path, runtime: Runtime, gemma_q4_gguf: Path) -> None:
+    from lora_fixtures import write_random_lora
+
+    nan = write_random_lora(gemma_q4_gguf, tmp_path / "nan.gguf", seed=3, strength=float("nan"))
+    runtime.load_adapter("nan", nan)
+    try:
+        for temperature in (0.0, 0.8):
+            with pytest.raises(InvalidGGUFError, match="NaN/inf logits"):
+                runtime.generate(PROMPT, adapters={"nan": 1.0}, max_tokens=2, temperature=temperature).text()
+    finally:
+        runtime.unload_adapter("nan")
+    assert len(greedy(runtime, n=2)) == 2  # the context went back to the pool
+
+
+def test_negative_seed_is_a_repeatable_seed(runtime: Runtime) -> None:
+    # llama.cpp and OpenAI clients send -1; numpy refuses negative seeds.
+    first = runtime.generate(PROMPT, max_tokens=6, temperature=0.9, seed=-1)
+    second = runtime.generate(PROMPT, max_tokens=6, temperature=0.9, seed=-1)
+    assert first.text() == second.text()
+    with pytest.raises(RequestError, match="seed"):
+        runtime.generate(PROMPT, seed=1.5)  # type: ignore[arg-type]
+
+
+def test_lone_surrogate_in_text_is_a_request_error(runtime: Runtime) -> None:
+    # Undecodable argv bytes arrive as surrogates; so does "\udcff" in a JSON request body.
+    with pytest.raises(RequestError, match="not valid Unicode"):
+        runtime.generate("a\udcffb", max_tokens=1)
+    with pytest.raises(RequestError, match="not valid Unicode"):
+        runtime.chat([{"role": "user", "content": "a\udcffb"}], max_tokens=1)
+
+
 def test_stop_strings_and_max_tokens(runtime: Runtime) -> None:
     full = runtime.generate(PROMPT, max_tokens=20)
     text = full.text()
