@@ -35,7 +35,7 @@ import numpy as np
 
 from edge_lora import constants
 from edge_lora.atomic import atomic_open, ensure_writable_dir
-from edge_lora.errors import InputError, InputNotFoundError
+from edge_lora.errors import InputError, InputNotFoundError, InvalidGGUFError
 from edge_lora.progress import NullProgress, ProgressSink
 
 CACHE_TOP_K = 1024
@@ -158,11 +158,24 @@ def _kld_from_cache(base: _BaselineRows, r: int, cand_logp: np.ndarray) -> float
 # --- measurement ---
 
 def _resolve_adapters(adapters: Iterable[AdapterSpec]) -> list[tuple[Path, float]]:
-    out = []
+    out: list[tuple[Path, float]] = []
     for spec in adapters:
         path, scale = (spec if isinstance(spec, tuple) else (spec, 1.0))
-        out.append((Path(path), float(scale)))
+        path = Path(path)
+        # The same file twice would silently apply it at double scale (run refuses it too).
+        if any(path.resolve() == seen.resolve() for seen, _ in out):
+            raise InputError(f"adapter {path} given twice", fix="pass each adapter once")
+        out.append((path, float(scale)))
     return out
+
+
+def _check_finite(values: np.ndarray, source: str) -> None:
+    # NaN/inf logits (NaN weights, an overflowing adapter alpha) would report PPL NaN with exit
+    # code 0 and write NaN, which is not JSON, into --json output and manifest.json.
+    if not np.isfinite(values).all():
+        raise InvalidGGUFError(f"{source} produced NaN/inf logits: it holds non-finite weights or an "
+                               f"overflowing adapter alpha/scale",
+                               fix="re-convert the model and adapter, or lower the adapter scale")
 
 
 def _check_inputs(model_path: Path, kld_base: Path | None) -> None:
@@ -211,8 +224,10 @@ def measure_perplexity(model_path: Path | str, text: str, ctx: int = 512, adapte
             cached = _BaselineRows.load(cache_file, n_rows, identity) if use_cache else None
 
         ctx_main = LlamaContext(model, n_ctx=ctx, n_batch=n_batch, n_threads=n_threads)
-        loaded = [LoraAdapter(model, p) for p, _ in _resolve_adapters(adapters)]
-        ctx_main.set_adapters([(a, s) for a, (_, s) in zip(loaded, _resolve_adapters(adapters))])
+        specs = _resolve_adapters(adapters)
+        loaded = [LoraAdapter(model, p) for p, _ in specs]
+        ctx_main.set_adapters([(a, s) for a, (_, s) in zip(loaded, specs)])
+        source = model_path.name + (" with its adapters" if specs else "")
 
         base_model = base_ctx = None
         fresh: _BaselineRows | None = None
@@ -236,6 +251,12 @@ def measure_perplexity(model_path: Path | str, text: str, ctx: int = 512, adapte
                 window[0] = bos
                 _score_window(ctx_main, base_ctx, window, first, w * rows_per_window, nll, kld, same_top,
                               cached, fresh)
+                rows = slice(w * rows_per_window, (w + 1) * rows_per_window)
+                _check_finite(nll[rows], source)
+                if fresh is not None and base_path is not None:
+                    _check_finite(fresh.nll[rows], base_path.name)  # before it can reach the cache
+                if kld is not None:
+                    _check_finite(kld[rows], source)
                 progress.advance(1)
         finally:
             progress.finish()

@@ -84,6 +84,19 @@ def test_bad_inputs(tmp_path: Path, gemma_q4_gguf: Path) -> None:
         measure_perplexity(gemma_q4_gguf, "text", ctx=4)
 
 
+def test_nan_adapter_and_duplicate_adapter_refused(tmp_path: Path, gemma_q4_gguf: Path) -> None:
+    # NaN logits used to give PPL NaN, exit 0 and "NaN" (not JSON) in --json output.
+    from lora_fixtures import write_random_lora
+
+    text = default_eval_text()
+    nan = write_random_lora(gemma_q4_gguf, tmp_path / "nan.gguf", seed=3, strength=float("nan"))
+    with pytest.raises(InvalidGGUFError, match="NaN/inf logits"):
+        measure_perplexity(gemma_q4_gguf, text, ctx=64, adapters=[nan], max_windows=2)
+    good = write_random_lora(gemma_q4_gguf, tmp_path / "good.gguf", seed=4, strength=0.1)
+    with pytest.raises(InputError, match="given twice"):
+        measure_perplexity(gemma_q4_gguf, text, ctx=64, adapters=[good, tmp_path / "." / "good.gguf"])
+
+
 def test_cli_errors_are_one_line(capsys, tmp_path: Path, gemma_q4_gguf: Path) -> None:
     short = tmp_path / "short.txt"
     short.write_text("Too short to measure.")
