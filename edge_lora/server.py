@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import threading
 import time
 import uuid
@@ -24,9 +25,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from edge_lora.errors import EdgeLoraError, InputNotFoundError, RegistryError, RequestError
+from edge_lora.errors import EdgeLoraError, InputNotFoundError, InternalError, RegistryError, RequestError
 from edge_lora.registry import AdapterRegistry, check_name
 from edge_lora.runtime import Generation, Runtime
+
+logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 MAX_STOP = 16
@@ -112,6 +115,8 @@ async def _json_body(request: Request) -> dict:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
+    except RecursionError:  # e.g. 100,000 nested brackets: json's recursive parser gives up
+        raise APIError(400, "the request body nests too deeply", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
     return body
@@ -239,6 +244,9 @@ class OpenAIServer:
                 loop.call_soon_threadsafe(pieces.put_nowait, ("done", None))
             except EdgeLoraError as exc:
                 loop.call_soon_threadsafe(pieces.put_nowait, ("error", exc))
+            except Exception as exc:  # a bug: without an "error" item the client would wait forever
+                logger.exception("generation failed")
+                loop.call_soon_threadsafe(pieces.put_nowait, ("error", InternalError(f"generation failed: {exc!r}")))
 
         created = int(time.time())
         chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"

@@ -147,6 +147,8 @@ def test_chat_streamed_equals_chat_plain(runtime: Runtime) -> None:
 @pytest.mark.parametrize("path,payload,status,code", [
     ("/v1/completions", b"{not json", 400, "invalid_json"),
     ("/v1/completions", b"[1, 2]", 400, "invalid_json"),
+    pytest.param("/v1/completions", b"[" * 100_000 + b"]" * 100_000, 400, "invalid_json", id="deep-nesting"),
+    pytest.param("/v1/completions", b'{"model": "BASE", "prompt": "a\\udcffb"}', 400, None, id="lone-surrogate"),
     ("/v1/completions", {"prompt": "x"}, 400, "missing_model"),
     ("/v1/completions", {"model": "nope", "prompt": "x"}, 404, "model_not_found"),
     ("/v1/completions", {"model": "BASE", "prompt": "word " * 400}, 400, "context_length_exceeded"),
@@ -176,7 +178,7 @@ def test_bad_requests_get_openai_errors_and_server_keeps_serving(runtime: Runtim
             if isinstance(payload, dict):
                 data = json.dumps(payload).replace('"BASE"', json.dumps(runtime.model_id)).encode()
             else:
-                data = payload
+                data = payload.replace(b'"BASE"', json.dumps(runtime.model_id).encode())
             bad = await c.post(path, content=data, headers={"content-type": "application/json"})
             good = await _completion(c, runtime.model_id, max_tokens=2)
             return bad, good
@@ -187,6 +189,53 @@ def test_bad_requests_get_openai_errors_and_server_keeps_serving(runtime: Runtim
     if code is not None:
         assert error["code"] == code
     assert good.status_code == 200
+
+
+def test_negative_seed_is_served(runtime: Runtime) -> None:
+    async def go():
+        async with client_for(make_app(runtime)) as c:
+            return [await _completion(c, runtime.model_id, max_tokens=4, temperature=0.9, seed=-1) for _ in range(2)]
+    first, second = run(go())
+    assert first.status_code == 200, first.text
+    assert first.json()["choices"][0]["text"] == second.json()["choices"][0]["text"]
+
+
+def test_nan_adapter_gets_an_error_plain_and_streamed(runtime: Runtime, gemma_q4_gguf: Path, tmp_path: Path) -> None:
+    from lora_fixtures import write_random_lora
+
+    runtime.load_adapter("nan", write_random_lora(gemma_q4_gguf, tmp_path / "nan.gguf", seed=3,
+                                                  strength=float("nan")))
+    try:
+        async def go():
+            async with client_for(make_app(runtime)) as c:
+                plain = await _completion(c, "nan", temperature=0.8)
+                streamed = await _completion(c, "nan", temperature=0.8, stream=True)
+                return plain, streamed
+        plain, streamed = run(go())
+    finally:
+        runtime.unload_adapter("nan")
+    assert plain.status_code == 400 and "NaN/inf logits" in plain.json()["error"]["message"]
+    assert "NaN/inf logits" in _sse_events(streamed.text)[-1]["error"]["message"]
+
+
+def test_a_bug_mid_stream_ends_the_stream_with_an_error(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only EdgeLoraError used to be forwarded: any other exception left the client waiting forever.
+    from edge_lora.runtime import Generation, GenerationStats
+
+    def broken(*args, **kwargs) -> Generation:
+        def pieces():
+            yield "a"
+            raise ZeroDivisionError("boom")
+        return Generation(pieces(), GenerationStats())
+
+    monkeypatch.setattr(runtime, "_start", broken)
+
+    async def go():
+        async with client_for(make_app(runtime)) as c:
+            return await asyncio.wait_for(_completion(c, runtime.model_id, stream=True), timeout=30)
+    events = _sse_events(run(go()).text)
+    assert events[0]["choices"][0]["text"] == "a"
+    assert events[-1]["error"]["code"] == "internal_error"
 
 
 def test_api_key_required_when_set(runtime: Runtime) -> None:
