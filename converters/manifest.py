@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from edge_lora.atomic import atomic_write_text
 from edge_lora.errors import InputError, InvalidGGUFError
-from edge_lora.gguf_check import validate_gguf
+from edge_lora.gguf_check import GGUFInfo, validate_gguf
 
 MANIFEST_FILE = "manifest.json"
 FileKind = Literal["model", "merged", "adapter"]
@@ -39,11 +39,15 @@ def sha256_file(path: Path) -> str:
 
 def gguf_bits_per_weight(path: Path) -> tuple[int, float]:
     """(tensor data bytes, bits per weight) from the GGUF header (see module docstring)."""
-    info = validate_gguf(path)
+    return info_bits_per_weight(validate_gguf(path))
+
+
+def info_bits_per_weight(info: GGUFInfo) -> tuple[int, float]:
+    """``gguf_bits_per_weight`` for a header already parsed (callers that hold one skip a re-parse)."""
     n_weights = sum(math.prod(t.shape) for t in info.tensors)
     data_bytes = sum(t.n_bytes for t in info.tensors)
     if n_weights == 0:
-        raise InvalidGGUFError(f"{path} holds no tensors", fix="re-convert the model")
+        raise InvalidGGUFError(f"{info.path} holds no tensors", fix="re-convert the model")
     return data_bytes, 8.0 * data_bytes / n_weights
 
 
@@ -149,3 +153,18 @@ class Manifest:
         path = self.directory / MANIFEST_FILE
         atomic_write_text(path, json.dumps(self.to_json(), indent=2) + "\n")
         return path
+
+
+def record_quality_beside(directory: Path, model: Path, *, ppl: float, kld: float | None = None) -> bool:
+    """Remember measured quality in ``directory``'s manifest.json, when there is one (a lone GGUF
+    has none: returns False). Shared by ``edge-lora ppl`` and the TUI. Raises InputError when the
+    manifest does not list ``model``."""
+    if not (directory / MANIFEST_FILE).is_file():
+        return False
+    manifest = Manifest.load(directory)
+    # A relative name: the manifest resolves absolute paths, which would leave a symlinked directory
+    # (or follow a symlinked file out of it).
+    name = model.relative_to(directory) if model.is_relative_to(directory) else model
+    manifest.record_quality(name, ppl=ppl, kld=kld)
+    manifest.save()
+    return True

@@ -271,6 +271,24 @@ def test_bad_directory_is_a_typed_error(tmp_path: Path) -> None:
         make_app(tmp_path / "bad", **fake_services())
 
 
+def test_quality_recorded_for_a_symlinked_format_by_tui_and_cli(tmp_path: Path, gemma_q4_gguf: Path) -> None:
+    # write_gemma_dir symlinks each format: resolving the path would leave the directory.
+    from converters.manifest import Manifest
+    from edge_lora.cli.ppl import _record_in_manifest
+    from tui.real_services import record_quality
+    from tui.view_model import QualityResult
+    from tui_fakes import write_gemma_dir
+
+    directory = write_gemma_dir(tmp_path, {"Q4_K_M": gemma_q4_gguf})
+    model = directory / "gemma-3-270m-Q4_K_M.gguf"
+    record_quality(directory, model, QualityResult(ppl=12.5, kld=0.25))
+    assert (Manifest.load(directory).files[0].ppl, Manifest.load(directory).files[0].kld) == (12.5, 0.25)
+    assert _record_in_manifest(model.absolute(), 11.0, None)
+    assert Manifest.load(directory).files[0].ppl == 11.0
+    record_quality(tmp_path, gemma_q4_gguf, QualityResult(ppl=1.0, kld=None))  # no manifest: nothing to do
+    assert not (tmp_path / "manifest.json").exists()
+
+
 def test_unknown_service_name_is_refused() -> None:
     with pytest.raises(TypeError, match="fit_function"):
         make_app(None, fit_function=lambda *a: [])

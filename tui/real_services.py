@@ -39,15 +39,10 @@ def measure_quality(model: Path, text: str, ctx: int, kld_base: Path | None,
 
 
 def record_quality(directory: Path, model: Path, result: QualityResult) -> None:
-    from converters.manifest import Manifest
+    from converters.manifest import record_quality_beside
 
-    if not (directory / "manifest.json").is_file():
-        return  # a lone GGUF (the demo model) has no manifest to remember figures in
-    manifest = Manifest.load(directory)
-    # Relative name: the manifest resolves absolute paths, which would leave a symlinked directory.
-    name = model.relative_to(directory) if model.is_relative_to(directory) else model
-    manifest.record_quality(name, ppl=result.ppl, kld=result.kld)
-    manifest.save()
+    # A lone GGUF (the demo model) has no manifest to remember figures in: nothing is recorded.
+    record_quality_beside(directory, model, ppl=result.ppl, kld=result.kld)
 
 
 def open_runtime(model: Path, n_ctx: int) -> ChatRuntime:
@@ -110,23 +105,18 @@ def load_model_dir(path: Path) -> ModelDirView:
 
 
 def _single_gguf_view(path: Path) -> ModelDirView:
+    from converters.manifest import info_bits_per_weight
+    from edge_lora.errors import InvalidGGUFError
+    from edge_lora.fit import format_of
     from edge_lora.gguf_check import validate_gguf
 
-    from edge_lora.fit import format_of
-
     info = validate_gguf(path, expect_type="model")
-    fmt = format_of(info)
-    n_params = sum(_product(t.shape) for t in info.tensors)
-    bpw = 8.0 * info.tensor_data_bytes / n_params if n_params else None
-    entry = FormatEntry(path=path, format=fmt, file_bytes=info.file_bytes, bpw=bpw)
+    try:
+        bpw: float | None = info_bits_per_weight(info)[1]
+    except InvalidGGUFError:  # no tensors: nothing to divide by; the table shows a blank
+        bpw = None
+    entry = FormatEntry(path=path, format=format_of(info), file_bytes=info.file_bytes, bpw=bpw)
     return ModelDirView(directory=path.parent, name=path.stem, formats=(entry,))
-
-
-def _product(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def _manifest_view(directory: Path, manifest_path: Path) -> ModelDirView:

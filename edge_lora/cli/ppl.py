@@ -37,19 +37,14 @@ def _read_text(path: Path) -> str:
 
 def _record_in_manifest(model: Path, ppl: float, kld: float | None) -> bool:
     """Store the figures in manifest.json when the file lives in a converted output directory."""
-    if not (model.parent / "manifest.json").is_file():
-        return False
-    from converters.manifest import Manifest
+    from converters.manifest import record_quality_beside
     from edge_lora.errors import InputError
 
-    manifest = Manifest.load(model.parent)
     try:
-        manifest.record_quality(model, ppl=ppl, kld=kld)
+        return record_quality_beside(model.parent, model, ppl=ppl, kld=kld)
     except InputError as exc:  # the measurement stands; only the bookkeeping is skipped
         print(f"edge-lora: note: not recorded in manifest.json: {exc.one_line()}", file=sys.stderr)
         return False
-    manifest.save()
-    return True
 
 
 def ppl_command(args: argparse.Namespace) -> int:
