@@ -33,6 +33,11 @@ IGNORED_TENSORS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
+# llama.cpp's LLAMA_MAX_LAYERS. A hostile num_hidden_layers (1e9) would otherwise make the
+# expected-tensor table (and Gemma 3's layer-type list) allocate forever before any shape check.
+MAX_LAYERS = 512
+
+
 def _int(config: Config, key: str, default: int | None = None) -> int:
     value = config.get(key, default)
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -72,7 +77,11 @@ class Dims:
                 fix="fix config.json")
         head_dim_default = default_head_dim if default_head_dim is not None else hidden // heads
         head_dim = config.get("head_dim") or head_dim_default
-        return cls(hidden=hidden, layers=_int(config, "num_hidden_layers"),
+        layers = _int(config, "num_hidden_layers")
+        if layers > MAX_LAYERS:  # checked before anything iterates over the layers
+            raise InvalidCheckpointError(f"config.json num_hidden_layers is {layers}; llama.cpp supports at most "
+                                         f"{MAX_LAYERS}", fix="fix or re-download config.json")
+        return cls(hidden=hidden, layers=layers,
                    ffn=_int(config, "intermediate_size"), heads=heads, kv_heads=kv_heads,
                    head_dim=_int({"head_dim": head_dim}, "head_dim"), vocab=_int(config, "vocab_size"))
 
@@ -444,6 +453,9 @@ def arch_spec_for(config: Config) -> ArchSpec:
         entry = ARCH_TABLE[entry.text_only.text_architecture]
     dims = Dims.from_config(config, entry.default_head_dim)
     tied = config.get("tie_word_embeddings", entry.tied_default)
+    if not isinstance(tied, bool):  # bool("false") is True: lm_head would be dropped silently
+        raise InvalidCheckpointError(f"config.json field 'tie_word_embeddings' must be true or false, got {tied!r}",
+                                     fix="fix or re-download config.json")
     return ArchSpec(entry=entry, config=config, dims=dims,
                     gguf_arch_name=gguf.MODEL_ARCH_NAMES[entry.gguf_arch], tied=bool(tied),
                     _name_map=gguf.get_tensor_name_map(entry.gguf_arch, dims.layers))

@@ -11,7 +11,7 @@ from typing import Protocol
 import gguf
 import numpy as np
 
-from converters.architectures import ArchSpec, arch_spec_for
+from converters.architectures import LM_HEAD, ArchSpec, arch_spec_for
 from converters.checkpoint import HFCheckpoint
 from converters.gguf_output import GGMLType, PlannedTensor, StreamingGGUFWriter, encode_rows
 from edge_lora.atomic import ensure_writable_dir
@@ -30,6 +30,11 @@ FORMAT_LABELS: dict[str, str] = {"f16": "F16", "bf16": "BF16", "f32": "F32"}
 
 class TensorMerger(Protocol):
     """What the converter asks of an adapter while streaming the base weights."""
+
+    def check_fits(self, ckpt: HFCheckpoint) -> None:
+        """Raise (naming the first misfit) unless every change the adapter makes lands in a
+        tensor converted from ``ckpt``: a change to a tensor that is not written would be lost."""
+        ...
 
     def merge_rows(self, hf_name: str, rows: np.ndarray, row_slice: slice) -> np.ndarray:
         """Return the merged float32 rows ``row_slice`` of HF tensor ``hf_name`` (``rows`` is
@@ -77,9 +82,7 @@ def _check_tensors(spec: ArchSpec, source: _TensorSource, ckpt: HFCheckpoint,
                    extras: Mapping[str, np.ndarray]) -> list[tuple[str, tuple[int, ...]]]:
     """Every tensor the architecture needs is present with the right shape; nothing unknown
     is silently dropped. Returns (hf_name, shape) in writing order."""
-    expected = spec.expected_shapes()
-    if spec.tied and "lm_head.weight" in extras:
-        expected["lm_head.weight"] = (spec.dims.vocab, spec.dims.hidden)
+    expected = spec.expected_shapes(separate_head=LM_HEAD in extras)
     for name, shape in expected.items():
         got = source.shape(name)
         if got is None:
@@ -138,6 +141,8 @@ def convert_checkpoint(ckpt_dir: Path | str, out_path: Path | str, *, outtype: s
 
     with HFCheckpoint.open(ckpt_dir) as ckpt:
         spec = arch_spec_for(ckpt.config)
+        if adapter is not None:
+            adapter.check_fits(ckpt)
         extras = dict(adapter.extra_tensors()) if adapter is not None else {}
         source = _TensorSource(ckpt, extras)
         ordered = _check_tensors(spec, source, ckpt, extras)

@@ -19,7 +19,7 @@ import numpy as np
 
 from converters.safetensors_io import f32_to_bf16_bits
 from edge_lora.atomic import atomic_path, check_free_space
-from edge_lora.errors import InternalError
+from edge_lora.errors import InternalError, InvalidCheckpointError
 from edge_lora.gguf_check import validate_gguf
 from edge_lora.progress import NullProgress, ProgressSink
 
@@ -71,6 +71,22 @@ class FastKVWriter(gguf.GGUFWriter):
         return super()._pack_val(val, vtype, add_vtype, sub_type)
 
 
+VT = gguf.GGUFValueType
+_INT_RANGES: dict[gguf.GGUFValueType, tuple[int, int]] = {
+    VT.UINT8: (0, 2**8 - 1), VT.INT8: (-2**7, 2**7 - 1), VT.UINT16: (0, 2**16 - 1), VT.INT16: (-2**15, 2**15 - 1),
+    VT.UINT32: (0, 2**32 - 1), VT.INT32: (-2**31, 2**31 - 1), VT.UINT64: (0, 2**64 - 1), VT.INT64: (-2**63, 2**63 - 1),
+}
+
+
+def _check_int_range(key: str, value: Any, vtype: gguf.GGUFValueType) -> None:
+    # Metadata values come from config.json; struct.pack would fail mid-write on e.g.
+    # max_position_embeddings = 1e30 for a u32 field.
+    bounds = _INT_RANGES.get(vtype)
+    if bounds is not None and isinstance(value, int) and not bounds[0] <= value <= bounds[1]:
+        raise InvalidCheckpointError(f"config.json gives GGUF key {key} the value {value}, outside the "
+                                     f"{vtype.name} range", fix="fix or re-download config.json")
+
+
 @dataclass(frozen=True)
 class PlannedTensor:
     name: str
@@ -106,6 +122,7 @@ class StreamingGGUFWriter:
 
     def add_metadata(self, items: Iterable[tuple[str, Any, gguf.GGUFValueType]]) -> None:
         for key, value, vtype in items:
+            _check_int_range(key, value, vtype)
             self.kv.add_key_value(key, value, vtype)
 
     def add_tensor(self, tensor: PlannedTensor) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from converters.checkpoint import HFCheckpoint
 from converters.peft import LoraDelta, PeftAdapter
 from edge_lora.errors import InputError
 
@@ -33,6 +34,9 @@ class PeftMerger:
 
     def __init__(self, adapter: PeftAdapter) -> None:
         self.adapter = adapter
+
+    def check_fits(self, ckpt: HFCheckpoint) -> None:
+        self.adapter.check_fits(ckpt)
 
     def merge_rows(self, hf_name: str, rows: np.ndarray, row_slice: slice) -> np.ndarray:
         delta = self.adapter.delta_for(hf_name)

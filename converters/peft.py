@@ -151,6 +151,11 @@ def _parse_config(path: Path, raw: dict[str, Any]) -> LoraConfig:
     if not (targets is None or isinstance(targets, str)
             or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
         raise _err(path, f"target_modules must be a list of names or a regex string, got {targets!r}")
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as exc:  # PEFT full-matches a string target_modules as a regex
+            raise _err(path, f"target_modules {targets!r} is not a valid regular expression ({exc})") from None
     layers = raw.get("layers_to_transform")
     if isinstance(layers, int) and not isinstance(layers, bool):
         layers = [layers]

@@ -77,6 +77,19 @@ def test_config_with_bad_dimension(capsys: pytest.CaptureFixture[str], ckpt: Pat
     _assert_refused(*_run(capsys, ckpt, tmp_path / "out"), tmp_path / "out", "num_attention_heads")
 
 
+@pytest.mark.parametrize("field,value", [
+    ("num_hidden_layers", 10**9),  # used to build a 10^9-layer tensor table: hung, then out of memory
+    ("max_position_embeddings", 10**30),  # used to fail in struct.pack mid-write (a traceback)
+    ("tie_word_embeddings", "false"),  # bool("false") is True: lm_head would be dropped silently
+])
+def test_config_value_out_of_range(capsys: pytest.CaptureFixture[str], ckpt: Path, tmp_path: Path,
+                                   field: str, value: object) -> None:
+    config = json.loads((ckpt / "config.json").read_text())
+    config[field] = value
+    (ckpt / "config.json").write_text(json.dumps(config))
+    _assert_refused(*_run(capsys, ckpt, tmp_path / "out"), tmp_path / "out")
+
+
 def test_unsupported_architecture_lists_supported(capsys: pytest.CaptureFixture[str], ckpt: Path,
                                                   tmp_path: Path) -> None:
     config = json.loads((ckpt / "config.json").read_text())

@@ -118,6 +118,7 @@ BAD_ADAPTERS = {
     "untargeted-module": (lambda d: _edit_config(d, target_modules=["q_proj"]), "target_modules"),
     "missing-config": (lambda d: (d / "adapter_config.json").unlink(), "adapter_config.json"),
     "use-dora-without-magnitude": (lambda d: _edit_config(d, use_dora=True), "magnitude"),
+    "target-modules-bad-regex": (lambda d: _edit_config(d, target_modules="(("), "regular expression"),
 }
 
 
