@@ -31,6 +31,7 @@ Config = dict[str, Any]
 # HF tensors that carry no weights llama.cpp needs (recomputed buffers).
 IGNORED_TENSORS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+LM_HEAD = "lm_head.weight"
 
 
 # llama.cpp's LLAMA_MAX_LAYERS. A hostile num_hidden_layers (1e9) would otherwise make the
@@ -373,8 +374,10 @@ class ArchSpec:
     _name_map: gguf.TensorNameMap = field(repr=False)
 
     # -- names --
-    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every HF tensor the converted model needs, with its shape (HF layout)."""
+    def expected_shapes(self, *, separate_head: bool = False) -> dict[str, tuple[int, ...]]:
+        """Every HF tensor the converted model is written with, with its shape (HF layout).
+        ``separate_head``: lm_head is written even when the embeddings are tied (an adapter
+        replaces it, which unties them)."""
         d = self.dims
         q_rows, kv_rows = d.heads * d.head_dim, d.kv_heads * d.head_dim
         per_layer = {
@@ -393,14 +396,14 @@ class ArchSpec:
         for layer in range(d.layers):
             for suffix in self.entry.layer_tensors(self.config):
                 shapes[f"model.layers.{layer}.{suffix}"] = per_layer[suffix]
-        if not self.tied:
-            shapes["lm_head.weight"] = (d.vocab, d.hidden)
+        if not self.tied or separate_head:
+            shapes[LM_HEAD] = (d.vocab, d.hidden)
         return shapes
 
     def is_ignored(self, hf_name: str) -> bool:
         """HF tensors that are deliberately not converted (recomputed buffers, and lm_head
         when embeddings are tied: llama.cpp then reuses token_embd)."""
-        return bool(IGNORED_TENSORS.search(hf_name)) or (self.tied and hf_name == "lm_head.weight")
+        return bool(IGNORED_TENSORS.search(hf_name)) or (self.tied and hf_name == LM_HEAD)
 
     def gguf_name(self, hf_name: str) -> str | None:
         return self._name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))

@@ -2,7 +2,8 @@
 
 The adapter is untrusted input: pickled weights are refused, the config is validated field by
 field, every tensor name must be one PEFT writes, A/B ranks must agree with the config, and
-``check_fits`` compares every shape with the base checkpoint before anything is written.
+``check_fits`` compares every shape with the base checkpoint, and refuses a change to a tensor
+the converted model is not written with, before anything is written.
 The effective per-module scale (alpha / r, alpha / sqrt(r) with rsLoRA, rank/alpha patterns)
 is computed once here; merge and GGUF export only read ``LoraDelta.scale``.
 """
@@ -20,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from converters.architectures import TEXT_ONLY_VIEWS
+from converters.architectures import LM_HEAD, TEXT_ONLY_VIEWS, ArchSpec, arch_spec_for
+from converters.checkpoint import HFCheckpoint
 from converters.safetensors_io import SafetensorsFile
 from edge_lora.errors import (AdapterError, AdapterMismatchError, EdgeLoraError, InputNotFoundError,
                               UnsafeFormatError)
@@ -37,6 +39,7 @@ MAGNITUDE_SUFFIXES = (".lora_magnitude_vector", ".lora_magnitude_vector.weight")
 UNSUPPORTED_OPTIONS = ("lora_bias", "layer_replication", "trainable_token_indices", "target_parameters",
                        "use_qalora", "use_bdlora", "layers_pattern")
 logger = logging.getLogger(__name__)
+SAME_BASE_FIX = "use the base model this adapter was trained on"
 CONVERT_HINT = ("load it with PEFT in an environment you trust and save it again with "
                 "`model.save_pretrained(dir, safe_serialization=True)`")
 
@@ -263,38 +266,51 @@ class PeftAdapter:
         return cls(path, config, deltas, replacements)
 
     # --- base compatibility ---
-    def check_fits(self, ckpt: Any) -> None:
-        """Every adapted weight and every replacement exists in the HF checkpoint ``ckpt``
-        (``converters.checkpoint.HFCheckpoint``) with a fitting shape; names the first misfit."""
-        tied = bool(ckpt.config.get("tie_word_embeddings", "lm_head.weight" not in ckpt.tensor_names()))
-        fix = "use the base model this adapter was trained on"
+    def check_fits(self, ckpt: HFCheckpoint) -> None:
+        """Every adapted weight and every replacement is a tensor the base ``ckpt`` has with a
+        fitting shape, and one the converted model is written with (a delta on a tensor that is
+        not written, e.g. lm_head of a tied model, would be lost); names the first misfit."""
+        spec = arch_spec_for(ckpt.config)
+        written = spec.expected_shapes(separate_head=LM_HEAD in self.replacements)
         for weight_name, delta in self.deltas.items():
-            if not ckpt.has_tensor(weight_name):
-                raise AdapterMismatchError(
-                    f"adapter {self.path.name} adapts {weight_name}, which the base {ckpt.path} does not have",
-                    fix=fix)
+            self._check_written(weight_name, "adapts", ckpt, spec, written)
             shape = tuple(ckpt.tensor_info(weight_name).shape)
             if shape != delta.weight_shape:
                 raise AdapterMismatchError(
                     f"adapter {self.path.name}: {delta.module} lora_B @ lora_A is {list(delta.weight_shape)} "
-                    f"but the base weight {weight_name} is {list(shape)}", fix=fix)
+                    f"but the base weight {weight_name} is {list(shape)}", fix=SAME_BASE_FIX)
             if delta.magnitude is not None and delta.magnitude.shape != (shape[0],):
                 raise AdapterMismatchError(
                     f"adapter {self.path.name}: DoRA magnitude of {delta.module} has shape "
-                    f"{list(delta.magnitude.shape)}, the base weight has {shape[0]} rows", fix=fix)
+                    f"{list(delta.magnitude.shape)}, the base weight has {shape[0]} rows", fix=SAME_BASE_FIX)
         for hf_name, tensor in self.replacements.items():
-            base_name = "model.embed_tokens.weight" if hf_name == "lm_head.weight" and tied else hf_name
-            if not ckpt.has_tensor(base_name):
-                raise AdapterMismatchError(
-                    f"adapter {self.path.name} replaces {hf_name}, which the base {ckpt.path} does not have",
-                    fix=fix)
+            # A tied base stores no lm_head (or one transformers ignores): the embedding is its shape.
+            base_name = "model.embed_tokens.weight" if hf_name == LM_HEAD and spec.tied else hf_name
+            self._check_written(hf_name, "replaces", ckpt, spec, written, base_name)
             shape = tuple(ckpt.tensor_info(base_name).shape)
             if tuple(tensor.shape) != shape:
-                resized = "embed_tokens" in hf_name or hf_name == "lm_head.weight"
+                resized = "embed_tokens" in hf_name or hf_name == LM_HEAD
                 raise AdapterMismatchError(
                     f"adapter {self.path.name} replaces {hf_name} with shape {list(tensor.shape)}, the base has "
                     f"{list(shape)}" + (" (the adapter was trained with a resized vocabulary)" if resized else ""),
                     fix="use the exact base checkpoint (and tokenizer) the adapter was trained with")
+
+    def _check_written(self, hf_name: str, verb: str, ckpt: HFCheckpoint, spec: ArchSpec,
+                       written: Mapping[str, tuple[int, ...]], base_name: str | None = None) -> None:
+        """``hf_name`` exists in the base (as ``base_name``) and in the converted model."""
+        if hf_name == LM_HEAD and hf_name not in written and spec.tied:
+            raise AdapterMismatchError(
+                f"adapter {self.path.name} {verb} lm_head, but the base ties lm_head to the input "
+                "embeddings (tie_word_embeddings), so the converted model has no separate output "
+                "weight to carry it", fix="train the adapter without lm_head in target_modules")
+        if not ckpt.has_tensor(base_name or hf_name):
+            raise AdapterMismatchError(
+                f"adapter {self.path.name} {verb} {hf_name}, which the base {ckpt.path} does not have",
+                fix=SAME_BASE_FIX)
+        if hf_name not in written:
+            raise AdapterMismatchError(
+                f"adapter {self.path.name} {verb} {hf_name}, which {spec.entry.hf_architecture} does not "
+                "use, so it would be lost in conversion", fix="train the adapter without this module")
 
 
 def text_module_name(module: str) -> str | None:

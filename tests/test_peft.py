@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import struct
 from pathlib import Path
 
@@ -188,3 +189,44 @@ def test_cli_adapter_convert_outtype_q8_0(llama_ckpt: Path, tmp_path: Path, caps
     assert main(_adapter_convert(adapter, llama_ckpt, out) + ["--outtype", "q8_0", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["path"] == str(out)
     assert {t.tensor_type for t in gguf.GGUFReader(out).tensors} == {gguf.GGMLQuantizationType.Q8_0}
+
+
+@pytest.mark.parametrize("stores_head", [False, True], ids=["head-not-stored", "head-stored-too"])
+def test_lora_on_a_tied_head_is_refused_not_dropped(qwen_ckpt: Path, tmp_path: Path, stores_head: bool,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A tied base converts without a separate output weight, so a delta on lm_head has nowhere
+    to go; many tied checkpoints store lm_head.weight anyway, which must not hide that."""
+    from converters.checkpoint import HFCheckpoint
+    from converters.convert import convert_checkpoint
+    from converters.merge import PeftMerger
+
+    assert json.loads((qwen_ckpt / "config.json").read_text())["tie_word_embeddings"]
+    with_head = tmp_path / "with-head"
+    shutil.copytree(qwen_ckpt, with_head)
+    with SafetensorsFile(with_head / "model.safetensors") as st:
+        tensors = {n: np.array(st.read(n), dtype=np.float32) for n in st.names()}
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].copy()
+    write_safetensors(with_head / "model.safetensors", tensors)
+    adapter_dir = make_peft_adapter(with_head, tmp_path / "ad", target_modules=("q_proj", "lm_head"))
+    base = with_head if stores_head else qwen_ckpt
+    adapter = PeftAdapter.open(adapter_dir)
+    assert "lm_head.weight" in adapter.deltas
+    with HFCheckpoint.open(base) as ckpt, pytest.raises(AdapterMismatchError, match="ties lm_head"):
+        adapter.check_fits(ckpt)
+    with pytest.raises(AdapterMismatchError, match="ties lm_head"):  # the library path checks too
+        convert_checkpoint(base, tmp_path / "merged.gguf", adapter=PeftMerger(adapter))
+    out = tmp_path / "out"
+    _cli_fails(["convert", str(base), "--adapter", str(adapter_dir), "--out", str(out), "--quant", "none"],
+               capsys, "tie_word_embeddings")
+    _cli_fails(_adapter_convert(adapter_dir, base, tmp_path / "a.gguf"), capsys, "tie_word_embeddings")
+    assert not (tmp_path / "merged.gguf").exists() and not (tmp_path / "a.gguf").exists()
+    assert not (out.exists() and list(out.iterdir()))
+
+
+def test_lora_on_an_untied_head_fits(llama_ckpt: Path, tmp_path: Path) -> None:
+    from converters.checkpoint import HFCheckpoint
+
+    adapter = PeftAdapter.open(make_peft_adapter(llama_ckpt, tmp_path / "ad", target_modules=("lm_head",)))
+    with HFCheckpoint.open(llama_ckpt) as ckpt:
+        assert not ckpt.config.get("tie_word_embeddings") and ckpt.has_tensor("lm_head.weight")
+        adapter.check_fits(ckpt)
