@@ -22,7 +22,6 @@ Constants are calibrated by ``bench/fit.py`` (subprocess peak RSS on real files)
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,21 +208,37 @@ def _cpu_repacks() -> bool:
     return bool(features.get("AVX2") or features.get("NEON") or features.get("AVX512"))
 
 
-def estimate_memory(gguf_path: Path | str, ctx: int, adapters: Sequence[Path | str] = (), n_batch: int = 512,
-                    logits_rows: int = 1, *, repack: bool | None = None) -> MemoryEstimate:
-    """Predicted peak RSS of loading ``gguf_path`` and evaluating at ``ctx`` tokens.
-    ``logits_rows``: how many logit rows one batch asks for (1 for generation)."""
-    path = Path(gguf_path)
+# A model file as a path, or its header already parsed by validate_gguf(path, expect_type="model"):
+# parsing a 262k-token vocabulary costs ~30 ms, so callers that hold the header pass it on.
+ModelSource = Path | str | GGUFInfo
+AdapterSource = Path | str | GGUFInfo  # a header from validate_gguf(path, expect_type="adapter")
+
+
+def model_info(source: ModelSource) -> GGUFInfo:
+    if isinstance(source, GGUFInfo):
+        return source
+    path = Path(source)
     if not path.is_file():
         raise InputNotFoundError(f"model file {path} does not exist", fix="give a .gguf file or a converted directory")
+    return validate_gguf(path, expect_type="model")
+
+
+def adapter_info(source: AdapterSource) -> GGUFInfo:
+    return source if isinstance(source, GGUFInfo) else validate_gguf(Path(source), expect_type="adapter")
+
+
+def estimate_memory(model: ModelSource, ctx: int, adapters: Sequence[AdapterSource] = (), n_batch: int = 512,
+                    logits_rows: int = 1, *, repack: bool | None = None) -> MemoryEstimate:
+    """Predicted peak RSS of loading ``model`` and evaluating at ``ctx`` tokens.
+    ``logits_rows``: how many logit rows one batch asks for (1 for generation)."""
     if ctx < 1 or n_batch < 1:
         raise InputError(f"context {ctx} and batch {n_batch} must be positive", fix="use --ctx 512 or more")
-    info = validate_gguf(path, expect_type="model")
+    info = model_info(model)
     trained = context_length(info)
     if trained and ctx > trained:
-        raise InputError(f"context {ctx} is larger than {path.name}'s training context {trained}",
+        raise InputError(f"context {ctx} is larger than {info.path.name}'s training context {trained}",
                          fix=f"use --ctx {trained} or less")
-    adapters_bytes = sum(validate_gguf(Path(a), expect_type="adapter").tensor_data_bytes for a in adapters)
+    adapters_bytes = sum(adapter_info(a).tensor_data_bytes for a in adapters)
     weights = _weights_bytes(info, _cpu_repacks() if repack is None else repack)
     kv = _kv_bytes(info, ctx)
     compute = _compute_bytes(info, ctx, n_batch, logits_rows)
@@ -235,41 +250,56 @@ def estimate_memory(gguf_path: Path | str, ctx: int, adapters: Sequence[Path | s
 
 # --- choosing a format ---
 
-def _model_files(paths: Iterable[Path | str]) -> list[Path]:
-    files: list[Path] = []
-    for raw in paths:
+def model_infos(sources: Iterable[ModelSource]) -> list[GGUFInfo]:
+    """The model files named (paths or parsed headers) or inside the named directories, each
+    header parsed once."""
+    infos: list[GGUFInfo] = []
+    for raw in sources:
+        if isinstance(raw, GGUFInfo):
+            infos.append(raw)
+            continue
         path = Path(raw).expanduser()
         if path.is_dir():
-            found = sorted(p for p in path.glob("*.gguf") if not p.name.startswith("adapter-"))
-            files.extend(p for p in found if _is_model(p))
+            infos.extend(_directory_models(path))
         elif path.is_file():
-            files.append(path)
+            infos.append(validate_gguf(path, expect_type="model"))
         else:
             raise InputNotFoundError(f"{path} does not exist", fix="give a .gguf file or a converted directory")
-    if not files:
+    if not infos:
         raise InputNotFoundError("no model GGUF files found", fix="run `edge-lora convert` first or name a .gguf file")
-    return files
+    return infos
 
 
-def _is_model(path: Path) -> bool:
-    try:
-        return validate_gguf(path).general_type != "adapter"
-    except InputError:
-        return False  # a damaged file in a directory is skipped; named directly it errors
-
-
-def _manifest_klds(files: list[Path]) -> dict[Path, float]:
-    """KLD per file from the manifest.json beside it, when measured (``edge-lora ppl --kld-base``)."""
-    klds: dict[Path, float] = {}
-    for directory in {f.parent for f in files}:
+def _directory_models(directory: Path) -> list[GGUFInfo]:
+    infos: list[GGUFInfo] = []
+    for path in sorted(p for p in directory.glob("*.gguf") if not p.name.startswith("adapter-")):
         try:
-            data = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            infos.append(validate_gguf(path, expect_type="model"))
+        except InputError:
+            continue  # an adapter or a damaged file in a directory is skipped; named directly it errors
+    return infos
+
+
+def _manifest_klds(files: Iterable[Path]) -> dict[Path, float]:
+    """KLD per file from the manifest.json beside it, when measured (``edge-lora ppl --kld-base``)."""
+    from converters.manifest import MANIFEST_FILE, Manifest
+
+    klds: dict[Path, float] = {}
+    by_directory: dict[Path, list[Path]] = {}
+    for f in files:
+        by_directory.setdefault(f.parent, []).append(f)
+    for directory, members in by_directory.items():
+        if not (directory / MANIFEST_FILE).is_file():
             continue
-        entries = data.get("files") if isinstance(data, dict) else None
-        for entry in entries if isinstance(entries, list) else []:
-            if isinstance(entry, dict) and isinstance(entry.get("kld"), (int, float)) and isinstance(entry.get("path"), str):
-                klds[(directory / entry["path"]).resolve()] = float(entry["kld"])
+        try:
+            manifest = Manifest.load(directory)
+        except InputError:
+            continue  # a damaged manifest costs the KLD ranking, not the estimate
+        for f in members:
+            # Looked up by bare name: only a row naming a file directly in this directory matches.
+            row = manifest.file(f.name)
+            if row is not None and row.kld is not None:
+                klds[f] = float(row.kld)
     return klds
 
 
@@ -283,26 +313,29 @@ def verdict_for(total_bytes: int, available_bytes: int) -> str:
     return "tight" if total_bytes <= available_bytes else "no"
 
 
-def fit_report(paths_or_dirs: Sequence[Path | str] | Path | str, ctx: int | None = None,
-               available_bytes: int | None = None, adapters: Sequence[Path | str] = ()) -> FitReport:
+def fit_report(paths_or_dirs: Sequence[ModelSource] | ModelSource, ctx: int | None = None,
+               available_bytes: int | None = None, adapters: Sequence[AdapterSource] = ()) -> FitReport:
     """Estimate every model file, judge it against available RAM and recommend exactly one:
     the best quality among those that fit (by measured KLD when every candidate has one,
-    else by format), or among the tight ones when none fits comfortably."""
-    if isinstance(paths_or_dirs, (str, Path)):
+    else by format), or among the tight ones when none fits comfortably. Parsed headers
+    (``model_infos``) may stand for files: re-estimating at another ctx or RAM figure then
+    reads no file but the manifest."""
+    if isinstance(paths_or_dirs, (str, Path, GGUFInfo)):
         paths_or_dirs = [paths_or_dirs]
-    files = _model_files(paths_or_dirs)
+    infos = model_infos(paths_or_dirs)
+    adapter_infos = [adapter_info(a) for a in adapters]  # once, not once per model
     memory = psutil.virtual_memory()
     available = int(memory.available if available_bytes is None else available_bytes)
-    infos = [validate_gguf(f, expect_type="model") for f in files]
     if ctx is None:
         ctx = min(default_ctx(i) for i in infos)
-    klds = _manifest_klds(files)
+    klds = _manifest_klds(i.path for i in infos)
+    repack = _cpu_repacks()
     rows: list[ModelFit] = []
-    for path, info in zip(files, infos):
-        estimate = estimate_memory(path, ctx, adapters)
-        rows.append(ModelFit(path=str(path), format=format_of(info), ctx=ctx, estimate=estimate,
+    for info in infos:
+        estimate = estimate_memory(info, ctx, adapter_infos, repack=repack)
+        rows.append(ModelFit(path=str(info.path), format=format_of(info), ctx=ctx, estimate=estimate,
                              verdict=verdict_for(estimate.total_bytes, available), recommended=False,
-                             kld=klds.get(path.resolve())))
+                             kld=klds.get(info.path)))
     rows.sort(key=lambda r: (_quality_rank(r.format), r.path))  # best quality first, as users read tables
     choice = _choose(rows)
     models = [ModelFit(**{**_fields(r), "recommended": r is choice}) for r in rows]

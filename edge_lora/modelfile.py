@@ -11,7 +11,7 @@ checked before it is quoted.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,13 +131,15 @@ def _chat_family(model_path: Path, info: GGUFInfo) -> GoFamily:
     return go_family(family)
 
 
-def recommended_num_ctx(model_path: Path, adapters: tuple[Path, ...] = ()) -> int:
+def recommended_num_ctx(model: Path | GGUFInfo, adapters: Sequence[Path | GGUFInfo] = ()) -> int:
     """The fit estimator's default context for this file, halved until it fits available RAM."""
-    from edge_lora.fit import default_ctx, fit_report
+    from edge_lora.fit import adapter_info, default_ctx, fit_report, model_info
 
-    ctx = default_ctx(validate_gguf(model_path, expect_type="model"))
+    info = model_info(model)  # parsed once for every halving, not once per estimate
+    adapter_infos = [adapter_info(a) for a in adapters]
+    ctx = default_ctx(info)
     while True:
-        report = fit_report([model_path], ctx=ctx, adapters=adapters)
+        report = fit_report([info], ctx=ctx, adapters=adapter_infos)
         if report.models[0].fits or ctx <= MIN_RECOMMENDED_CTX:
             return ctx
         ctx //= 2
@@ -155,26 +157,27 @@ def _license_text(info: GGUFInfo) -> str | None:
     return text
 
 
-def render_modelfile_result(model_path: Path | str, *, adapter_path: Path | str | None = None,
+def render_modelfile_result(model_path: Path | str | GGUFInfo, *, adapter_path: Path | str | None = None,
                             system: str | None = None, num_ctx: int | None = None,
                             modelfile_dir: Path | str | None = None,
                             params: Mapping[str, object] | None = None) -> ModelfileResult:
-    model_path = Path(model_path)
-    info = validate_gguf(model_path, expect_type="model")
+    """``model_path``: a GGUF path, or its header from validate_gguf(path, expect_type="model")."""
+    info = (model_path if isinstance(model_path, GGUFInfo)
+            else validate_gguf(Path(model_path), expect_type="model"))
+    model_path = info.path
     directory = Path(modelfile_dir) if modelfile_dir is not None else None
     family = _chat_family(model_path, info)
     notes: list[str] = []
-    adapters: tuple[Path, ...] = ()
+    adapters: tuple[GGUFInfo, ...] = ()
     if adapter_path is not None:
-        adapter_path = Path(adapter_path)
-        adapter_info = validate_gguf(adapter_path, expect_type="adapter")
+        adapter_info = validate_gguf(Path(adapter_path), expect_type="adapter")
         check_adapter_fits(info, adapter_info)
-        adapters = (adapter_path,)
+        adapters = (adapter_info,)
         notes.append(ADAPTER_CAVEAT)
 
     trained = info.metadata.get(f"{info.architecture}.context_length")
     if num_ctx is None:
-        num_ctx = recommended_num_ctx(model_path, adapters)
+        num_ctx = recommended_num_ctx(info, adapters)
     elif isinstance(num_ctx, bool) or not isinstance(num_ctx, int) or num_ctx < 1:
         raise InputError(f"num_ctx must be a positive integer, not {num_ctx!r}")
     elif isinstance(trained, int) and num_ctx > trained:
@@ -186,7 +189,7 @@ def render_modelfile_result(model_path: Path | str, *, adapter_path: Path | str 
              f"FROM {modelfile_path_text(model_path, directory)}"]
     if adapters:
         lines.append("# " + ADAPTER_CAVEAT)
-        lines.append(f"ADAPTER {modelfile_path_text(adapters[0], directory)}")
+        lines.append(f"ADAPTER {modelfile_path_text(adapters[0].path, directory)}")
     lines.append(f"TEMPLATE {_multiline(family.go_template, 'chat template')}")
     extra = dict(params or {})
     for name in ("num_ctx", "stop"):
@@ -207,14 +210,14 @@ def render_modelfile_result(model_path: Path | str, *, adapter_path: Path | str 
     return ModelfileResult(text="\n".join(lines) + "\n", family=family.name, num_ctx=num_ctx, notes=notes)
 
 
-def render_modelfile(model_path: Path | str, *, adapter_path: Path | str | None = None,
+def render_modelfile(model_path: Path | str | GGUFInfo, *, adapter_path: Path | str | None = None,
                      system: str | None = None, num_ctx: int | None = None,
                      modelfile_dir: Path | str | None = None, params: Mapping[str, object] | None = None) -> str:
     return render_modelfile_result(model_path, adapter_path=adapter_path, system=system, num_ctx=num_ctx,
                                    modelfile_dir=modelfile_dir, params=params).text
 
 
-def write_modelfile(out_path: Path | str, model_path: Path | str, *, adapter_path: Path | str | None = None,
+def write_modelfile(out_path: Path | str, model_path: Path | str | GGUFInfo, *, adapter_path: Path | str | None = None,
                     system: str | None = None, num_ctx: int | None = None,
                     params: Mapping[str, object] | None = None) -> ModelfileResult:
     """Render for the Modelfile's own directory and write it atomically."""
@@ -239,10 +242,11 @@ def write_modelfiles_for_output(out_dir: Path | str, manifest: object) -> list[P
     files = list(getattr(manifest, "files", []))
     merged = [out_dir / f.path for f in files if f.kind == "merged"]
     candidates = merged or [out_dir / f.path for f in files if f.kind == "model"]
-    candidates = [p for p in candidates if p.is_file()]
-    if not candidates:
+    # Each header parsed once: the estimate and the Modelfile both read the chosen one.
+    infos = {p: validate_gguf(p, expect_type="model") for p in candidates if p.is_file()}
+    if not infos:
         return []
-    choice = fit_report(candidates).recommended
-    model = Path(choice.path) if choice is not None else min(candidates, key=lambda p: p.stat().st_size)
-    result = write_modelfile(out_dir / MODELFILE_NAME, model)
+    choice = fit_report(list(infos.values())).recommended
+    model = Path(choice.path) if choice is not None else min(infos, key=lambda p: p.stat().st_size)
+    result = write_modelfile(out_dir / MODELFILE_NAME, infos[model])
     return [result.path] if result.path is not None else []

@@ -95,12 +95,64 @@ def test_report_tight_and_none(format_dir: Path) -> None:
 
 
 def test_report_prefers_measured_kld(format_dir: Path) -> None:
-    files = [{"path": p.name, "format": format_of(validate_gguf(p)), "kind": "model", "bytes": 1, "kld": k}
+    files = [{"path": p.name, "format": format_of(validate_gguf(p)), "kind": "model", "bytes": 1, "bpw": 8.0,
+              "sha256": "", "kld": k}
              for p, k in zip(sorted(format_dir.glob("*.gguf")), (0.5, 0.01, 0.002, 0.2))]
     (format_dir / "manifest.json").write_text(json.dumps({"files": files}))
     best = min(files, key=lambda f: f["kld"])
     report = fit_report([format_dir], ctx=512, available_bytes=10**11)
     assert Path(report.recommended.path).name == best["path"]
+    assert {Path(m.path).name: m.kld for m in report.models} == {f["path"]: f["kld"] for f in files}
+
+
+def test_manifest_rows_outside_the_directory_are_ignored(format_dir: Path, tmp_path: Path) -> None:
+    # An untrusted manifest naming ../x must not lend x a KLD when x is estimated too.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    outside = elsewhere / "gemma-Q2_K.gguf"
+    outside.symlink_to((format_dir / "gemma-Q2_K.gguf").resolve())
+    row = {"path": "../elsewhere/gemma-Q2_K.gguf", "format": "Q2_K", "kind": "model", "bytes": 1, "bpw": 8.0,
+           "sha256": "", "kld": 0.0}
+    (format_dir / "manifest.json").write_text(json.dumps({"files": [row]}))
+    report = fit_report([format_dir, outside], ctx=512, available_bytes=10**11)
+    assert all(m.kld is None for m in report.models)
+
+
+def count_parses(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Record every GGUF header parse, wherever edge_lora imported validate_gguf."""
+    import edge_lora.fit
+    import edge_lora.gguf_check
+    import edge_lora.modelfile
+
+    parsed: list[Path] = []
+    real = edge_lora.gguf_check.validate_gguf
+
+    def counting(path, **kwargs):  # type: ignore[no-untyped-def]
+        parsed.append(Path(path))
+        return real(path, **kwargs)
+
+    for module in (edge_lora.gguf_check, edge_lora.fit, edge_lora.modelfile):
+        monkeypatch.setattr(module, "validate_gguf", counting)
+    return parsed
+
+
+def test_fit_report_parses_each_file_once(format_dir: Path, random_gemma_loras: tuple[Path, Path],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    parsed = count_parses(monkeypatch)
+    fit_report([format_dir], adapters=[random_gemma_loras[0]], available_bytes=10**11)
+    assert sorted(p.name for p in parsed) == sorted([p.name for p in format_dir.glob("*.gguf")]
+                                                    + [random_gemma_loras[0].name])
+
+
+def test_estimates_from_parsed_headers_read_no_file(format_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edge_lora.fit import model_infos
+
+    infos = model_infos([format_dir])
+    by_path = fit_report([format_dir], ctx=2048, available_bytes=10**11)
+    parsed = count_parses(monkeypatch)
+    by_info = fit_report(infos, ctx=2048, available_bytes=10**11)
+    assert parsed == [] and by_info == by_path
+    assert estimate_memory(infos[0], 512) == estimate_memory(infos[0].path, 512)
 
 
 def test_default_ctx_is_capped(gemma_q4_gguf: Path) -> None:

@@ -229,6 +229,25 @@ def test_pipeline_hook_writes_modelfile_for_the_merged_model(gemma_beside: Path)
     assert write_modelfiles_for_output(gemma_beside.parent, SimpleNamespace(files=[])) == []
 
 
+
+def test_pipeline_hook_and_default_num_ctx_parse_each_file_once(gemma_beside: Path, gemma_q4_gguf: Path,
+                                                                 random_gemma_loras: tuple[Path, Path],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # ~30 ms per Gemma header: the hook estimates every candidate, then renders the chosen one.
+    from test_fit import count_parses
+
+    second = gemma_beside.parent / "gemma-3-270m-copy-Q4_K_M.gguf"
+    os.symlink(gemma_q4_gguf, second)
+    manifest = SimpleNamespace(files=[SimpleNamespace(path=p.name, kind="merged", format="Q4_K_M")
+                                      for p in (gemma_beside, second)])
+    parsed = count_parses(monkeypatch)
+    assert write_modelfiles_for_output(gemma_beside.parent, manifest) == [gemma_beside.parent / "Modelfile"]
+    assert sorted(p.name for p in parsed) == sorted([gemma_beside.name, second.name])
+    parsed.clear()
+    render_modelfile_result(gemma_beside, adapter_path=random_gemma_loras[0])  # num_ctx from the estimator
+    assert sorted(p.name for p in parsed) == sorted([gemma_beside.name, random_gemma_loras[0].name])
+
+
 # --- synthetic GGUFs of the other families ---
 
 def _tiny_gguf(path: Path, arch: str, *, chat_template: str | None, license_text: str | None = None) -> Path:

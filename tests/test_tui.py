@@ -289,6 +289,41 @@ def test_quality_recorded_for_a_symlinked_format_by_tui_and_cli(tmp_path: Path, 
     assert not (tmp_path / "manifest.json").exists()
 
 
+def _tiny_gemma(path: Path, n_layer: int) -> Path:
+    """A model GGUF with just the metadata the fit estimator reads, published atomically as convert does."""
+    import gguf
+    import numpy as np
+
+    partial = path.with_name(path.name + ".partial")
+    writer = gguf.GGUFWriter(str(partial), "gemma3")
+    for add, value in ((writer.add_context_length, 8192), (writer.add_block_count, n_layer),
+                       (writer.add_head_count, 1), (writer.add_embedding_length, 32)):
+        add(value)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    partial.replace(path)
+    return path
+
+
+def test_real_refit_parses_headers_once_per_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The screen re-fits on every context / free-RAM change; a real header costs ~30 ms to parse.
+    from test_fit import count_parses
+    from tui.real_services import fit_predictions
+
+    paths = [_tiny_gemma(tmp_path / "m-F16.gguf", 2), _tiny_gemma(tmp_path / "m-Q8_0.gguf", 2)]
+    parsed = count_parses(monkeypatch)
+    small = fit_predictions(paths, 512, 8 * GB)
+    big = fit_predictions(paths, 8192, 8 * GB)
+    assert sorted(parsed) == paths and [p.path for p in big] == paths
+    assert all(b.total_bytes > s.total_bytes for b, s in zip(big, small))
+    _tiny_gemma(paths[0], 4)  # a re-convert replaces the file: its header is read again
+    again = fit_predictions(paths, 8192, 8 * GB)
+    assert len(parsed) == 4 and again[0].total_bytes > big[0].total_bytes
+
+
 def test_unknown_service_name_is_refused() -> None:
     with pytest.raises(TypeError, match="fit_function"):
         make_app(None, fit_function=lambda *a: [])
