@@ -73,17 +73,31 @@ def check_expressible(adapter: PeftAdapter) -> None:
 def convert_adapter_to_gguf(peft_dir: Path | str, base_ckpt_dir: Path | str, out_path: Path | str, *,
                             outtype: str = "f32", progress: ProgressSink = NullProgress()) -> Path:
     """Validate the adapter against the base checkpoint, then write the GGUF LoRA atomically."""
-    if outtype not in OUTTYPES:
-        raise InputError(f"unknown adapter outtype {outtype!r}", fix=f"use one of {', '.join(OUTTYPES)}")
-    requested = OUTTYPES[outtype]
-    rank_multiple = gguf.GGML_QUANT_SIZES[requested][0]
+    check_outtype(outtype)
     adapter = PeftAdapter.open(peft_dir)
     check_expressible(adapter)
-    out_path = Path(out_path)
-    ensure_writable_dir(out_path.parent)
     with HFCheckpoint.open(base_ckpt_dir) as ckpt:
         adapter.check_fits(ckpt)
         spec = arch_spec_for(ckpt.config)
+    return write_adapter_gguf(adapter, spec, out_path, outtype=outtype, progress=progress)
+
+
+def check_outtype(outtype: str) -> None:
+    """Refuse an adapter outtype we cannot write (before anything is read)."""
+    if outtype not in OUTTYPES:
+        raise InputError(f"unknown adapter outtype {outtype!r}", fix=f"use one of {', '.join(OUTTYPES)}")
+
+
+def write_adapter_gguf(adapter: PeftAdapter, spec: ArchSpec, out_path: Path | str, *, outtype: str = "f32",
+                       progress: ProgressSink = NullProgress()) -> Path:
+    """Write ``adapter`` as a GGUF LoRA for the base ``spec`` describes, atomically. The caller has
+    checked it against that base (``PeftAdapter.check_fits``): shapes are not re-checked here."""
+    check_outtype(outtype)
+    check_expressible(adapter)
+    requested = OUTTYPES[outtype]
+    rank_multiple = gguf.GGML_QUANT_SIZES[requested][0]
+    out_path = Path(out_path)
+    ensure_writable_dir(out_path.parent)
     alpha = written_alpha(adapter)
 
     writer = StreamingGGUFWriter(spec.gguf_arch_name)
@@ -93,7 +107,7 @@ def convert_adapter_to_gguf(peft_dir: Path | str, base_ckpt_dir: Path | str, out
     kv.add_string(gguf.Keys.Adapter.TYPE, "lora")
     kv.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
     # Base order (the order llama.cpp lists the model's tensors), then anything left.
-    expected = list(spec.expected_shapes())
+    expected = spec.expected_shapes()
     ordered = [n for n in expected if n in adapter.deltas] + [n for n in adapter.deltas if n not in expected]
     for hf_name in ordered:
         delta = adapter.deltas[hf_name]

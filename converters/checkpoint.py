@@ -71,13 +71,14 @@ class HFCheckpoint:
     text-only view (``converters.architectures.TextOnlyView``): ``config`` is then the text
     architecture's config.json, ``raw_config`` the file as written."""
 
-    def __init__(self, path: Path, config: dict[str, Any], weight_map: dict[str, str]) -> None:
+    def __init__(self, path: Path, config: dict[str, Any], weight_map: dict[str, str],
+                 shards: dict[str, SafetensorsFile] | None = None) -> None:
         self.path = path
         self.raw_config = config
         view = text_only_view(config)
         self.config = view.flatten_config(config) if view is not None else config
         self._weight_map, self._stored_names = _text_only_names(weight_map, config)
-        self._shards: dict[str, SafetensorsFile] = {}
+        self._shards: dict[str, SafetensorsFile] = shards if shards is not None else {}  # opened once each
 
     @classmethod
     def open(cls, path: Path | str) -> HFCheckpoint:
@@ -91,23 +92,27 @@ class HFCheckpoint:
                 or not all(isinstance(a, str) for a in architectures)):
             raise InvalidCheckpointError(f"{path / CONFIG_FILE} has no \"architectures\" list",
                                          fix="add e.g. \"architectures\": [\"LlamaForCausalLM\"]")
-        weight_map = cls._weight_map_for(path)
-        ckpt = cls(path, config, weight_map)
+        weight_map, shards = cls._weight_map_for(path)
         try:
+            # The checkpoint takes over ``shards`` (and adds to it), so closing it closes them all.
+            ckpt = cls(path, config, weight_map, shards)
             for shard in sorted(set(weight_map.values())):
                 ckpt._shard(shard)
             for name, shard in weight_map.items():
-                if name not in ckpt._shards[shard]:
+                if name not in shards[shard]:
                     raise InvalidCheckpointError(
                         f"{path / INDEX_FILE} maps {name!r} to {shard}, which does not contain it",
                         fix="re-download the checkpoint")
         except BaseException:
-            ckpt.close()
+            for shard_file in shards.values():
+                shard_file.close()
             raise
         return ckpt
 
     @staticmethod
-    def _weight_map_for(path: Path) -> dict[str, str]:
+    def _weight_map_for(path: Path) -> tuple[dict[str, str], dict[str, SafetensorsFile]]:
+        """(tensor name -> shard file name, shards already opened to list their names: a single
+        file is, and its parsed header is kept rather than parsed again)."""
         index_path = path / INDEX_FILE
         if index_path.exists():
             index = _read_json_object(index_path, "a shard index")
@@ -126,10 +131,10 @@ class HFCheckpoint:
                     raise InvalidCheckpointError(
                         f"{index_path} names shard {shard}, which is missing from {path}",
                         fix="re-download the checkpoint (an interrupted download leaves shards missing)")
-            return dict(weight_map)
+            return dict(weight_map), {}
         if (path / SINGLE_FILE).is_file():
-            with SafetensorsFile(path / SINGLE_FILE) as single:
-                return dict.fromkeys(single.names(), SINGLE_FILE)
+            single = SafetensorsFile(path / SINGLE_FILE)
+            return dict.fromkeys(single.names(), SINGLE_FILE), {SINGLE_FILE: single}
         if any((path / p).exists() for p in PICKLE_FILES):
             raise UnsafeFormatError(
                 f"{path} holds only PyTorch pickle weights (pytorch_model.bin), which can run code when loaded",

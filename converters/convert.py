@@ -133,39 +133,52 @@ def convert_checkpoint(ckpt_dir: Path | str, out_path: Path | str, *, outtype: s
                        progress: ProgressSink = NullProgress()) -> Path:
     """Convert the HF checkpoint in ``ckpt_dir`` to a GGUF at ``out_path`` (written atomically).
     With ``adapter``, every weight passes through ``adapter.merge_rows`` first."""
+    with HFCheckpoint.open(ckpt_dir) as ckpt:
+        return write_checkpoint_gguf(ckpt, out_path, outtype=outtype, adapter=adapter, name=name,
+                                     progress=progress)
+
+
+def check_outtype(outtype: str) -> None:
+    """Refuse an outtype convert cannot write (before anything is read)."""
     if outtype not in OUTTYPES:
         raise InputError(f"unknown outtype {outtype!r}", fix=f"use one of {', '.join(OUTTYPES)}")
+
+
+def write_checkpoint_gguf(ckpt: HFCheckpoint, out_path: Path | str, *, outtype: str = "f16",
+                          adapter: TensorMerger | None = None, name: str | None = None,
+                          progress: ProgressSink = NullProgress()) -> Path:
+    """``convert_checkpoint`` for a checkpoint the caller already holds open."""
+    check_outtype(outtype)
     out_path = Path(out_path)
     ensure_writable_dir(out_path.parent)
     from converters.tokenizer_export import add_tokenizer, read_tokenizer
 
-    with HFCheckpoint.open(ckpt_dir) as ckpt:
-        spec = arch_spec_for(ckpt.config)
-        if adapter is not None:
-            adapter.check_fits(ckpt)
-        extras = dict(adapter.extra_tensors()) if adapter is not None else {}
-        source = _TensorSource(ckpt, extras)
-        ordered = _check_tensors(spec, source, ckpt, extras)
-        tokenizer = read_tokenizer(Path(ckpt_dir), ckpt.config)
-        display_name = name or ckpt.name
+    spec = arch_spec_for(ckpt.config)
+    if adapter is not None:
+        adapter.check_fits(ckpt)
+    extras = dict(adapter.extra_tensors()) if adapter is not None else {}
+    source = _TensorSource(ckpt, extras)
+    ordered = _check_tensors(spec, source, ckpt, extras)
+    tokenizer = read_tokenizer(ckpt.path, ckpt.config)
+    display_name = name or ckpt.name
 
-        writer = StreamingGGUFWriter(spec.gguf_arch_name)
-        kv = writer.kv
-        kv.add_type(gguf.GGUFType.MODEL)
-        kv.add_name(display_name)
-        kv.add_basename(display_name)
-        kv.add_file_type(FILE_TYPES[outtype])
-        kv.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        metadata, extra_gguf_tensors = spec.metadata()
-        writer.add_metadata(metadata)
-        add_tokenizer(kv, tokenizer)
+    writer = StreamingGGUFWriter(spec.gguf_arch_name)
+    kv = writer.kv
+    kv.add_type(gguf.GGUFType.MODEL)
+    kv.add_name(display_name)
+    kv.add_basename(display_name)
+    kv.add_file_type(FILE_TYPES[outtype])
+    kv.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    metadata, extra_gguf_tensors = spec.metadata()
+    writer.add_metadata(metadata)
+    add_tokenizer(kv, tokenizer)
 
-        for hf_name, shape in ordered:
-            writer.add_tensor(_plan_tensor(spec, source, hf_name, shape, OUTTYPES[outtype], adapter))
-        for gguf_name, values in extra_gguf_tensors.items():
-            writer.add_tensor(PlannedTensor(name=gguf_name, shape=values.shape, ggml_type=GGMLType.F32,
-                                            blocks=lambda v=values: [np.ascontiguousarray(v, dtype=np.float32)]))
-        return writer.write(out_path, progress)
+    for hf_name, shape in ordered:
+        writer.add_tensor(_plan_tensor(spec, source, hf_name, shape, OUTTYPES[outtype], adapter))
+    for gguf_name, values in extra_gguf_tensors.items():
+        writer.add_tensor(PlannedTensor(name=gguf_name, shape=values.shape, ggml_type=GGMLType.F32,
+                                        blocks=lambda v=values: [np.ascontiguousarray(v, dtype=np.float32)]))
+    return writer.write(out_path, progress)
 
 
 def output_file_name(name: str, outtype: str) -> str:

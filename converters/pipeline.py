@@ -19,13 +19,14 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
-from converters.adapter_gguf import check_expressible, convert_adapter_to_gguf
+from converters.adapter_gguf import check_expressible, write_adapter_gguf
+from converters.architectures import arch_spec_for
 from converters.checkpoint import HFCheckpoint
-from converters.convert import FORMAT_LABELS, OUTTYPES, convert_checkpoint, model_name_for, output_file_name
+from converters.convert import FORMAT_LABELS, check_outtype, model_name_for, output_file_name, write_checkpoint_gguf
 from converters.manifest import Manifest
 from converters.quantize import QuantResult, parse_quant_list, quantize_ladder, record_in_manifest
 from edge_lora.atomic import ensure_writable_dir
-from edge_lora.errors import EdgeLoraError, InputError, QuantizeError
+from edge_lora.errors import EdgeLoraError, QuantizeError
 from edge_lora.progress import NullProgress, ProgressSink
 
 
@@ -43,47 +44,45 @@ class PartialConversionError(QuantizeError):
 def convert_model(base: str | Path, out_dir: str | Path, *, adapter: str | Path | None = None,
                   quants: str | Iterable[str] = "all", outtype: str = "f16",
                   progress: ProgressSink = NullProgress()) -> Manifest:
-    from converters.architectures import arch_spec_for
     from converters.merge import PeftMerger
     from converters.peft import PeftAdapter
     from edge_lora.hub import resolve_local_or_hub
 
-    if outtype not in OUTTYPES:
-        raise InputError(f"unknown outtype {outtype!r}", fix=f"use one of {', '.join(OUTTYPES)}")
+    check_outtype(outtype)
     names = parse_quant_list(quants)
     out_dir = Path(out_dir)
     base_ref = str(base)
     ckpt_dir = resolve_local_or_hub(base_ref, "model")
     name = model_name_for(base_ref, ckpt_dir)
-    peft: PeftAdapter | None = None
-    adapter_name: str | None = None
-    adapter_dir: Path | None = None
+    # The base and the adapter are opened (their headers parsed) once, for every file written.
     with HFCheckpoint.open(ckpt_dir) as ckpt:
-        architecture = arch_spec_for(ckpt.config).gguf_arch_name
+        spec = arch_spec_for(ckpt.config)
+        peft: PeftAdapter | None = None
+        adapter_name: str | None = None
         if adapter is not None:
             adapter_dir = resolve_local_or_hub(str(adapter), "adapter")
             peft = PeftAdapter.open(adapter_dir)
-            peft.check_fits(ckpt)
+            peft.check_fits(ckpt)  # before the output directory exists
             adapter_name = model_name_for(str(adapter), adapter_dir)
             name = f"{name}-{adapter_name}"
-    ensure_writable_dir(out_dir)
+        ensure_writable_dir(out_dir)
 
-    full_path = convert_checkpoint(ckpt_dir, out_dir / output_file_name(name, outtype), outtype=outtype,
-                                   adapter=PeftMerger(peft) if peft is not None else None, name=name,
-                                   progress=progress)
+        full_path = write_checkpoint_gguf(ckpt, out_dir / output_file_name(name, outtype), outtype=outtype,
+                                          adapter=PeftMerger(peft) if peft is not None else None, name=name,
+                                          progress=progress)
     manifest = Manifest.load(out_dir)
-    manifest.name, manifest.architecture, manifest.base = name, architecture, base_ref
+    manifest.name, manifest.architecture, manifest.base = name, spec.gguf_arch_name, base_ref
     manifest.adapter = str(adapter) if adapter is not None else None
     manifest.add_file(full_path.name, format=FORMAT_LABELS[outtype], kind="merged" if peft else "model")
-    if peft is not None and adapter_name is not None and adapter_dir is not None:
+    if peft is not None and adapter_name is not None:
         try:
             check_expressible(peft)
         except EdgeLoraError as exc:
             # DoRA / modules_to_save: only the merged model can carry it.
             logger.warning("no GGUF adapter written (the merged model has it): %s", exc.one_line())
         else:
-            adapter_path = convert_adapter_to_gguf(adapter_dir, ckpt_dir, out_dir / f"adapter-{adapter_name}.gguf",
-                                                   progress=progress)
+            adapter_path = write_adapter_gguf(peft, spec, out_dir / f"adapter-{adapter_name}.gguf",
+                                              progress=progress)
             manifest.add_file(adapter_path.name, format="F32", kind="adapter")
     manifest.save()
 

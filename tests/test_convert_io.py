@@ -1,0 +1,58 @@
+"""How often conversion opens its inputs: every open of a checkpoint or an adapter parses (and
+validates) a header that can be up to 100 MB, so each is opened once however many files are
+written from it."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+import converters.checkpoint
+import converters.peft
+from converters.checkpoint import HFCheckpoint
+from converters.peft import PeftAdapter
+from converters.pipeline import convert_model
+from converters.safetensors_io import SafetensorsFile
+from model_fixtures import make_checkpoint, make_peft_adapter
+
+
+@pytest.fixture
+def opened(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """File name -> how many times a SafetensorsFile, an HFCheckpoint or a PeftAdapter was opened."""
+    counts: Counter[str] = Counter()
+
+    class CountingSafetensorsFile(SafetensorsFile):
+        def __init__(self, path: Path | str) -> None:
+            counts[Path(path).name] += 1
+            super().__init__(path)
+
+    for module in (converters.checkpoint, converters.peft):
+        monkeypatch.setattr(module, "SafetensorsFile", CountingSafetensorsFile)
+    for cls in (HFCheckpoint, PeftAdapter):
+        original = cls.open.__func__  # type: ignore[attr-defined]
+
+        def counting_open(klass: type, path: Path | str, _original=original, _name=cls.__name__):  # type: ignore[no-untyped-def]
+            counts[_name] += 1
+            return _original(klass, path)
+
+        monkeypatch.setattr(cls, "open", classmethod(counting_open))
+    return counts
+
+
+def test_single_file_checkpoint_header_is_parsed_once(opened: Counter[str], tmp_path: Path) -> None:
+    ckpt_dir = make_checkpoint("llama", tmp_path / "llama")
+    with HFCheckpoint.open(ckpt_dir) as ckpt:
+        ckpt.read("model.norm.weight")
+    assert opened["model.safetensors"] == 1
+
+
+def test_convert_with_adapter_opens_base_and_adapter_once(opened: Counter[str], tmp_path: Path) -> None:
+    ckpt_dir = make_checkpoint("llama", tmp_path / "base")
+    adapter_dir = make_peft_adapter(ckpt_dir, tmp_path / "ad")
+    opened.clear()
+    manifest = convert_model(ckpt_dir, tmp_path / "out", adapter=adapter_dir, quants="none")
+    assert {f.kind for f in manifest.files} == {"merged", "adapter"}  # both files written from one open
+    assert opened == {"HFCheckpoint": 1, "PeftAdapter": 1, "model.safetensors": 1,
+                      "adapter_model.safetensors": 1}
