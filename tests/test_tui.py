@@ -165,6 +165,74 @@ async def test_chat_switches_adapters_on_one_runtime(model_dir: Path) -> None:
         assert runtime.closed
 
 
+def record_hops(app, monkeypatch: pytest.MonkeyPatch) -> list[str]:  # type: ignore[no-untyped-def]
+    """Names of the callbacks worker threads hand to app.call_from_thread (each blocks the worker)."""
+    hops: list[str] = []
+    real = app.call_from_thread
+
+    def counting(callback, *args, **kwargs):  # type: ignore[no-untyped-def]
+        hops.append(getattr(callback, "__name__", repr(callback)))
+        return real(callback, *args, **kwargs)
+
+    monkeypatch.setattr(app, "call_from_thread", counting)
+    return hops
+
+
+class LongReplyRuntime(FakeRuntime):
+    def chat(self, messages: object, adapters: object = None, max_tokens: int = 128, **kwargs: object):  # type: ignore[no-untyped-def, override]
+        yield from [f"t{i} " for i in range(300)]
+
+
+async def test_chat_streams_tokens_without_blocking_the_generator(model_dir: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    app = make_app(model_dir, refresh_seconds=0, **fake_services(runtime_factory=LongReplyRuntime))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(pilot)
+        await pilot.press("t")
+        await settle(pilot)
+        chat = app.screen
+        assert isinstance(chat, ChatScreen)
+        hops = record_hops(app, monkeypatch)
+        chat.query_one("#prompt", Input).value = "hello"
+        await pilot.press("enter")
+        await settle(pilot)
+        expected = "".join(f"t{i} " for i in range(300))
+        assert chat.replies == [("base", expected)]
+        assert hops == ["_finish_reply"]  # tokens are posted; only the end waits for the UI
+        assert str(chat.query(".reply").last().render()) == f"base: {expected}"
+
+
+async def test_progress_ticks_do_not_block_the_worker(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ppl = ScriptedPpl(steps=500)
+    app = make_app(model_dir, refresh_seconds=0, **fake_services(ppl_fn=ppl))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(pilot)
+        hops = record_hops(app, monkeypatch)
+        await pilot.press("p")
+        await settle(pilot)
+        assert hops == ["_apply_quality", "_end_task"]
+        assert "done for 1" in str(app.screen.query_one("#status").render())
+
+
+def test_progress_is_throttled_but_cancel_is_checked_every_tick() -> None:
+    import threading
+
+    from tui.progress_bridge import OperationCancelled, ThreadProgress
+
+    reports: list[tuple[str, float | None, float]] = []
+    cancel = threading.Event()
+    sink = ThreadProgress(lambda *report: reports.append(report), cancel, "q: ", min_interval=3600)
+    sink.start("tensors", 1000)
+    for _ in range(998):
+        sink.advance()
+    sink.advance(description="Q4_K_M")  # a new step always shows
+    sink.finish()
+    assert reports == [("q: tensors", 1000, 0.0), ("q: Q4_K_M", 1000, 999.0), ("q: Q4_K_M", 1000, 1000)]
+    cancel.set()
+    with pytest.raises(OperationCancelled):
+        sink.advance()
+
+
 async def test_register_adapter_modal(model_dir: Path) -> None:
     services = fake_services()
     app = make_app(model_dir, refresh_seconds=0, **services)

@@ -11,6 +11,7 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Label, RadioButton, RadioSet, Static
 
@@ -27,6 +28,18 @@ class ChatScreen(Screen[None]):
     BINDINGS = [Binding("escape", "close_chat", "Back"), Binding("ctrl+t", "next_adapter", "Next adapter"),
                 Binding("ctrl+r", "reset", "New chat")]
 
+    class ReplyGrew(Message, bubble=False):
+        """The reply so far, posted by the generating thread per token without waiting for the UI
+        (call_from_thread would block generation on every redraw)."""
+
+        def __init__(self, reply: Static, label: str, text: str) -> None:
+            super().__init__()
+            self.reply, self.label, self.text = reply, label, text
+
+        def can_replace(self, message: Message) -> bool:
+            # A later text of the same reply holds this one: a UI that fell behind skips to it.
+            return isinstance(message, ChatScreen.ReplyGrew) and message.reply is self.reply
+
     def __init__(self, model_path: Path, n_ctx: int, adapters: list[AdapterEntry], runtime_factory: RuntimeFactory,
                  max_tokens: int = MAX_REPLY_TOKENS) -> None:
         super().__init__()
@@ -40,6 +53,7 @@ class ChatScreen(Screen[None]):
         self.history: list[dict[str, str]] = []
         self.replies: list[tuple[str, str]] = []  # (adapter label, reply text), for tests and the transcript
         self.generating = False
+        self._streaming: Static | None = None  # the reply widget tokens are still arriving for
         self._chat_closing = False
         self._cancel = threading.Event()
         self._runtime_lock = threading.Lock()  # guards runtime close vs. use across worker threads
@@ -129,12 +143,13 @@ class ChatScreen(Screen[None]):
         self._append(Text.assemble(("you: ", "bold"), text))
         reply = Static(Text(f"{adapter or 'base'}: ", style="bold green"), classes="reply")
         self.query_one("#transcript", VerticalScroll).mount(reply)
+        self._streaming = reply
         self._generate(list(self.history), adapter, reply)
 
     @work(thread=True, exclusive=True, group="chat-generate")
     def _generate(self, messages: list[dict[str, str]], adapter: str | None, reply: Static) -> None:
         label = adapter or "base"
-        pieces: list[str] = []
+        text = ""  # grows by one piece per token; each post carries it whole
         error: str | None = None
         with self._runtime_lock:
             runtime = self.runtime
@@ -145,11 +160,17 @@ class ChatScreen(Screen[None]):
             stream = runtime.chat(messages, adapters={adapter: None} if adapter else {},
                                   max_tokens=self.max_tokens, cancel=self._cancel)
             for piece in stream:
-                pieces.append(piece)
-                self.app.call_from_thread(self._update_reply, reply, label, "".join(pieces))
+                text += piece
+                self.post_message(self.ReplyGrew(reply, label, text))
         except Exception as exc:
             error = _describe(exc)
-        self.app.call_from_thread(self._finish_reply, reply, label, "".join(pieces), error)
+        # Called, not posted: a closed screen drops its messages, and this closes the runtime then.
+        self.app.call_from_thread(self._finish_reply, reply, label, text, error)
+
+    @on(ReplyGrew)
+    def _reply_grew(self, event: ReplyGrew) -> None:
+        if event.reply is self._streaming:  # a token still queued behind the finished reply is dropped
+            self._update_reply(event.reply, event.label, event.text)
 
     def _update_reply(self, reply: Static, label: str, text: str) -> None:
         if not self.is_mounted:  # the pane was closed while the reply streamed
@@ -159,6 +180,7 @@ class ChatScreen(Screen[None]):
 
     def _finish_reply(self, reply: Static, label: str, text: str, error: str | None) -> None:
         self.generating = False
+        self._streaming = None
         if self._chat_closing:
             self._close_runtime()
             return

@@ -12,6 +12,7 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
+from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Label, ProgressBar, Select, Static
 
@@ -39,6 +40,17 @@ def describe_error(exc: BaseException) -> str:
 
 class MainScreen(Screen[None]):
     CSS_PATH = "main_screen.tcss"
+
+    class TaskProgress(Message, bubble=False):
+        """A worker's progress tick: posted (thread-safe, no wait), not called across threads."""
+
+        def __init__(self, task: str, total: float | None, done: float) -> None:
+            super().__init__()
+            self.task, self.total, self.done = task, total, done
+
+        def can_replace(self, message: Message) -> bool:
+            return isinstance(message, MainScreen.TaskProgress)  # a UI that fell behind shows only the latest
+
     BINDINGS = [
         Binding("p", "measure_selected", "PPL/KLD"),
         Binding("P", "measure_all", "All"),
@@ -177,8 +189,13 @@ class MainScreen(Screen[None]):
 
     def _progress_sink(self, prefix: str = "") -> ThreadProgress:
         report: Callable[[str, float | None, float], None] = (
-            lambda task, total, done: self.app.call_from_thread(self._show_progress, task, total, done))
+            lambda task, total, done: self.post_message(self.TaskProgress(task, total, done)))
         return ThreadProgress(report, self._cancel, prefix)
+
+    @on(TaskProgress)
+    def _progress_posted(self, event: TaskProgress) -> None:
+        if self.busy is not None:  # a tick still queued when its task ended is dropped
+            self._show_progress(event.task, event.total, event.done)
 
     def action_cancel(self) -> None:
         if self.busy is None:
