@@ -74,6 +74,9 @@ class Manifest:
     base: str = ""
     adapter: str | None = None
     files: list[ManifestFile] = field(default_factory=list)
+    # Row paths as loaded from disk; None for a Manifest(directory) built without loading. Lets
+    # ``save`` tell a row we dropped from one another tool added meanwhile.
+    _loaded_paths: frozenset[str] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def load(cls, directory: Path | str) -> Manifest:
@@ -81,26 +84,32 @@ class Manifest:
         directory = Path(directory)
         path = directory / MANIFEST_FILE
         if not path.exists():
-            return cls(directory)
+            return cls(directory, _loaded_paths=frozenset())
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
             files = [ManifestFile(**{k: f[k] for k in ManifestFile.__dataclass_fields__ if k in f})
                      for f in raw.get("files", [])]
             return cls(directory, name=str(raw.get("name", "")), architecture=str(raw.get("architecture", "")),
-                       base=str(raw.get("base", "")), adapter=raw.get("adapter"), files=files)
+                       base=str(raw.get("base", "")), adapter=raw.get("adapter"), files=files,
+                       _loaded_paths=frozenset(f.path for f in files))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, AttributeError, KeyError) as exc:
             raise InputError(f"{path} is not a valid edge-lora manifest ({exc})",
                              fix="delete it and re-run `edge-lora convert`") from exc
 
     def file(self, path: Path | str) -> ManifestFile | None:
+        """The row for ``path``: a name relative to the directory (as rows store it) or an
+        absolute path. A path relative to the working directory must be made absolute first."""
         rel = self._relative(path)
         return next((f for f in self.files if f.path == rel), None)
 
     def _relative(self, path: Path | str) -> str:
+        """The row path for ``path`` (see ``file``): a relative path is taken as relative to the
+        directory, because that is what callers holding a row or a file name pass."""
         p = Path(path)
         if p.is_absolute():
             try:
-                return p.resolve().relative_to(self.directory.resolve()).as_posix()
+                # Resolve the directories only: a symlinked file is listed under its own name.
+                return (p.parent.resolve() / p.name).relative_to(self.directory.resolve()).as_posix()
             except ValueError as exc:
                 raise InputError(f"{p} is not inside the output directory {self.directory}",
                                  fix="write outputs into the manifest's directory") from exc
@@ -134,11 +143,12 @@ class Manifest:
                 "adapter": self.adapter, "files": [f.to_json() for f in self.files]}
 
     def save(self) -> Path:
-        """Merge with the manifest on disk (rows another tool added since we loaded are kept;
-        our rows win), then write atomically."""
+        """Merge with the manifest on disk (rows another tool added since we loaded are kept,
+        rows we loaded and dropped stay dropped; our rows win), then write atomically."""
         on_disk = Manifest.load(self.directory)
         ours = {f.path for f in self.files}
-        merged = self.files + [f for f in on_disk.files if f.path not in ours]
+        loaded = self._loaded_paths or frozenset()
+        merged = self.files + [f for f in on_disk.files if f.path not in ours and f.path not in loaded]
         for row in merged:
             old = on_disk.file(row.path)
             if old is not None and old.sha256 == row.sha256:
@@ -148,7 +158,8 @@ class Manifest:
         for attr in ("name", "architecture", "base"):
             if not getattr(self, attr):
                 setattr(self, attr, getattr(on_disk, attr))
-        if self.adapter is None:
+        if self.adapter is None and self._loaded_paths is None:
+            # Loaded from disk, None says "no adapter"; in a bare Manifest(directory) it is unknown.
             self.adapter = on_disk.adapter
         path = self.directory / MANIFEST_FILE
         atomic_write_text(path, json.dumps(self.to_json(), indent=2) + "\n")

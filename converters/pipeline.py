@@ -10,6 +10,10 @@ Layout (DESIGN.md "Output directory"), with an adapter:
 
 Without an adapter: ``<base>-F16.gguf`` and its quants (kind ``model``). Everything is validated
 (adapter against the base, quant names, outtype) before the first byte is written.
+
+Converting into a directory that holds another model (e.g. the plain base where a merged model
+was) makes manifest.json describe the new conversion only: the other model's rows are dropped
+(its files stay on disk), except GGUF adapters for the same base, which hot-apply on it.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from converters.adapter_gguf import check_expressible, write_adapter_gguf
 from converters.architectures import arch_spec_for
 from converters.checkpoint import HFCheckpoint
 from converters.convert import FORMAT_LABELS, check_outtype, model_name_for, output_file_name, write_checkpoint_gguf
-from converters.manifest import Manifest
+from converters.manifest import FileKind, Manifest, ManifestFile
 from converters.quantize import QuantResult, parse_quant_list, quantize_ladder, record_in_manifest
 from edge_lora.atomic import ensure_writable_dir
 from edge_lora.errors import EdgeLoraError, QuantizeError
@@ -70,10 +74,10 @@ def convert_model(base: str | Path, out_dir: str | Path, *, adapter: str | Path 
         full_path = write_checkpoint_gguf(ckpt, out_dir / output_file_name(name, outtype), outtype=outtype,
                                           adapter=PeftMerger(peft) if peft is not None else None, name=name,
                                           progress=progress)
-    manifest = Manifest.load(out_dir)
-    manifest.name, manifest.architecture, manifest.base = name, spec.gguf_arch_name, base_ref
-    manifest.adapter = str(adapter) if adapter is not None else None
-    manifest.add_file(full_path.name, format=FORMAT_LABELS[outtype], kind="merged" if peft else "model")
+    kind: FileKind = "merged" if peft is not None else "model"
+    manifest = _manifest_for_conversion(out_dir, name=name, architecture=spec.gguf_arch_name, base=base_ref,
+                                        adapter=str(adapter) if adapter is not None else None, kind=kind)
+    manifest.add_file(full_path.name, format=FORMAT_LABELS[outtype], kind=kind)
     if peft is not None and adapter_name is not None:
         try:
             check_expressible(peft)
@@ -99,6 +103,31 @@ def convert_model(base: str | Path, out_dir: str | Path, *, adapter: str | Path 
                 f"{len(failed)} of {len(results)} formats failed: {failed[0].error}",
                 fix="the other files were written; re-run with --quant for the failed ones",
                 manifest=manifest, failed=failed)
+    return manifest
+
+
+def _manifest_for_conversion(out_dir: Path, *, name: str, architecture: str, base: str, adapter: str | None,
+                             kind: FileKind) -> Manifest:
+    """The manifest a conversion writes: its own description, and of the rows already there only
+    those a re-run keeps — other formats of this same model (a BF16 beside the F16, quants), and
+    after a plain base conversion the GGUF adapters made for this same base (the hot-apply layout
+    the module docstring describes). Rows of another model, e.g. an earlier merge into the same
+    directory, are dropped: the Modelfile, `run` and `fit` would pick them as this model."""
+    manifest = Manifest.load(out_dir)
+    same_base = manifest.base == base and manifest.architecture == architecture
+    same_model = same_base and manifest.adapter == adapter
+
+    def kept(row: ManifestFile) -> bool:
+        if row.kind == "adapter":
+            return same_base and adapter is None
+        return same_model and row.kind == kind and row.path == f"{name}-{row.format}.gguf"
+
+    dropped = [row.path for row in manifest.files if not kept(row)]
+    if dropped:
+        logger.warning("manifest.json no longer lists %d file(s) of an earlier conversion into %s (e.g. %s); "
+                       "they stay on disk", len(dropped), out_dir, dropped[0])
+    manifest.files = [row for row in manifest.files if kept(row)]
+    manifest.name, manifest.architecture, manifest.base, manifest.adapter = name, architecture, base, adapter
     return manifest
 
 

@@ -229,7 +229,8 @@ def record_in_manifest(out_dir: Path, src: Path, results: Sequence[QuantResult])
     manifest = Manifest.load(out_dir)
     kind = "model"
     try:
-        row = manifest.file(src)
+        # ``src`` is a path as given (relative to the working directory), not a name in out_dir.
+        row = manifest.file(Path(src).absolute())
     except InputError:
         row = None  # the source lives outside out_dir
     if row is not None and row.kind == "merged":
