@@ -18,7 +18,7 @@ from typing import Literal, NamedTuple
 
 import gguf
 
-from edge_lora.errors import AdapterError, AdapterMismatchError, InputNotFoundError, InvalidGGUFError
+from edge_lora.errors import AdapterError, AdapterMismatchError, InputError, InputNotFoundError, InvalidGGUFError
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -313,6 +313,8 @@ def validate_gguf(path: Path | str, *, expect_type: GGUFKind | None = None) -> G
     adapter.type lora); ``"model"`` refuses adapters (so a user who swaps --model and
     --adapter hears about it before llama.cpp does)."""
     path = Path(path)
+    if path.is_dir():  # "does not exist" would send the user looking for a typo
+        raise InputError(f"{path} is a directory, not a GGUF file", fix="give the path of a .gguf file")
     if not path.is_file():
         raise InputNotFoundError(f"GGUF file {path} does not exist", fix="check the path")
     try:

@@ -180,6 +180,8 @@ def _check_finite(values: np.ndarray, source: str) -> None:
 
 def _check_inputs(model_path: Path, kld_base: Path | None) -> None:
     for path in (model_path, kld_base):
+        if path is not None and path.is_dir():
+            raise InputError(f"{path} is a directory, not a model file", fix="give the path of a .gguf model file")
         if path is not None and not path.is_file():
             raise InputNotFoundError(f"model file {path} does not exist", fix="give the path of a .gguf model file")
 

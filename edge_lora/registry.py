@@ -86,9 +86,7 @@ class AdapterRegistry:
         check_name(name)
         scale = check_scale(scale)
         path = Path(path).expanduser().resolve()
-        if not path.is_file():
-            raise InputNotFoundError(f"adapter file {path} does not exist", fix="check the path")
-        info = validate_gguf(path, expect_type="adapter")
+        info = validate_gguf(path, expect_type="adapter")  # missing file, directory, not an adapter
         entry = RegisteredAdapter(name, path, scale, info.architecture)
         with self._lock:
             entries = self._load()

@@ -11,7 +11,7 @@ import gguf
 import numpy as np
 import pytest
 
-from edge_lora.errors import AdapterError, AdapterMismatchError, InputNotFoundError, InvalidGGUFError
+from edge_lora.errors import AdapterError, AdapterMismatchError, InputError, InputNotFoundError, InvalidGGUFError
 from edge_lora.gguf_check import ArraySummary, check_adapter_fits, validate_gguf
 
 VT = gguf.GGUFValueType
@@ -108,6 +108,13 @@ def test_writer_output_passes(tmp_path: Path) -> None:
 def test_missing_file_is_not_found(tmp_path: Path) -> None:
     with pytest.raises(InputNotFoundError):
         validate_gguf(tmp_path / "nope.gguf")
+
+
+def test_directory_is_named_as_a_directory(tmp_path: Path) -> None:
+    # It used to say "does not exist", which sends the user looking for a typo.
+    (tmp_path / "model.gguf").mkdir()
+    with pytest.raises(InputError, match="is a directory"):
+        validate_gguf(tmp_path / "model.gguf")
 
 
 @pytest.mark.parametrize("cut", [3, 20, 40, 80, 200])

@@ -72,6 +72,8 @@ def test_default_text_is_the_heldout_licences(heldout_text: str) -> None:
 def test_bad_inputs(tmp_path: Path, gemma_q4_gguf: Path) -> None:
     with pytest.raises(InputNotFoundError):
         measure_perplexity(tmp_path / "missing.gguf", "text")
+    with pytest.raises(InputError, match="is a directory"):
+        measure_perplexity(gemma_q4_gguf, "text", kld_base=tmp_path)
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"GGUF" + b"\xff" * 100)
     with pytest.raises(InvalidGGUFError):

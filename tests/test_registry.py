@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from edge_lora import state
-from edge_lora.errors import AdapterError, InputNotFoundError, InvalidGGUFError, RegistryError
+from edge_lora.errors import AdapterError, InputError, InputNotFoundError, InvalidGGUFError, RegistryError
 from edge_lora.registry import AdapterRegistry
 
 
@@ -54,6 +54,8 @@ def test_add_validates_file(tmp_path: Path) -> None:
     reg = AdapterRegistry()
     with pytest.raises(InputNotFoundError):
         reg.add("x", tmp_path / "missing.gguf")
+    with pytest.raises(InputError, match="is a directory"):
+        reg.add("x", tmp_path)
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"GGUF" + b"\xff" * 100)
     with pytest.raises(InvalidGGUFError):
