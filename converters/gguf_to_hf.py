@@ -20,6 +20,8 @@ from typing import Any
 import gguf
 import numpy as np
 
+from converters.architectures import GEMMA3_LOCAL_ROPE_BASE, GEMMA3_SWA_PERIOD
+from converters.safetensors_io import f32_to_bf16_bits
 from converters.sentencepiece_model import ModelType, Piece, PieceType, SentencePieceModel, serialize_model
 from edge_lora.atomic import check_free_space, ensure_writable_dir, os_error_to_output_error
 from edge_lora.chat_template import GEMMA_TEMPLATE
@@ -29,24 +31,14 @@ from edge_lora.progress import NullProgress, ProgressSink
 
 DTYPES: dict[str, str] = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 _BYTES_PER_ELEMENT = {"BF16": 2, "F16": 2, "F32": 4}
-GEMMA3_SWA_PERIOD = 6  # llama.cpp's Gemma 3: every 6th layer is global, the rest sliding
-GEMMA3_LOCAL_ROPE_BASE = 10000.0  # llama.cpp hard-codes the sliding layers' rope base
+# Writing order of a layer's tensors in model.safetensors. ArchSpec.expected_shapes() names the
+# same tensors in another order; this one is kept so rebuilt checkpoints stay byte-identical.
 GEMMA3_LAYER_TENSORS = (
     "input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
     "self_attn.v_proj.weight", "self_attn.o_proj.weight", "self_attn.q_norm.weight",
     "self_attn.k_norm.weight", "post_attention_layernorm.weight", "pre_feedforward_layernorm.weight",
     "post_feedforward_layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
 )
-
-
-def f32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
-    """float32 -> bf16 bit patterns with round-to-nearest-even (as torch); NaN stays NaN."""
-    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
-    rounded = ((bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)).astype(np.uint16)
-    nan = np.isnan(values)
-    if nan.any():
-        rounded[nan] = ((bits[nan] >> np.uint32(16)) | np.uint32(0x40)).astype(np.uint16)
-    return rounded
 
 
 def _encode(values: np.ndarray, st_dtype: str) -> bytes:
