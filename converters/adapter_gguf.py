@@ -47,7 +47,7 @@ def gguf_lora_pair(spec: ArchSpec, delta: LoraDelta, alpha: float,
     the rank is zero-padded up to a multiple of ``rank_multiple``."""
     rank = -(-delta.rank // rank_multiple) * rank_multiple
     fold = np.float32(delta.scale * rank / alpha)
-    lora_b = spec.transform_lora_b(delta.module, delta.lora_b * fold, spec.config)
+    lora_b = spec.transform_lora_b(delta.module, delta.lora_b * fold)
     pad = rank - delta.rank
     return (np.pad(np.asarray(delta.lora_a, dtype=np.float32), ((0, pad), (0, 0))),
             np.pad(np.asarray(lora_b, dtype=np.float32), ((0, 0), (0, pad))))

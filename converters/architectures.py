@@ -423,7 +423,8 @@ class ArchSpec:
         return self.dims.head_dim if self._permute_heads(hf_name) is not None else 1
 
     def transform(self, hf_name: str, array: np.ndarray, config: Config | None = None) -> np.ndarray:
-        """Rows-wise transform of a block of rows (float32, whole heads for q/k)."""
+        """Rows-wise transform of a block of rows (float32, whole heads for q/k). ``config`` is
+        ignored (the spec's own applies); it stays until bench/convert.py stops passing it."""
         heads = self._permute_heads(hf_name)
         if heads is not None:
             block_heads = array.shape[0] // self.dims.head_dim
@@ -432,7 +433,7 @@ class ArchSpec:
             array = array.astype(np.float32) + np.float32(1.0)
         return array
 
-    def transform_lora_b(self, hf_module: str, lora_b: np.ndarray, config: Config | None = None) -> np.ndarray:
+    def transform_lora_b(self, hf_module: str, lora_b: np.ndarray) -> np.ndarray:
         """The same row transform for a LoRA B [out, r] of module ``hf_module`` (no suffix):
         permuting W's rows permutes (B @ A)'s rows, i.e. B's rows."""
         heads = self._permute_heads(hf_module)

@@ -117,7 +117,7 @@ def _plan_tensor(spec: ArchSpec, source: _TensorSource, hf_name: str, shape: tup
             block = source.read_f32(hf_name, rows)
             if adapter is not None:
                 block = np.asarray(adapter.merge_rows(hf_name, block, rows), dtype=np.float32)
-            block = spec.transform(hf_name, block, spec.config)
+            block = spec.transform(hf_name, block)
             encoded = encode_rows(block, ggml_type)
             if not np.isfinite(encoded.astype(np.float32) if ggml_type == GGMLType.F16 else block).all():
                 raise InputError(

@@ -167,13 +167,13 @@ def test_permutation_is_per_head_and_commutes_with_lora() -> None:
     spec = arch_spec_for({"architectures": ["LlamaForCausalLM"], "hidden_size": n_in, "num_hidden_layers": 1,
                           "intermediate_size": 32, "num_attention_heads": n_head, "num_key_value_heads": 2,
                           "head_dim": head_dim, "vocab_size": 64})
-    merged_then_permuted = spec.transform("model.layers.0.self_attn.q_proj.weight", w + b @ a, spec.config)
-    permuted_lora = full + spec.transform_lora_b("model.layers.0.self_attn.q_proj", b, spec.config) @ a
+    merged_then_permuted = spec.transform("model.layers.0.self_attn.q_proj.weight", w + b @ a)
+    permuted_lora = full + spec.transform_lora_b("model.layers.0.self_attn.q_proj", b) @ a
     np.testing.assert_allclose(merged_then_permuted, permuted_lora, rtol=1e-5, atol=1e-5)
     kb = b[: 2 * head_dim]
-    np.testing.assert_array_equal(spec.transform_lora_b("model.layers.0.self_attn.k_proj", kb, spec.config),
+    np.testing.assert_array_equal(spec.transform_lora_b("model.layers.0.self_attn.k_proj", kb),
                                   permute_qk_rows(kb, 2))
-    assert spec.transform_lora_b("model.layers.0.self_attn.v_proj", kb, spec.config) is kb
+    assert spec.transform_lora_b("model.layers.0.self_attn.v_proj", kb) is kb
 
 
 def test_cli_convert_writes_file_and_manifest(fixtures_dir: Path, tmp_path: Path,
