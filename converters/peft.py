@@ -221,9 +221,6 @@ class PeftAdapter:
     def delta_for(self, hf_weight_name: str) -> LoraDelta | None:
         return self.deltas.get(hf_weight_name)
 
-    def replacement_for(self, hf_name: str) -> np.ndarray | None:
-        return self.replacements.get(hf_name)
-
     # --- opening ---
     @classmethod
     def open(cls, path_or_dir: Path | str) -> PeftAdapter:

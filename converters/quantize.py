@@ -207,20 +207,6 @@ def quantize_ladder(src: Path | str, out_dir: Path | str, names: Sequence[str], 
     return [results[n] for n in names]
 
 
-def quantize_gguf(src: Path | str, dst: Path | str, qtype: str, *, nthread: int | None = None) -> Path:
-    """One format to ``dst`` (atomic); raises QuantizeError on failure."""
-    src, dst = Path(src), Path(dst)
-    if qtype not in QUANT_TYPES:
-        raise InputError(f"unknown quantization type {qtype!r}", fix=f"use one of {', '.join(QUANT_TYPES)}")
-    data_bytes = check_quantizable(src)
-    ensure_writable_dir(dst.parent)
-    check_free_space(dst.parent, int(data_bytes * EXPECTED_BPW[qtype] / 16))
-    result = _finish(_start(src, dst, qtype, nthread or constants.N_THREADS))
-    if not result.ok:
-        raise QuantizeError(result.error or f"quantizing {qtype} failed")
-    return dst
-
-
 def record_in_manifest(out_dir: Path, src: Path, results: Sequence[QuantResult]) -> None:
     """Add each successful quant to ``out_dir``'s manifest with the kind of its source
     (a quant of a merged model is merged)."""
