@@ -24,6 +24,7 @@ GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
+LLAMA_MAX_LAYERS = 512
 GGML_MAX_NAME = 64  # ggml tensor names are char[64], NUL included
 # No real tensor comes near 2**48 elements; a larger product is a hostile header.
 MAX_TENSOR_ELEMENTS = 1 << 48
@@ -341,7 +342,26 @@ def validate_gguf(path: Path | str, *, expect_type: GGUFKind | None = None) -> G
     if expect_type == "model" and not info.architecture:
         raise InvalidGGUFError(f"{path} has no general.architecture",
                                fix="re-convert the model")
+    if expect_type == "model":
+        _check_model_hparams(info)
     return info
+
+
+def _check_model_hparams(info: GGUFInfo) -> None:
+    """Values llama.cpp does not refuse but aborts the whole process on (GGML_ASSERT): a block
+    count outside 1..LLAMA_MAX_LAYERS at load, a NaN or negative norm epsilon at the first decode."""
+    arch = info.architecture
+    blocks = info.metadata.get(f"{arch}.block_count")
+    if blocks is not None and (isinstance(blocks, bool) or not isinstance(blocks, int)
+                               or not 1 <= blocks <= LLAMA_MAX_LAYERS):
+        raise InvalidGGUFError(f"{info.path} declares {arch}.block_count {blocks!r} "
+                               f"(llama.cpp supports 1..{LLAMA_MAX_LAYERS} layers)", fix="re-convert the model")
+    for key in (f"{arch}.attention.layer_norm_rms_epsilon", f"{arch}.attention.layer_norm_epsilon"):
+        eps = info.metadata.get(key)
+        if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float))
+                                or not math.isfinite(eps) or eps < 0):
+            raise InvalidGGUFError(f"{info.path} declares {key} {eps!r}, not a finite non-negative number",
+                                   fix="re-convert the model")
 
 
 def _check_lora_alpha(info: GGUFInfo) -> None:

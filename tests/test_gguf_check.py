@@ -258,6 +258,21 @@ def test_adapter_alpha_must_be_a_finite_number(tmp_path: Path, alpha: bytes) -> 
         validate_gguf(write(tmp_path, build_gguf(kvs=kvs)), expect_type="adapter")
 
 
+@pytest.mark.parametrize("kv", [
+    _kv("llama.block_count", VT.UINT32, struct.pack("<I", 0)),
+    _kv("llama.block_count", VT.UINT32, struct.pack("<I", 513)),
+    _kv("llama.attention.layer_norm_rms_epsilon", VT.FLOAT32, struct.pack("<f", float("nan"))),
+    _kv("llama.attention.layer_norm_rms_epsilon", VT.FLOAT32, struct.pack("<f", -1e-5)),
+], ids=["no-layers", "too-many-layers", "eps-nan", "eps-negative"])
+def test_model_hparams_llama_cpp_aborts_on_are_refused(tmp_path: Path, kv: bytes) -> None:
+    # llama.cpp GGML_ASSERTs on these (SIGABRT of the whole process), at load or at the first decode.
+    kvs = [_kv("general.architecture", VT.STRING, _str("llama")), kv]
+    path = write(tmp_path, build_gguf(kvs=kvs))
+    with pytest.raises(InvalidGGUFError, match="llama.(block_count|attention)"):
+        validate_gguf(path, expect_type="model")
+    validate_gguf(path)  # only a model about to be loaded is held to it
+
+
 # --- check_adapter_fits ---
 
 def _write_model(path: Path, arch: str, tensors: dict[str, np.ndarray], adapter: bool = False) -> Path:
