@@ -25,6 +25,7 @@ SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
 LLAMA_MAX_LAYERS = 512
+INT32_MAX = 2**31 - 1
 GGML_MAX_NAME = 64  # ggml tensor names are char[64], NUL included
 # No real tensor comes near 2**48 elements; a larger product is a hostile header.
 MAX_TENSOR_ELEMENTS = 1 << 48
@@ -356,6 +357,10 @@ def _check_model_hparams(info: GGUFInfo) -> None:
                                or not 1 <= blocks <= LLAMA_MAX_LAYERS):
         raise InvalidGGUFError(f"{info.path} declares {arch}.block_count {blocks!r} "
                                f"(llama.cpp supports 1..{LLAMA_MAX_LAYERS} layers)", fix="re-convert the model")
+    context = info.metadata.get(f"{arch}.context_length")
+    if isinstance(context, int) and context > INT32_MAX:  # llama.cpp reports it as a negative int32
+        raise InvalidGGUFError(f"{info.path} declares {arch}.context_length {context}, beyond {INT32_MAX}",
+                               fix="re-convert the model")
     for key in (f"{arch}.attention.layer_norm_rms_epsilon", f"{arch}.attention.layer_norm_epsilon"):
         eps = info.metadata.get(key)
         if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float))
@@ -375,6 +380,9 @@ def _check_lora_alpha(info: GGUFInfo) -> None:
 
 
 LORA_A_SUFFIX = ".lora_a"
+# ggml_mul_mat has no integer or F64 kernels: an adapter stored so crashed the process (SIGSEGV)
+# at the first decode.
+LORA_REFUSED_TYPES = frozenset({"I8", "I16", "I32", "I64", "F64"})
 LORA_B_SUFFIX = ".lora_b"
 
 
@@ -409,6 +417,10 @@ def check_adapter_fits(base: GGUFInfo, adapter: GGUFInfo) -> None:
             raise AdapterMismatchError(
                 f"{where}: tensor {base_name} does not exist in the base model {base.path.name}",
                 fix="use an adapter trained and converted for this base model")
+        for part in (lora_a, lora_b):
+            if part.type_name in LORA_REFUSED_TYPES:
+                raise AdapterError(f"{where}: tensor {part.name} is {part.type_name}, which llama.cpp cannot "
+                                   f"multiply by", fix="re-convert the adapter (f32, f16 or q8_0)")
         if len(lora_a.shape) != 2 or len(lora_b.shape) != 2 or len(base_tensor.shape) < 2:
             raise AdapterMismatchError(f"{where}: tensor {base_name} lora_a/lora_b are not matrices",
                                        fix="re-convert the adapter")

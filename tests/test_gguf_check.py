@@ -263,12 +263,13 @@ def test_adapter_alpha_must_be_a_finite_number(tmp_path: Path, alpha: bytes) -> 
     _kv("llama.block_count", VT.UINT32, struct.pack("<I", 513)),
     _kv("llama.attention.layer_norm_rms_epsilon", VT.FLOAT32, struct.pack("<f", float("nan"))),
     _kv("llama.attention.layer_norm_rms_epsilon", VT.FLOAT32, struct.pack("<f", -1e-5)),
-], ids=["no-layers", "too-many-layers", "eps-nan", "eps-negative"])
+    _kv("llama.context_length", VT.UINT32, struct.pack("<I", 4_000_000_000)),
+], ids=["no-layers", "too-many-layers", "eps-nan", "eps-negative", "context-beyond-int32"])
 def test_model_hparams_llama_cpp_aborts_on_are_refused(tmp_path: Path, kv: bytes) -> None:
     # llama.cpp GGML_ASSERTs on these (SIGABRT of the whole process), at load or at the first decode.
     kvs = [_kv("general.architecture", VT.STRING, _str("llama")), kv]
     path = write(tmp_path, build_gguf(kvs=kvs))
-    with pytest.raises(InvalidGGUFError, match="llama.(block_count|attention)"):
+    with pytest.raises(InvalidGGUFError, match="llama.(block_count|attention|context_length)"):
         validate_gguf(path, expect_type="model")
     validate_gguf(path)  # only a model about to be loaded is held to it
 
@@ -320,6 +321,15 @@ def test_adapter_fits(tmp_path: Path, tiny_base) -> None:
 def test_adapter_mismatches_name_the_tensor(tmp_path: Path, tiny_base, tensors, match: str) -> None:
     with pytest.raises(AdapterMismatchError, match=match):
         check_adapter_fits(tiny_base, _adapter(tmp_path, tensors))
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int32, np.float64])
+def test_adapter_with_integer_or_f64_tensors_refused(tmp_path: Path, tiny_base, dtype: type) -> None:
+    # llama.cpp loaded such an adapter and then crashed with SIGSEGV at the first decode.
+    a = _adapter(tmp_path, {"blk.0.attn_q.weight.lora_a": np.zeros((4, 32), dtype),
+                            "blk.0.attn_q.weight.lora_b": np.zeros((64, 4), np.float32)})
+    with pytest.raises(AdapterError, match="cannot multiply"):
+        check_adapter_fits(tiny_base, a)
 
 
 def test_adapter_wrong_architecture(tmp_path: Path, tiny_base) -> None:
