@@ -107,10 +107,25 @@ def _sampling(body: dict, n_ctx: int) -> dict[str, Any]:
             "seed": _integer(body, "seed", None, -(2**63), 2**64 - 1), "stop": _stop(body)}
 
 
+async def _read_body(request: Request) -> bytes:
+    """The body, refused as soon as it passes MAX_BODY_BYTES: request.body() would first hold all
+    of it (a 600 MB body took the server from 0.6 to 1.7 GB peak RSS before the 413)."""
+    too_large = APIError(413, f"request body over {MAX_BODY_BYTES} bytes", code="body_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def _json_body(request: Request) -> dict:
-    raw = await request.body()
-    if len(raw) > MAX_BODY_BYTES:
-        raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes", code="body_too_large")
+    raw = await _read_body(request)
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):

@@ -191,6 +191,29 @@ def test_bad_requests_get_openai_errors_and_server_keeps_serving(runtime: Runtim
     assert good.status_code == 200
 
 
+def test_oversized_body_is_refused_while_streaming(runtime: Runtime) -> None:
+    from edge_lora.server import MAX_BODY_BYTES
+
+    sent: list[int] = []
+
+    async def chunked():  # no content-length: the limit must hold while reading
+        for _ in range(MAX_BODY_BYTES // 65536 * 4):
+            sent.append(65536)
+            yield b"a" * 65536
+
+    async def go():
+        async with client_for(make_app(runtime)) as c:
+            declared = await c.post("/v1/completions", content=b"a" * (MAX_BODY_BYTES + 1))
+            streamed = await c.post("/v1/completions", content=chunked())
+            good = await _completion(c, runtime.model_id, max_tokens=2)
+            return declared, streamed, good
+    declared, streamed, good = run(go())
+    assert declared.status_code == 413 and streamed.status_code == 413, streamed.text
+    assert streamed.json()["error"]["code"] == "body_too_large"
+    assert sum(sent) <= MAX_BODY_BYTES + 2 * 65536  # reading stopped at the limit
+    assert good.status_code == 200
+
+
 def test_negative_seed_is_served(runtime: Runtime) -> None:
     async def go():
         async with client_for(make_app(runtime)) as c:
