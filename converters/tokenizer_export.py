@@ -20,7 +20,7 @@ from typing import Any
 import gguf
 
 from converters.sentencepiece_model import read_model
-from edge_lora.errors import InvalidCheckpointError
+from edge_lora.errors import EdgeLoraError, InvalidCheckpointError
 
 MAX_JSON_BYTES = 256 * 1024 * 1024
 MAX_VOCAB = 4_000_000
@@ -421,7 +421,18 @@ def _chat_template(files: _Files) -> str | list[dict[str, str]] | None:
 
 def read_tokenizer(ckpt_dir: Path, config: dict[str, Any]) -> TokenizerSpec:
     """Read the tokenizer of the HF checkpoint in ``ckpt_dir`` (``config`` = its config.json)."""
-    ckpt_dir = Path(ckpt_dir)
+    try:
+        return _read_tokenizer(Path(ckpt_dir), config)
+    except EdgeLoraError:
+        raise
+    except (TypeError, KeyError, AttributeError, IndexError, ValueError) as exc:
+        # tokenizer.json and tokenizer_config.json are free-form JSON: a field of an unexpected
+        # type (a number where a list of normalizers belongs) would otherwise be a traceback.
+        raise _bad(Path(ckpt_dir), f"a tokenizer file has an unexpected structure "
+                                   f"({type(exc).__name__}: {exc})") from exc
+
+
+def _read_tokenizer(ckpt_dir: Path, config: dict[str, Any]) -> TokenizerSpec:
     files = _load_files(ckpt_dir)
     spm_path = ckpt_dir / "tokenizer.model"
     vocab_size = config.get("vocab_size") if isinstance(config.get("vocab_size"), int) else 0

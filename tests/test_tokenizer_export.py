@@ -172,6 +172,29 @@ def test_malformed_tokenizer_json(tmp_path: Path) -> None:
         read_tokenizer(ckpt, {})
 
 
+@pytest.mark.parametrize("arch,path,value", [
+    ("llama", ("added_tokens",), 1),
+    ("llama", ("post_processor", "special_tokens", "<s>"), "x"),
+    ("qwen3", ("pre_tokenizer", "pretokenizers"), 1.5),
+    ("mistral", ("post_processor", "special_tokens", "<s>", "ids"), {"a": 1}),
+    ("mistral", ("normalizer", "normalizers"), 1),
+    ("gemma3", ("post_processor", "single"), 1),
+], ids=["added-tokens-int", "special-token-str", "pretokenizers-float", "ids-object", "normalizers-int",
+        "single-int"])
+def test_tokenizer_json_of_unexpected_structure(tmp_path: Path, arch: str, path: tuple[str, ...],
+                                                value: object) -> None:
+    # Found by fuzzing: each used to escape as TypeError / AttributeError / KeyError.
+    ckpt = make_checkpoint(arch, tmp_path / "ckpt", n_layers=1)
+    tj = json.loads((ckpt / "tokenizer.json").read_text())
+    parent = tj
+    for key in path[:-1]:
+        parent = parent[key]
+    parent[path[-1]] = value
+    (ckpt / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(InvalidCheckpointError, match="unexpected structure"):
+        read_tokenizer(ckpt, json.loads((ckpt / "config.json").read_text()))
+
+
 # --- tokenizer.model (SentencePiece protobuf) --------------------------------------------------------
 
 def _sample_model() -> SentencePieceModel:
