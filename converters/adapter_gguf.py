@@ -26,7 +26,7 @@ from converters.architectures import ArchSpec, arch_spec_for
 from converters.checkpoint import HFCheckpoint
 from converters.gguf_output import GGMLType, PlannedTensor, StreamingGGUFWriter, encode_rows
 from converters.peft import LoraDelta, PeftAdapter
-from edge_lora.atomic import ensure_writable_dir
+from edge_lora.atomic import check_not_an_input, ensure_writable_dir
 from edge_lora.errors import AdapterError, AdapterMismatchError, InputError
 from edge_lora.progress import NullProgress, ProgressSink
 
@@ -74,6 +74,7 @@ def convert_adapter_to_gguf(peft_dir: Path | str, base_ckpt_dir: Path | str, out
                             outtype: str = "f32", progress: ProgressSink = NullProgress()) -> Path:
     """Validate the adapter against the base checkpoint, then write the GGUF LoRA atomically."""
     check_outtype(outtype)
+    check_not_an_input(Path(out_path), [peft_dir, base_ckpt_dir])
     adapter = PeftAdapter.open(peft_dir)
     check_expressible(adapter)
     with HFCheckpoint.open(base_ckpt_dir) as ckpt:

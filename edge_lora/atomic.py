@@ -11,7 +11,7 @@ import contextlib
 import errno
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -33,6 +33,30 @@ def ensure_writable_dir(directory: Path) -> None:
     if not os.access(directory, os.W_OK | os.X_OK):
         raise OutputError(f"output directory {directory} is not writable",
                           fix="choose a writable --out directory")
+
+
+def check_not_an_input(final: Path, inputs: Iterable[Path | str | None]) -> None:
+    """Refuse an output path that is a file this command reads (``inputs``: files, or directories
+    whose files are read): publishing there would replace the input, e.g. `modelfile --model
+    m.gguf --out m.gguf` turned a 250 MB model into a 600-byte Modelfile."""
+    final = Path(final)
+    if not final.is_file():
+        return
+    for source in inputs:
+        if source is None:
+            continue
+        source = Path(source)
+        files = [p for p in source.iterdir() if p.is_file()] if source.is_dir() else [source]
+        if any(_same_file(final, path) for path in files):
+            raise OutputError(f"{final} is an input of this command; writing there would destroy it",
+                              fix="choose another output path")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def check_free_space(directory: Path, needed_bytes: int) -> None:

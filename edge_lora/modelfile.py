@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge_lora import __version__
-from edge_lora.atomic import atomic_write_text, ensure_writable_dir
+from edge_lora.atomic import atomic_write_text, check_not_an_input, ensure_writable_dir
 from edge_lora.errors import InputError
 from edge_lora.gguf_check import GGUFInfo, check_adapter_fits, validate_gguf
 from edge_lora.go_template import GoFamily, family_for_jinja, go_family
@@ -225,6 +225,7 @@ def write_modelfile(out_path: Path | str, model_path: Path | str | GGUFInfo, *, 
     if out_path.is_dir():
         out_path = out_path / MODELFILE_NAME
     ensure_writable_dir(out_path.parent)
+    check_not_an_input(out_path, [model_path.path if isinstance(model_path, GGUFInfo) else model_path, adapter_path])
     result = render_modelfile_result(model_path, adapter_path=adapter_path, system=system, num_ctx=num_ctx,
                                      modelfile_dir=out_path.parent, params=params)
     atomic_write_text(out_path, result.text)

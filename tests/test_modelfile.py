@@ -198,6 +198,24 @@ def test_adapter_modelfile_parses_with_caveat(gemma_beside: Path, random_gemma_l
     assert ADAPTER_CAVEAT in result.notes
 
 
+def test_modelfile_never_writes_over_its_model_or_adapter(tmp_path: Path, gemma_q4_gguf: Path,
+                                                           random_gemma_loras: tuple[Path, Path]) -> None:
+    # `modelfile --model m.gguf --out m.gguf` used to turn the model into a 600-byte Modelfile.
+    # Only files under tmp_path are ever at risk here: a symlink is replaced, not its target.
+    import shutil
+
+    from edge_lora.errors import OutputError
+
+    model = tmp_path / "m.gguf"
+    model.symlink_to(gemma_q4_gguf)
+    adapter = Path(shutil.copy(random_gemma_loras[0], tmp_path / "adapter.gguf"))
+    before = adapter.read_bytes()
+    for out in (model, adapter):
+        with pytest.raises(OutputError, match="is an input of this command"):
+            write_modelfile(out, model, adapter_path=adapter)
+    assert model.is_symlink() and adapter.read_bytes() == before
+
+
 def test_model_and_adapter_swapped_is_a_typed_error(gemma_q4_gguf: Path, random_gemma_loras: tuple[Path, Path]) -> None:
     with pytest.raises(InvalidGGUFError, match="adapter, not a model"):
         render_modelfile(random_gemma_loras[0], num_ctx=512)

@@ -191,6 +191,17 @@ def test_cli_adapter_convert_outtype_q8_0(llama_ckpt: Path, tmp_path: Path, caps
     assert {t.tensor_type for t in gguf.GGUFReader(out).tensors} == {gguf.GGMLQuantizationType.Q8_0}
 
 
+@pytest.mark.parametrize("target", ["adapter_model.safetensors", "adapter_config.json", "base-config"])
+def test_adapter_convert_never_writes_over_an_input(llama_ckpt: Path, tmp_path: Path, target: str,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    # --out peft/adapter_model.safetensors used to replace the user's adapter weights with the GGUF.
+    adapter = make_peft_adapter(llama_ckpt, tmp_path / "adapter")
+    out = llama_ckpt / "config.json" if target == "base-config" else adapter / target
+    before = out.read_bytes()
+    _cli_fails(_adapter_convert(adapter, llama_ckpt, out), capsys, "is an input of this command")
+    assert out.read_bytes() == before
+
+
 @pytest.mark.parametrize("stores_head", [False, True], ids=["head-not-stored", "head-stored-too"])
 def test_lora_on_a_tied_head_is_refused_not_dropped(qwen_ckpt: Path, tmp_path: Path, stores_head: bool,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
