@@ -75,7 +75,7 @@ def resolve_local_or_hub(ref: str | os.PathLike[str], kind: RefKind = "model") -
     if local.is_dir():
         return local
     if local.exists():
-        raise InputError(f"{text} is a file, not a {kind} directory",
+        raise InputError(f"{text} is a file, not {'an' if kind[0] in 'aeiou' else 'a'} {kind} directory",
                          fix=f"give the directory that holds the {kind}'s files")
     if _looks_like_path(text) or not _REPO_ID.match(text):
         raise InputNotFoundError(f"{kind} directory {text} does not exist",

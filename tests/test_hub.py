@@ -68,5 +68,7 @@ def test_missing_path_and_file_paths(tmp_path: Path) -> None:
         resolve_local_or_hub("./relative-missing")
     f = tmp_path / "file.txt"
     f.write_text("x")
-    with pytest.raises(InputError, match="is a file"):
+    with pytest.raises(InputError, match="is a file, not a model directory"):
         resolve_local_or_hub(str(f))
+    with pytest.raises(InputError, match="is a file, not an adapter directory"):
+        resolve_local_or_hub(str(f), "adapter")
