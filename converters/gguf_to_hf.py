@@ -9,10 +9,12 @@ metadata. Everything is built in ``<out_dir>.partial`` and renamed into place at
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
 import struct
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -276,11 +278,10 @@ def build_hf_checkpoint_from_gguf(gguf_path: Path | str, out_dir: Path | str, dt
     plan = _tensor_plan(reader, gguf_path, config)
 
     ensure_writable_dir(out_dir.parent)
-    partial = out_dir.with_name(out_dir.name + ".partial")
+    # Private to this build: two builds of one cache entry (two `edge-lora demo` runs on a fresh
+    # machine) used to share "<name>.partial", and the second deleted the first's files under it.
+    partial = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.partial-", dir=out_dir.parent))
     try:
-        if partial.exists():
-            shutil.rmtree(partial)  # leftover of an interrupted build
-        partial.mkdir()
         check_free_space(partial, sum(math.prod(s) for _h, _t, s in plan) * _BYTES_PER_ELEMENT[DTYPES[dtype]])
         progress.start("dequantizing GGUF -> safetensors", float(sum(math.prod(s) for _h, _t, s in plan)))
         _write_safetensors_streamed(partial / "model.safetensors", plan, DTYPES[dtype], gguf_path, progress)
@@ -290,9 +291,7 @@ def build_hf_checkpoint_from_gguf(gguf_path: Path | str, out_dir: Path | str, dt
                       "pad_token_id": config["pad_token_id"], "cache_implementation": "hybrid"}
         (partial / "generation_config.json").write_text(json.dumps(generation, indent=2), encoding="utf-8")
         _tokenizer_files(reader, gguf_path, partial, config)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        partial.rename(out_dir)
+        _publish_dir(partial, out_dir)
     except OSError as exc:
         shutil.rmtree(partial, ignore_errors=True)
         raise os_error_to_output_error(exc, out_dir) from exc
@@ -300,6 +299,23 @@ def build_hf_checkpoint_from_gguf(gguf_path: Path | str, out_dir: Path | str, dt
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return out_dir
+
+
+def _publish_dir(partial: Path, out_dir: Path) -> None:
+    """Put the complete ``partial`` at ``out_dir``. An existing ``out_dir`` is renamed aside before
+    it is deleted, so the path never holds a half-deleted checkpoint; when a concurrent build
+    publishes between the two renames, its (identical) result is kept and ours discarded."""
+    old = out_dir.with_name(f"{partial.name}.old")
+    with contextlib.suppress(FileNotFoundError):
+        out_dir.rename(old)
+    try:
+        partial.rename(out_dir)
+    except OSError:
+        if not (out_dir / "config.json").is_file():
+            raise
+        shutil.rmtree(partial, ignore_errors=True)
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def iter_hf_tensors(out_dir: Path) -> Iterator[str]:

@@ -140,6 +140,44 @@ def test_failed_build_leaves_nothing(tmp_path: Path, gemma_q4_gguf: Path, monkey
     assert list(tmp_path.iterdir()) == []
 
 
+def test_concurrent_builds_of_one_cache_entry_both_succeed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two `edge-lora demo` runs on a fresh machine build the same cache entry at once. They used
+    to share "<name>.partial": one deleted the other's files and failed ("cannot write ...")."""
+    import threading
+
+    from converters import gguf_to_hf
+    from converters.convert import convert_checkpoint
+    from model_fixtures import make_checkpoint
+
+    ckpt = make_checkpoint("gemma3", tmp_path / "ckpt", tokenizer="spm", n_layers=2)
+    f32 = convert_checkpoint(ckpt, tmp_path / "tiny-F32.gguf", outtype="f32")
+    both_started = threading.Barrier(2, timeout=60)
+    write = gguf_to_hf._write_safetensors_streamed
+
+    def in_step(*args: object, **kwargs: object) -> None:
+        both_started.wait()  # both builds are half-way before either goes on
+        write(*args, **kwargs)
+
+    monkeypatch.setattr(gguf_to_hf, "_write_safetensors_streamed", in_step)
+    out = tmp_path / "cache" / "hf"
+    errors: list[BaseException] = []
+
+    def build() -> None:
+        try:
+            build_hf_checkpoint_from_gguf(f32, out)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=build) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == []
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    assert [p.name for p in out.parent.iterdir()] == ["hf"]  # no staging directory left behind
+
+
 def test_bf16_rounding_is_nearest_even() -> None:
     ulp = 2.0 ** -7  # bf16 spacing just above 1.0
     values = np.array([1.0, 1 + ulp / 2, 1 + 3 * ulp / 2, 1 + ulp / 2 + 2.0 ** -20, -0.0, np.inf, -np.inf, np.nan,
