@@ -23,7 +23,7 @@ from typing import IO
 
 from edge_lora import constants
 from edge_lora.atomic import check_free_space, ensure_writable_dir, partial_path, publish
-from edge_lora.errors import EdgeLoraError, InputError, QuantizeError
+from edge_lora.errors import EdgeLoraError, InputError, OutputError, QuantizeError
 from edge_lora.gguf_check import validate_gguf
 from edge_lora.progress import NullProgress, ProgressSink
 
@@ -184,6 +184,10 @@ def quantize_ladder(src: Path | str, out_dir: Path | str, names: Sequence[str], 
     check_free_space(out_dir, sum(int(data_bytes * EXPECTED_BPW[n] / 16) for n in names))
     threads = nthread or max(1, constants.N_THREADS // max(1, workers))
     stem = model_stem(src)
+    for name in names:  # an output path taken by a directory is bad input, not a failed format
+        if (out_dir / f"{stem}-{name}.gguf").is_dir():
+            raise OutputError(f"{out_dir / f'{stem}-{name}.gguf'} is a directory",
+                              fix="remove it or choose another --out directory")
     pending = list(names)
     running: list[QuantJob] = []
     results: dict[str, QuantResult] = {}

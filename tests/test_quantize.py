@@ -136,6 +136,15 @@ def test_unknown_quant_type_is_refused(f16_model: Path, tmp_path: Path, capsys: 
     assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
 
 
+def test_output_path_taken_by_a_directory_is_refused(f16_model: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    # It used to quantize, fail at the final rename and report a failed format (exit code 1).
+    (tmp_path / "o" / "tiny-Q8_0.gguf").mkdir(parents=True)
+    _cli_error(["quantize", str(f16_model), "--quant", "Q4_K_M,Q8_0", "--out", str(tmp_path / "o")], capsys,
+               "tiny-Q8_0.gguf is a directory")
+    assert not list((tmp_path / "o").glob("*.gguf*.partial")) and not (tmp_path / "o" / "tiny-Q4_K_M.gguf").exists()
+
+
 def test_already_quantized_is_refused(f16_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     [result] = quantize_ladder(f16_model, tmp_path, ["Q8_0"])
     assert result.ok
