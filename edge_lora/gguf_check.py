@@ -31,6 +31,7 @@ GGML_MAX_NAME = 64  # ggml tensor names are char[64], NUL included
 MAX_TENSOR_ELEMENTS = 1 << 48
 # Arrays up to this length are kept in GGUFInfo.metadata; longer ones are summarised.
 MAX_KEPT_ARRAY_LEN = 64
+BYTE_TOKEN_LEN = len("<0x0A>")
 # Smallest possible records, used to bound counts against the bytes left.
 MIN_KV_BYTES = 8 + 1 + 4 + 1  # key length, 1-byte key, value type, 1-byte value
 MIN_TENSOR_INFO_BYTES = 8 + 1 + 4 + 8 + 4 + 8  # name length, 1-byte name, n_dims, 1 dim, type, offset
@@ -52,6 +53,8 @@ class ArraySummary:
 
     element_type: str
     count: int
+    # Raw bytes of the strings of at most BYTE_TOKEN_LEN bytes (a vocabulary's byte tokens).
+    short_strings: frozenset[bytes] = field(default=frozenset(), compare=False, repr=False)
 
 
 MetadataValue = int | float | bool | str | list | ArraySummary
@@ -182,16 +185,16 @@ def _read_array(cur: _Cursor, key: str) -> MetadataValue:
             raise cur.fail(f"array {key!r} declares {count} strings, more than the file can hold")
         if count <= MAX_KEPT_ARRAY_LEN:
             return [cur.string(f"element of {key!r}") for _ in range(count)]
-        _skip_strings(cur, count, key)
-        return ArraySummary("STRING", count)
+        return ArraySummary("STRING", count, _skip_strings(cur, count, key))
     raise cur.fail(f"array {key!r} has unknown element type {element_type}")
 
 
-def _skip_strings(cur: _Cursor, count: int, key: str) -> None:
+def _skip_strings(cur: _Cursor, count: int, key: str) -> frozenset[bytes]:
     """Walk ``count`` length-prefixed strings without building Python strings (fast path for
-    vocabularies: 262k tokens in well under 0.1 s)."""
+    vocabularies: 262k tokens in well under 0.1 s); returns the short ones (byte tokens)."""
     buf, pos, end = cur.buf, cur.pos, cur.end
     unpack = struct.Struct("<Q").unpack_from
+    short: set[bytes] = set()
     for _ in range(count):
         if pos + 8 > end:
             cur.pos = pos
@@ -201,7 +204,10 @@ def _skip_strings(cur: _Cursor, count: int, key: str) -> None:
         if pos > end:
             cur.pos = pos - length - 8
             raise cur.fail(f"a string in array {key!r} runs past the end of the file")
+        if length <= BYTE_TOKEN_LEN:
+            short.add(bytes(buf[pos - length:pos]))
     cur.pos = pos
+    return frozenset(short)
 
 
 def _tensor_bytes(cur: _Cursor, name: str, shape: tuple[int, ...], type_id: int) -> tuple[str, int]:
@@ -348,6 +354,26 @@ def validate_gguf(path: Path | str, *, expect_type: GGUFKind | None = None) -> G
     return info
 
 
+def _check_byte_tokens(info: GGUFInfo) -> None:
+    """SentencePiece / Unigram vocabularies fall back to one token per byte for text they do not
+    cover; llama.cpp looks the byte up as "<0xXX>" or as the byte itself and, when neither is in
+    the vocabulary, throws through the C API: the process aborts on the first such prompt."""
+    if info.metadata.get("tokenizer.ggml.model") not in ("llama", "t5"):
+        return
+    tokens = info.metadata.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, ArraySummary):
+        present = tokens.short_strings
+    elif isinstance(tokens, list):
+        present = frozenset(t.encode("utf-8", "surrogateescape") for t in tokens if isinstance(t, str))
+    else:
+        return  # no vocabulary: llama.cpp refuses the file itself
+    missing = [b for b in range(256) if f"<0x{b:02X}>".encode() not in present and bytes([b]) not in present]
+    if missing:
+        raise InvalidGGUFError(f"{info.path}'s vocabulary has no token for byte 0x{missing[0]:02X} "
+                               f"({len(missing)} bytes missing); llama.cpp would abort on text that needs it",
+                               fix="re-convert the model with its complete tokenizer")
+
+
 def _check_model_hparams(info: GGUFInfo) -> None:
     """Values llama.cpp does not refuse but aborts the whole process on (GGML_ASSERT): a block
     count outside 1..LLAMA_MAX_LAYERS at load, a NaN or negative norm epsilon at the first decode."""
@@ -361,6 +387,7 @@ def _check_model_hparams(info: GGUFInfo) -> None:
     if isinstance(context, int) and context > INT32_MAX:  # llama.cpp reports it as a negative int32
         raise InvalidGGUFError(f"{info.path} declares {arch}.context_length {context}, beyond {INT32_MAX}",
                                fix="re-convert the model")
+    _check_byte_tokens(info)
     for key in (f"{arch}.attention.layer_norm_rms_epsilon", f"{arch}.attention.layer_norm_epsilon"):
         eps = info.metadata.get(key)
         if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float))

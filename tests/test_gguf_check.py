@@ -274,6 +274,27 @@ def test_model_hparams_llama_cpp_aborts_on_are_refused(tmp_path: Path, kv: bytes
     validate_gguf(path)  # only a model about to be loaded is held to it
 
 
+def _spm_vocab_kvs(tokens: list[str]) -> list[bytes]:
+    strings = b"".join(_str(t) for t in tokens)
+    return [_kv("general.architecture", VT.STRING, _str("llama")),
+            _kv("tokenizer.ggml.model", VT.STRING, _str("llama")),
+            _kv("tokenizer.ggml.tokens", VT.ARRAY, struct.pack("<IQ", VT.STRING, len(tokens)) + strings)]
+
+
+@pytest.mark.parametrize("byte_form", ["hex", "raw-byte"])
+def test_spm_vocabulary_must_cover_every_byte(tmp_path: Path, byte_form: str) -> None:
+    # llama.cpp's byte fallback threw std::out_of_range through the C API (SIGABRT) on the first
+    # prompt needing a byte the vocabulary lacked.
+    words = [f"word{i}" for i in range(100)]
+    with_bytes = [f"<0x{b:02X}>" for b in range(256)] if byte_form == "hex" else \
+        [chr(b) for b in range(128)] + [f"<0x{b:02X}>" for b in range(128, 256)]
+    ok = write(tmp_path, build_gguf(kvs=_spm_vocab_kvs(words + with_bytes)), "ok.gguf")
+    validate_gguf(ok, expect_type="model")
+    lacking = write(tmp_path, build_gguf(kvs=_spm_vocab_kvs(words + with_bytes[:10] + with_bytes[11:])), "bad.gguf")
+    with pytest.raises(InvalidGGUFError, match="no token for byte 0x0A"):
+        validate_gguf(lacking, expect_type="model")
+
+
 # --- check_adapter_fits ---
 
 def _write_model(path: Path, arch: str, tensors: dict[str, np.ndarray], adapter: bool = False) -> Path:
