@@ -5,6 +5,7 @@ template (the real Gemma 3 270M GGUF has none) get their family's well-known for
 from __future__ import annotations
 
 import datetime
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -150,11 +151,17 @@ _environment.globals["raise_exception"] = _raise_exception
 _environment.globals["strftime_now"] = _strftime_now
 
 
+@functools.lru_cache(maxsize=8)
+def _compiled(template: str) -> jinja2.Template:
+    # Compiling Gemma's template takes ~3 ms, rendering it ~0.02 ms: compile once per template.
+    return _environment.from_string(template)
+
+
 def render_chat(template: str, messages: Any, add_generation_prompt: bool = True,
                 bos_token: str = "", eos_token: str = "") -> str:
     checked = normalize_messages(messages)
     try:
-        compiled = _environment.from_string(template)
+        compiled = _compiled(template)
         return compiled.render(messages=checked, add_generation_prompt=add_generation_prompt,
                                bos_token=bos_token, eos_token=eos_token)
     except RequestError:

@@ -63,6 +63,10 @@ class RequestError(InputError):
     """A runtime request is invalid (prompt too long, bad parameters)."""
 
 
+class ContextLengthError(RequestError):
+    """The prompt does not fit the context."""
+
+
 class OutputError(EdgeLoraError, OSError):
     """An output could not be written (not writable, disk full)."""
 

@@ -15,9 +15,12 @@ contract is that a request gives the same tokens whether made alone or among oth
 from __future__ import annotations
 
 import codecs
+import itertools
+import logging
 import queue
 import threading
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,10 +28,16 @@ import numpy as np
 
 from edge_lora import constants
 from edge_lora.chat_template import ChatTemplate, render_chat, template_for
-from edge_lora.errors import InputNotFoundError, InvalidGGUFError, RegistryError, RequestError
+from edge_lora.errors import (ContextLengthError, InputNotFoundError, InvalidGGUFError, RegistryError,
+                              RequestError)
 from edge_lora.llama_backend import LlamaContext, LlamaModel, LoraAdapter
 
 MAX_STOP_STRINGS = 16
+# How long close() waits for running generations to stop before leaving their contexts to the
+# process exit (freeing a context under a running decode would crash inside llama.cpp).
+CLOSE_WAIT_S = 10.0
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -86,22 +95,46 @@ def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Gene
         best = int(np.argmax(logits))  # argmax lands on the first NaN when there is one
         _check_finite(float(logits[best]))
         return best
-    scaled = logits.astype(np.float64) / params.temperature
-    _check_finite(float(scaled.max()))  # max is NaN if any logit is
-    if params.top_k and params.top_k < scaled.size:
-        candidates = np.argpartition(scaled, -params.top_k)[-params.top_k:]
+    top = float(logits.max())  # NaN if any logit is
+    _check_finite(top)
+    # Shifted before dividing, so a tiny temperature gives -inf (weight 0), never inf - inf.
+    weights = np.subtract(logits, top, dtype=np.float64)
+    with np.errstate(over="ignore"):  # -> -inf, meant
+        weights /= params.temperature
+    np.exp(weights, out=weights)
+    if params.top_k and params.top_k < weights.size:
+        part = np.argpartition(weights, -params.top_k)[-params.top_k:]
+        order = part[np.argsort(-weights[part], kind="stable")]
+        target = params.top_p * weights[order].sum()  # the nucleus of the top-k distribution
+    elif params.top_p < 1.0:
+        target = params.top_p * weights.sum()
+        order = _heaviest_covering(weights, target)
     else:
-        # Tokens more than 30 nats below the best carry < 1e-13 probability each: dropping them
-        # avoids sorting a 262k vocabulary per token without a measurable change in the draw.
-        candidates = np.flatnonzero(scaled > scaled.max() - 30.0)
-    order = candidates[np.argsort(-scaled[candidates], kind="stable")]
-    values = scaled[order]
-    probs = np.exp(values - values[0])
-    probs /= probs.sum()
+        return _draw(np.arange(weights.size), weights, rng)  # no sort: one cumsum over the vocabulary
+    ranked = weights[order]
     if params.top_p < 1.0:
-        keep = int(np.searchsorted(np.cumsum(probs), params.top_p) + 1)
-        order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
-    return int(order[rng.choice(order.size, p=probs)])
+        keep = int(np.searchsorted(np.cumsum(ranked), target)) + 1
+        order, ranked = order[:keep], ranked[:keep]
+    return _draw(order, ranked, rng)
+
+
+def _heaviest_covering(weights: np.ndarray, target: float) -> np.ndarray:
+    """Indices of the heaviest weights, heaviest first, enough to sum to ``target``. Sorting a
+    262k vocabulary costs ~30 ms a token; a nucleus almost always lies in the top few hundred."""
+    window = 1024
+    while window < weights.size:
+        part = np.argpartition(weights, -window)[-window:]
+        order = part[np.argsort(-weights[part], kind="stable")]
+        if weights[order].sum() >= target:
+            return order
+        window *= 8
+    return np.argsort(-weights, kind="stable")
+
+
+def _draw(order: np.ndarray, weights: np.ndarray, rng: np.random.Generator) -> int:
+    cdf = np.cumsum(weights)
+    # side="right" never lands on a zero weight; min() guards the u * total == total rounding edge.
+    return int(order[min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), order.size - 1)])
 
 
 class _StopMatcher:
@@ -171,19 +204,32 @@ class Runtime:
             raise RequestError(f"context {self.n_ctx} exceeds the {self.model.n_ctx_train} tokens the model was "
                                f"trained for", fix=f"use --ctx {self.model.n_ctx_train} or less")
         threads = n_threads or max(1, constants.N_THREADS // n_contexts)
-        self._contexts = [LlamaContext(self.model, self.n_ctx, n_batch=n_batch, n_threads=threads, seed=seed)
+        self._contexts = [LlamaContext(self.model, self.n_ctx, n_batch=n_batch, n_threads=threads)
                           for _ in range(n_contexts)]
         self._free: queue.Queue[LlamaContext] = queue.Queue()
         for context in self._contexts:
             self._free.put(context)
         self._adapters: dict[str, LoadedAdapter] = {}
         self._adapters_lock = threading.Lock()
+        # Held while taking every context, so two drains (unloads, close) never split the pool.
+        self._drain_lock = threading.Lock()
+        self._closing = threading.Event()
         self.template: ChatTemplate = template_for(self.model)
-        self._request_counter = 0
+        self._request_numbers = itertools.count(1)  # next() is atomic: no two requests share a stream
 
     # --- lifetime ---
     def close(self) -> None:
-        for context in self._contexts:
+        """Stop running generations at their next token, then free contexts, adapters and model."""
+        if self._closing.is_set():
+            return
+        self._closing.set()
+        taken = self._take_all_contexts(timeout=CLOSE_WAIT_S)
+        if len(taken) < len(self._contexts):
+            # A generation still holds a context (abandoned mid-stream, or a long prompt still
+            # decoding): freeing the model under it would crash, so the process exit frees it.
+            logger.warning("a generation is still running; the model stays loaded until exit")
+            return
+        for context in taken:
             context.close()
         for loaded in self._adapters.values():
             loaded.adapter.free()
@@ -221,12 +267,35 @@ class Runtime:
 
     def _free_when_idle(self, adapter: LoraAdapter) -> None:
         # Take every context so no running request still uses the adapter, then free it.
-        taken = [self._free.get() for _ in self._contexts]
+        taken = self._take_all_contexts()
         try:
             adapter.free()
         finally:
             for context in taken:
                 self._free.put(context)
+
+    def _take_all_contexts(self, timeout: float | None = None) -> list[LlamaContext]:
+        """Every context of the pool (fewer if ``timeout`` seconds pass first)."""
+        taken: list[LlamaContext] = []
+        with self._drain_lock:
+            for _ in self._contexts:
+                try:
+                    taken.append(self._free.get(timeout=timeout))
+                except queue.Empty:
+                    break
+        return taken
+
+    def _acquire_context(self) -> LlamaContext:
+        while True:  # polled, so a request waiting for a context notices close()
+            self._require_open()
+            try:
+                return self._free.get(timeout=0.1)
+            except queue.Empty:
+                pass
+
+    def _require_open(self) -> None:
+        if self._closing.is_set():
+            raise RequestError("the model is being unloaded", fix="retry once the server is back")
 
     @property
     def adapters(self) -> dict[str, LoadedAdapter]:
@@ -269,11 +338,22 @@ class Runtime:
         add_bos = self.model.add_bos and not (bos_text and text.startswith(bos_text))
         return self.model.tokenize(text, add_bos=add_bos, special=True)
 
+    def render_conversation(self, history: Sequence[Mapping[str, Any]], reply_room: int) -> tuple[list[int], int]:
+        """The chat prompt of ``history`` leaving ``reply_room`` tokens for the reply, dropping the
+        oldest messages as needed (the last one is always kept): (tokens, messages dropped)."""
+        dropped = 0
+        tokens = self.render_messages(history)
+        while len(history) - dropped > 1 and len(tokens) + reply_room > self.n_ctx:
+            dropped += 1
+            tokens = self.render_messages(history[dropped:])
+        return tokens, dropped
+
     # --- generation ---
     def generate(self, prompt: str | Sequence[int], adapters: Mapping[str, float | None] | None = None,
                  max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                  seed: int | None = None, stop: Sequence[str] = (),
                  cancel: threading.Event | None = None) -> Generation:
+        self._require_open()
         tokens = self.tokenize_prompt(prompt)
         return self._start(tokens, adapters, SamplingParams(max_tokens, float(temperature), float(top_p),
                                                             int(top_k), seed, tuple(stop)), cancel)
@@ -282,6 +362,7 @@ class Runtime:
              max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
              seed: int | None = None, stop: Sequence[str] = (),
              cancel: threading.Event | None = None) -> Generation:
+        self._require_open()
         tokens = self.render_messages(messages)
         return self._start(tokens, adapters, SamplingParams(max_tokens, float(temperature), float(top_p),
                                                             int(top_k), seed, tuple(stop)), cancel)
@@ -293,25 +374,26 @@ class Runtime:
         if not tokens:
             raise RequestError("the prompt is empty", fix="give a non-empty prompt")
         if len(tokens) >= self.n_ctx:
-            raise RequestError(f"the prompt is {len(tokens)} tokens; the context holds {self.n_ctx}",
-                               fix="shorten the prompt or raise --ctx")
-        active = self._resolve_adapters(adapters)
+            raise ContextLengthError(f"the prompt is {len(tokens)} tokens; the context holds {self.n_ctx}",
+                                     fix="shorten the prompt or raise --ctx")
+        self._resolve_adapters(adapters)  # refuse unknown names now; resolved again once running
         stats = GenerationStats(prompt_tokens=len(tokens))
         if params.seed is None:
-            self._request_counter += 1
-            rng = np.random.default_rng([self.seed, self._request_counter])
+            rng = np.random.default_rng([self.seed, next(self._request_numbers)])
         else:
             # numpy takes only non-negative seeds; a negative one (llama.cpp's -1, an int64 from
             # the API) is read as its 64-bit two's complement, so every integer seed repeats.
             rng = np.random.default_rng(params.seed % (1 << 64) if params.seed < 0 else params.seed)
-        return Generation(self._run(tokens, active, params, rng, stats, cancel), stats)
+        return Generation(self._run(tokens, adapters, params, rng, stats, cancel), stats)
 
-    def _run(self, tokens: list[int], active: list[tuple[LoraAdapter, float]], params: SamplingParams,
+    def _run(self, tokens: list[int], adapters: Mapping[str, float | None] | None, params: SamplingParams,
              rng: np.random.Generator, stats: GenerationStats, cancel: threading.Event | None) -> Iterator[str]:
-        context = self._free.get()
+        context = self._acquire_context()
         # stats.finish_reason is set only when the generation is over, so readers can poll it.
         try:
-            context.set_adapters(active)
+            # Resolved while holding a context: an adapter unloaded or replaced since _start is
+            # then either gone (a clear error) or kept alive until this context is returned.
+            context.set_adapters(self._resolve_adapters(adapters))
             context.clear_kv()
             if params.max_tokens == 0:
                 stats.finish_reason = "length"
@@ -322,7 +404,7 @@ class Runtime:
             stopper = _StopMatcher(params.stop)
             finish = "length"
             while True:
-                if cancel is not None and cancel.is_set():
+                if (cancel is not None and cancel.is_set()) or self._closing.is_set():
                     stats.finish_reason = "cancelled"
                     return
                 token = sample_token(context.logits(), params, rng)

@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from edge_lora.errors import EdgeLoraError, InputNotFoundError, InternalError, RegistryError, RequestError
+from edge_lora.errors import ContextLengthError, EdgeLoraError, InputNotFoundError, InternalError, RegistryError
 from edge_lora.registry import AdapterRegistry, check_name
 from edge_lora.runtime import Generation, Runtime
 
@@ -50,7 +50,7 @@ def _from_library_error(exc: EdgeLoraError) -> APIError:
     text = exc.one_line()
     if isinstance(exc, (InputNotFoundError, RegistryError)):
         return APIError(404, text, type_="not_found_error", code="not_found")
-    if isinstance(exc, RequestError) and "context holds" in exc.message:
+    if isinstance(exc, ContextLengthError):
         return APIError(400, text, param="messages", code="context_length_exceeded")
     if exc.exit_code != 2:
         return APIError(500, text, type_="server_error", code="internal_error")
@@ -344,6 +344,10 @@ def _guard(handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
             return exc.response()
         except EdgeLoraError as exc:
             return _from_library_error(exc).response()
+        except Exception:  # a bug: still answer in OpenAI's shape, and keep the details in the log
+            logger.exception("request failed")
+            return APIError(500, "internal error (details in the server log)", type_="server_error",
+                            code="internal_error").response()
     return wrapped
 
 

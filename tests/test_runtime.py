@@ -334,6 +334,77 @@ def test_cancel_and_unload(runtime: Runtime, random_gemma_loras: tuple[Path, Pat
 
 
 
+
+def test_render_conversation_drops_the_oldest_messages_to_leave_room(runtime: Runtime) -> None:
+    turn = "Licensed under the Apache License, Version 2.0. " * 3
+    history = [{"role": role, "content": f"{i}: {turn}"} for i in range(12) for role in ("user", "assistant")]
+    history.append({"role": "user", "content": "last question"})
+    tokens, dropped = runtime.render_conversation(history, reply_room=64)
+    assert 0 < dropped < len(history) and len(tokens) + 64 <= runtime.n_ctx
+    assert tokens == runtime.render_messages(history[dropped:])  # the newest messages, whole
+    assert runtime.render_conversation(history[-1:], reply_room=64) == (runtime.render_messages(history[-1:]), 0)
+
+
+def test_two_unloads_waiting_on_busy_contexts_do_not_deadlock(gemma_q4_gguf: Path,
+                                                               random_gemma_loras: tuple[Path, Path]) -> None:
+    rt = Runtime(gemma_q4_gguf, n_ctx=128, n_contexts=2)
+    try:
+        rt.load_adapter("a", random_gemma_loras[0])
+        rt.load_adapter("b", random_gemma_loras[1])
+        busy = [rt.generate(PROMPT, max_tokens=40) for _ in range(2)]
+        for gen in busy:
+            next(gen)  # each holds one of the two contexts
+        unloads = [threading.Thread(target=rt.unload_adapter, args=(name,), daemon=True) for name in "ab"]
+        for thread in unloads:
+            thread.start()
+        for gen in busy:  # each unload could grab one freed context and wait for the other forever
+            gen.close()
+        for thread in unloads:
+            thread.join(20)
+        assert not any(thread.is_alive() for thread in unloads)
+        assert rt.adapters == {} and greedy(rt, n=2)
+    finally:
+        rt.close()
+
+
+def test_close_during_a_generation_stops_it_before_freeing(gemma_q4_gguf: Path) -> None:
+    rt = Runtime(gemma_q4_gguf, n_ctx=256)
+    gen = rt.generate(PROMPT, max_tokens=200)
+    pieces = [next(gen)]
+    worker = threading.Thread(target=lambda: pieces.extend(gen))
+    worker.start()
+    rt.close()  # used to free the context under the running decode: SIGSEGV
+    worker.join(20)
+    assert not worker.is_alive() and gen.stats.finish_reason == "cancelled"
+    assert gen.stats.completion_tokens < 200
+    with pytest.raises(RequestError, match="unloaded"):
+        rt.generate(PROMPT, max_tokens=2).text()
+
+
+def test_adapter_unloaded_between_accept_and_start_is_a_request_error(
+        runtime: Runtime, random_gemma_loras: tuple[Path, Path]) -> None:
+    runtime.load_adapter("brief", random_gemma_loras[0])
+    gen = runtime.generate(PROMPT, adapters={"brief": None}, max_tokens=3)  # accepted, not started
+    runtime.unload_adapter("brief")
+    with pytest.raises(RequestError, match="not loaded"):
+        gen.text()  # was an InternalError ("already freed"): a 500 from the server
+
+
+def test_sampling_distribution_tiny_temperature_and_wide_nucleus() -> None:
+    rng = np.random.default_rng(0)
+    logits = np.log(np.array([0.5, 0.3, 0.2, 0.0], dtype=np.float64) + 1e-300).astype(np.float32)
+    draws = np.bincount([sample_token(logits, SamplingParams(temperature=1.0), rng) for _ in range(4000)],
+                        minlength=4)
+    assert draws[3] == 0 and np.allclose(draws[:3] / 4000, [0.5, 0.3, 0.2], atol=0.03)
+    # a tiny temperature is greedy, not inf - inf = NaN (was an IndexError, a 500 from the server)
+    assert sample_token(logits, SamplingParams(temperature=1e-30), rng) == 0
+    assert sample_token(logits, SamplingParams(temperature=1e-308, top_p=0.5), rng) == 0
+    # a nucleus wider than the first window (1024 tokens of a flat 262k vocabulary) still covers top_p
+    flat = np.zeros(262_144, dtype=np.float32)
+    picks = {sample_token(flat, SamplingParams(temperature=1.0, top_p=0.5), rng) for _ in range(50)}
+    assert len(picks) >= 45 and max(picks) > 100_000
+
+
 # --- against the converters (merge + adapter conversion): the end-to-end hot-apply check ---
 
 @pytest.mark.slow

@@ -261,6 +261,26 @@ def test_a_bug_mid_stream_ends_the_stream_with_an_error(runtime: Runtime, monkey
     assert events[-1]["error"]["code"] == "internal_error"
 
 
+
+def test_a_bug_in_a_plain_request_is_a_json_500_and_the_server_keeps_serving(
+        runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_start = runtime._start
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("boom")
+
+    async def go():
+        async with client_for(make_app(runtime)) as c:
+            monkeypatch.setattr(runtime, "_start", broken)
+            failed = await _completion(c, runtime.model_id)
+            monkeypatch.setattr(runtime, "_start", real_start)
+            return failed, await _completion(c, runtime.model_id, temperature=1e-30)
+    failed, tiny_temperature = run(go())
+    assert failed.status_code == 500 and failed.json()["error"]["code"] == "internal_error"
+    assert "boom" not in failed.text  # details go to the log, not to the client
+    assert tiny_temperature.status_code == 200  # was an IndexError in sampling: a plain-text 500
+
+
 def test_api_key_required_when_set(runtime: Runtime) -> None:
     app = make_app(runtime, api_key="s3cret")
 

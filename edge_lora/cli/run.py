@@ -250,15 +250,14 @@ class ChatSession:
             print(HELP, file=err)
         return True
 
-    def _trim_history(self, err: TextIO) -> None:
-        """Forget the oldest exchanges until the conversation leaves room for a reply."""
+    def _prompt_that_fits(self, err: TextIO) -> list[int]:
+        """The conversation's prompt, forgetting the oldest exchanges to leave room for a reply."""
         room = min(self.sampling["max_tokens"], self.runtime.n_ctx // 4)
-        dropped = 0
-        while len(self.history) > 1 and len(self.runtime.render_messages(self.history)) + room > self.runtime.n_ctx:
-            del self.history[0]
-            dropped += 1
+        tokens, dropped = self.runtime.render_conversation(self.history, room)
         if dropped:
+            del self.history[:dropped]
             print(f"(forgot the {dropped} oldest messages to fit the context)", file=err)
+        return tokens
 
     def loop(self, inp: TextIO, out: TextIO, err: TextIO) -> int:
         interactive = inp.isatty()
@@ -280,8 +279,8 @@ class ChatSession:
                         return 0
                     continue
                 self.history.append({"role": "user", "content": line})
-                self._trim_history(err)
-                generation = self.runtime.chat(self.history, adapters=self.active, **self.sampling)
+                generation = self.runtime.generate(self._prompt_that_fits(err), adapters=self.active,
+                                                   **self.sampling)
                 pieces = []
                 for piece in generation:
                     pieces.append(piece)
