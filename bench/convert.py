@@ -59,7 +59,7 @@ def naive_convert(ckpt_dir: Path, out: Path) -> None:
             writer.add_key_value(key, value, vtype)
         add_tokenizer(writer, read_tokenizer(ckpt_dir, ckpt.config))
         for hf_name, shape in ordered:
-            data = spec.transform(hf_name, np.array(ckpt.read(hf_name), dtype=np.float32), spec.config)
+            data = spec.transform(hf_name, np.array(ckpt.read(hf_name), dtype=np.float32))
             writer.add_tensor(spec.gguf_name(hf_name) or hf_name,
                               data.astype(np.float16) if len(shape) > 1 else data.astype(np.float32))
         for name, values in extra.items():

@@ -422,9 +422,8 @@ class ArchSpec:
         """Row blocks handed to ``transform`` must be multiples of this (whole heads)."""
         return self.dims.head_dim if self._permute_heads(hf_name) is not None else 1
 
-    def transform(self, hf_name: str, array: np.ndarray, config: Config | None = None) -> np.ndarray:
-        """Rows-wise transform of a block of rows (float32, whole heads for q/k). ``config`` is
-        ignored (the spec's own applies); it stays until bench/convert.py stops passing it."""
+    def transform(self, hf_name: str, array: np.ndarray) -> np.ndarray:
+        """Rows-wise transform of a block of rows (float32, whole heads for q/k)."""
         heads = self._permute_heads(hf_name)
         if heads is not None:
             block_heads = array.shape[0] // self.dims.head_dim

@@ -28,11 +28,10 @@ import llama_cpp.llama_cpp as llama  # noqa: E402  (heavy: imported only by modu
 
 LogitsRequest = Literal["last", "all"] | set[int] | frozenset[int]
 
-# --- logging: llama.cpp prints pages of loader chatter on stderr; keep it unless verbose, but
-# remember the last lines so a failed load can say why. ---
+# --- logging: llama.cpp prints pages of loader chatter on stderr; keep it quiet, but remember
+# the last lines so a failed load can say why. ---
 _log_lock = threading.Lock()
 _recent_log: collections.deque[str] = collections.deque(maxlen=20)
-_verbose = False
 
 
 @llama.llama_log_callback
@@ -41,10 +40,6 @@ def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     with _log_lock:
         if level in (3, 4):  # ggml: 3 WARN, 4 ERROR — kept for error messages
             _recent_log.append(message.strip())
-    if _verbose:
-        import sys
-
-        print(message, end="", file=sys.stderr, flush=True)
 
 
 _backend_ready = False
@@ -58,12 +53,6 @@ def _ensure_backend() -> None:
             llama.llama_log_set(_log_callback, ctypes.c_void_p(0))
             llama.llama_backend_init()
             _backend_ready = True
-
-
-def set_verbose(verbose: bool) -> None:
-    """Echo llama.cpp's own log on stderr (``--verbose``)."""
-    global _verbose
-    _verbose = verbose
 
 
 def _last_log_lines(n: int = 3) -> str:
@@ -103,12 +92,12 @@ class LlamaModel(_NativeHandle):
     """A GGUF model loaded with mmap. Owns contexts and adapters made from it: closing the
     model closes them first, so no native object outlives its model."""
 
-    def __init__(self, path: Path | str, n_gpu_layers: int = 0, *, info: GGUFInfo | None = None) -> None:
+    def __init__(self, path: Path | str, *, info: GGUFInfo | None = None) -> None:
         _ensure_backend()
         self.path = Path(path)
         self.info = info or validate_gguf(self.path, expect_type="model")
         params = llama.llama_model_default_params()
-        params.n_gpu_layers = n_gpu_layers
+        params.n_gpu_layers = 0  # CPU: the machines this is for
         params.load_mode = llama.LLAMA_LOAD_MODE_MMAP  # pages shared, loaded once
         _clear_log()
         self._ptr = llama.llama_model_load_from_file(str(self.path).encode(), params)
@@ -187,7 +176,6 @@ class LlamaModel(_NativeHandle):
             n = llama.llama_token_to_piece(self._vocab_ptr(), token, buf, -n, 0, special)
         return buf.raw[:max(n, 0)]
 
-    token_to_piece = token_piece  # ARCHITECTURE.md spelling
 
     def detokenize(self, ids: Sequence[int], special: bool = False) -> str:
         return b"".join(self.token_piece(t, special) for t in ids).decode("utf-8", errors="replace")
@@ -270,8 +258,7 @@ class LoraAdapter(_NativeHandle):
 class LlamaContext(_NativeHandle):
     """One inference context (KV cache) on a model: single sequence, batched decode."""
 
-    def __init__(self, model: LlamaModel, n_ctx: int, n_batch: int = 512, n_threads: int | None = None,
-                 seed: int = 0, n_ubatch: int | None = None) -> None:
+    def __init__(self, model: LlamaModel, n_ctx: int, n_batch: int = 512, n_threads: int | None = None) -> None:
         if n_ctx < 8:
             raise RequestError(f"context size {n_ctx} is too small", fix="use --ctx 512 or more")
         if n_batch < 1:
@@ -279,11 +266,10 @@ class LlamaContext(_NativeHandle):
         self.model = model
         self.n_ctx = n_ctx
         self.n_batch = min(n_batch, n_ctx)
-        self.seed = seed
         params = llama.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = self.n_batch
-        params.n_ubatch = min(n_ubatch or self.n_batch, self.n_batch)
+        params.n_ubatch = self.n_batch
         params.n_seq_max = 1
         threads = n_threads or constants.N_THREADS
         params.n_threads = threads
@@ -321,10 +307,6 @@ class LlamaContext(_NativeHandle):
     def clear_kv(self) -> None:
         llama.llama_memory_clear(llama.llama_get_memory(self.ptr), True)
         self._n_past = 0
-
-    @property
-    def n_past(self) -> int:
-        return self._n_past
 
     def remove_kv_from(self, pos: int) -> bool:
         """Drop cached positions >= pos (to reuse a shared prompt prefix). False when the cache
