@@ -10,13 +10,15 @@ are re-hashed against their sha256 name, because the hub client checks only size
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from pathlib import Path
 from typing import Literal
 
 from edge_lora import constants
-from edge_lora.errors import InputError, InputNotFoundError, InvalidCheckpointError
+from edge_lora.atomic import atomic_write_text
+from edge_lora.errors import InputError, InputNotFoundError, InvalidCheckpointError, OutputError
 
 RefKind = Literal["model", "adapter"]
 
@@ -50,13 +52,21 @@ def _looks_like_path(ref: str) -> bool:
 
 def verify_lfs_blobs(snapshot: Path) -> None:
     """Files in the cache are symlinks to ``blobs/<etag>``; an LFS etag is the content's
-    sha256. Re-hash those, so a corrupted or tampered blob is caught before conversion."""
+    sha256. Re-hash those, so a corrupted or tampered blob is caught before conversion. A blob
+    already verified with the same size and mtime is not hashed again: re-reading a 16 GB model
+    on every convert would cost half a minute."""
+    verified = _load_verified()
+    before = dict(verified)
     for file in sorted(snapshot.rglob("*")):
         if not file.is_symlink():
             continue
         blob = file.resolve()
         if not _SHA256_NAME.match(blob.name):
             continue  # small git files: etag is a git sha1, not the content's sha256
+        stat = blob.stat()
+        stamp = [stat.st_size, stat.st_mtime_ns]
+        if verified.get(str(blob)) == stamp:
+            continue
         digest = hashlib.sha256()
         with open(blob, "rb") as fh:
             while chunk := fh.read(_HASH_CHUNK):
@@ -65,6 +75,25 @@ def verify_lfs_blobs(snapshot: Path) -> None:
             raise InvalidCheckpointError(
                 f"{file.relative_to(snapshot)} in the Hugging Face cache is corrupt (sha256 mismatch)",
                 fix=f"delete {blob} and download again")
+        verified[str(blob)] = stamp
+    if verified != before:
+        try:
+            _verified_path().parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(_verified_path(), json.dumps(verified))
+        except (OSError, OutputError):
+            pass  # only a cache: the blobs are hashed again next time
+
+
+def _verified_path() -> Path:
+    return constants.EDGE_LORA_CACHE / "verified-blobs.json"
+
+
+def _load_verified() -> dict[str, list[int]]:
+    try:
+        record = json.loads(_verified_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def resolve_local_or_hub(ref: str | os.PathLike[str], kind: RefKind = "model") -> Path:

@@ -61,6 +61,27 @@ def test_corrupt_lfs_blob_is_detected(tmp_path: Path) -> None:
         resolve_local_or_hub("acme/corrupt")
 
 
+
+def test_verified_blobs_are_not_hashed_again_until_they_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+    import os
+
+    from edge_lora import hub
+
+    snapshot = _fill_cache(tmp_path / "hf-home", "acme/big", {"model.safetensors": b"w" * 64})
+    hashed: list[int] = []
+    real_sha256 = hashlib.sha256
+    monkeypatch.setattr(hub.hashlib, "sha256", lambda *a: hashed.append(1) or real_sha256(*a))
+    resolve_local_or_hub("acme/big")
+    resolve_local_or_hub("acme/big")
+    assert len(hashed) == 1  # the second convert trusts the recorded (size, mtime)
+    blob = (snapshot / "model.safetensors").resolve()
+    blob.write_bytes(b"v" * 64)
+    os.utime(blob, ns=(blob.stat().st_atime_ns, blob.stat().st_mtime_ns + 10**9))
+    with pytest.raises(InvalidCheckpointError, match="sha256"):
+        resolve_local_or_hub("acme/big")
+
+
 def test_missing_path_and_file_paths(tmp_path: Path) -> None:
     with pytest.raises(InputNotFoundError, match="does not exist"):
         resolve_local_or_hub(str(tmp_path / "nope" / "deeper"))
