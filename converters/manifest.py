@@ -89,12 +89,19 @@ class Manifest:
             raw = json.loads(path.read_text(encoding="utf-8"))
             files = [ManifestFile(**{k: f[k] for k in ManifestFile.__dataclass_fields__ if k in f})
                      for f in raw.get("files", [])]
-            return cls(directory, name=str(raw.get("name", "")), architecture=str(raw.get("architecture", "")),
-                       base=str(raw.get("base", "")), adapter=raw.get("adapter"), files=files,
-                       _loaded_paths=frozenset(f.path for f in files))
+            manifest = cls(directory, name=str(raw.get("name", "")), architecture=str(raw.get("architecture", "")),
+                           base=str(raw.get("base", "")), adapter=raw.get("adapter"), files=files,
+                           _loaded_paths=frozenset(f.path for f in files))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, AttributeError, KeyError) as exc:
             raise InputError(f"{path} is not a valid edge-lora manifest ({exc})",
                              fix="delete it and re-run `edge-lora convert`") from exc
+        for row in files:
+            # The manifest is untrusted: a row must name a file inside this directory.
+            relative = Path(str(row.path))
+            if relative.is_absolute() or ".." in relative.parts:
+                raise InputError(f"{path} lists {row.path!r}, outside the directory",
+                                 fix="re-run `edge-lora convert` to rewrite the manifest")
+        return manifest
 
     def file(self, path: Path | str) -> ManifestFile | None:
         """The row for ``path``: a name relative to the directory (as rows store it) or an

@@ -91,10 +91,11 @@ def test_model_directory_resolution(tmp_path: Path, gemma_q4_gguf: Path) -> None
     by_manifest.mkdir()
     (by_manifest / "gemma-Q4_K_M.gguf").symlink_to(gemma_q4_gguf)
     (by_manifest / "gemma-Q8_0.gguf").symlink_to(gemma_q4_gguf)
+    row = {"bytes": 1, "bpw": 4.0, "sha256": "0" * 64}  # measured figures are not what this test is about
     (by_manifest / "manifest.json").write_text(json.dumps({"name": "gemma", "files": [
-        {"path": "gemma-Q4_K_M.gguf", "format": "Q4_K_M", "kind": "merged"},
-        {"path": "gemma-Q8_0.gguf", "format": "Q8_0", "kind": "merged"},
-        {"path": "adapter-x.gguf", "format": "F32", "kind": "adapter"}]}))
+        {"path": "gemma-Q4_K_M.gguf", "format": "Q4_K_M", "kind": "merged", **row},
+        {"path": "gemma-Q8_0.gguf", "format": "Q8_0", "kind": "merged", **row},
+        {"path": "adapter-x.gguf", "format": "F32", "kind": "adapter", **row}]}))
     assert resolve_model_path(by_manifest, "q8_0") == by_manifest / "gemma-Q8_0.gguf"
     from edge_lora.fit import fit_report
 

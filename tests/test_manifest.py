@@ -121,3 +121,13 @@ def test_absolute_path_of_a_symlinked_file_finds_its_row(inputs: tuple[Path, Pat
     manifest = Manifest.load(out)
     manifest.add_file("linked-F16.gguf", format="F16", kind="model")
     assert manifest.file(out.absolute() / "linked-F16.gguf") is manifest.file("linked-F16.gguf") is not None
+
+
+@pytest.mark.parametrize("row_path", ["../elsewhere/x-Q4_K_M.gguf", "/etc/passwd", "sub/../../x.gguf"])
+def test_a_row_outside_the_directory_is_refused_on_load(tmp_path: Path, row_path: str) -> None:
+    from edge_lora.errors import InputError
+
+    row = {"path": row_path, "format": "Q4_K_M", "kind": "model", "bytes": 1, "bpw": 4.5, "sha256": "0" * 64}
+    (tmp_path / "manifest.json").write_text(json.dumps({"files": [row]}))
+    with pytest.raises(InputError, match="outside the directory"):
+        Manifest.load(tmp_path)

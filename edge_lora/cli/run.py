@@ -8,7 +8,6 @@ switches adapters without reloading the model.
 from __future__ import annotations
 
 import argparse
-import json
 import secrets
 import sys
 from collections.abc import Sequence
@@ -49,20 +48,14 @@ def parse_adapter_arg(text: str) -> AdapterChoice:
 
 def _model_files_in(directory: Path) -> dict[str, Path]:
     """format -> model file in a converted output dir, from manifest.json when present."""
-    manifest = directory / "manifest.json"
+    from converters.manifest import Manifest
+
     found: dict[str, Path] = {}
-    if manifest.is_file():
-        try:
-            data = json.loads(manifest.read_text(encoding="utf-8"))
-            for entry in data.get("files", []):
-                if entry.get("kind") in ("model", "merged") and isinstance(entry.get("format"), str):
-                    path = directory / entry["path"]
-                    if path.is_file():
-                        found[entry["format"].upper()] = path
-        except (OSError, ValueError, AttributeError, TypeError) as exc:
-            raise InputError(f"{manifest} is unreadable ({exc})", fix="re-run edge-lora convert") from exc
-        if found:
-            return found
+    for row in Manifest.load(directory).files:
+        if row.kind in ("model", "merged") and isinstance(row.format, str) and (directory / row.path).is_file():
+            found[row.format.upper()] = directory / row.path
+    if found:
+        return found
     for path in sorted(directory.glob("*.gguf")):
         if path.name.startswith("adapter-"):
             continue
