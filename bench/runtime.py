@@ -125,24 +125,28 @@ def bench_tokens_per_second(base: Path, legal: Path, second: Path, n_tokens: int
         rt.load_adapter("legal", legal)
         rt.load_adapter("second", second)
 
-        def tps(adapters: dict | None) -> float:
+        def tps(request: dict) -> float:
             start = time.perf_counter()
-            gen = rt.generate(PROMPT, adapters=adapters, max_tokens=n_tokens)
+            gen = rt.generate(PROMPT, max_tokens=n_tokens, **request)
             gen.text()
             return gen.stats.completion_tokens / (time.perf_counter() - start)
 
-        configs = {"merged": None, "hot": {"legal": 1.0}, "both": {"legal": 1.0, "second": 1.0}}
-        for adapters in configs.values():
-            rt.generate(PROMPT, adapters=adapters, max_tokens=4).text()  # warm-up
+        configs = {"merged": {}, "hot": {"adapters": {"legal": 1.0}},
+                   "both": {"adapters": {"legal": 1.0, "second": 1.0}},
+                   # the server's default: temperature 1 draws from the whole 262k vocabulary
+                   "sampled": {"temperature": 1.0, "seed": 1}}
+        for request in configs.values():
+            rt.generate(PROMPT, max_tokens=4, **request).text()  # warm-up
         runs: dict[str, list[float]] = {name: [] for name in configs}
         for _ in range(repeat):  # interleaved, so drift hits every row alike
-            for name, adapters in configs.items():
-                runs[name].append(tps(adapters))
-        merged, hot, both = (statistics.median(runs[name]) for name in configs)
+            for name, request in configs.items():
+                runs[name].append(tps(request))
+        merged, hot, both, sampled = (statistics.median(runs[name]) for name in configs)
     print(f"2. generation speed, {n_tokens} tokens greedy, prompt included (median of {repeat})")
     print(f"   merged Q4_K_M (no adapter op)   {merged:9.1f} tok/s   (baseline)")
     print(f"   hot-applied adapter             {hot:9.1f} tok/s   ratio {hot / merged:.2f}")
     print(f"   two adapters hot-applied        {both:9.1f} tok/s   ratio {both / merged:.2f}")
+    print(f"   sampled at temperature 1        {sampled:9.1f} tok/s   ratio {sampled / merged:.2f}")
 
 
 def decode_ms_per_token(ctx: LlamaContext, prompt: list[int], active: list) -> float:
