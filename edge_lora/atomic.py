@@ -82,6 +82,9 @@ def os_error_to_output_error(exc: OSError, target: Path) -> OutputError:
         return OutputError(f"disk full while writing {target}", fix="free some space and run again")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return OutputError(f"cannot write {target}: permission denied", fix="choose a writable --out directory")
+    if exc.errno == errno.EISDIR:
+        return OutputError(f"cannot write {target}: a directory has that name",
+                           fix="give a file path, or move the directory away")
     return OutputError(f"cannot write {target}: {exc.strerror or exc}")
 
 
