@@ -26,3 +26,7 @@ DEFAULT_CTX_CAP: int = 4096
 DEFAULT_HOST: str = "127.0.0.1"
 DEFAULT_PORT: int = 8000
 N_THREADS: int = max(1, os.cpu_count() or 1)
+
+# Sampling limits shared by the library, the CLI and the API (OpenAI's temperature range).
+MAX_TEMPERATURE: float = 2.0
+MAX_STOP_STRINGS: int = 16

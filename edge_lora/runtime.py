@@ -32,7 +32,6 @@ from edge_lora.errors import (ContextLengthError, InputNotFoundError, InvalidGGU
                               RequestError)
 from edge_lora.llama_backend import LlamaContext, LlamaModel, LoraAdapter
 
-MAX_STOP_STRINGS = 16
 # How long close() waits for running generations to stop before leaving their contexts to the
 # process exit (freeing a context under a running decode would crash inside llama.cpp).
 CLOSE_WAIT_S = 10.0
@@ -68,16 +67,16 @@ class SamplingParams:
     def check(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 0:
             raise RequestError(f"max_tokens must be a non-negative integer, got {self.max_tokens!r}")
-        if not 0.0 <= self.temperature <= 100.0:
-            raise RequestError(f"temperature must be between 0 and 100, got {self.temperature!r}")
+        if not 0.0 <= self.temperature <= constants.MAX_TEMPERATURE:
+            raise RequestError(f"temperature must be between 0 and {constants.MAX_TEMPERATURE:g}, got {self.temperature!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.top_k < 0:
             raise RequestError(f"top_k must be >= 0, got {self.top_k!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise RequestError(f"seed must be an integer, got {self.seed!r}")
-        if len(self.stop) > MAX_STOP_STRINGS or any(not isinstance(s, str) or not s for s in self.stop):
-            raise RequestError(f"stop must be up to {MAX_STOP_STRINGS} non-empty strings")
+        if len(self.stop) > constants.MAX_STOP_STRINGS or any(not isinstance(s, str) or not s for s in self.stop):
+            raise RequestError(f"stop must be up to {constants.MAX_STOP_STRINGS} non-empty strings")
 
 
 def _check_finite(top_logit: float) -> None:

@@ -27,12 +27,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from edge_lora.errors import ContextLengthError, EdgeLoraError, InputNotFoundError, InternalError, RegistryError
 from edge_lora.registry import AdapterRegistry, check_name
+from edge_lora.constants import MAX_STOP_STRINGS, MAX_TEMPERATURE
 from edge_lora.runtime import Generation, Runtime
 
 logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
-MAX_STOP = 16
 
 
 class APIError(Exception):
@@ -87,9 +87,9 @@ def _stop(body: dict) -> tuple[str, ...]:
         return ()
     if isinstance(value, str):
         value = [value]
-    if (not isinstance(value, list) or len(value) > MAX_STOP
+    if (not isinstance(value, list) or len(value) > MAX_STOP_STRINGS
             or any(not isinstance(s, str) or not s for s in value)):
-        raise APIError(400, f"stop must be a string or a list of up to {MAX_STOP} non-empty strings",
+        raise APIError(400, f"stop must be a string or a list of up to {MAX_STOP_STRINGS} non-empty strings",
                        param="stop", code="invalid_value")
     return tuple(value)
 
@@ -101,7 +101,7 @@ def _sampling(body: dict, n_ctx: int) -> dict[str, Any]:
     if not isinstance(stream, bool):
         raise APIError(400, "stream must be a boolean", param="stream", code="invalid_type")
     _integer(body, "n", 1, 1, 1)  # one choice per request
-    return {"max_tokens": max_tokens, "temperature": _number(body, "temperature", 1.0, 0.0, 2.0),
+    return {"max_tokens": max_tokens, "temperature": _number(body, "temperature", 1.0, 0.0, MAX_TEMPERATURE),
             "top_p": _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
             "top_k": _integer(body, "top_k", 0, 0, 1_000_000),
             "seed": _integer(body, "seed", None, -(2**63), 2**64 - 1), "stop": _stop(body)}

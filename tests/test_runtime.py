@@ -399,6 +399,8 @@ def test_sampling_distribution_tiny_temperature_and_wide_nucleus() -> None:
     # a tiny temperature is greedy, not inf - inf = NaN (was an IndexError, a 500 from the server)
     assert sample_token(logits, SamplingParams(temperature=1e-30), rng) == 0
     assert sample_token(logits, SamplingParams(temperature=1e-308, top_p=0.5), rng) == 0
+    with pytest.raises(RequestError, match="between 0 and 2"):  # the API's range, in the library too
+        SamplingParams(temperature=2.5).check()
     # a nucleus wider than the first window (1024 tokens of a flat 262k vocabulary) still covers top_p
     flat = np.zeros(262_144, dtype=np.float32)
     picks = {sample_token(flat, SamplingParams(temperature=1.0, top_p=0.5), rng) for _ in range(50)}

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from edge_lora.constants import MAX_TEMPERATURE
 from edge_lora.errors import EdgeLoraError, InputError, InputNotFoundError
 
 if TYPE_CHECKING:
@@ -133,8 +134,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise InputError(f"--max-tokens {args.max_tokens} is negative", fix="use 0 or more")
     if args.ctx is not None and not 64 <= args.ctx <= 1 << 20:
         raise InputError(f"--ctx {args.ctx} is out of range", fix="use a context between 64 and 1048576")
-    if not 0.0 <= args.temperature <= 2.0:
-        raise InputError(f"--temperature {args.temperature} is out of range", fix="use 0 to 2")
+    if not 0.0 <= args.temperature <= MAX_TEMPERATURE:
+        raise InputError(f"--temperature {args.temperature} is out of range", fix=f"use 0 to {MAX_TEMPERATURE:g}")
     if not 0.0 < args.top_p <= 1.0:
         raise InputError(f"--top-p {args.top_p} is out of range", fix="use a value in (0, 1]")
 
