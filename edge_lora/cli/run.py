@@ -67,21 +67,11 @@ def _model_files_in(directory: Path) -> dict[str, Path]:
 
 
 def _recommended(files: dict[str, Path], ctx: int | None) -> Path | None:
-    """The fit estimator's recommendation, when that module is available."""
-    try:
-        from edge_lora.fit import fit_report
-    except ImportError:
-        return None
-    try:
-        report = fit_report(list(files.values()), ctx)
-        for row in getattr(report, "models", []):
-            if getattr(row, "recommended", False):
-                return Path(row.path)
-    except EdgeLoraError:
-        raise
-    except Exception:  # an estimator problem must not stop `run`; fall back to the preference order
-        return None
-    return None
+    """The fit estimator's recommendation among ``files``."""
+    from edge_lora.fit import fit_report
+
+    chosen = fit_report(list(files.values()), ctx).recommended
+    return None if chosen is None else Path(chosen.path)
 
 
 def resolve_model_path(model: Path | None, quant: str | None, ctx: int | None = None) -> Path:
