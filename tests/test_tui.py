@@ -159,6 +159,8 @@ async def test_chat_switches_adapters_on_one_runtime(model_dir: Path) -> None:
         assert chat.replies == [("base", "[base] echo hello"), ("legal", "[legal] echo hello")]
         assert runtime.requests == [{}, {"legal": None}]
         assert len(FakeRuntime.instances) == 1  # switched per message, never reloaded
+        # each prompt is fitted to the context, leaving room for a reply
+        assert runtime.reply_rooms == [min(chat.max_tokens, 2048 // 4)] * 2
         await pilot.press("escape")
         await settle(pilot)
         assert isinstance(app.screen, MainScreen)
@@ -179,7 +181,7 @@ def record_hops(app, monkeypatch: pytest.MonkeyPatch) -> list[str]:  # type: ign
 
 
 class LongReplyRuntime(FakeRuntime):
-    def chat(self, messages: object, adapters: object = None, max_tokens: int = 128, **kwargs: object):  # type: ignore[no-untyped-def, override]
+    def generate(self, prompt: object, adapters: object = None, max_tokens: int = 128, **kwargs: object):  # type: ignore[no-untyped-def, override]
         yield from [f"t{i} " for i in range(300)]
 
 

@@ -90,17 +90,22 @@ class FakeRuntime:
         self.model, self.n_ctx = model, n_ctx
         self.loaded: dict[str, Path] = {}
         self.requests: list[dict[str, float | None]] = []
+        self.reply_rooms: list[int] = []
         self.closed = False
         FakeRuntime.instances.append(self)
 
     def load_adapter(self, name: str, path: Path | str, scale: float = 1.0) -> None:
         self.loaded[name] = Path(path)
 
-    def chat(self, messages: object, adapters: Mapping[str, float | None] | None = None,
-             max_tokens: int = 128, **kwargs: Any) -> Iterator[str]:
+    def render_conversation(self, history: Sequence[Mapping[str, Any]], reply_room: int) -> tuple[Any, int]:
+        self.reply_rooms.append(reply_room)
+        return list(history), 0  # the fake's "prompt" is the messages themselves
+
+    def generate(self, prompt: Any, adapters: Mapping[str, float | None] | None = None,
+                 max_tokens: int = 128, **kwargs: Any) -> Iterator[str]:
         active = dict(adapters or {})
         self.requests.append(active)
-        last = messages[-1]["content"]  # type: ignore[index]
+        last = prompt[-1]["content"]
         tag = "+".join(sorted(active)) or "base"
         yield from [f"[{tag}] ", "echo ", last]
 

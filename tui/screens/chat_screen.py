@@ -157,8 +157,10 @@ class ChatScreen(Screen[None]):
             if runtime is None:
                 raise RuntimeError("the model is not loaded")
             # One runtime; the adapter set is chosen per request (scale None = its registered scale).
-            stream = runtime.chat(messages, adapters={adapter: None} if adapter else {},
-                                  max_tokens=self.max_tokens, cancel=self._cancel)
+            # Once the context fills, the oldest exchanges leave the prompt (they stay on screen).
+            prompt, _ = runtime.render_conversation(messages, min(self.max_tokens, self.n_ctx // 4))
+            stream = runtime.generate(prompt, adapters={adapter: None} if adapter else {},
+                                      max_tokens=self.max_tokens, cancel=self._cancel)
             for piece in stream:
                 text += piece
                 self.post_message(self.ReplyGrew(reply, label, text))
