@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
 import struct
 import tempfile
@@ -261,6 +262,25 @@ def _tokenizer_files(reader: gguf.GGUFReader, path: Path, out: Path, config: dic
                                                 encoding="utf-8")
 
 
+def _remove_abandoned_builds(out_dir: Path) -> None:
+    """Delete staging directories of builds whose process is gone (killed mid-build): their
+    names carry the builder's pid, and a live builder's directory is left alone."""
+    for staging in out_dir.parent.glob(f"{out_dir.name}.partial-*"):
+        pid = staging.name.removeprefix(f"{out_dir.name}.partial-").split("-", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
 def build_hf_checkpoint_from_gguf(gguf_path: Path | str, out_dir: Path | str, dtype: str = "bfloat16", *,
                                   progress: ProgressSink = NullProgress()) -> Path:
     """Write an HF-layout Gemma 3 checkpoint for ``gguf_path`` at ``out_dir`` (atomically)."""
@@ -280,7 +300,8 @@ def build_hf_checkpoint_from_gguf(gguf_path: Path | str, out_dir: Path | str, dt
     ensure_writable_dir(out_dir.parent)
     # Private to this build: two builds of one cache entry (two `edge-lora demo` runs on a fresh
     # machine) used to share "<name>.partial", and the second deleted the first's files under it.
-    partial = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.partial-", dir=out_dir.parent))
+    _remove_abandoned_builds(out_dir)
+    partial = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.partial-{os.getpid()}-", dir=out_dir.parent))
     try:
         check_free_space(partial, sum(math.prod(s) for _h, _t, s in plan) * _BYTES_PER_ELEMENT[DTYPES[dtype]])
         progress.start("dequantizing GGUF -> safetensors", float(sum(math.prod(s) for _h, _t, s in plan)))

@@ -231,3 +231,24 @@ def test_tiny_gemma_round_trip_is_exact(tmp_path: Path, dtype: str) -> None:
     assert spec_from_rebuilt.token_types == spec_from_original.token_types
     assert (spec_from_rebuilt.bos_id, spec_from_rebuilt.eos_id, spec_from_rebuilt.pad_id) == \
         (spec_from_original.bos_id, spec_from_original.eos_id, spec_from_original.pad_id)
+
+
+def test_a_killed_build_leaves_nothing_behind_once_the_next_build_runs(tmp_path: Path) -> None:
+    """Staging names carry the builder's pid: a dead builder's directory is removed by the next
+    build, a live one's (here: this process's, as for a concurrent thread) is left alone."""
+    import os
+
+    from converters.convert import convert_checkpoint
+    from model_fixtures import make_checkpoint
+
+    ckpt = make_checkpoint("gemma3", tmp_path / "ckpt", tokenizer="spm", n_layers=2)
+    f32 = convert_checkpoint(ckpt, tmp_path / "tiny-F32.gguf", outtype="f32")
+    out = tmp_path / "cache" / "hf"
+    dead = out.with_name("hf.partial-999999999-x1")  # above any pid_max: no such process
+    live = out.with_name(f"hf.partial-{os.getpid()}-x2")
+    for staging in (dead, live):
+        (staging / "model.safetensors").parent.mkdir(parents=True)
+        (staging / "model.safetensors").write_bytes(b"half")
+    build_hf_checkpoint_from_gguf(f32, out)
+    assert (out / "config.json").is_file()
+    assert not dead.exists() and live.exists()
