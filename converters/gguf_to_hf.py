@@ -4,7 +4,7 @@ as a Q4_K_M GGUF; tests and ``edge-lora demo`` need it as an HF checkpoint to co
 Each tensor is dequantized, renamed GGUF -> HF, has llama.cpp's Gemma norm shift undone
 (w_hf = w_gguf - 1) and is streamed into ``model.safetensors`` one at a time. config.json,
 generation_config.json, tokenizer.model and tokenizer_config.json are written from the GGUF's
-metadata. Everything is built in ``<out_dir>.partial`` and renamed into place at the end.
+metadata. Everything is built in ``<out_dir>.partial-<pid>-*`` and renamed into place at the end.
 """
 
 from __future__ import annotations
