@@ -3,7 +3,8 @@
 Concurrency: requests take a context from a small pool (the queue is the lock). A context's
 adapter set is switched (and its KV cache cleared) at the start of each request while the
 request holds the context exclusively, so one request's adapters are never active during
-another's. bench/runtime.py measured on 2 cores: one 2-thread context behind a lock serves 8
+another's. Unloading an adapter or closing takes every context first (under one lock, so two
+drains never split the pool between them), so nothing is freed under a running decode. bench/runtime.py measured on 2 cores: one 2-thread context behind a lock serves 8
 concurrent mixed-adapter clients at the same tokens/s as sequential requests, while two
 1-thread contexts serve them 1.5-1.7x faster and a lone request is within ±10%. So
 `serve` uses a pool of two (threads split between them); `run` (one user) uses one context.
