@@ -38,6 +38,16 @@ async def settle(pilot) -> None:  # type: ignore[no-untyped-def]
         await pilot.pause()
 
 
+async def open_chat(pilot) -> ChatScreen:  # type: ignore[no-untyped-def]
+    """From the main screen, open the chat pane ("t") and return it."""
+    await settle(pilot)
+    await pilot.press("t")
+    await settle(pilot)
+    chat = pilot.app.screen
+    assert isinstance(chat, ChatScreen)
+    return chat
+
+
 def table_rows(app) -> dict[str, list[str]]:  # type: ignore[no-untyped-def]
     table = app.screen.query_one(FormatsTable)
     rows = {}
@@ -139,11 +149,7 @@ async def test_chat_switches_adapters_on_one_runtime(model_dir: Path) -> None:
     FakeRuntime.instances.clear()
     app = make_app(model_dir, ctx=2048, refresh_seconds=0, **fake_services())
     async with app.run_test(size=(100, 30)) as pilot:
-        await settle(pilot)
-        await pilot.press("t")
-        await settle(pilot)
-        chat = app.screen
-        assert isinstance(chat, ChatScreen)
+        chat = await open_chat(pilot)
         assert len(FakeRuntime.instances) == 1
         runtime = FakeRuntime.instances[0]
         assert runtime.n_ctx == 2048
@@ -189,11 +195,7 @@ async def test_chat_streams_tokens_without_blocking_the_generator(model_dir: Pat
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     app = make_app(model_dir, refresh_seconds=0, **fake_services(runtime_factory=LongReplyRuntime))
     async with app.run_test(size=(100, 30)) as pilot:
-        await settle(pilot)
-        await pilot.press("t")
-        await settle(pilot)
-        chat = app.screen
-        assert isinstance(chat, ChatScreen)
+        chat = await open_chat(pilot)
         hops = record_hops(app, monkeypatch)
         chat.query_one("#prompt", Input).value = "hello"
         await pilot.press("enter")
