@@ -282,17 +282,15 @@ def _directory_models(directory: Path) -> list[GGUFInfo]:
 
 def _manifest_klds(files: Iterable[Path]) -> dict[Path, float]:
     """KLD per file from the manifest.json beside it, when measured (``edge-lora ppl --kld-base``)."""
-    from converters.manifest import MANIFEST_FILE, Manifest
+    from converters.manifest import Manifest
 
     klds: dict[Path, float] = {}
     by_directory: dict[Path, list[Path]] = {}
     for f in files:
         by_directory.setdefault(f.parent, []).append(f)
     for directory, members in by_directory.items():
-        if not (directory / MANIFEST_FILE).is_file():
-            continue
         try:
-            manifest = Manifest.load(directory)
+            manifest = Manifest.load(directory)  # empty when there is none
         except InputError:
             continue  # a damaged manifest costs the KLD ranking, not the estimate
         for f in members:

@@ -407,10 +407,10 @@ def _check_lora_alpha(info: GGUFInfo) -> None:
 
 
 LORA_A_SUFFIX = ".lora_a"
+LORA_B_SUFFIX = ".lora_b"
 # ggml_mul_mat has no integer or F64 kernels: an adapter stored so crashed the process (SIGSEGV)
 # at the first decode.
 LORA_REFUSED_TYPES = frozenset({"I8", "I16", "I32", "I64", "F64"})
-LORA_B_SUFFIX = ".lora_b"
 
 
 def check_adapter_fits(base: GGUFInfo, adapter: GGUFInfo) -> None:

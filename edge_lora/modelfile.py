@@ -18,6 +18,7 @@ from pathlib import Path
 from edge_lora import __version__
 from edge_lora.atomic import atomic_write_text, check_not_an_input, ensure_writable_dir
 from edge_lora.errors import InputError
+from edge_lora.fit import adapter_info, default_ctx, fit_report, model_info
 from edge_lora.gguf_check import GGUFInfo, check_adapter_fits, validate_gguf
 from edge_lora.go_template import GoFamily, family_for_jinja, go_family
 
@@ -133,7 +134,6 @@ def _chat_family(model_path: Path, info: GGUFInfo) -> GoFamily:
 
 def recommended_num_ctx(model: Path | GGUFInfo, adapters: Sequence[Path | GGUFInfo] = ()) -> int:
     """The fit estimator's default context for this file, halved until it fits available RAM."""
-    from edge_lora.fit import adapter_info, default_ctx, fit_report, model_info
 
     info = model_info(model)  # parsed once for every halving, not once per estimate
     adapter_infos = [adapter_info(a) for a in adapters]
@@ -162,17 +162,15 @@ def render_modelfile_result(model_path: Path | str | GGUFInfo, *, adapter_path: 
                             modelfile_dir: Path | str | None = None,
                             params: Mapping[str, object] | None = None) -> ModelfileResult:
     """``model_path``: a GGUF path, or its header from validate_gguf(path, expect_type="model")."""
-    info = (model_path if isinstance(model_path, GGUFInfo)
-            else validate_gguf(Path(model_path), expect_type="model"))
+    info = model_info(model_path)
     model_path = info.path
     directory = Path(modelfile_dir) if modelfile_dir is not None else None
     family = _chat_family(model_path, info)
     notes: list[str] = []
     adapters: tuple[GGUFInfo, ...] = ()
     if adapter_path is not None:
-        adapter_info = validate_gguf(Path(adapter_path), expect_type="adapter")
-        check_adapter_fits(info, adapter_info)
-        adapters = (adapter_info,)
+        adapters = (adapter_info(adapter_path),)
+        check_adapter_fits(info, adapters[0])
         notes.append(ADAPTER_CAVEAT)
 
     trained = info.metadata.get(f"{info.architecture}.context_length")
@@ -237,7 +235,6 @@ def write_modelfiles_for_output(out_dir: Path | str, manifest: object) -> list[P
     """Pipeline hook: a ``Modelfile`` beside a convert output set, FROM the format the fit
     estimator recommends among its model files (merged ones preferred: Ollama's ADAPTER path is
     unreliable). Returns the paths written (none when the set holds no model file)."""
-    from edge_lora.fit import fit_report
 
     out_dir = Path(out_dir)
     files = list(getattr(manifest, "files", []))

@@ -25,9 +25,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from edge_lora.constants import MAX_STOP_STRINGS, MAX_TEMPERATURE
 from edge_lora.errors import ContextLengthError, EdgeLoraError, InputNotFoundError, InternalError, RegistryError
 from edge_lora.registry import AdapterRegistry, check_name
-from edge_lora.constants import MAX_STOP_STRINGS, MAX_TEMPERATURE
 from edge_lora.runtime import Generation, Runtime
 
 logger = logging.getLogger(__name__)
