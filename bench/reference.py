@@ -27,10 +27,10 @@ import gguf
 import numpy as np
 from gguf import quants
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model_fixtures import SUPPORTED_ARCHS, make_checkpoint  # noqa: E402
-from reference import load_checkpoint, reference_logits  # noqa: E402
+from tests.support.model_fixtures import SUPPORTED_ARCHS, make_checkpoint  # noqa: E402
+from tests.support.reference import load_checkpoint, reference_logits  # noqa: E402
 
 GGUF_TO_HF = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
               "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",

@@ -26,14 +26,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from edge_lora.gguf_check import validate_gguf
+from edge_lora.core.gguf_check import validate_gguf
 from edge_lora.perplexity import default_eval_text, measure_perplexity
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "tests")]
-from lora_fixtures import write_random_lora  # noqa: E402  (tests/ helper, shared with the runtime tests)
+sys.path.insert(0, str(REPO_ROOT))  # the repo root: edge_lora and tests.support
+from tests.support.lora_fixtures import write_random_lora  # noqa: E402  (test helper, shared with the runtime tests)
 from edge_lora.llama_backend import LlamaContext, LlamaModel, LoraAdapter
-from edge_lora.constants import N_THREADS
+from edge_lora.core.constants import N_THREADS
 from edge_lora.runtime import Runtime
 
 LEGAL_TARGETS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -58,8 +58,8 @@ def find_adapters(base: Path, work: Path, given: Path | None, legal_fits: bool) 
         return given, second, f"given adapter {given.name}"
     if legal_fits:
         try:
-            from converters.adapter_gguf import convert_adapter_to_gguf
-            from converters.gguf_to_hf import build_hf_checkpoint_from_gguf
+            from edge_lora.converters.adapter_gguf import convert_adapter_to_gguf
+            from edge_lora.converters.gguf_to_hf import build_hf_checkpoint_from_gguf
 
             hf = build_hf_checkpoint_from_gguf(base, work / "hf")
             return (convert_adapter_to_gguf(LEGAL_DIR, hf, work / "adapter-legal.gguf"), second,
@@ -164,7 +164,7 @@ def bench_adapter_layouts(base: Path, legal: Path, work: Path, repeat: int) -> N
     """Where the hot-applied cost goes: llama.cpp adds mul_mat(B, mul_mat(A, x)), scale and add
     per target (4 graph nodes x 126 targets). Timed on the bare decode loop, so only the graph
     differs; `adapter convert --outtype` changes the kernels, not the node count."""
-    from converters.adapter_gguf import convert_adapter_to_gguf
+    from edge_lora.converters.adapter_gguf import convert_adapter_to_gguf
 
     if not (work / "hf").is_dir():
         print("2b. skipped: needs the legal adapter on the Gemma package (not with --adapter or --model)")

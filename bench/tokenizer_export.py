@@ -16,7 +16,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
 KINDS = [("llama", "spm"), ("gemma3", "spm"), ("llama", "bpe"), ("qwen2", "bpe")]
 
@@ -25,9 +24,9 @@ def main() -> None:
     import llama_cpp
     from tokenizers import Tokenizer
 
-    from converters.convert import convert_checkpoint
-    from converters.tokenizer_export import read_tokenizer
-    from model_fixtures import make_checkpoint
+    from edge_lora.converters.hf_to_gguf import convert_checkpoint
+    from edge_lora.converters.tokenizer_export import read_tokenizer
+    from tests.support.model_fixtures import make_checkpoint
 
     licenses = Path("/usr/share/common-licenses")
     text = "\n".join((licenses / name).read_text() for name in ("Apache-2.0", "MPL-2.0", "GPL-3"))

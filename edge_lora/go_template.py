@@ -3,7 +3,7 @@
 Ollama renders prompts with Go's text/template over ``.System`` and ``.Messages`` (each with
 ``.Role`` and ``.Content``), not Jinja. Translating arbitrary Jinja is not possible, so we
 recognise the family by its control-token markers and emit a Go template written to render
-the family's conversation exactly as ``edge_lora.chat_template``'s Jinja template does (tests
+the family's conversation exactly as ``edge_lora.core.chat_template``'s Jinja template does (tests
 render both and compare strings). An unrecognised template is refused: a wrong template
 silently degrades every answer, which is worse than no Modelfile.
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edge_lora.errors import InputError
+from edge_lora.core.errors import InputError
 
 # Markers are checked in this order: Llama 3 templates may also mention [INST] in comments
 # of converted models, never the reverse.

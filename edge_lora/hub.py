@@ -16,9 +16,9 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from edge_lora import constants
-from edge_lora.atomic import atomic_write_text
-from edge_lora.errors import InputError, InputNotFoundError, InvalidCheckpointError, OutputError
+from edge_lora.core import constants
+from edge_lora.core.atomic import atomic_write_text
+from edge_lora.core.errors import InputError, InputNotFoundError, InvalidCheckpointError, OutputError
 
 RefKind = Literal["model", "adapter"]
 

@@ -20,9 +20,9 @@ from typing import Literal, TypeVar
 
 import numpy as np
 
-from edge_lora import constants
-from edge_lora.errors import AdapterError, InternalError, InvalidGGUFError, RequestError
-from edge_lora.gguf_check import GGUFInfo, check_adapter_fits, validate_gguf
+from edge_lora.core import constants
+from edge_lora.core.errors import AdapterError, InternalError, InvalidGGUFError, RequestError
+from edge_lora.core.gguf_check import GGUFInfo, check_adapter_fits, validate_gguf
 
 import llama_cpp.llama_cpp as llama  # noqa: E402  (heavy: imported only by modules that run models)
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge_lora import __version__
-from edge_lora.atomic import atomic_write_text, check_not_an_input, ensure_writable_dir
-from edge_lora.errors import InputError
+from edge_lora.core.atomic import atomic_write_text, check_not_an_input, ensure_writable_dir
+from edge_lora.core.errors import InputError
 from edge_lora.fit import adapter_info, default_ctx, fit_report, model_info
-from edge_lora.gguf_check import GGUFInfo, check_adapter_fits, validate_gguf
+from edge_lora.core.gguf_check import GGUFInfo, check_adapter_fits, validate_gguf
 from edge_lora.go_template import GoFamily, family_for_jinja, go_family
 
 MODELFILE_NAME = "Modelfile"
@@ -104,8 +104,8 @@ def _format_param(name: str, value: object) -> str:
 
 def _chat_family(model_path: Path, info: GGUFInfo) -> GoFamily:
     """From the embedded Jinja template when there is one, else the fallback family the runtime
-    uses (edge_lora.chat_template.family_for) — which may need the vocabulary."""
-    from edge_lora.chat_template import family_for
+    uses (edge_lora.core.chat_template.family_for) — which may need the vocabulary."""
+    from edge_lora.core.chat_template import family_for
 
     embedded = info.metadata.get("tokenizer.chat_template")
     if isinstance(embedded, str) and embedded.strip():

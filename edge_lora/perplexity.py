@@ -33,10 +33,10 @@ from time import perf_counter
 
 import numpy as np
 
-from edge_lora import constants
-from edge_lora.atomic import atomic_open, ensure_writable_dir
-from edge_lora.errors import InputError, InputNotFoundError, InvalidGGUFError
-from edge_lora.progress import NullProgress, ProgressSink
+from edge_lora.core import constants
+from edge_lora.core.atomic import atomic_open, ensure_writable_dir
+from edge_lora.core.errors import InputError, InputNotFoundError, InvalidGGUFError
+from edge_lora.core.progress import NullProgress, ProgressSink
 
 CACHE_TOP_K = 1024
 CACHE_FORMAT = 2

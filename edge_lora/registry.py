@@ -11,10 +11,10 @@ import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from edge_lora import constants
-from edge_lora.atomic import atomic_write_text, ensure_writable_dir
-from edge_lora.errors import InputNotFoundError, RegistryError
-from edge_lora.gguf_check import validate_gguf
+from edge_lora.core import constants
+from edge_lora.core.atomic import atomic_write_text, ensure_writable_dir
+from edge_lora.core.errors import InputNotFoundError, RegistryError
+from edge_lora.core.gguf_check import validate_gguf
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 REGISTRY_FILE = "adapters.json"

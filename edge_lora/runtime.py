@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_lora import constants
-from edge_lora.chat_template import ChatTemplate, render_chat, template_for
-from edge_lora.errors import (ContextLengthError, InputNotFoundError, InvalidGGUFError, RegistryError,
+from edge_lora.core import constants
+from edge_lora.core.chat_template import ChatTemplate, render_chat, template_for
+from edge_lora.core.errors import (ContextLengthError, InputNotFoundError, InvalidGGUFError, RegistryError,
                               RequestError)
 from edge_lora.llama_backend import LlamaContext, LlamaModel, LoraAdapter
 

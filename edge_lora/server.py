@@ -25,8 +25,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from edge_lora.constants import MAX_STOP_STRINGS, MAX_TEMPERATURE
-from edge_lora.errors import ContextLengthError, EdgeLoraError, InputNotFoundError, InternalError, RegistryError
+from edge_lora.core.constants import MAX_STOP_STRINGS, MAX_TEMPERATURE
+from edge_lora.core.errors import ContextLengthError, EdgeLoraError, InputNotFoundError, InternalError, RegistryError
 from edge_lora.registry import AdapterRegistry, check_name
 from edge_lora.runtime import Generation, Runtime
 

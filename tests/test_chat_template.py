@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from edge_lora.chat_template import (FAMILY_TEMPLATES, family_for, normalize_messages, render_chat,
+from edge_lora.core.chat_template import (FAMILY_TEMPLATES, family_for, normalize_messages, render_chat,
                                      template_for)
-from edge_lora.errors import RequestError
+from edge_lora.core.errors import RequestError
 
 CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]

@@ -13,15 +13,15 @@ import gguf
 import numpy as np
 import pytest
 
-from converters.architectures import arch_spec_for, permute_qk_rows
-from converters.checkpoint import HFCheckpoint
-from converters.convert import convert_checkpoint
-from converters.manifest import Manifest, sha256_file
-from converters.safetensors_io import bf16_bits_to_f32, f32_to_bf16_bits
+from edge_lora.converters.architectures import arch_spec_for, permute_qk_rows
+from edge_lora.converters.checkpoint import HFCheckpoint
+from edge_lora.converters.hf_to_gguf import convert_checkpoint
+from edge_lora.core.manifest import Manifest, sha256_file
+from edge_lora.converters.safetensors_io import bf16_bits_to_f32, f32_to_bf16_bits
 from edge_lora.cli import main
-from edge_lora.gguf_check import validate_gguf
-from model_fixtures import make_checkpoint
-from reference import reference_logits
+from edge_lora.core.gguf_check import validate_gguf
+from tests.support.model_fixtures import make_checkpoint
+from tests.support.reference import reference_logits
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 N_CTX = 64
@@ -230,8 +230,8 @@ _RSS_SCRIPT = textwrap.dedent("""
     import sys
     from pathlib import Path
     sys.path.insert(0, {root!r})
-    from converters.convert import convert_checkpoint
-    import converters.tokenizer_export, llama_cpp  # noqa: F401  (same imports in both runs)
+    from edge_lora.converters.hf_to_gguf import convert_checkpoint
+    import edge_lora.converters.tokenizer_export, llama_cpp  # noqa: F401  (same imports in both runs)
     if sys.argv[1] == "convert":
         convert_checkpoint(Path(sys.argv[2]), Path(sys.argv[3]))
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork/exec.
@@ -244,7 +244,7 @@ _RSS_SCRIPT = textwrap.dedent("""
 def test_peak_rss_does_not_grow_with_model_size(tmp_path: Path) -> None:
     """A 560 MB checkpoint (two 256 MB vocab-sized tensors) converts with RSS growing by far
     less than one tensor: data streams through in row blocks and mapped pages are released."""
-    from large_checkpoint import make_large_llama
+    from tests.support.large_checkpoint import make_large_llama
 
     ckpt_dir = make_large_llama(tmp_path / "big-llama", vocab=65536, hidden=1024)
     checkpoint_bytes = (ckpt_dir / "model.safetensors").stat().st_size
@@ -305,7 +305,7 @@ def test_real_gemma3_270m_conversion(gemma_f16_gguf: Path, gemma_q4_gguf: Path) 
 
 def test_fast_metadata_arrays_pack_like_gguf_py() -> None:
     """FastKVWriter's bulk array packing is byte-identical to gguf-py's per-element packing."""
-    from converters.gguf_output import FastKVWriter
+    from edge_lora.converters.gguf_output import FastKVWriter
 
     vt = gguf.GGUFValueType
     reference, fast = gguf.GGUFWriter(None, "llama"), FastKVWriter(None, "llama")
@@ -332,8 +332,8 @@ def test_cli_convert_with_adapter_merges_through_the_hook(fixtures_dir: Path, tm
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     """`convert --adapter` routes through the TensorMerger hook: the merged model's logits are
     HF's on W + s·B·A (q/k permuted after merging), and the adapter GGUF lands beside it."""
-    from model_fixtures import make_peft_adapter
-    from reference import apply_peft
+    from tests.support.model_fixtures import make_peft_adapter
+    from tests.support.reference import apply_peft
 
     ckpt_dir = make_checkpoint("llama", fixtures_dir / "merge-llama")
     peft_dir = make_peft_adapter(ckpt_dir, tmp_path / "peft", strength=0.2)
@@ -362,7 +362,7 @@ _TINY = {"hidden_size": 64, "num_hidden_layers": 6, "intermediate_size": 128, "n
 
 
 def test_config_to_metadata_rules() -> None:
-    from edge_lora.errors import UnsupportedArchitectureError
+    from edge_lora.core.errors import UnsupportedArchitectureError
 
     # Mistral's sliding window: llama.cpp's llama arch has none, so the context is capped there.
     md = _metadata_for({"architectures": ["MistralForCausalLM"], **_TINY, "sliding_window": 1024})

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converters import gguf_output
-from converters.safetensors_io import SafetensorsFile, write_safetensors
+from edge_lora.converters import gguf_output
+from edge_lora.converters.safetensors_io import SafetensorsFile, write_safetensors
 from edge_lora.cli import main
-from model_fixtures import make_checkpoint
+from tests.support.model_fixtures import make_checkpoint
 
 
 @pytest.fixture(scope="session")

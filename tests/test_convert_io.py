@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-import converters.checkpoint
-import converters.peft
-from converters.checkpoint import HFCheckpoint
-from converters.peft import PeftAdapter
-from converters.pipeline import convert_model
-from converters.safetensors_io import SafetensorsFile
-from model_fixtures import make_checkpoint, make_peft_adapter
+import edge_lora.converters.checkpoint
+import edge_lora.converters.peft
+from edge_lora.converters.checkpoint import HFCheckpoint
+from edge_lora.converters.peft import PeftAdapter
+from edge_lora.workflows.convert_model import convert_model
+from edge_lora.converters.safetensors_io import SafetensorsFile
+from tests.support.model_fixtures import make_checkpoint, make_peft_adapter
 
 
 @pytest.fixture
@@ -28,7 +28,7 @@ def opened(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
             counts[Path(path).name] += 1
             super().__init__(path)
 
-    for module in (converters.checkpoint, converters.peft):
+    for module in (edge_lora.converters.checkpoint, edge_lora.converters.peft):
         monkeypatch.setattr(module, "SafetensorsFile", CountingSafetensorsFile)
     for cls in (HFCheckpoint, PeftAdapter):
         original = cls.open.__func__  # type: ignore[attr-defined]

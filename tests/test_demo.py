@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from modelfile_grammar import parse_modelfile, resolve_modelfile_path
+from tests.support.modelfile_grammar import parse_modelfile, resolve_modelfile_path
 
-from edge_lora.gguf_check import validate_gguf
+from edge_lora.core.gguf_check import validate_gguf
 from edge_lora.perplexity import default_eval_text, measure_perplexity
 
 EXPECTED_FORMATS = {"F16", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K",
@@ -25,7 +25,7 @@ README_BASE_PPL, README_ADAPTER_PPL = 9.460, 8.918
 def test_unusable_out_is_refused_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                  capsys: pytest.CaptureFixture[str], bad_out: str) -> None:
     # It used to rebuild the base (30+ s), then fail with a NotADirectoryError traceback.
-    from edge_lora import demo
+    from edge_lora.workflows import demo
     from edge_lora.cli import main
 
     def too_late() -> Path:
@@ -79,7 +79,7 @@ def test_demo_end_to_end(tmp_path: Path, persistent_cache: Path) -> None:
 
     assert summary["sample_adapter"].strip()
     assert summary["sample_adapter"] != summary["sample_base"]  # the adapter is really applied
-    # The Modelfile is convert's hand-off (converters.pipeline), not a stage of its own.
+    # The Modelfile is convert's hand-off (edge_lora.workflows.convert_model), not a stage of its own.
     assert set(summary["stage_seconds"]) == {"base", "convert", "fit", "quality", "sample"}
 
     check_every_format_runs_in_llama_cpp({f["format"]: Path(f["path"]) for f in models})

@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 
 from edge_lora.cli import main
-from edge_lora.errors import InputError, InputNotFoundError, InvalidGGUFError
+from edge_lora.core.errors import InputError, InputNotFoundError, InvalidGGUFError
 from edge_lora.fit import (FIT_SHARE, estimate_memory, fit_report, format_of,
                            measure_peak_rss, verdict_for)
-from edge_lora.gguf_check import validate_gguf
-from quant_fixtures import gemma_formats
+from edge_lora.core.gguf_check import validate_gguf
+from tests.support.gguf_parses import count_parses
+from tests.support.quant_fixtures import gemma_formats
 
 MB = 1_000_000
 
@@ -118,24 +119,6 @@ def test_manifest_rows_outside_the_directory_are_ignored(format_dir: Path, tmp_p
     assert all(m.kld is None for m in report.models)
 
 
-def count_parses(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
-    """Record every GGUF header parse, wherever edge_lora imported validate_gguf."""
-    import edge_lora.fit
-    import edge_lora.gguf_check
-    import edge_lora.modelfile
-
-    parsed: list[Path] = []
-    real = edge_lora.gguf_check.validate_gguf
-
-    def counting(path, **kwargs):  # type: ignore[no-untyped-def]
-        parsed.append(Path(path))
-        return real(path, **kwargs)
-
-    for module in (edge_lora.gguf_check, edge_lora.fit, edge_lora.modelfile):
-        monkeypatch.setattr(module, "validate_gguf", counting)
-    return parsed
-
-
 def test_fit_report_parses_each_file_once(format_dir: Path, random_gemma_loras: tuple[Path, Path],
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     parsed = count_parses(monkeypatch)
@@ -156,7 +139,7 @@ def test_estimates_from_parsed_headers_read_no_file(format_dir: Path, monkeypatc
 
 
 def test_default_ctx_is_capped(gemma_q4_gguf: Path) -> None:
-    from edge_lora import constants
+    from edge_lora.core import constants
 
     assert fit_report([gemma_q4_gguf]).ctx == min(32768, constants.DEFAULT_CTX_CAP)
 

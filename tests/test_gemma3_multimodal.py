@@ -13,16 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converters.adapter_gguf import convert_adapter_to_gguf
-from converters.architectures import arch_spec_for
-from converters.checkpoint import HFCheckpoint
-from converters.convert import convert_checkpoint
-from converters.merge import PeftMerger
-from converters.peft import PeftAdapter
-from converters.safetensors_io import SafetensorsFile
+from edge_lora.converters.adapter_gguf import convert_adapter_to_gguf
+from edge_lora.converters.architectures import arch_spec_for
+from edge_lora.converters.checkpoint import HFCheckpoint
+from edge_lora.converters.hf_to_gguf import convert_checkpoint
+from edge_lora.converters.merge import PeftMerger
+from edge_lora.converters.peft import PeftAdapter
+from edge_lora.converters.safetensors_io import SafetensorsFile
 from edge_lora.cli import main
-from edge_lora.errors import AdapterError
-from model_fixtures import (GEMMA3_MULTIMODAL_LAYOUTS, make_checkpoint, make_gemma3_multimodal_checkpoint,
+from edge_lora.core.errors import AdapterError
+from tests.support.model_fixtures import (GEMMA3_MULTIMODAL_LAYOUTS, make_checkpoint, make_gemma3_multimodal_checkpoint,
                             make_peft_adapter, multimodal_name, vision_tensor_names, write_safetensors)
 
 LAYOUTS = tuple(GEMMA3_MULTIMODAL_LAYOUTS)
@@ -133,8 +133,8 @@ def test_vision_tensors_are_never_read(monkeypatch: pytest.MonkeyPatch, tmp_path
 
 
 def test_unknown_tensor_is_still_an_error(tmp_path: Path, text_ckpt: Path) -> None:
-    from edge_lora.errors import InvalidCheckpointError
-    from reference import load_safetensors
+    from edge_lora.core.errors import InvalidCheckpointError
+    from tests.support.reference import load_safetensors
 
     mm = _multimodal(text_ckpt, tmp_path, "4.52+")
     tensors = load_safetensors(mm / "model.safetensors")
@@ -163,7 +163,7 @@ def test_vision_lora_modules_are_skipped_with_a_warning(
     layout = "pre-4.52"
     mm = _multimodal(text_ckpt, tmp_path / "mm", layout)
     mm_adapter = _rename_adapter(text_adapter, tmp_path / "mm-lora" / ADAPTER_DIR, layout, extra_vision=True)
-    with caplog.at_level(logging.WARNING, logger="converters.peft"):
+    with caplog.at_level(logging.WARNING, logger="edge_lora.converters.peft"):
         adapter = PeftAdapter.open(mm_adapter)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "skipped 1 vision" in warnings[0], warnings

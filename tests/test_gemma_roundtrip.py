@@ -10,9 +10,9 @@ import gguf
 import numpy as np
 import pytest
 
-from converters.gguf_to_hf import build_hf_checkpoint_from_gguf, f32_to_bf16_bits, iter_hf_tensors
-from edge_lora.errors import UnsupportedArchitectureError
-from reference import straightforward_perplexity
+from edge_lora.converters.gguf_to_hf import build_hf_checkpoint_from_gguf, f32_to_bf16_bits, iter_hf_tensors
+from edge_lora.core.errors import UnsupportedArchitectureError
+from tests.support.reference import straightforward_perplexity
 
 
 pytestmark = pytest.mark.slow
@@ -127,8 +127,8 @@ def test_failed_build_leaves_nothing(tmp_path: Path, gemma_q4_gguf: Path, monkey
     output directory nor its .partial, and reports a typed OutputError."""
     import errno
 
-    from converters import gguf_to_hf
-    from edge_lora.errors import OutputError
+    from edge_lora.converters import gguf_to_hf
+    from edge_lora.core.errors import OutputError
 
     def disk_full(out: Path, *args: object) -> None:
         out.write_bytes(b"\0" * 1024)
@@ -145,9 +145,9 @@ def test_concurrent_builds_of_one_cache_entry_both_succeed(tmp_path: Path, monke
     to share "<name>.partial": one deleted the other's files and failed ("cannot write ...")."""
     import threading
 
-    from converters import gguf_to_hf
-    from converters.convert import convert_checkpoint
-    from model_fixtures import make_checkpoint
+    from edge_lora.converters import gguf_to_hf
+    from edge_lora.converters.hf_to_gguf import convert_checkpoint
+    from tests.support.model_fixtures import make_checkpoint
 
     ckpt = make_checkpoint("gemma3", tmp_path / "ckpt", tokenizer="spm", n_layers=2)
     f32 = convert_checkpoint(ckpt, tmp_path / "tiny-F32.gguf", outtype="f32")
@@ -192,12 +192,12 @@ def test_bf16_rounding_is_nearest_even() -> None:
 def test_tiny_gemma_round_trip_is_exact(tmp_path: Path, dtype: str) -> None:
     """Synthetic Gemma 3 checkpoint -> F32 GGUF -> builder -> the same weights (exactly in
     float32; bf16 values are exact in bf16 too) and a tokenizer that converts to the same vocabulary."""
-    from converters.convert import convert_checkpoint
-    from converters.safetensors_io import SafetensorsFile
-    from converters.tokenizer_export import read_tokenizer
-    from model_fixtures import make_checkpoint
+    from edge_lora.converters.hf_to_gguf import convert_checkpoint
+    from edge_lora.converters.safetensors_io import SafetensorsFile
+    from edge_lora.converters.tokenizer_export import read_tokenizer
+    from tests.support.model_fixtures import make_checkpoint
 
-    from edge_lora.progress import NullProgress
+    from edge_lora.core.progress import NullProgress
 
     class Counting(NullProgress):
         total = 0.0
@@ -238,8 +238,8 @@ def test_a_killed_build_leaves_nothing_behind_once_the_next_build_runs(tmp_path:
     build, a live one's (here: this process's, as for a concurrent thread) is left alone."""
     import os
 
-    from converters.convert import convert_checkpoint
-    from model_fixtures import make_checkpoint
+    from edge_lora.converters.hf_to_gguf import convert_checkpoint
+    from tests.support.model_fixtures import make_checkpoint
 
     ckpt = make_checkpoint("gemma3", tmp_path / "ckpt", tokenizer="spm", n_layers=2)
     f32 = convert_checkpoint(ckpt, tmp_path / "tiny-F32.gguf", outtype="f32")

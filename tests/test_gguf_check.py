@@ -11,8 +11,8 @@ import gguf
 import numpy as np
 import pytest
 
-from edge_lora.errors import AdapterError, AdapterMismatchError, InputError, InputNotFoundError, InvalidGGUFError
-from edge_lora.gguf_check import ArraySummary, check_adapter_fits, validate_gguf
+from edge_lora.core.errors import AdapterError, AdapterMismatchError, InputError, InputNotFoundError, InvalidGGUFError
+from edge_lora.core.gguf_check import ArraySummary, check_adapter_fits, validate_gguf
 
 VT = gguf.GGUFValueType
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_lora.errors import InputError, InputNotFoundError, InvalidCheckpointError
+from edge_lora.core.errors import InputError, InputNotFoundError, InvalidCheckpointError
 from edge_lora.hub import resolve_local_or_hub
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LEGAL_ADAPTER_DIR
-from converters.manifest import Manifest
-from converters.pipeline import convert_model
+from tests.support.paths import LEGAL_ADAPTER_DIR
+from edge_lora.core.manifest import Manifest
+from edge_lora.workflows.convert_model import convert_model
 
 # edge_lora/data/legal-adapter/README.md, HF transformers + PEFT float32
 BASE_PPL = 9.460

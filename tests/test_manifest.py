@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from converters.manifest import Manifest
-from converters.pipeline import convert_model
+from edge_lora.core.manifest import Manifest
+from edge_lora.workflows.convert_model import convert_model
 from edge_lora.cli import main
-from model_fixtures import make_checkpoint, make_peft_adapter
+from tests.support.model_fixtures import make_checkpoint, make_peft_adapter
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_absolute_path_of_a_symlinked_file_finds_its_row(inputs: tuple[Path, Pat
 
 @pytest.mark.parametrize("row_path", ["../elsewhere/x-Q4_K_M.gguf", "/etc/passwd", "sub/../../x.gguf"])
 def test_a_row_outside_the_directory_is_refused_on_load(tmp_path: Path, row_path: str) -> None:
-    from edge_lora.errors import InputError
+    from edge_lora.core.errors import InputError
 
     row = {"path": row_path, "format": "Q4_K_M", "kind": "model", "bytes": 1, "bpw": 4.5, "sha256": "0" * 64}
     (tmp_path / "manifest.json").write_text(json.dumps({"files": [row]}))

@@ -9,15 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converters.adapter_gguf import convert_adapter_to_gguf, written_alpha
-from converters.checkpoint import HFCheckpoint
-from converters.convert import convert_checkpoint
-from converters.merge import PeftMerger, merge_lora_into
-from converters.peft import LoraDelta, PeftAdapter
-from edge_lora.errors import AdapterError
-from edge_lora.gguf_check import validate_gguf
-from model_fixtures import make_checkpoint, make_peft_adapter
-from reference import apply_peft, reference_logits
+from edge_lora.converters.adapter_gguf import convert_adapter_to_gguf, written_alpha
+from edge_lora.converters.checkpoint import HFCheckpoint
+from edge_lora.converters.hf_to_gguf import convert_checkpoint
+from edge_lora.converters.merge import PeftMerger, merge_lora_into
+from edge_lora.converters.peft import LoraDelta, PeftAdapter
+from edge_lora.core.errors import AdapterError
+from edge_lora.core.gguf_check import validate_gguf
+from tests.support.model_fixtures import make_checkpoint, make_peft_adapter
+from tests.support.reference import apply_peft, reference_logits
 
 N_CTX = 64
 # Strong enough that a wrong scale, a missing permutation or a dropped module moves logits by
@@ -155,9 +155,9 @@ def test_q8_0_adapter_pads_rank_and_still_matches_peft(case: str, bases: dict[st
 
 
 def test_rank_padding_is_exact_and_odd_rows_stay_f32(bases: dict[str, Base], tmp_path: Path) -> None:
-    from converters.adapter_gguf import gguf_lora_pair, stored_type
-    from converters.architectures import arch_spec_for
-    from converters.gguf_output import GGMLType
+    from edge_lora.converters.adapter_gguf import gguf_lora_pair, stored_type
+    from edge_lora.converters.architectures import arch_spec_for
+    from edge_lora.converters.gguf_output import GGMLType
 
     base = bases["llama"]
     adapter_dir = make_peft_adapter(base.ckpt, tmp_path / "peft", r=8, alpha=16)
@@ -219,7 +219,7 @@ def test_cli_convert_with_adapter_writes_merged_adapter_and_quant(bases: dict[st
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     import json
 
-    from converters.manifest import Manifest
+    from edge_lora.core.manifest import Manifest
     from edge_lora.cli import main
 
     base = bases["qwen3"]

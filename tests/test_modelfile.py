@@ -12,11 +12,11 @@ from types import SimpleNamespace
 import gguf
 import numpy as np
 import pytest
-from gotemplate_eval import GoTemplateError, ollama_values, render_go_template
-from modelfile_grammar import ModelfileSyntaxError, parse_modelfile, resolve_modelfile_path
+from tests.support.gotemplate_eval import GoTemplateError, ollama_values, render_go_template
+from tests.support.modelfile_grammar import ModelfileSyntaxError, parse_modelfile, resolve_modelfile_path
 
-from edge_lora.chat_template import FAMILY_TEMPLATES, render_chat
-from edge_lora.errors import InputError, InputNotFoundError, InvalidGGUFError
+from edge_lora.core.chat_template import FAMILY_TEMPLATES, render_chat
+from edge_lora.core.errors import InputError, InputNotFoundError, InvalidGGUFError
 from edge_lora.go_template import GO_FAMILIES, detect_family
 from edge_lora.modelfile import (ADAPTER_CAVEAT, render_modelfile, render_modelfile_result, write_modelfile,
                                  write_modelfiles_for_output)
@@ -204,7 +204,7 @@ def test_modelfile_never_writes_over_its_model_or_adapter(tmp_path: Path, gemma_
     # Only files under tmp_path are ever at risk here: a symlink is replaced, not its target.
     import shutil
 
-    from edge_lora.errors import OutputError
+    from edge_lora.core.errors import OutputError
 
     model = tmp_path / "m.gguf"
     model.symlink_to(gemma_q4_gguf)
@@ -252,7 +252,7 @@ def test_pipeline_hook_and_default_num_ctx_parse_each_file_once(gemma_beside: Pa
                                                                  random_gemma_loras: tuple[Path, Path],
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     # ~30 ms per Gemma header: the hook estimates every candidate, then renders the chosen one.
-    from test_fit import count_parses
+    from tests.support.gguf_parses import count_parses
 
     second = gemma_beside.parent / "gemma-3-270m-copy-Q4_K_M.gguf"
     os.symlink(gemma_q4_gguf, second)

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converters.peft import LoraConfig, PeftAdapter, pattern_key
-from converters.safetensors_io import SafetensorsFile, write_safetensors
+from edge_lora.converters.peft import LoraConfig, PeftAdapter, pattern_key
+from edge_lora.converters.safetensors_io import SafetensorsFile, write_safetensors
 from edge_lora.cli import main
-from edge_lora.errors import AdapterError, AdapterMismatchError, UnsafeFormatError
-from model_fixtures import make_checkpoint, make_peft_adapter
+from edge_lora.core.errors import AdapterError, AdapterMismatchError, UnsafeFormatError
+from tests.support.model_fixtures import make_checkpoint, make_peft_adapter
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_target_modules_forms() -> None:
 
 
 def test_legal_adapter_reads(tmp_path: Path) -> None:
-    from conftest import LEGAL_ADAPTER_DIR
+    from tests.support.paths import LEGAL_ADAPTER_DIR
 
     adapter = PeftAdapter.open(LEGAL_ADAPTER_DIR)
     assert len(adapter.deltas) == 18 * 7 and not adapter.replacements and not adapter.uses_dora
@@ -151,7 +151,7 @@ def test_adapter_for_another_base_names_first_mismatch(llama_ckpt: Path, qwen_ck
     adapter = make_peft_adapter(qwen_ckpt, tmp_path / "qwen-adapter")
     out = tmp_path / "adapter.gguf"
     with pytest.raises(AdapterMismatchError):
-        from converters.adapter_gguf import convert_adapter_to_gguf
+        from edge_lora.converters.adapter_gguf import convert_adapter_to_gguf
         convert_adapter_to_gguf(adapter, llama_ckpt, out)
     # qwen2 has 3 layers, llama 2: layer 2 does not exist, or a shape differs first
     _cli_fails(_adapter_convert(adapter, llama_ckpt, out), capsys, "adapter")
@@ -161,7 +161,7 @@ def test_adapter_for_another_base_names_first_mismatch(llama_ckpt: Path, qwen_ck
 
 
 def test_resized_embedding_is_a_clear_error(llama_ckpt: Path, tmp_path: Path) -> None:
-    from converters.checkpoint import HFCheckpoint
+    from edge_lora.converters.checkpoint import HFCheckpoint
 
     adapter_dir = make_peft_adapter(llama_ckpt, tmp_path / "a", modules_to_save=["embed_tokens"])
     key = "base_model.model.model.embed_tokens.weight"
@@ -207,9 +207,9 @@ def test_lora_on_a_tied_head_is_refused_not_dropped(qwen_ckpt: Path, tmp_path: P
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     """A tied base converts without a separate output weight, so a delta on lm_head has nowhere
     to go; many tied checkpoints store lm_head.weight anyway, which must not hide that."""
-    from converters.checkpoint import HFCheckpoint
-    from converters.convert import convert_checkpoint
-    from converters.merge import PeftMerger
+    from edge_lora.converters.checkpoint import HFCheckpoint
+    from edge_lora.converters.hf_to_gguf import convert_checkpoint
+    from edge_lora.converters.merge import PeftMerger
 
     assert json.loads((qwen_ckpt / "config.json").read_text())["tie_word_embeddings"]
     with_head = tmp_path / "with-head"
@@ -235,7 +235,7 @@ def test_lora_on_a_tied_head_is_refused_not_dropped(qwen_ckpt: Path, tmp_path: P
 
 
 def test_lora_on_an_untied_head_fits(llama_ckpt: Path, tmp_path: Path) -> None:
-    from converters.checkpoint import HFCheckpoint
+    from edge_lora.converters.checkpoint import HFCheckpoint
 
     adapter = PeftAdapter.open(make_peft_adapter(llama_ckpt, tmp_path / "ad", target_modules=("lm_head",)))
     with HFCheckpoint.open(llama_ckpt) as ckpt:

@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_lora import constants
+from edge_lora.core import constants
 from edge_lora.cli import main
-from edge_lora.errors import InputError, InputNotFoundError, InvalidGGUFError
+from edge_lora.core.errors import InputError, InputNotFoundError, InvalidGGUFError
 from edge_lora.perplexity import (default_eval_text, log_softmax_row, measure_perplexity, window_plan)
-from quant_fixtures import gemma_formats
-from reference import straightforward_perplexity
+from tests.support.quant_fixtures import gemma_formats
+from tests.support.reference import straightforward_perplexity
 
 
 @pytest.fixture(scope="session")
@@ -88,7 +88,7 @@ def test_bad_inputs(tmp_path: Path, gemma_q4_gguf: Path) -> None:
 
 def test_nan_adapter_and_duplicate_adapter_refused(tmp_path: Path, gemma_q4_gguf: Path) -> None:
     # NaN logits used to give PPL NaN, exit 0 and "NaN" (not JSON) in --json output.
-    from lora_fixtures import write_random_lora
+    from tests.support.lora_fixtures import write_random_lora
 
     text = default_eval_text()
     nan = write_random_lora(gemma_q4_gguf, tmp_path / "nan.gguf", seed=3, strength=float("nan"))
@@ -183,7 +183,7 @@ def test_cli_records_quality_in_manifest(capsys, gemma_q4_gguf: Path, heldout_te
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
 
-    from converters.manifest import Manifest
+    from edge_lora.core.manifest import Manifest
 
     out = tmp_path / "out"
     out.mkdir()

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converters.convert import convert_checkpoint
-from converters.manifest import Manifest, sha256_file
-from converters.quantize import QUANT_TYPES, parse_quant_list, quantize_ladder
+from edge_lora.converters.hf_to_gguf import convert_checkpoint
+from edge_lora.core.manifest import Manifest, sha256_file
+from edge_lora.converters.quantize import QUANT_TYPES, parse_quant_list, quantize_ladder
 from edge_lora.cli import main
-from edge_lora.errors import InputError
-from edge_lora.gguf_check import validate_gguf
-from model_fixtures import make_checkpoint
+from edge_lora.core.errors import InputError
+from edge_lora.core.gguf_check import validate_gguf
+from tests.support.model_fixtures import make_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def test_q8_0_logits_stay_close_to_f16(ladder: tuple[Path, dict], f16_model: Pat
 def test_failed_format_reported_others_finish(f16_model: Path, tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """One format whose child dies is reported; the next one is still written."""
-    import converters.quantize as q
+    import edge_lora.converters.quantize as q
 
     real_start = q._start
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from model_fixtures import SUPPORTED_ARCHS, make_checkpoint, make_peft_adapter, to_bf16_bits
-from reference import (_round_to_dtype, apply_peft, apply_rope, layer_types, load_checkpoint, lora_scale,
+from tests.support.model_fixtures import SUPPORTED_ARCHS, make_checkpoint, make_peft_adapter, to_bf16_bits
+from tests.support.reference import (_round_to_dtype, apply_peft, apply_rope, layer_types, load_checkpoint, lora_scale,
                        reference_logits, rope_inv_freq)
 
 ARCH_CASES = [("llama", "spm"), ("llama", "bpe"), ("mistral", None), ("qwen2", None), ("qwen3", None),
@@ -263,7 +263,7 @@ def test_reference_rejects_bad_ids(checkpoints: dict) -> None:
 
 
 def _adapter_tensors(adapter: Path) -> dict[str, np.ndarray]:
-    from reference import load_safetensors
+    from tests.support.reference import load_safetensors
 
     return load_safetensors(adapter / "adapter_model.safetensors")
 
@@ -350,7 +350,7 @@ def test_dora_merge(checkpoints: dict, tmp_path: Path) -> None:
 
 
 def _strip_magnitudes(adapter: Path) -> bytes:
-    from model_fixtures import write_safetensors
+    from tests.support.model_fixtures import write_safetensors
 
     kept = {k: v for k, v in _adapter_tensors(adapter).items() if not k.endswith("lora_magnitude_vector")}
     out = adapter.parent / "stripped.safetensors"
@@ -419,7 +419,7 @@ def test_lora_bias_and_embedding_lora(checkpoints: dict, tmp_path: Path) -> None
 
 
 def test_unknown_adapter_tensor_is_refused(checkpoints: dict, tmp_path: Path) -> None:
-    from model_fixtures import write_safetensors
+    from tests.support.model_fixtures import write_safetensors
 
     ckpt = checkpoints[("llama", "spm")]
     config, weights = load_checkpoint(ckpt)
@@ -450,7 +450,7 @@ def _small_real_gemma(src: Path, out_gguf: Path) -> dict[str, np.ndarray]:
     import gguf
     from gguf import quants
 
-    from edge_lora.gguf_check import validate_gguf
+    from edge_lora.core.gguf_check import validate_gguf
 
     # The bounded header parser locates tensors in ~0.1 s; gguf.GGUFReader spends ~20 s walking
     # the 262k-entry vocabulary arrays.

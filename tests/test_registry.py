@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from edge_lora import state
-from edge_lora.errors import AdapterError, InputError, InputNotFoundError, InvalidGGUFError, RegistryError
+from edge_lora.core.errors import AdapterError, InputError, InputNotFoundError, InvalidGGUFError, RegistryError
 from edge_lora.registry import AdapterRegistry
 
 

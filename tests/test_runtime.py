@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_lora.errors import (AdapterError, AdapterMismatchError, InputNotFoundError, InvalidGGUFError,
+from edge_lora.core.errors import (AdapterError, AdapterMismatchError, InputNotFoundError, InvalidGGUFError,
                               RegistryError, RequestError)
 from edge_lora.llama_backend import LlamaContext, LlamaModel, LoraAdapter
 from edge_lora.runtime import Runtime, SamplingParams, _StopMatcher, sample_token
@@ -147,7 +147,7 @@ def test_hot_applied_adapter_matches_reference_merge(tmp_path: Path, gemma_q4_gg
                                                      persistent_cache: Path) -> None:
     """llama.cpp's W·x + s·B(A·x) on the Q4_K_M base vs a numpy merge deq(W) + s·B·A in F32:
     teacher-forced logits agree far more closely than either agrees with the base."""
-    from lora_fixtures import write_merged_reference, write_random_lora
+    from tests.support.lora_fixtures import write_merged_reference, write_random_lora
 
     lora = write_random_lora(gemma_q4_gguf, tmp_path / "lora.gguf", seed=5, strength=0.1)
     merged = persistent_cache / "gemma-q4-merged-lora-seed5-s0.1.gguf"
@@ -206,7 +206,7 @@ def test_non_finite_logits_are_a_typed_error_not_token_zero() -> None:
 
 
 def test_nan_adapter_is_refused_at_generation(tmp_path: Path, runtime: Runtime, gemma_q4_gguf: Path) -> None:
-    from lora_fixtures import write_random_lora
+    from tests.support.lora_fixtures import write_random_lora
 
     nan = write_random_lora(gemma_q4_gguf, tmp_path / "nan.gguf", seed=3, strength=float("nan"))
     runtime.load_adapter("nan", nan)
@@ -415,11 +415,11 @@ def test_legal_adapter_hot_applied_on_f16_gives_merged_f16_tokens(gemma_hf_dir: 
                                                                    persistent_cache: Path) -> None:
     """Base F16 + the legal adapter hot-applied by llama.cpp must generate the same greedy tokens
     as the F16 model with the adapter merged by our converter (both made from the same HF base)."""
-    from converters.convert import convert_checkpoint
-    from converters.merge import PeftMerger
-    from converters.peft import PeftAdapter
+    from edge_lora.converters.hf_to_gguf import convert_checkpoint
+    from edge_lora.converters.merge import PeftMerger
+    from edge_lora.converters.peft import PeftAdapter
 
-    from conftest import LEGAL_ADAPTER_DIR
+    from tests.support.paths import LEGAL_ADAPTER_DIR
 
     merged = persistent_cache / "gemma-3-270m-legal-merged-F16.gguf"
     if not merged.exists():  # convert_checkpoint writes atomically

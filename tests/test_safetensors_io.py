@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converters.safetensors_io import (MAX_HEADER_BYTES, SafetensorsFile, bf16_bits_to_f32,
+from edge_lora.converters.safetensors_io import (MAX_HEADER_BYTES, SafetensorsFile, bf16_bits_to_f32,
                                        f32_to_bf16_bits, write_safetensors)
-from edge_lora.errors import InvalidCheckpointError
+from edge_lora.core.errors import InvalidCheckpointError
 
 
 def _raw_file(path: Path, header: dict, data: bytes, header_len: int | None = None) -> Path:

@@ -224,7 +224,7 @@ def test_negative_seed_is_served(runtime: Runtime) -> None:
 
 
 def test_nan_adapter_gets_an_error_plain_and_streamed(runtime: Runtime, gemma_q4_gguf: Path, tmp_path: Path) -> None:
-    from lora_fixtures import write_random_lora
+    from tests.support.lora_fixtures import write_random_lora
 
     runtime.load_adapter("nan", write_random_lora(gemma_q4_gguf, tmp_path / "nan.gguf", seed=3,
                                                   strength=float("nan")))

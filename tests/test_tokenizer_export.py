@@ -10,12 +10,12 @@ import gguf
 import pytest
 from tokenizers import Tokenizer
 
-from converters.convert import convert_checkpoint
-from converters.sentencepiece_model import (ModelType, Piece, PieceType, SentencePieceModel, parse_model,
+from edge_lora.converters.hf_to_gguf import convert_checkpoint
+from edge_lora.converters.sentencepiece_model import (ModelType, Piece, PieceType, SentencePieceModel, parse_model,
                                             read_model, serialize_model)
-from converters.tokenizer_export import add_tokenizer, read_tokenizer
-from edge_lora.errors import InvalidCheckpointError
-from model_fixtures import STORAGE_DTYPE, _write_weights, make_checkpoint, make_weights
+from edge_lora.converters.tokenizer_export import add_tokenizer, read_tokenizer
+from edge_lora.core.errors import InvalidCheckpointError
+from tests.support.model_fixtures import STORAGE_DTYPE, _write_weights, make_checkpoint, make_weights
 
 llama_cpp = pytest.importorskip("llama_cpp")
 

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 from textual.widgets import Input, RadioButton, Select
 
-from tui_fakes import (GB, FakeRuntime, ScriptedFit, ScriptedPpl, fake_services, fixed_hardware,
+from tests.support.tui_fakes import (GB, FakeRuntime, ScriptedFit, ScriptedPpl, fake_services, fixed_hardware,
                              write_fixture_dir)
-from tui.app import make_app
-from tui.screens.chat_screen import ChatScreen
-from tui.screens.main_screen import MainScreen
-from tui.widgets.formats_table import FormatsTable
-from tui.view_model import human_bytes
-from tui.widgets.size_kld_chart import SizeKldChart, bar
+from edge_lora.tui.app import make_app
+from edge_lora.tui.screens.chat_screen import ChatScreen
+from edge_lora.tui.screens.main_screen import MainScreen
+from edge_lora.tui.widgets.formats_table import FormatsTable
+from edge_lora.tui.view_model import human_bytes
+from edge_lora.tui.widgets.size_kld_chart import SizeKldChart, bar
 
 
 pytestmark = pytest.mark.anyio  # async tests run on anyio's pytest plugin (anyio ships with starlette/httpx)
@@ -221,7 +221,7 @@ async def test_progress_ticks_do_not_block_the_worker(model_dir: Path, monkeypat
 def test_progress_is_throttled_but_cancel_is_checked_every_tick() -> None:
     import threading
 
-    from tui.progress_bridge import OperationCancelled, ThreadProgress
+    from edge_lora.tui.progress_bridge import OperationCancelled, ThreadProgress
 
     reports: list[tuple[str, float | None, float]] = []
     cancel = threading.Event()
@@ -333,7 +333,7 @@ def test_bar_uses_eighth_blocks() -> None:
 
 
 def test_bad_directory_is_a_typed_error(tmp_path: Path) -> None:
-    from edge_lora.errors import InputError, InputNotFoundError
+    from edge_lora.core.errors import InputError, InputNotFoundError
 
     with pytest.raises(InputNotFoundError):
         make_app(tmp_path / "missing", **fake_services())
@@ -345,11 +345,11 @@ def test_bad_directory_is_a_typed_error(tmp_path: Path) -> None:
 
 def test_quality_recorded_for_a_symlinked_format_by_tui_and_cli(tmp_path: Path, gemma_q4_gguf: Path) -> None:
     # write_gemma_dir symlinks each format: resolving the path would leave the directory.
-    from converters.manifest import Manifest
+    from edge_lora.core.manifest import Manifest
     from edge_lora.cli.ppl import _record_in_manifest
-    from tui.real_services import record_quality
-    from tui.view_model import QualityResult
-    from tui_fakes import write_gemma_dir
+    from edge_lora.tui.real_services import record_quality
+    from edge_lora.tui.view_model import QualityResult
+    from tests.support.tui_fakes import write_gemma_dir
 
     directory = write_gemma_dir(tmp_path, {"Q4_K_M": gemma_q4_gguf})
     model = directory / "gemma-3-270m-Q4_K_M.gguf"
@@ -382,8 +382,8 @@ def _tiny_gemma(path: Path, n_layer: int) -> Path:
 
 def test_real_refit_parses_headers_once_per_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The screen re-fits on every context / free-RAM change; a real header costs ~30 ms to parse.
-    from test_fit import count_parses
-    from tui.real_services import fit_predictions
+    from tests.support.gguf_parses import count_parses
+    from edge_lora.tui.real_services import fit_predictions
 
     paths = [_tiny_gemma(tmp_path / "m-F16.gguf", 2), _tiny_gemma(tmp_path / "m-Q8_0.gguf", 2)]
     parsed = count_parses(monkeypatch)
@@ -423,7 +423,7 @@ def test_snapshot_main_160x50(snap_compare, tmp_path: Path) -> None:  # type: ig
 
 @pytest.fixture
 def gemma_dir(tmp_path: Path, gemma_q4_gguf: Path, gemma_f16_gguf: Path) -> Path:
-    from tui_fakes import write_gemma_dir
+    from tests.support.tui_fakes import write_gemma_dir
 
     return write_gemma_dir(tmp_path, {"F16": gemma_f16_gguf, "Q4_K_M": gemma_q4_gguf})
 
@@ -458,8 +458,8 @@ async def test_real_fit_estimator_on_gemma_files(gemma_dir: Path) -> None:
 
 @pytest.mark.slow
 async def test_real_perplexity_updates_row_and_manifest(tmp_path: Path, gemma_q4_gguf: Path) -> None:
-    from converters.manifest import Manifest
-    from tui_fakes import write_gemma_dir
+    from edge_lora.core.manifest import Manifest
+    from tests.support.tui_fakes import write_gemma_dir
 
     directory = write_gemma_dir(tmp_path, {"Q4_K_M": gemma_q4_gguf})
     text = Path("/usr/share/common-licenses/Apache-2.0").read_text()[:900]  # ~200 tokens: 2 windows of 64
@@ -484,7 +484,7 @@ async def test_real_perplexity_updates_row_and_manifest(tmp_path: Path, gemma_q4
 @pytest.mark.slow
 async def test_real_runtime_chat_switches_adapter(tmp_path: Path, gemma_q4_gguf: Path,
                                                   random_gemma_loras: tuple[Path, Path]) -> None:
-    from tui_fakes import write_gemma_dir
+    from tests.support.tui_fakes import write_gemma_dir
 
     directory = write_gemma_dir(tmp_path, {"Q4_K_M": gemma_q4_gguf}, {"rand": random_gemma_loras[0]})
     app = make_app(directory, ctx=512, refresh_seconds=0, chat_max_tokens=12,
@@ -530,7 +530,7 @@ async def test_welcome_opens_the_real_demo_model() -> None:
 
 
 async def test_real_convert_from_modal_then_modelfile(tmp_path: Path) -> None:
-    from model_fixtures import make_checkpoint
+    from tests.support.model_fixtures import make_checkpoint
 
     checkpoint = make_checkpoint("llama", tmp_path / "ckpt")
     start = write_fixture_dir(tmp_path / "start")

@@ -34,7 +34,7 @@ def _wait_for(session: str, needles: tuple[str, ...], timeout: float) -> str:
 
 @pytest.mark.slow
 def test_tui_in_tmux_shows_formats_and_quits(tmp_path: Path, gemma_q4_gguf: Path, gemma_f16_gguf: Path) -> None:
-    from tui_fakes import write_gemma_dir
+    from tests.support.tui_fakes import write_gemma_dir
 
     directory = write_gemma_dir(tmp_path, {"F16": gemma_f16_gguf, "Q4_K_M": gemma_q4_gguf})
     session = f"edge-lora-tui-{tmp_path.name}"

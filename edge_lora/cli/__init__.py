@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from edge_lora import __version__
-from edge_lora.errors import EdgeLoraError
+from edge_lora.core.errors import EdgeLoraError
 
 
 def build_parser() -> argparse.ArgumentParser:

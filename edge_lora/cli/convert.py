@@ -1,6 +1,6 @@
 """``edge-lora convert BASE [--adapter PEFT] [--out DIR] [--quant ...] [--outtype ...] [--json]``.
 
-A thin layer over ``converters.pipeline.convert_model``.
+A thin layer over ``edge_lora.workflows.convert_model.convert_model``.
 """
 
 from __future__ import annotations
@@ -33,12 +33,12 @@ def _default_out(base: str) -> Path:
 
 
 def convert_command(args: argparse.Namespace) -> int:
-    from edge_lora.progress import cli_progress
+    from edge_lora.core.progress import cli_progress
 
     out_dir: Path = args.out if args.out is not None else _default_out(args.base)
     quant = str(args.quant).strip()
     with cli_progress(quiet=args.json) as progress:
-        from converters.pipeline import convert_model
+        from edge_lora.workflows.convert_model import convert_model
 
         manifest = convert_model(args.base, out_dir, adapter=args.adapter, quants=quant,
                                  outtype=args.outtype, progress=progress)

@@ -28,7 +28,7 @@ def print_summary(summary: object) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from edge_lora.demo import DemoSummary
+    from edge_lora.workflows.demo import DemoSummary
 
     assert isinstance(summary, DemoSummary)
     console = Console()
@@ -61,8 +61,8 @@ def print_summary(summary: object) -> None:
 
 
 def demo_command(args: argparse.Namespace) -> int:
-    from edge_lora.demo import run_demo
-    from edge_lora.progress import cli_progress
+    from edge_lora.workflows.demo import run_demo
+    from edge_lora.core.progress import cli_progress
 
     def announce(line: str) -> None:
         if not args.json:

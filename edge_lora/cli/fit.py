@@ -25,7 +25,7 @@ def _gb(n: int) -> str:
 
 
 def fit_command(args: argparse.Namespace) -> int:
-    from edge_lora.errors import InputError
+    from edge_lora.core.errors import InputError
     from edge_lora.fit import fit_report
 
     paths = list(args.paths)

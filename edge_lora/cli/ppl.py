@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 
 def _read_text(path: Path) -> str:
-    from edge_lora.errors import InputError, InputNotFoundError
+    from edge_lora.core.errors import InputError, InputNotFoundError
 
     try:
         return path.read_text(encoding="utf-8")
@@ -37,8 +37,8 @@ def _read_text(path: Path) -> str:
 
 def _record_in_manifest(model: Path, ppl: float, kld: float | None) -> bool:
     """Store the figures in manifest.json when the file lives in a converted output directory."""
-    from converters.manifest import record_quality_beside
-    from edge_lora.errors import InputError
+    from edge_lora.core.manifest import record_quality_beside
+    from edge_lora.core.errors import InputError
 
     try:
         return record_quality_beside(model.parent, model, ppl=ppl, kld=kld)
@@ -49,7 +49,7 @@ def _record_in_manifest(model: Path, ppl: float, kld: float | None) -> bool:
 
 def ppl_command(args: argparse.Namespace) -> int:
     from edge_lora.perplexity import default_eval_text, measure_perplexity
-    from edge_lora.progress import cli_progress
+    from edge_lora.core.progress import cli_progress
 
     text = _read_text(args.text) if args.text is not None else default_eval_text()
     adapters = []

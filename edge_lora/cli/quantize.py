@@ -22,15 +22,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 
 def quantize_command(args: argparse.Namespace) -> int:
-    from converters.manifest import Manifest
-    from converters.quantize import parse_quant_list, quantize_ladder, record_in_manifest
-    from edge_lora.progress import cli_progress
+    from edge_lora.core.manifest import Manifest
+    from edge_lora.converters.quantize import parse_quant_list, quantize_ladder, record_in_manifest
+    from edge_lora.core.progress import cli_progress
 
     names = parse_quant_list(args.quant)
     src: Path = args.file
     out_dir: Path = args.out if args.out is not None else src.resolve().parent
     if not names:
-        from edge_lora.errors import InputError
+        from edge_lora.core.errors import InputError
 
         raise InputError("--quant none leaves nothing to do", fix="give --quant all or a list such as Q4_K_M")
     with cli_progress(quiet=args.json) as progress:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from edge_lora.constants import MAX_TEMPERATURE
-from edge_lora.errors import EdgeLoraError, InputError, InputNotFoundError
+from edge_lora.core.constants import MAX_TEMPERATURE
+from edge_lora.core.errors import EdgeLoraError, InputError, InputNotFoundError
 
 if TYPE_CHECKING:
     from edge_lora.registry import AdapterRegistry
@@ -49,7 +49,7 @@ def parse_adapter_arg(text: str) -> AdapterChoice:
 
 def _model_files_in(directory: Path) -> dict[str, Path]:
     """format -> model file in a converted output dir, from manifest.json when present."""
-    from converters.manifest import Manifest
+    from edge_lora.core.manifest import Manifest
 
     found: dict[str, Path] = {}
     for row in Manifest.load(directory).files:

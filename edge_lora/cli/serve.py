@@ -6,9 +6,9 @@ import argparse
 import socket
 import sys
 
-from edge_lora import constants
+from edge_lora.core import constants
 from edge_lora.cli.run import add_model_args, load_adapters, parse_adapter_arg, resolve_model_path
-from edge_lora.errors import InputError
+from edge_lora.core.errors import InputError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

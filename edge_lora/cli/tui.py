@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from edge_lora.errors import InputError
+from edge_lora.core.errors import InputError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 def run_tui(args: argparse.Namespace) -> int:
     if args.ctx is not None and not 16 <= args.ctx <= 1 << 20:
         raise InputError(f"--ctx {args.ctx} is out of range", fix="use a context between 16 and 1048576")
-    from tui.app import make_app  # textual loads only for this command
+    from edge_lora.tui.app import make_app  # textual loads only for this command
 
     make_app(args.dir, ctx=args.ctx).run()
     return 0

@@ -1,1 +1,0 @@
-"""Converters: HF checkpoints and PEFT adapters -> GGUF (merge, adapters, quantization)."""

@@ -1,0 +1,44 @@
+"""``edge-lora adapter convert PEFT --base BASE --out FILE.gguf``: PEFT LoRA -> GGUF LoRA."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = subparsers.add_parser("adapter", help="convert a PEFT LoRA adapter to a GGUF LoRA adapter")
+    sub = parser.add_subparsers(dest="adapter_command", metavar="ACTION", required=True)
+    convert = sub.add_parser(
+        "convert", help="PEFT adapter -> GGUF LoRA adapter for llama.cpp hot-apply",
+        description="Convert a PEFT LoRA adapter (directory or Hub repo id) to a GGUF LoRA adapter for "
+                    "BASE (the HF checkpoint it was trained on), applying the base's conversion transforms.")
+    convert.add_argument("peft", metavar="PEFT", help="PEFT adapter directory or repo id")
+    convert.add_argument("--base", metavar="BASE", required=True, help="HF base checkpoint directory or repo id")
+    convert.add_argument("--out", metavar="FILE.gguf", type=Path, default=None,
+                         help="output file (default: ./adapter-<name>.gguf)")
+    convert.add_argument("--outtype", choices=("f32", "f16", "q8_0"), default="f32",
+                         help="tensor type: f32 is exact; q8_0 is half the size and faster to hot-apply on CPU "
+                              "(default: f32)")
+    convert.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    convert.set_defaults(handler=adapter_convert_command)
+
+
+def adapter_convert_command(args: argparse.Namespace) -> int:
+    from edge_lora.converters.adapter_gguf import convert_adapter_to_gguf
+    from edge_lora.converters.hf_to_gguf import model_name_for
+    from edge_lora.core.manifest import sha256_file
+    from edge_lora.hub import resolve_local_or_hub
+    from edge_lora.core.progress import cli_progress
+
+    peft_dir = resolve_local_or_hub(args.peft, "adapter")
+    base_dir = resolve_local_or_hub(args.base, "model")
+    out: Path = args.out if args.out is not None else Path.cwd() / f"adapter-{model_name_for(args.peft, peft_dir)}.gguf"
+    with cli_progress(quiet=args.json) as progress:
+        path = convert_adapter_to_gguf(peft_dir, base_dir, out, outtype=args.outtype, progress=progress)
+    if args.json:
+        print(json.dumps({"path": str(path), "bytes": path.stat().st_size, "sha256": sha256_file(path)}))
+    else:
+        print(f"wrote {path}")
+    return 0

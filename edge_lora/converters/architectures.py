@@ -1,0 +1,464 @@
+"""The per-architecture table: HF names -> GGUF names, metadata from config.json, transforms.
+
+An architecture is data: one ``ArchEntry`` per HF architecture says which tensors each layer
+must have, which GGUF metadata keys come from which config fields, and which transforms apply
+(Llama q/k row permutation, Gemma norm weight + 1, tied embeddings). Names and keys come from
+gguf-py (``gguf.MODEL_ARCH``, ``gguf.get_tensor_name_map``, ``gguf.Keys``), matching what
+llama.cpp's ``convert_hf_to_gguf.py`` writes for the same architecture, so llama.cpp loads the
+file and computes the same logits as the HF model. The writer never sees architecture names.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import gguf
+import numpy as np
+
+from edge_lora.core.errors import InvalidCheckpointError, UnsupportedArchitectureError
+
+K = gguf.Keys
+VT = gguf.GGUFValueType
+
+# (key, value, value type): what gguf_output writes, without knowing what it means.
+MetadataItem = tuple[str, Any, gguf.GGUFValueType]
+Config = dict[str, Any]
+
+# HF tensors that carry no weights llama.cpp needs (recomputed buffers).
+IGNORED_TENSORS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+LM_HEAD = "lm_head.weight"
+
+
+# llama.cpp's LLAMA_MAX_LAYERS. A hostile num_hidden_layers (1e9) would otherwise make the
+# expected-tensor table (and Gemma 3's layer-type list) allocate forever before any shape check.
+MAX_LAYERS = 512
+
+
+def _int(config: Config, key: str, default: int | None = None) -> int:
+    value = config.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise InvalidCheckpointError(f"config.json field {key!r} must be a positive integer, got {value!r}",
+                                     fix="fix or re-download config.json")
+    return value
+
+
+def _float(config: Config, key: str, default: float | None = None) -> float:
+    value = config.get(key, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise InvalidCheckpointError(f"config.json field {key!r} must be a positive number, got {value!r}",
+                                     fix="fix or re-download config.json")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The shape facts every architecture shares, validated once."""
+
+    hidden: int
+    layers: int
+    ffn: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+    @classmethod
+    def from_config(cls, config: Config, default_head_dim: int | None = None) -> Dims:
+        hidden = _int(config, "hidden_size")
+        heads = _int(config, "num_attention_heads")
+        kv_heads = _int(config, "num_key_value_heads", heads)
+        if heads % kv_heads:
+            raise InvalidCheckpointError(
+                f"num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})",
+                fix="fix config.json")
+        head_dim_default = default_head_dim if default_head_dim is not None else hidden // heads
+        head_dim = config.get("head_dim") or head_dim_default
+        layers = _int(config, "num_hidden_layers")
+        if layers > MAX_LAYERS:  # checked before anything iterates over the layers
+            raise InvalidCheckpointError(f"config.json num_hidden_layers is {layers}; llama.cpp supports at most "
+                                         f"{MAX_LAYERS}", fix="fix or re-download config.json")
+        return cls(hidden=hidden, layers=layers,
+                   ffn=_int(config, "intermediate_size"), heads=heads, kv_heads=kv_heads,
+                   head_dim=_int({"head_dim": head_dim}, "head_dim"), vocab=_int(config, "vocab_size"))
+
+
+def permute_qk_rows(weights: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's ``permute``: HF stores each head's rotary halves as [first half | second
+    half]; GGUF Llama wants them interleaved. Works on any block of whole heads (rows first)."""
+    rows = weights.shape[0]
+    if rows % n_head or (rows // n_head) % 2:
+        raise ValueError(f"cannot permute {rows} rows into {n_head} heads")
+    return (weights.reshape(n_head, 2, rows // n_head // 2, *weights.shape[1:])
+            .swapaxes(1, 2).reshape(weights.shape))
+
+
+# --- rope scaling (as convert_hf_to_gguf.py writes it) --------------------------------------
+
+def _rope_scaling(arch: str, config: Config, dims: Dims, allowed: tuple[str, ...]) -> tuple[list[MetadataItem], dict[str, np.ndarray]]:
+    scaling = config.get("rope_scaling")
+    if scaling is None:
+        return [], {}
+    if not isinstance(scaling, dict):
+        raise InvalidCheckpointError(f"config.json rope_scaling must be an object, got {scaling!r}",
+                                     fix="fix config.json")
+    kind = str(scaling.get("rope_type") or scaling.get("type") or "").lower()
+    if kind == "default":
+        return [], {}
+    if kind not in allowed:
+        raise UnsupportedArchitectureError(
+            f"rope_scaling type {kind!r} is not supported for {arch} (supported: {', '.join(allowed)})",
+            fix="remove rope_scaling from config.json if the model does not need a long context")
+    factor = _float(scaling, "factor")
+    if kind == "linear":
+        return [(K.Rope.SCALING_TYPE.format(arch=arch), gguf.RopeScalingType.LINEAR.value, VT.STRING),
+                (K.Rope.SCALING_FACTOR.format(arch=arch), factor, VT.FLOAT32)], {}
+    if kind == "yarn":
+        orig = _int(scaling, "original_max_position_embeddings")
+        return [(K.Rope.SCALING_TYPE.format(arch=arch), gguf.RopeScalingType.YARN.value, VT.STRING),
+                (K.Rope.SCALING_FACTOR.format(arch=arch), factor, VT.FLOAT32),
+                (K.Rope.SCALING_ORIG_CTX_LEN.format(arch=arch), orig, VT.UINT32)], {}
+    # llama3: no scaling keys; per-frequency factors go into a rope_freqs tensor.
+    base = _float(config, "rope_theta", 10000.0)
+    low = _float(scaling, "low_freq_factor", 1.0)
+    high = _float(scaling, "high_freq_factor", 4.0)
+    old_ctx = _int(scaling, "original_max_position_embeddings", 8192)
+    if high == low:
+        raise InvalidCheckpointError("llama3 rope_scaling has high_freq_factor == low_freq_factor",
+                                     fix="fix config.json")
+    dim = dims.head_dim
+    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / float(freq)
+        if wavelen < old_ctx / high:
+            factors.append(1.0)
+        elif wavelen > old_ctx / low:
+            factors.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            factors.append(1.0 / ((1 - smooth) / factor + smooth))
+    name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+    return [], {name: np.asarray(factors, dtype=np.float32)}
+
+
+# --- per-architecture metadata -----------------------------------------------------------------
+
+def _common_metadata(arch: str, config: Config, dims: Dims, context_length: int) -> list[MetadataItem]:
+    return [
+        (K.LLM.CONTEXT_LENGTH.format(arch=arch), context_length, VT.UINT32),
+        (K.LLM.EMBEDDING_LENGTH.format(arch=arch), dims.hidden, VT.UINT32),
+        (K.LLM.BLOCK_COUNT.format(arch=arch), dims.layers, VT.UINT32),
+        (K.LLM.FEED_FORWARD_LENGTH.format(arch=arch), dims.ffn, VT.UINT32),
+        (K.Attention.HEAD_COUNT.format(arch=arch), dims.heads, VT.UINT32),
+        (K.Attention.HEAD_COUNT_KV.format(arch=arch), dims.kv_heads, VT.UINT32),
+        (K.Attention.KEY_LENGTH.format(arch=arch), dims.head_dim, VT.UINT32),
+        (K.Attention.VALUE_LENGTH.format(arch=arch), dims.head_dim, VT.UINT32),
+    ]
+
+
+def _llama_like_metadata(arch: str, config: Config, dims: Dims, allowed_scaling: tuple[str, ...],
+                         context_length: int) -> tuple[list[MetadataItem], dict[str, np.ndarray]]:
+    items = _common_metadata(arch, config, dims, context_length) + [
+        (K.Rope.FREQ_BASE.format(arch=arch), _float(config, "rope_theta", 10000.0), VT.FLOAT32),
+        (K.Rope.DIMENSION_COUNT.format(arch=arch), dims.head_dim, VT.UINT32),
+        (K.Attention.LAYERNORM_RMS_EPS.format(arch=arch), _float(config, "rms_norm_eps", 1e-6), VT.FLOAT32),
+        (K.LLM.VOCAB_SIZE.format(arch=arch), dims.vocab, VT.UINT32),
+    ]
+    scaling, tensors = _rope_scaling(arch, config, dims, allowed_scaling)
+    return items + scaling, tensors
+
+
+def _llama_metadata(arch: str, config: Config, dims: Dims) -> tuple[list[MetadataItem], dict[str, np.ndarray]]:
+    if config.get("mlp_bias"):
+        raise UnsupportedArchitectureError("Llama checkpoints with mlp_bias are not supported",
+                                           fix="use a checkpoint without MLP biases")
+    context = _int(config, "max_position_embeddings", 4096)
+    window = config.get("sliding_window")
+    if window is not None:
+        # llama.cpp's llama architecture has no sliding window. Attention over at most
+        # `window` tokens is identical to full attention, so cap the context there (exact).
+        context = min(context, _int(config, "sliding_window"))
+    return _llama_like_metadata(arch, config, dims, ("linear", "yarn", "llama3"), context)
+
+
+def _qwen_metadata(arch: str, config: Config, dims: Dims) -> tuple[list[MetadataItem], dict[str, np.ndarray]]:
+    if config.get("use_sliding_window"):
+        raise UnsupportedArchitectureError(
+            "Qwen checkpoints with use_sliding_window=true are not supported (llama.cpp has no "
+            "per-layer sliding window for Qwen)", fix="set use_sliding_window to false in config.json")
+    context = _int(config, "max_position_embeddings", 32768)
+    return _llama_like_metadata(arch, config, dims, ("linear", "yarn"), context)
+
+
+GEMMA3_SWA_PERIOD = 6  # llama.cpp hard-codes: every 6th layer global, the rest sliding
+GEMMA3_LOCAL_ROPE_BASE = 10000.0  # llama.cpp hard-codes the sliding layers' rope base
+
+
+def _gemma3_metadata(arch: str, config: Config, dims: Dims) -> tuple[list[MetadataItem], dict[str, np.ndarray]]:
+    # llama.cpp fixes several Gemma 3 choices instead of reading them; refuse configs that
+    # differ rather than writing a file that computes something else.
+    if config.get("attn_logit_softcapping") is not None:
+        raise UnsupportedArchitectureError("Gemma 3 with attn_logit_softcapping is not supported by llama.cpp",
+                                           fix="set attn_logit_softcapping to null")
+    scalar = config.get("query_pre_attn_scalar", dims.head_dim)
+    if scalar != dims.head_dim:
+        raise UnsupportedArchitectureError(
+            f"Gemma 3 query_pre_attn_scalar {scalar} differs from head_dim {dims.head_dim}; llama.cpp "
+            "scales attention by 1/sqrt(head_dim)", fix="use a checkpoint with query_pre_attn_scalar = head_dim")
+    local_base = config.get("rope_local_base_freq", GEMMA3_LOCAL_ROPE_BASE)
+    if local_base != GEMMA3_LOCAL_ROPE_BASE:
+        raise UnsupportedArchitectureError(
+            f"Gemma 3 rope_local_base_freq {local_base} is not 10000, which llama.cpp assumes",
+            fix="use a checkpoint with rope_local_base_freq 10000")
+    expected_types = ["full_attention" if (i + 1) % GEMMA3_SWA_PERIOD == 0 else "sliding_attention"
+                      for i in range(dims.layers)]
+    layer_types = config.get("layer_types")
+    pattern = config.get("sliding_window_pattern")
+    if (layer_types is not None and layer_types != expected_types) or (
+            layer_types is None and pattern is not None and pattern != GEMMA3_SWA_PERIOD):
+        raise UnsupportedArchitectureError(
+            "Gemma 3 layer pattern differs from llama.cpp's (5 sliding layers, then 1 global)",
+            fix="use a checkpoint with the standard Gemma 3 layer pattern")
+    items = _common_metadata(arch, config, dims, _int(config, "max_position_embeddings", 131072)) + [
+        (K.Attention.LAYERNORM_RMS_EPS.format(arch=arch), _float(config, "rms_norm_eps", 1e-6), VT.FLOAT32),
+        (K.Rope.FREQ_BASE.format(arch=arch), _float(config, "rope_theta", 1_000_000.0), VT.FLOAT32),
+        (K.Attention.SLIDING_WINDOW.format(arch=arch), _int(config, "sliding_window", 4096), VT.UINT32),
+    ]
+    softcap = config.get("final_logit_softcapping")
+    if softcap is not None:
+        items.append((K.LLM.FINAL_LOGIT_SOFTCAPPING.format(arch=arch), _float(config, "final_logit_softcapping"),
+                      VT.FLOAT32))
+    # Gemma 3 applies linear rope scaling to its global layers only, as llama.cpp does.
+    scaling, tensors = _rope_scaling(arch, config, dims, ("linear",))
+    return items + scaling, tensors
+
+
+# --- the table ----------------------------------------------------------------------------------
+
+LLAMA_LAYER = ("input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
+               "self_attn.v_proj.weight", "self_attn.o_proj.weight", "post_attention_layernorm.weight",
+               "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
+QKV_BIAS = ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")
+QK_NORM = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
+GEMMA_FFN_NORMS = ("pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight")
+
+
+@dataclass(frozen=True)
+class TextOnlyView:
+    """How a multimodal checkpoint is read as its language model alone (what llama.cpp's
+    convert_hf_to_gguf.py does: the text model becomes a plain text GGUF, the vision tower and
+    projector go to a separate mmproj file, which edge-lora does not write)."""
+
+    text_architecture: str  # the ARCH_TABLE entry the language model converts as
+    text_config_key: str  # the text hyper-parameters live under config[text_config_key]
+    # Fields the nested config may omit; the text config class's defaults.
+    text_config_defaults: Config
+    # (checkpoint name prefix, name the text architecture uses); both transformers layouts.
+    prefix_renames: tuple[tuple[str, str], ...]
+    # Modules that are not part of the text model: their tensors are never read.
+    skipped_prefixes: tuple[str, ...]
+
+    def flatten_config(self, config: Config) -> Config:
+        """The text model's config, as config.json of ``text_architecture``: defaults < top level
+        (token ids, tie_word_embeddings) < text_config."""
+        nested = config.get(self.text_config_key)
+        if not isinstance(nested, dict):
+            # transformers would build its default text model and ignore flat text fields.
+            raise UnsupportedArchitectureError(
+                f"{config.get('architectures', ['?'])[0]} config.json has no {self.text_config_key!r} object "
+                f"(flat text hyper-parameters are a {self.text_architecture} config)",
+                fix=f"nest the text fields under {self.text_config_key!r}, or set architectures to "
+                    f"[\"{self.text_architecture}\"]")
+        top = {k: v for k, v in config.items() if not k.endswith("_config")}
+        return {**self.text_config_defaults, **top, **nested, "architectures": [self.text_architecture]}
+
+    def text_name(self, name: str) -> str | None:
+        """The text architecture's name for a checkpoint (or PEFT module) name; None for a
+        vision/projector one; anything else unchanged (so unknown tensors stay errors)."""
+        if name.startswith(self.skipped_prefixes):
+            return None
+        for prefix, replacement in self.prefix_renames:
+            if name.startswith(prefix):
+                return replacement + name[len(prefix):]
+        return name
+
+
+@dataclass(frozen=True)
+class ArchEntry:
+    hf_architecture: str
+    gguf_arch: gguf.MODEL_ARCH
+    layer_tensors: Callable[[Config], tuple[str, ...]]
+    metadata: Callable[[str, Config, Dims], tuple[list[MetadataItem], dict[str, np.ndarray]]]
+    permute_qk: bool = False  # Llama: interleave rotary halves (llama.cpp's permute)
+    norm_plus_one: bool = False  # Gemma: RMSNorm computes x * (1 + w); llama.cpp wants 1 + w
+    tied_default: bool = False  # tie_word_embeddings when config.json does not say
+    default_head_dim: int | None = None
+    text_only: TextOnlyView | None = None  # a multimodal checkpoint converted as its text model
+
+
+def _llama_layer(config: Config) -> tuple[str, ...]:
+    return LLAMA_LAYER + (QKV_BIAS + ("self_attn.o_proj.bias",) if config.get("attention_bias") else ())
+
+
+GEMMA3_TEXT_ONLY = TextOnlyView(
+    text_architecture="Gemma3ForCausalLM",
+    text_config_key="text_config",
+    # Gemma3TextConfig defaults the released configs rely on (the 4B text_config has no
+    # vocab_size). The other defaults (head_dim, rope_theta, ...) are the Gemma3ForCausalLM
+    # entry's. llama.cpp trims token_embd to the tokenizer's size when vocab_size is absent
+    # (262144 of 262208 rows: the rest are never produced by the tokenizer); we keep all rows
+    # and pad the GGUF vocab to vocab_size with [PAD] tokens instead, which loads and computes
+    # the same logits for every real token.
+    text_config_defaults={"vocab_size": 262208, "hidden_activation": "gelu_pytorch_tanh"},
+    prefix_renames=(("language_model.model.", "model."),  # transformers < 4.52
+                    ("language_model.lm_head.", "lm_head."),
+                    ("model.language_model.", "model.")),  # transformers >= 4.52
+    skipped_prefixes=("vision_tower.", "multi_modal_projector.",
+                      "model.vision_tower.", "model.multi_modal_projector."),
+)
+
+ARCH_TABLE: dict[str, ArchEntry] = {
+    "LlamaForCausalLM": ArchEntry("LlamaForCausalLM", gguf.MODEL_ARCH.LLAMA, _llama_layer,
+                                  _llama_metadata, permute_qk=True),
+    # llama.cpp converts Mistral (dense) as the llama architecture.
+    "MistralForCausalLM": ArchEntry("MistralForCausalLM", gguf.MODEL_ARCH.LLAMA, _llama_layer,
+                                    _llama_metadata, permute_qk=True),
+    "Qwen2ForCausalLM": ArchEntry("Qwen2ForCausalLM", gguf.MODEL_ARCH.QWEN2,
+                                  lambda c: LLAMA_LAYER + QKV_BIAS, _qwen_metadata),
+    "Qwen3ForCausalLM": ArchEntry("Qwen3ForCausalLM", gguf.MODEL_ARCH.QWEN3,
+                                  lambda c: LLAMA_LAYER + QK_NORM, _qwen_metadata),
+    "Gemma3ForCausalLM": ArchEntry("Gemma3ForCausalLM", gguf.MODEL_ARCH.GEMMA3,
+                                   lambda c: LLAMA_LAYER + QK_NORM + GEMMA_FFN_NORMS, _gemma3_metadata,
+                                   norm_plus_one=True, tied_default=True, default_head_dim=256),
+}
+# Gemma 3 4B/12B/27B: llama.cpp converts the language model as plain gemma3 (Gemma3ForCausalLM).
+ARCH_TABLE["Gemma3ForConditionalGeneration"] = replace(
+    ARCH_TABLE["Gemma3ForCausalLM"], hf_architecture="Gemma3ForConditionalGeneration", text_only=GEMMA3_TEXT_ONLY)
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(ARCH_TABLE)
+
+
+def _distinct_text_only_views() -> tuple[TextOnlyView, ...]:
+    views: list[TextOnlyView] = []
+    for entry in ARCH_TABLE.values():
+        if entry.text_only is not None and entry.text_only not in views:
+            views.append(entry.text_only)
+    return tuple(views)
+
+
+# Every multimodal layout: a PEFT adapter does not say which base it was trained on.
+TEXT_ONLY_VIEWS: tuple[TextOnlyView, ...] = _distinct_text_only_views()
+
+
+def text_only_view(config: Config) -> TextOnlyView | None:
+    """The text-only view for a multimodal architecture named in config.json, else None."""
+    architectures = config.get("architectures") or []
+    name = architectures[0] if isinstance(architectures, list) and architectures else None
+    entry = ARCH_TABLE.get(name) if isinstance(name, str) else None
+    return entry.text_only if entry is not None else None
+
+
+@dataclass
+class ArchSpec:
+    """One table entry bound to one config.json."""
+
+    entry: ArchEntry
+    config: Config
+    dims: Dims
+    gguf_arch_name: str
+    tied: bool
+    _name_map: gguf.TensorNameMap = field(repr=False)
+
+    # -- names --
+    def expected_shapes(self, *, separate_head: bool = False) -> dict[str, tuple[int, ...]]:
+        """Every HF tensor the converted model is written with, with its shape (HF layout).
+        ``separate_head``: lm_head is written even when the embeddings are tied (an adapter
+        replaces it, which unties them)."""
+        d = self.dims
+        q_rows, kv_rows = d.heads * d.head_dim, d.kv_heads * d.head_dim
+        per_layer = {
+            "input_layernorm.weight": (d.hidden,), "post_attention_layernorm.weight": (d.hidden,),
+            "pre_feedforward_layernorm.weight": (d.hidden,), "post_feedforward_layernorm.weight": (d.hidden,),
+            "self_attn.q_proj.weight": (q_rows, d.hidden), "self_attn.k_proj.weight": (kv_rows, d.hidden),
+            "self_attn.v_proj.weight": (kv_rows, d.hidden), "self_attn.o_proj.weight": (d.hidden, q_rows),
+            "self_attn.q_proj.bias": (q_rows,), "self_attn.k_proj.bias": (kv_rows,),
+            "self_attn.v_proj.bias": (kv_rows,), "self_attn.o_proj.bias": (d.hidden,),
+            "self_attn.q_norm.weight": (d.head_dim,), "self_attn.k_norm.weight": (d.head_dim,),
+            "mlp.gate_proj.weight": (d.ffn, d.hidden), "mlp.up_proj.weight": (d.ffn, d.hidden),
+            "mlp.down_proj.weight": (d.hidden, d.ffn),
+        }
+        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (d.vocab, d.hidden),
+                                              "model.norm.weight": (d.hidden,)}
+        for layer in range(d.layers):
+            for suffix in self.entry.layer_tensors(self.config):
+                shapes[f"model.layers.{layer}.{suffix}"] = per_layer[suffix]
+        if not self.tied or separate_head:
+            shapes[LM_HEAD] = (d.vocab, d.hidden)
+        return shapes
+
+    def is_ignored(self, hf_name: str) -> bool:
+        """HF tensors that are deliberately not converted (recomputed buffers, and lm_head
+        when embeddings are tied: llama.cpp then reuses token_embd)."""
+        return bool(IGNORED_TENSORS.search(hf_name)) or (self.tied and hf_name == LM_HEAD)
+
+    def gguf_name(self, hf_name: str) -> str | None:
+        return self._name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+
+    # -- transforms --
+    def _permute_heads(self, hf_name: str) -> int | None:
+        if not self.entry.permute_qk:
+            return None
+        if re.search(r"self_attn\.q_proj(\.(weight|bias))?$", hf_name):
+            return self.dims.heads
+        if re.search(r"self_attn\.k_proj(\.(weight|bias))?$", hf_name):
+            return self.dims.kv_heads
+        return None
+
+    def row_granularity(self, hf_name: str) -> int:
+        """Row blocks handed to ``transform`` must be multiples of this (whole heads)."""
+        return self.dims.head_dim if self._permute_heads(hf_name) is not None else 1
+
+    def transform(self, hf_name: str, array: np.ndarray) -> np.ndarray:
+        """Rows-wise transform of a block of rows (float32, whole heads for q/k)."""
+        heads = self._permute_heads(hf_name)
+        if heads is not None:
+            block_heads = array.shape[0] // self.dims.head_dim
+            array = permute_qk_rows(array, block_heads)
+        if self.entry.norm_plus_one and hf_name.endswith("norm.weight"):
+            array = array.astype(np.float32) + np.float32(1.0)
+        return array
+
+    def transform_lora_b(self, hf_module: str, lora_b: np.ndarray) -> np.ndarray:
+        """The same row transform for a LoRA B [out, r] of module ``hf_module`` (no suffix):
+        permuting W's rows permutes (B @ A)'s rows, i.e. B's rows."""
+        heads = self._permute_heads(hf_module)
+        return permute_qk_rows(lora_b, heads) if heads is not None else lora_b
+
+    def metadata(self) -> tuple[list[MetadataItem], dict[str, np.ndarray]]:
+        """GGUF metadata items and extra GGUF-named F32 tensors (llama3 rope_freqs)."""
+        return self.entry.metadata(self.gguf_arch_name, self.config, self.dims)
+
+
+def arch_spec_for(config: Config) -> ArchSpec:
+    architectures = config.get("architectures") or []
+    name = architectures[0] if isinstance(architectures, list) and architectures else None
+    entry = ARCH_TABLE.get(name) if isinstance(name, str) else None
+    if entry is None:
+        raise UnsupportedArchitectureError(
+            f"architecture {name!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})",
+            fix="convert a checkpoint of a supported architecture")
+    if entry.text_only is not None:
+        config = entry.text_only.flatten_config(config)
+        entry = ARCH_TABLE[entry.text_only.text_architecture]
+    dims = Dims.from_config(config, entry.default_head_dim)
+    tied = config.get("tie_word_embeddings", entry.tied_default)
+    if not isinstance(tied, bool):  # bool("false") is True: lm_head would be dropped silently
+        raise InvalidCheckpointError(f"config.json field 'tie_word_embeddings' must be true or false, got {tied!r}",
+                                     fix="fix or re-download config.json")
+    return ArchSpec(entry=entry, config=config, dims=dims,
+                    gguf_arch_name=gguf.MODEL_ARCH_NAMES[entry.gguf_arch], tied=bool(tied),
+                    _name_map=gguf.get_tensor_name_map(entry.gguf_arch, dims.layers))

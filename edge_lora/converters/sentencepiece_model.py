@@ -1,0 +1,286 @@
+"""Minimal reader and writer for SentencePiece's ``tokenizer.model`` (a protobuf ``ModelProto``).
+
+Only the fields a GGUF tokenizer needs are read: the pieces (text, score, type), the trainer
+spec's model type, byte fallback and special ids, and the normalizer's whitespace flags. The
+wire format is parsed by hand with bounds checks on every length, since model files are
+untrusted input; unknown fields are skipped, so newer files still read.
+Field numbers follow sentencepiece's ``sentencepiece_model.proto``.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from enum import IntEnum
+from pathlib import Path
+
+from edge_lora.core.errors import InvalidCheckpointError
+
+# Hard caps so a hostile file cannot make us allocate or loop without bound.
+MAX_MODEL_BYTES = 1 << 30
+MAX_PIECES = 4_000_000
+
+_VARINT, _FIXED64, _LENGTH, _FIXED32 = 0, 1, 2, 5
+
+
+class PieceType(IntEnum):
+    """``ModelProto.SentencePiece.Type``; llama.cpp's token types use the same numbers."""
+
+    NORMAL = 1
+    UNKNOWN = 2
+    CONTROL = 3
+    USER_DEFINED = 4
+    UNUSED = 5
+    BYTE = 6
+
+
+class ModelType(IntEnum):
+    """``TrainerSpec.ModelType``."""
+
+    UNIGRAM = 1
+    BPE = 2
+    WORD = 3
+    CHAR = 4
+
+
+@dataclass
+class Piece:
+    piece: str
+    score: float = 0.0
+    type: PieceType = PieceType.NORMAL
+
+
+@dataclass
+class SentencePieceModel:
+    pieces: list[Piece] = field(default_factory=list)
+    model_type: ModelType = ModelType.UNIGRAM
+    byte_fallback: bool = False
+    # Defaults are the proto's defaults (pad disabled = -1).
+    unk_id: int = 0
+    bos_id: int = 1
+    eos_id: int = 2
+    pad_id: int = -1
+    add_dummy_prefix: bool = True
+    remove_extra_whitespaces: bool = True
+    normalizer_name: str = ""
+
+
+# --- wire format --------------------------------------------------------------------------------
+
+class _Malformed(Exception):
+    """Internal: turned into InvalidCheckpointError naming the file."""
+
+
+def _read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
+    value = 0
+    shift = 0
+    while True:
+        if pos >= end:
+            raise _Malformed("truncated varint")
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+        if shift >= 70:
+            raise _Malformed("varint longer than 10 bytes")
+
+
+def _fields(buf: bytes, start: int, end: int) -> list[tuple[int, int, int | bytes]]:
+    """(field number, wire type, value) for one message; length-delimited values are bytes."""
+    out: list[tuple[int, int, int | bytes]] = []
+    pos = start
+    while pos < end:
+        key, pos = _read_varint(buf, pos, end)
+        number, wire = key >> 3, key & 7
+        if number == 0:
+            raise _Malformed("field number 0")
+        if wire == _VARINT:
+            value, pos = _read_varint(buf, pos, end)
+            out.append((number, wire, value))
+        elif wire == _FIXED64:
+            if pos + 8 > end:
+                raise _Malformed("truncated 64-bit field")
+            out.append((number, wire, int.from_bytes(buf[pos:pos + 8], "little")))
+            pos += 8
+        elif wire == _FIXED32:
+            if pos + 4 > end:
+                raise _Malformed("truncated 32-bit field")
+            out.append((number, wire, int.from_bytes(buf[pos:pos + 4], "little")))
+            pos += 4
+        elif wire == _LENGTH:
+            length, pos = _read_varint(buf, pos, end)
+            if length > end - pos:
+                raise _Malformed(f"field {number} declares {length} bytes, {end - pos} remain")
+            out.append((number, wire, buf[pos:pos + length]))
+            pos += length
+        else:
+            raise _Malformed(f"unsupported wire type {wire} (field {number})")
+    return out
+
+
+def _int32(value: int | bytes) -> int:
+    if not isinstance(value, int):
+        raise _Malformed("expected an integer field")
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _text(value: int | bytes) -> str:
+    if not isinstance(value, bytes):
+        raise _Malformed("expected a string field")
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _Malformed("a piece is not valid UTF-8") from exc
+
+
+def _float(value: int | bytes, wire: int) -> float:
+    if wire != _FIXED32 or not isinstance(value, int):
+        raise _Malformed("score is not a 32-bit float")
+    return float(struct.unpack("<f", value.to_bytes(4, "little"))[0])
+
+
+_PIECE_TYPES = {t.value: t for t in PieceType}
+_unpack_f32 = struct.Struct("<f").unpack_from
+
+
+def _parse_piece(raw: bytes) -> Piece:
+    # Fast path for the layout SentencePiece itself writes (text < 128 bytes, then score, then
+    # type, each optional after the text): a 262k vocabulary parses in a fraction of the time.
+    # Anything else takes the general field walk below, with the same checks.
+    n = len(raw)
+    if n >= 2 and raw[0] == 0x0A and raw[1] < 0x80 and 2 + raw[1] <= n:
+        pos = 2 + raw[1]
+        score, piece_type = 0.0, PieceType.NORMAL
+        if pos + 5 <= n and raw[pos] == 0x15:
+            score = _unpack_f32(raw, pos + 1)[0]
+            pos += 5
+        if pos + 2 <= n and raw[pos] == 0x18 and raw[pos + 1] < 0x80 and raw[pos + 1] in _PIECE_TYPES:
+            piece_type = _PIECE_TYPES[raw[pos + 1]]
+            pos += 2
+        if pos == n:
+            return Piece(_text(raw[2:2 + raw[1]]), score, piece_type)
+    piece = Piece(piece="")
+    for number, wire, value in _fields(raw, 0, len(raw)):
+        if number == 1:
+            piece.piece = _text(value)
+        elif number == 2:
+            piece.score = _float(value, wire)
+        elif number == 3:
+            code = _int32(value)
+            try:
+                piece.type = PieceType(code)
+            except ValueError as exc:
+                raise _Malformed(f"unknown piece type {code}") from exc
+    return piece
+
+
+def parse_model(data: bytes) -> SentencePieceModel:
+    model = SentencePieceModel()
+    for number, _wire, value in _fields(data, 0, len(data)):
+        if not isinstance(value, bytes):
+            continue  # ModelProto's fields we read are all sub-messages
+        if number == 1:
+            if len(model.pieces) >= MAX_PIECES:
+                raise _Malformed(f"more than {MAX_PIECES} pieces")
+            model.pieces.append(_parse_piece(value))
+        elif number == 2:
+            for sub, _w, v in _fields(value, 0, len(value)):
+                if sub == 3:
+                    code = _int32(v)
+                    try:
+                        model.model_type = ModelType(code)
+                    except ValueError as exc:
+                        raise _Malformed(f"unknown model type {code}") from exc
+                elif sub == 35:
+                    model.byte_fallback = bool(_int32(v))
+                elif sub == 40:
+                    model.unk_id = _int32(v)
+                elif sub == 41:
+                    model.bos_id = _int32(v)
+                elif sub == 42:
+                    model.eos_id = _int32(v)
+                elif sub == 43:
+                    model.pad_id = _int32(v)
+        elif number == 3:
+            for sub, _w, v in _fields(value, 0, len(value)):
+                if sub == 1:
+                    model.normalizer_name = _text(v)
+                elif sub == 3:
+                    model.add_dummy_prefix = bool(_int32(v))
+                elif sub == 4:
+                    model.remove_extra_whitespaces = bool(_int32(v))
+    if not model.pieces:
+        raise _Malformed("no pieces")
+    n = len(model.pieces)
+    for name in ("unk_id", "bos_id", "eos_id", "pad_id"):
+        token_id = getattr(model, name)
+        if token_id >= n or token_id < -1:
+            raise _Malformed(f"{name} {token_id} is outside the vocabulary of {n} pieces")
+    return model
+
+
+def read_model(path: Path) -> SentencePieceModel:
+    try:
+        size = path.stat().st_size
+        if size > MAX_MODEL_BYTES:
+            raise InvalidCheckpointError(f"{path} is {size} bytes, too large for a SentencePiece model",
+                                         fix="check the file is a tokenizer.model")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InvalidCheckpointError(f"cannot read {path}: {exc.strerror or exc}",
+                                     fix="check the file exists and is readable") from exc
+    try:
+        return parse_model(data)
+    except _Malformed as exc:
+        raise InvalidCheckpointError(f"{path} is not a valid SentencePiece model: {exc}",
+                                     fix="re-download tokenizer.model, or remove it if tokenizer.json is present") from exc
+
+
+# --- writer -------------------------------------------------------------------------------------
+
+def _varint(value: int) -> bytes:
+    value &= (1 << 64) - 1  # negative int32 -> 10-byte two's complement, as protobuf does
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _key(number: int, wire: int) -> bytes:
+    return _varint(number << 3 | wire)
+
+
+def _int_field(number: int, value: int) -> bytes:
+    return _key(number, _VARINT) + _varint(value)
+
+
+def _bytes_field(number: int, value: bytes) -> bytes:
+    return _key(number, _LENGTH) + _varint(len(value)) + value
+
+
+def serialize_model(model: SentencePieceModel) -> bytes:
+    parts: list[bytes] = []
+    for piece in model.pieces:
+        body = (_bytes_field(1, piece.piece.encode("utf-8"))
+                + _key(2, _FIXED32) + struct.pack("<f", piece.score)
+                + _int_field(3, int(piece.type)))
+        parts.append(_bytes_field(1, body))
+    trainer = (_int_field(3, int(model.model_type)) + _int_field(4, len(model.pieces))
+               + _int_field(35, int(model.byte_fallback))
+               + _int_field(40, model.unk_id) + _int_field(41, model.bos_id)
+               + _int_field(42, model.eos_id) + _int_field(43, model.pad_id))
+    parts.append(_bytes_field(2, trainer))
+    normalizer = (_bytes_field(1, model.normalizer_name.encode("utf-8"))
+                  + _int_field(3, int(model.add_dummy_prefix))
+                  + _int_field(4, int(model.remove_extra_whitespaces))
+                  + _int_field(5, 1))  # escape_whitespaces: spaces become U+2581
+    parts.append(_bytes_field(3, normalizer))
+    return b"".join(parts)

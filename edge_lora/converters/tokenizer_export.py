@@ -1,0 +1,501 @@
+"""HF tokenizer files -> GGUF tokenizer metadata, the way llama.cpp's converter writes it.
+
+Two GGUF tokenizer families:
+- ``llama`` (SentencePiece-style): from ``tokenizer.model``, or from a ``tokenizer.json`` BPE
+  with byte fallback / ``▁`` spaces, or a Unigram ``tokenizer.json``. Tokens carry scores.
+- ``gpt2`` (byte-level BPE): tokens + merges, and ``tokenizer.ggml.pre`` naming llama.cpp's
+  pre-tokenizer, derived from the ``Split`` regex in ``tokenizer.json``.
+Special ids, add_bos/add_eos and the chat template come from tokenizer_config.json,
+special_tokens_map.json, generation_config.json and config.json.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+
+from edge_lora.converters.sentencepiece_model import read_model
+from edge_lora.core.errors import EdgeLoraError, InvalidCheckpointError
+
+MAX_JSON_BYTES = 256 * 1024 * 1024
+MAX_VOCAB = 4_000_000
+BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+SPM_SPACE = "\u2581"
+
+# Split regexes of known byte-level BPE tokenizers -> llama.cpp pre-tokenizer names
+# (src/llama-vocab.cpp implements each name with the same regexes).
+KNOWN_PRE_TOKENIZER_REGEXES: dict[str, str] = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "llama-bpe",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "qwen2",
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)": "gpt2",
+}
+
+
+@dataclass
+class TokenizerSpec:
+    """Everything ``add_tokenizer`` writes; built by ``read_tokenizer``."""
+
+    model: str  # "llama" or "gpt2"
+    tokens: list[str]
+    token_types: list[int]
+    scores: list[float] | None = None
+    merges: list[str] = field(default_factory=list)
+    pre: str | None = None
+    bos_id: int | None = None
+    eos_id: int | None = None
+    unk_id: int | None = None
+    pad_id: int | None = None
+    add_bos: bool | None = None
+    add_eos: bool | None = None
+    add_space_prefix: bool | None = None
+    remove_extra_whitespaces: bool | None = None
+    chat_template: str | list[dict[str, str]] | None = None
+
+
+def _bad(path: Path, what: str) -> InvalidCheckpointError:
+    return InvalidCheckpointError(f"{path}: {what}", fix="re-download the checkpoint's tokenizer files")
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        return None
+    try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise _bad(path, "file is too large")
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise _bad(path, f"cannot read: {exc.strerror or exc}") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _bad(path, f"not valid JSON ({exc})") from exc
+
+
+def _obj(value: Any, path: Path) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _bad(path, "expected a JSON object")
+    return value
+
+
+def _token_text(value: Any) -> str | None:
+    """Special tokens appear as plain strings or AddedToken dicts ({"content": ...})."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return str(value["content"])
+    return None
+
+
+def _looks_special(token: str) -> bool:
+    # Same heuristic as llama.cpp's converter (does_token_look_special).
+    return (token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+            or (token.startswith("<|") and token.endswith("|>"))
+            or (token.startswith("<\uff5c") and token.endswith("\uff5c>")))
+
+
+@dataclass
+class _Vocab:
+    """Mutable token table while reading; ids may have gaps until padded."""
+
+    tokens: dict[int, str] = field(default_factory=dict)
+    scores: dict[int, float] = field(default_factory=dict)
+    types: dict[int, int] = field(default_factory=dict)
+
+    def set(self, token_id: int, text: str, score: float, token_type: int, source: Path) -> None:
+        if not isinstance(token_id, int) or isinstance(token_id, bool) or not 0 <= token_id < MAX_VOCAB:
+            raise _bad(source, f"token id {token_id!r} is out of range")
+        self.tokens[token_id] = text
+        self.scores[token_id] = score
+        self.types[token_id] = token_type
+
+    def finish(self, vocab_size: int) -> tuple[list[str], list[float], list[int]]:
+        size = max(vocab_size, max(self.tokens, default=-1) + 1)
+        tokens, scores, types = [], [], []
+        for i in range(size):
+            if i in self.tokens:
+                tokens.append(self.tokens[i])
+                scores.append(self.scores[i])
+                types.append(self.types[i])
+            else:  # config.json's vocab_size is larger (resized embeddings): padding, as llama.cpp
+                tokens.append(f"[PAD{i}]")
+                scores.append(-1000.0)
+                types.append(int(gguf.TokenType.UNUSED))
+        return tokens, scores, types
+
+
+@dataclass
+class _Files:
+    directory: Path
+    tokenizer_json: dict[str, Any] | None
+    tokenizer_config: dict[str, Any]
+    special_tokens_map: dict[str, Any]
+    generation_config: dict[str, Any]
+    added_tokens: dict[str, Any]
+
+
+def _load_files(ckpt_dir: Path) -> _Files:
+    tj_path = ckpt_dir / "tokenizer.json"
+    tj = _read_json(tj_path)
+    if tj is not None and not isinstance(tj, dict):
+        raise _bad(tj_path, "expected a JSON object")
+    return _Files(
+        directory=ckpt_dir, tokenizer_json=tj,
+        tokenizer_config=_obj(_read_json(ckpt_dir / "tokenizer_config.json"), ckpt_dir / "tokenizer_config.json"),
+        special_tokens_map=_obj(_read_json(ckpt_dir / "special_tokens_map.json"), ckpt_dir / "special_tokens_map.json"),
+        generation_config=_obj(_read_json(ckpt_dir / "generation_config.json"), ckpt_dir / "generation_config.json"),
+        added_tokens=_obj(_read_json(ckpt_dir / "added_tokens.json"), ckpt_dir / "added_tokens.json"),
+    )
+
+
+def _added_token_entries(files: _Files) -> list[tuple[int, str, bool]]:
+    """(id, content, special) from tokenizer.json's added_tokens and tokenizer_config.json's
+    added_tokens_decoder (the latter wins, as transformers does)."""
+    entries: dict[int, tuple[str, bool]] = {}
+    tj_path = files.directory / "tokenizer.json"
+    for item in (files.tokenizer_json or {}).get("added_tokens") or []:
+        if not isinstance(item, dict) or not isinstance(item.get("id"), int) or not isinstance(item.get("content"), str):
+            raise _bad(tj_path, f"malformed added_tokens entry {str(item)[:80]}")
+        entries[item["id"]] = (item["content"], bool(item.get("special")))
+    tc_path = files.directory / "tokenizer_config.json"
+    decoder = files.tokenizer_config.get("added_tokens_decoder") or {}
+    if not isinstance(decoder, dict):
+        raise _bad(tc_path, "added_tokens_decoder must be an object")
+    for key, item in decoder.items():
+        try:
+            token_id = int(key)
+        except ValueError as exc:
+            raise _bad(tc_path, f"added_tokens_decoder key {key!r} is not an id") from exc
+        content = _token_text(item)
+        if content is None:
+            raise _bad(tc_path, f"added_tokens_decoder[{key}] has no content")
+        entries[token_id] = (content, bool(item.get("special")))
+    return sorted((i, c, s) for i, (c, s) in entries.items())
+
+
+def _apply_added_tokens(vocab: _Vocab, files: _Files) -> None:
+    # As llama.cpp's SentencePiece path: added tokens get score -1000 and are CONTROL when
+    # special, USER_DEFINED otherwise (spaces in user-defined tokens are pre-normalized).
+    for token, token_id in sorted(files.added_tokens.items(), key=lambda kv: str(kv[1])):
+        if isinstance(token_id, int):
+            vocab.set(token_id, token, -1000.0, int(gguf.TokenType.USER_DEFINED), files.directory / "added_tokens.json")
+    for token_id, content, special in _added_token_entries(files):
+        if special or _looks_special(content):
+            vocab.set(token_id, content, -1000.0, int(gguf.TokenType.CONTROL), files.directory)
+        else:
+            vocab.set(token_id, content.replace(SPM_SPACE, " "), -1000.0, int(gguf.TokenType.USER_DEFINED),
+                      files.directory)
+
+
+# --- SentencePiece-style sources ------------------------------------------------------------------
+
+def _from_tokenizer_model(path: Path, files: _Files, vocab_size: int) -> TokenizerSpec:
+    model = read_model(path)
+    vocab = _Vocab()
+    for i, piece in enumerate(model.pieces):
+        vocab.set(i, piece.piece, piece.score, int(piece.type), path)
+    _apply_added_tokens(vocab, files)
+    tokens, scores, types = vocab.finish(vocab_size)
+    return TokenizerSpec(
+        model="llama", tokens=tokens, scores=scores, token_types=types,
+        bos_id=model.bos_id if model.bos_id >= 0 else None, eos_id=model.eos_id if model.eos_id >= 0 else None,
+        unk_id=model.unk_id if model.unk_id >= 0 else None, pad_id=model.pad_id if model.pad_id >= 0 else None,
+        add_space_prefix=model.add_dummy_prefix, remove_extra_whitespaces=model.remove_extra_whitespaces)
+
+
+def _components(node: Any) -> list[dict[str, Any]]:
+    """Flatten a normalizer / pre_tokenizer / decoder (``Sequence`` nodes) into a list."""
+    if not isinstance(node, dict):
+        return []
+    if node.get("type") == "Sequence":
+        children = node.get("normalizers") or node.get("pretokenizers") or node.get("decoders") or []
+        return [c for child in children for c in _components(child)]
+    return [node]
+
+
+def _metaspace_prefix(tj: dict[str, Any]) -> bool | None:
+    """Whether the tokenizer prepends ``▁`` (llama.cpp's add_space_prefix); None if it does
+    not use ``▁`` for spaces at all."""
+    uses_metaspace = False
+    prefix = False
+    for comp in _components(tj.get("normalizer")):
+        if comp.get("type") == "Prepend" and comp.get("prepend") == SPM_SPACE:
+            prefix = True
+        if comp.get("type") == "Replace" and comp.get("content") == SPM_SPACE:
+            uses_metaspace = True
+    for comp in _components(tj.get("pre_tokenizer")):
+        if comp.get("type") == "Metaspace":
+            uses_metaspace = True
+            scheme = comp.get("prepend_scheme")
+            prefix = prefix or (scheme in ("first", "always") if scheme is not None else bool(comp.get("add_prefix_space")))
+    return prefix if uses_metaspace else None
+
+
+def _is_byte_level(tj: dict[str, Any]) -> bool:
+    return any(c.get("type") == "ByteLevel" for c in _components(tj.get("pre_tokenizer"))) or \
+        any(c.get("type") == "ByteLevel" for c in _components(tj.get("decoder")))
+
+
+def _merge_strings(merges: Any, path: Path) -> list[str]:
+    if not isinstance(merges, list):
+        raise _bad(path, "model.merges must be a list")
+    out: list[str] = []
+    for merge in merges:
+        if isinstance(merge, str) and merge.count(" ") == 1:
+            out.append(merge)
+        elif isinstance(merge, list) and len(merge) == 2 and all(isinstance(p, str) for p in merge):
+            out.append(f"{merge[0]} {merge[1]}")  # newer tokenizers write [left, right]
+        else:
+            raise _bad(path, f"malformed merge {str(merge)[:60]!r}")
+    return out
+
+
+def _model_vocab(model: dict[str, Any], path: Path) -> dict[int, tuple[str, float]]:
+    raw = model.get("vocab")
+    out: dict[int, tuple[str, float]] = {}
+    if isinstance(raw, dict):  # BPE: {piece: id}
+        for piece, token_id in raw.items():
+            if not isinstance(token_id, int):
+                raise _bad(path, f"vocab id for {piece!r} is not an integer")
+            out[token_id] = (piece, 0.0)
+    elif isinstance(raw, list):  # Unigram: [[piece, score], ...] in id order
+        for token_id, item in enumerate(raw):
+            if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
+                    and isinstance(item[1], (int, float))):
+                raise _bad(path, f"malformed Unigram vocab entry {token_id}")
+            out[token_id] = (item[0], float(item[1]))
+    else:
+        raise _bad(path, "model.vocab is missing")
+    if len(out) > MAX_VOCAB:
+        raise _bad(path, "vocabulary is too large")
+    return out
+
+
+def _spm_from_tokenizer_json(tj: dict[str, Any], files: _Files, vocab_size: int, space_prefix: bool) -> TokenizerSpec:
+    path = files.directory / "tokenizer.json"
+    model = tj["model"]
+    pieces = _model_vocab(model, path)
+    scores: dict[int, float]
+    if model.get("type") == "BPE":
+        # No scores in a BPE tokenizer.json: llama.cpp's tokenizer merges the adjacent pair whose
+        # merged token has the highest score, so score a token by minus the rank of the merge
+        # that creates it; tokens no merge creates (single symbols) score below every merge.
+        text_to_id = {text: i for i, (text, _s) in pieces.items()}
+        merges = _merge_strings(model.get("merges", []), path)
+        scores = {i: -float(len(merges) + 1) for i in pieces}
+        for rank, merge in enumerate(merges):
+            merged = merge.replace(" ", "")
+            token_id = text_to_id.get(merged)
+            if token_id is not None and scores[token_id] < -rank:
+                scores[token_id] = -float(rank)
+    else:
+        scores = {i: s for i, (_t, s) in pieces.items()}
+    unk_text = model.get("unk_token")
+    unk_id = model.get("unk_id") if model.get("type") == "Unigram" else None
+    vocab = _Vocab()
+    for i, (text, _s) in pieces.items():
+        if BYTE_TOKEN.fullmatch(text):
+            token_type = int(gguf.TokenType.BYTE)
+        elif (unk_id is not None and i == unk_id) or (unk_text is not None and text == unk_text):
+            token_type = int(gguf.TokenType.UNKNOWN)
+        else:
+            token_type = int(gguf.TokenType.NORMAL)
+        vocab.set(i, text, scores[i], token_type, path)
+    _apply_added_tokens(vocab, files)
+    tokens, all_scores, types = vocab.finish(vocab_size)
+    spec = TokenizerSpec(model="llama", tokens=tokens, scores=all_scores, token_types=types,
+                         add_space_prefix=space_prefix)
+    unk_ids = [i for i, t in enumerate(types) if t == int(gguf.TokenType.UNKNOWN)]
+    spec.unk_id = unk_ids[0] if unk_ids else None
+    return spec
+
+
+# --- byte-level BPE -------------------------------------------------------------------------------
+
+def _pre_tokenizer_name(tj: dict[str, Any], path: Path) -> str:
+    comps = _components(tj.get("pre_tokenizer"))
+    regexes: list[str] = []
+    for comp in comps:
+        if comp.get("type") == "Split":
+            pattern = comp.get("pattern") or {}
+            regex = pattern.get("Regex") if isinstance(pattern, dict) else None
+            if not isinstance(regex, str):
+                raise InvalidCheckpointError(
+                    f"{path}: pre-tokenizer Split without a regex ({str(pattern)[:80]}) is not supported",
+                    fix="convert a tokenizer whose pre-tokenizer llama.cpp implements")
+            regexes.append(regex)
+    byte_level_regex = any(c.get("type") == "ByteLevel" and c.get("use_regex", True) for c in comps)
+    if not regexes and byte_level_regex:
+        return "gpt2"  # ByteLevel's built-in regex is GPT-2's
+    if len(regexes) == 1 and not byte_level_regex and regexes[0] in KNOWN_PRE_TOKENIZER_REGEXES:
+        return KNOWN_PRE_TOKENIZER_REGEXES[regexes[0]]
+    shown = " + ".join(regexes) if regexes else "(no Split regex)"
+    raise InvalidCheckpointError(
+        f"{path}: unknown pre-tokenizer regex {shown[:300]!r}; llama.cpp would split text differently "
+        "than the model was trained on",
+        fix="supported pre-tokenizers: " + ", ".join(sorted(set(KNOWN_PRE_TOKENIZER_REGEXES.values()))))
+
+
+def _gpt2_from_tokenizer_json(tj: dict[str, Any], files: _Files, vocab_size: int) -> TokenizerSpec:
+    path = files.directory / "tokenizer.json"
+    model = tj["model"]
+    pre = _pre_tokenizer_name(tj, path)
+    pieces = _model_vocab(model, path)
+    merges = _merge_strings(model.get("merges", []), path)
+    vocab = _Vocab()
+    for i, (text, _s) in pieces.items():
+        vocab.set(i, text, 0.0, int(gguf.TokenType.NORMAL), path)
+    # Added tokens are stored as their raw text (llama.cpp matches them before byte encoding).
+    for token_id, content, special in _added_token_entries(files):
+        token_type = gguf.TokenType.CONTROL if special or _looks_special(content) else gguf.TokenType.USER_DEFINED
+        vocab.set(token_id, content, 0.0, int(token_type), files.directory)
+    tokens, _scores, types = vocab.finish(vocab_size)
+    return TokenizerSpec(model="gpt2", tokens=tokens, token_types=types, merges=merges, pre=pre)
+
+
+# --- special ids, flags, template -------------------------------------------------------------------
+
+def _special_id(files: _Files, config: dict[str, Any], role: str, tokens: list[str]) -> int | None:
+    for source in (files.tokenizer_config, files.special_tokens_map):
+        text = _token_text(source.get(f"{role}_token"))
+        if text is not None:
+            try:
+                return tokens.index(text)  # the first id with that text, searched at C speed
+            except ValueError:
+                raise InvalidCheckpointError(
+                    f"{role}_token {text!r} in {files.directory} is not in the vocabulary",
+                    fix="fix tokenizer_config.json / special_tokens_map.json") from None
+    for source in (files.generation_config, config):
+        value = source.get(f"{role}_token_id")
+        if isinstance(value, list) and value:
+            value = value[0]  # several eos ids: the first is the model's own eos
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(tokens):
+            return value
+    return None
+
+
+def _template_flags(tj: dict[str, Any] | None, bos: int | None, eos: int | None) -> tuple[bool | None, bool | None]:
+    """add_bos / add_eos from tokenizer.json's TemplateProcessing post-processor (Llama 3 style)."""
+    if not tj:
+        return None, None
+    node = tj.get("post_processor")
+    nodes = node.get("processors", []) if isinstance(node, dict) and node.get("type") == "Sequence" else [node]
+    for proc in nodes:
+        if isinstance(proc, dict) and proc.get("type") == "TemplateProcessing":
+            single = proc.get("single") or []
+            special_tokens = proc.get("special_tokens") or {}
+
+            def special_id(item: Any) -> int | None:
+                if isinstance(item, dict) and isinstance(item.get("SpecialToken"), dict):
+                    ids = (special_tokens.get(item["SpecialToken"].get("id")) or {}).get("ids") or []
+                    return ids[0] if len(ids) == 1 else None
+                return None
+
+            first = special_id(single[0]) if single else None
+            last = special_id(single[-1]) if single else None
+            return (first is not None and first == bos), (last is not None and last == eos)
+    return None, None
+
+
+def _chat_template(files: _Files) -> str | list[dict[str, str]] | None:
+    jinja = files.directory / "chat_template.jinja"
+    if jinja.is_file():
+        try:
+            return jinja.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise _bad(jinja, f"cannot read ({exc})") from exc
+    value = files.tokenizer_config.get("chat_template")
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(v, dict) and isinstance(v.get("name"), str)
+                                       and isinstance(v.get("template"), str) for v in value):
+        return [{"name": v["name"], "template": v["template"]} for v in value]
+    raise _bad(files.directory / "tokenizer_config.json", "chat_template must be a string or a list of {name, template}")
+
+
+def read_tokenizer(ckpt_dir: Path, config: dict[str, Any]) -> TokenizerSpec:
+    """Read the tokenizer of the HF checkpoint in ``ckpt_dir`` (``config`` = its config.json)."""
+    try:
+        return _read_tokenizer(Path(ckpt_dir), config)
+    except EdgeLoraError:
+        raise
+    except (TypeError, KeyError, AttributeError, IndexError, ValueError) as exc:
+        # tokenizer.json and tokenizer_config.json are free-form JSON: a field of an unexpected
+        # type (a number where a list of normalizers belongs) would otherwise be a traceback.
+        raise _bad(Path(ckpt_dir), f"a tokenizer file has an unexpected structure "
+                                   f"({type(exc).__name__}: {exc})") from exc
+
+
+def _read_tokenizer(ckpt_dir: Path, config: dict[str, Any]) -> TokenizerSpec:
+    files = _load_files(ckpt_dir)
+    spm_path = ckpt_dir / "tokenizer.model"
+    vocab_size = config.get("vocab_size") if isinstance(config.get("vocab_size"), int) else 0
+    tj = files.tokenizer_json
+    tj_model = tj.get("model") if tj else None
+    if tj is not None and not isinstance(tj_model, dict):
+        raise _bad(ckpt_dir / "tokenizer.json", "no model section")
+
+    if tj is not None and tj_model is not None and tj_model.get("type") == "BPE" and _is_byte_level(tj):
+        spec = _gpt2_from_tokenizer_json(tj, files, vocab_size)
+    elif spm_path.is_file():
+        spec = _from_tokenizer_model(spm_path, files, vocab_size)  # llama.cpp prefers tokenizer.model
+    elif tj is not None and tj_model is not None:
+        kind = tj_model.get("type")
+        prefix = _metaspace_prefix(tj)
+        if kind == "Unigram" or (kind == "BPE" and (tj_model.get("byte_fallback") or prefix is not None)):
+            spec = _spm_from_tokenizer_json(tj, files, vocab_size, bool(prefix))
+        else:
+            raise InvalidCheckpointError(
+                f"{ckpt_dir / 'tokenizer.json'}: tokenizer model {kind!r} is neither byte-level BPE nor "
+                "SentencePiece-style", fix="convert a checkpoint with a BPE or Unigram tokenizer")
+    else:
+        raise InvalidCheckpointError(f"no tokenizer.json or tokenizer.model in {ckpt_dir}",
+                                     fix="copy the tokenizer files of the base model into the checkpoint directory")
+
+    if vocab_size and len(spec.tokens) > vocab_size:
+        raise InvalidCheckpointError(
+            f"tokenizer has {len(spec.tokens)} tokens but config.json vocab_size is {vocab_size}",
+            fix="resize the model's embeddings to the tokenizer, or fix config.json")
+
+    for role in ("bos", "eos", "unk", "pad"):
+        token_id = _special_id(files, config, role, spec.tokens)
+        if token_id is not None:
+            setattr(spec, f"{role}_id", token_id)
+    tc = files.tokenizer_config
+    add_bos, add_eos = _template_flags(tj, spec.bos_id, spec.eos_id)
+    spec.add_bos = tc["add_bos_token"] if isinstance(tc.get("add_bos_token"), bool) else add_bos
+    spec.add_eos = tc["add_eos_token"] if isinstance(tc.get("add_eos_token"), bool) else add_eos
+    spec.chat_template = _chat_template(files)
+    return spec
+
+
+def add_tokenizer(writer: gguf.GGUFWriter, spec: TokenizerSpec) -> None:
+    """Write ``spec`` as ``tokenizer.ggml.*`` metadata."""
+    writer.add_tokenizer_model(spec.model)
+    writer.add_tokenizer_pre(spec.pre or "default")
+    writer.add_token_list(spec.tokens)
+    if spec.scores is not None:
+        writer.add_token_scores(spec.scores)
+    writer.add_token_types(spec.token_types)
+    if spec.merges:
+        writer.add_token_merges(spec.merges)
+    for token_id, add in ((spec.bos_id, writer.add_bos_token_id), (spec.eos_id, writer.add_eos_token_id),
+                          (spec.unk_id, writer.add_unk_token_id), (spec.pad_id, writer.add_pad_token_id)):
+        if token_id is not None:
+            add(token_id)
+    if spec.add_bos is not None:
+        writer.add_add_bos_token(spec.add_bos)
+    if spec.add_eos is not None:
+        writer.add_add_eos_token(spec.add_eos)
+    if spec.add_space_prefix is not None:
+        writer.add_add_space_prefix(spec.add_space_prefix)
+    if spec.remove_extra_whitespaces is not None:
+        writer.add_remove_extra_whitespaces(spec.remove_extra_whitespaces)
+    if spec.chat_template:
+        writer.add_chat_template(spec.chat_template)

@@ -1,0 +1,66 @@
+"""Everything the TUI asks of the library, as injectable callables.
+
+``TuiServices`` holds one callable per capability; ``real_services.default_services()`` wires the real
+edge_lora / converters modules (imported lazily, so the app starts fast and tests can replace
+any of them with a fake). The adapters below only translate the library's result objects into
+``edge_lora.tui.view_model`` data; the decisions (what fits, what is recommended, the numbers) are the
+library's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from edge_lora.core.progress import ProgressSink
+from edge_lora.tui.view_model import AdapterEntry, FitPrediction, HardwareView, ModelDirView, QualityResult
+
+
+class ChatRuntime(Protocol):
+    """The part of edge_lora.runtime.Runtime the chat pane uses."""
+
+    def load_adapter(self, name: str, path: Path | str, scale: float = 1.0) -> Any: ...
+    def render_conversation(self, history: Sequence[Mapping[str, Any]], reply_room: int) -> tuple[Any, int]: ...
+    def generate(self, prompt: Any, adapters: Mapping[str, float | None] | None = None,
+                 max_tokens: int = 128, **kwargs: Any) -> Iterable[str]: ...
+    def close(self) -> None: ...
+
+
+HardwareProvider = Callable[[], HardwareView]
+FitFn = Callable[[Sequence[Path], int, int], list[FitPrediction]]  # (paths, ctx, available bytes)
+PplFn = Callable[[Path, str, int, "Path | None", ProgressSink], QualityResult]  # (model, text, ctx, kld base, progress)
+QualityRecorder = Callable[[Path, Path, QualityResult], None]  # (dir, model path, result)
+RuntimeFactory = Callable[[Path, int], ChatRuntime]  # (model path, n_ctx)
+AdapterLister = Callable[[], list[AdapterEntry]]
+AdapterRegistrar = Callable[[str, Path, float], AdapterEntry]
+ConvertFn = Callable[[str, Path, "str | None", Sequence[str], ProgressSink], Path]  # -> output dir
+ModelfileWriter = Callable[[Path, int, Path], Path]  # (model path, num_ctx, out dir) -> written file
+ModelDirLoader = Callable[[Path], ModelDirView]
+DemoModelProvider = Callable[[], Path]
+EvalTextProvider = Callable[[], str]
+
+
+@dataclass(frozen=True)
+class TuiServices:
+    hardware_provider: HardwareProvider
+    fit_fn: FitFn
+    ppl_fn: PplFn
+    record_quality: QualityRecorder
+    runtime_factory: RuntimeFactory
+    list_adapters: AdapterLister
+    register_adapter: AdapterRegistrar
+    convert_fn: ConvertFn
+    write_modelfile: ModelfileWriter
+    load_model_dir: ModelDirLoader
+    demo_model: DemoModelProvider
+    eval_text: EvalTextProvider
+
+    def with_overrides(self, **overrides: Any) -> TuiServices:
+        known = {f.name for f in fields(self)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise TypeError(f"unknown TUI service(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
