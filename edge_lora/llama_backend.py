@@ -14,7 +14,7 @@ import contextlib
 import ctypes
 import threading
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -111,8 +111,11 @@ class LlamaModel(_NativeHandle):
         self.bos: int = llama.llama_vocab_bos(self._vocab)
         self.eos: int = llama.llama_vocab_eos(self._vocab)
         self.add_bos: bool = bool(llama.llama_vocab_get_add_bos(self._vocab))
-        self._dependents: weakref.WeakSet[LlamaContext | LoraAdapter] = weakref.WeakSet()
+        # Positions a sliding-window attention layer looks back (0: no such layers).
+        self.n_swa: int = int(llama.llama_model_n_swa(self._ptr))
+        self._dependents: weakref.WeakSet[LlamaContext | LoraAdapter | GrammarSampler] = weakref.WeakSet()
         self._lock = threading.Lock()
+        self._control: np.ndarray | None = None
 
     # --- lifetime ---
     @property
@@ -125,7 +128,7 @@ class LlamaModel(_NativeHandle):
     def closed(self) -> bool:
         return not self._ptr
 
-    def _register(self, dependent: LlamaContext | LoraAdapter) -> None:
+    def _register(self, dependent: LlamaContext | LoraAdapter | GrammarSampler) -> None:
         self._dependents.add(dependent)
 
     def close(self) -> None:
@@ -182,6 +185,19 @@ class LlamaModel(_NativeHandle):
 
     def is_eog(self, token: int) -> bool:
         return bool(llama.llama_vocab_is_eog(self._vocab_ptr(), token))
+
+    @property
+    def control_tokens(self) -> np.ndarray:
+        """A boolean mask over the vocabulary: control tokens that are not end-of-generation
+        (``<start_of_turn>``, ``<bos>``, ...). They print as nothing, so a grammar that matched
+        their spelled-out text would not match what the reader gets. Built once (~0.1 s)."""
+        with self._lock:
+            if self._control is None:
+                vocab = self._vocab_ptr()
+                self._control = np.fromiter(
+                    (bool(llama.llama_vocab_is_control(vocab, t)) and not llama.llama_vocab_is_eog(vocab, t)
+                     for t in range(self.n_vocab)), dtype=bool, count=self.n_vocab)
+            return self._control
 
     def token_id(self, text: str) -> int | None:
         """The id of a single (special) token spelled ``text``, or None."""
@@ -256,9 +272,16 @@ class LoraAdapter(_NativeHandle):
 
 
 class LlamaContext(_NativeHandle):
-    """One inference context (KV cache) on a model: single sequence, batched decode."""
+    """One inference context (KV cache) on a model: single sequence, batched decode. It
+    remembers which token sits at each cached position, so a later prompt can keep the
+    prefix it shares with them (``reusable_prefix``, ``keep_prefix``)."""
 
-    def __init__(self, model: LlamaModel, n_ctx: int, n_batch: int = 512, n_threads: int | None = None) -> None:
+    def __init__(self, model: LlamaModel, n_ctx: int, n_batch: int = 512, n_threads: int | None = None,
+                 *, flash_attn: bool | None = None, swa_full: bool = True) -> None:
+        """``flash_attn``: None lets llama.cpp choose (on for CPU). Its single-token kernel splits
+        the KV cache across threads, so logits then depend on the thread count; off, they do not.
+        ``swa_full``: sliding-window layers keep every position (llama.cpp's default), so the
+        cache can be cut anywhere; off, they keep ~n_swa + n_batch and a cut may be refused."""
         if n_ctx < 8:
             raise RequestError(f"context size {n_ctx} is too small", fix="use --ctx 512 or more")
         if n_batch < 1:
@@ -271,10 +294,13 @@ class LlamaContext(_NativeHandle):
         params.n_batch = self.n_batch
         params.n_ubatch = self.n_batch
         params.n_seq_max = 1
-        threads = n_threads or constants.N_THREADS
-        params.n_threads = threads
-        params.n_threads_batch = threads
+        self.n_threads = n_threads or constants.N_THREADS
+        params.n_threads = self.n_threads
+        params.n_threads_batch = self.n_threads
         params.no_perf = True
+        if flash_attn is not None:
+            params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        params.swa_full = swa_full
         _clear_log()
         self._ptr = llama.llama_init_from_model(model.ptr, params)
         if not self._ptr:
@@ -286,7 +312,9 @@ class LlamaContext(_NativeHandle):
         # Logit rows of earlier chunks of a multi-chunk decode (copied: llama.cpp reuses its buffer).
         self._saved: dict[int, np.ndarray] = {}
         self._last_rows: dict[int, int] = {}  # token index in the decode call -> row in last chunk
-        self._n_past = 0  # positions 0.._n_past-1 are in the KV cache
+        self._tokens: list[int] = []  # the token at each position held in the KV cache (0..n-1)
+        # Asked before every llama_decode call, so a long prefill re-splits the cores as requests come and go.
+        self.thread_policy: Callable[[], int] | None = None
         model._register(self)
 
     # --- lifetime ---
@@ -303,10 +331,26 @@ class LlamaContext(_NativeHandle):
             self._ptr = None
             self._adapters = ()
 
+    def set_threads(self, n_threads: int) -> None:
+        """Threads for the next decodes (llama.cpp reads them at each decode call)."""
+        n_threads = max(1, int(n_threads))
+        if n_threads != self.n_threads:
+            llama.llama_set_n_threads(self.ptr, n_threads, n_threads)
+            self.n_threads = n_threads
+
     # --- KV cache ---
+    @property
+    def n_past(self) -> int:
+        """Positions 0..n_past-1 are in the KV cache."""
+        return len(self._tokens)
+
+    @property
+    def cached_tokens(self) -> tuple[int, ...]:
+        return tuple(self._tokens)
+
     def clear_kv(self) -> None:
         llama.llama_memory_clear(llama.llama_get_memory(self.ptr), True)
-        self._n_past = 0
+        self._tokens = []
 
     def remove_kv_from(self, pos: int) -> bool:
         """Drop cached positions >= pos (to reuse a shared prompt prefix). False when the cache
@@ -314,10 +358,45 @@ class LlamaContext(_NativeHandle):
         if pos <= 0:
             self.clear_kv()
             return True
+        if pos >= len(self._tokens):
+            return True
+        if not self._window_kept_before(pos):
+            return False
         ok = bool(llama.llama_memory_seq_rm(llama.llama_get_memory(self.ptr), 0, pos, -1))
         if ok:
-            self._n_past = min(self._n_past, pos)
+            del self._tokens[pos:]
         return ok
+
+    def _window_kept_before(self, pos: int) -> bool:
+        """Whether a token decoded at ``pos`` would find every cached key it attends to.
+        A sliding-window cache (Gemma 3's local layers, swa_full off) holds only the last
+        n_swa + n_ubatch positions; seq_rm still "succeeds" when the window before the cut is
+        gone, so the check is ours: llama-server's rule, the cache must still hold position
+        pos - n_swa (all positions between its smallest and largest are guaranteed present)."""
+        if self.model.n_swa <= 0:
+            return True
+        pos_min = llama.llama_memory_seq_pos_min(llama.llama_get_memory(self.ptr), 0)
+        return 0 <= pos_min <= max(0, pos - self.model.n_swa)
+
+    def reusable_prefix(self, tokens: Sequence[int]) -> int:
+        """How many leading ``tokens`` the KV cache already holds and can keep: their common
+        prefix with the cached tokens, less at least one token (the last prompt token is always
+        decoded, for its logits); 0 when the cache cannot be cut there."""
+        limit = min(len(self._tokens), len(tokens) - 1)
+        n = 0
+        while n < limit and self._tokens[n] == tokens[n]:
+            n += 1
+        if n == 0 or (n < len(self._tokens) and not self._window_kept_before(n)):
+            return 0
+        return n
+
+    def keep_prefix(self, n: int) -> int:
+        """Keep the first ``n`` cached positions and drop the rest; returns how many were kept
+        (0 after clearing the cache when it cannot be cut at ``n``)."""
+        if n > 0 and self.remove_kv_from(n):
+            return min(n, len(self._tokens))
+        self.clear_kv()
+        return 0
 
     # --- adapters ---
     @property
@@ -363,9 +442,9 @@ class LlamaContext(_NativeHandle):
                                fix="shorten the prompt or raise --ctx")
         for t in tokens:
             self.model._check_token(int(t))
-        if pos0 > self._n_past:
-            raise RequestError(f"decode at position {pos0} leaves a gap after the {self._n_past} cached tokens")
-        if pos0 < self._n_past and not self.remove_kv_from(pos0):
+        if pos0 > self.n_past:
+            raise RequestError(f"decode at position {pos0} leaves a gap after the {self.n_past} cached tokens")
+        if pos0 < self.n_past and not self.remove_kv_from(pos0):
             raise RequestError(f"the KV cache cannot be cut at position {pos0}",
                                fix="call clear_kv() and decode from position 0")
         if logits == "last":
@@ -392,9 +471,11 @@ class LlamaContext(_NativeHandle):
                 if want:
                     rows[start + k] = k
             batch.n_tokens = len(chunk)
+            if self.thread_policy is not None:
+                self.set_threads(self.thread_policy())
             rc = llama.llama_decode(self.ptr, batch)
             if rc == 0:
-                self._n_past = pos0 + start + len(chunk)
+                self._tokens.extend(int(t) for t in chunk)
             else:
                 self.clear_kv()  # a failed batch may leave part of it in the cache
                 if rc == 1:
@@ -426,3 +507,49 @@ class LlamaContext(_NativeHandle):
         if i in self._saved:
             return self._saved[i]
         raise RequestError(f"no logits were requested for token {i} in the last decode")
+
+
+# llama_token_data as numpy sees it: {int32 id; float logit; float p}.
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+
+
+class GrammarSampler(_NativeHandle):
+    """llama.cpp's GBNF grammar as a filter over candidate tokens, one per generation:
+    ``allowed(ids)`` says which tokens the grammar accepts next, ``accept(token)`` advances it.
+    Only ever accept a token ``allowed`` returned (llama.cpp aborts on any other)."""
+
+    def __init__(self, model: LlamaModel, gbnf: str, root: str = "root") -> None:
+        self.model = model
+        _clear_log()
+        self._ptr = llama.llama_sampler_init_grammar(model._vocab_ptr(), gbnf.encode("utf-8"), root.encode())
+        if not self._ptr:
+            detail = _last_log_lines()
+            raise RequestError("the grammar does not parse" + (f": {detail}" if detail else ""),
+                               fix="check the GBNF (llama.cpp grammars/README.md)")
+        model._register(self)
+
+    @property
+    def ptr(self) -> llama.llama_sampler_p:
+        if not self._ptr:
+            raise InternalError("the grammar sampler was already freed")
+        return self._ptr
+
+    def allowed(self, ids: np.ndarray) -> np.ndarray:
+        """A boolean mask over ``ids``: which tokens may come next. End-of-generation tokens
+        are allowed only once the grammar is complete."""
+        data = np.zeros(len(ids), dtype=_TOKEN_DATA)
+        if not len(ids):
+            return np.zeros(0, dtype=bool)
+        data["id"] = ids
+        array = llama.llama_token_data_array(
+            data=data.ctypes.data_as(llama.llama_token_data_p), size=len(ids), selected=-1, sorted=False)
+        llama.llama_sampler_apply(self.ptr, ctypes.byref(array))
+        return np.isfinite(data["logit"])
+
+    def accept(self, token: int) -> None:
+        llama.llama_sampler_accept(self.ptr, int(token))
+
+    def close(self) -> None:
+        if getattr(self, "_ptr", None):
+            llama.llama_sampler_free(self._ptr)  # touches only the grammar's own memory
+            self._ptr = None
