@@ -1,16 +1,22 @@
 """The runtime: a quantized base loaded once (mmap) and LoRA adapters hot-applied per request.
 
-Concurrency: requests take a context from a small pool (the queue is the lock). A context's
-adapter set is switched (and its KV cache cleared) at the start of each request while the
-request holds the context exclusively, so one request's adapters are never active during
-another's. Unloading an adapter or closing takes every context first (under one lock, so two
-drains never split the pool between them), so nothing is freed under a running decode. bench/runtime.py measured on 2 cores: one 2-thread context behind a lock serves 8
-concurrent mixed-adapter clients at the same tokens/s as sequential requests, while two
-1-thread contexts serve them 1.5-1.7x faster and a lone request is within ±10%. So
-`serve` uses a pool of two (threads split between them); `run` (one user) uses one context.
-Every request starts from an empty KV cache: reusing a cached prefix would make a request's
-logits depend on what ran before it (llama.cpp's kernels differ by batch shape), and the
-contract is that a request gives the same tokens whether made alone or among others.
+Concurrency: requests take a context from a small pool; a context is used by one request at a
+time. Its adapter set is switched at the start of each request while the request holds it, so
+one request's adapters are never active during another's. Unloading an adapter or closing takes
+every context first (drains go before waiting requests), so nothing is freed under a decode.
+
+Prompt cache: each context remembers the tokens its KV cache holds and the adapter set (the
+adapters and scales) they were computed under. A request reuses the longest prefix it shares
+with a context's cache computed under the same adapter set and decodes only the rest; the pool
+hands it the free context with the longest such prefix. Changing a context's adapter set clears
+its cache. Reuse changes logits slightly (llama.cpp's kernels depend on batch shape), so
+``cache_prompt=False`` keeps the exact mode: an empty cache and a full prefill, giving the same
+tokens whether a request runs alone or among others.
+
+Threads: the cores are shared by the requests decoding at the moment (each decode call asks),
+so a lone request gets all of them and two overlapping ones half each. Flash attention is off:
+its single-token kernel splits the KV cache by thread count, which would make a request's
+tokens depend on how many others were running.
 """
 
 from __future__ import annotations
@@ -18,9 +24,9 @@ from __future__ import annotations
 import codecs
 import itertools
 import logging
-import queue
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +35,10 @@ import numpy as np
 
 from edge_lora.core import constants
 from edge_lora.core.chat_template import ChatTemplate, render_chat, template_for
-from edge_lora.core.errors import (ContextLengthError, InputNotFoundError, InvalidGGUFError, RegistryError,
-                              RequestError)
-from edge_lora.llama_backend import LlamaContext, LlamaModel, LoraAdapter
+from edge_lora.core.errors import (ContextLengthError, InputNotFoundError, InternalError, InvalidGGUFError,
+                                   RegistryError, RequestError)
+from edge_lora.llama_backend import GrammarSampler, LlamaContext, LlamaModel, LoraAdapter
+from edge_lora.structured import Grammar
 
 # How long close() waits for running generations to stop before leaving their contexts to the
 # process exit (freeing a context under a running decode would crash inside llama.cpp).
@@ -48,12 +55,27 @@ class LoadedAdapter:
     adapter: LoraAdapter
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token with its log-probability under the model (log-softmax of the raw
+    logits the sampler drew from: before temperature, top-k/top-p and any grammar)."""
+    token: int
+    piece: bytes  # the token's bytes (a multi-byte character may span tokens)
+    logprob: float
+    top: tuple[tuple[int, bytes, float], ...]  # the most likely tokens there, most likely first
+    offset: int  # where the token's text starts in the generated text, in characters
+
+
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
     tokens: list[int] = field(default_factory=list)
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prompt cache
+    # With logprobs asked: one entry per token of the text yielded so far (appended before
+    # each piece is yielded; tokens cut off by a stop string are left out).
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -64,6 +86,8 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # None: none; n: each token's log-probability and the n most likely
+    grammar: Grammar | None = None  # the answer must match it (structured output)
 
     def check(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 0:
@@ -78,6 +102,10 @@ class SamplingParams:
             raise RequestError(f"seed must be an integer, got {self.seed!r}")
         if len(self.stop) > constants.MAX_STOP_STRINGS or any(not isinstance(s, str) or not s for s in self.stop):
             raise RequestError(f"stop must be up to {constants.MAX_STOP_STRINGS} non-empty strings")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= constants.MAX_TOP_LOGPROBS):
+            raise RequestError(f"logprobs must be an integer from 0 to {constants.MAX_TOP_LOGPROBS}, "
+                               f"got {self.logprobs!r}")
 
 
 def _check_finite(top_logit: float) -> None:
@@ -89,9 +117,12 @@ def _check_finite(top_logit: float) -> None:
                                fix="re-convert the model and adapter, or lower the adapter scale")
 
 
-def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
-    """Greedy at temperature 0; otherwise top-k, then top-p (nucleus), then a seeded draw."""
-    if params.temperature == 0.0:
+def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
+                 allow: Callable[[np.ndarray], np.ndarray] | None = None) -> int:
+    """Greedy at temperature 0; otherwise top-k, then top-p (nucleus), then a seeded draw.
+    ``allow`` (a grammar) maps candidate token ids to a mask of those that may come next: only
+    they are considered, as if every other logit were -inf."""
+    if params.temperature == 0.0 and allow is None:
         best = int(np.argmax(logits))  # argmax lands on the first NaN when there is one
         _check_finite(float(logits[best]))
         return best
@@ -100,10 +131,16 @@ def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Gene
     # Tokens more than 30 nats below the best carry < 1e-13 probability each: leaving them out
     # changes no draw measurably and usually skips almost all of a 262k vocabulary. Compared
     # before dividing, so a tiny temperature keeps only the best (never inf - inf).
-    candidates = np.flatnonzero(logits >= top - 30.0 * params.temperature)
+    window = 30.0 * (params.temperature or 1.0)
+    candidates = np.flatnonzero(logits >= top - window)
+    if allow is not None:
+        candidates = _allowed(logits, candidates, top - window, window, allow, widen=params.temperature > 0)
+    if params.temperature == 0.0:
+        return int(candidates[np.argmax(logits[candidates])])
     if params.top_k and params.top_k < candidates.size:
         candidates = candidates[np.argpartition(logits[candidates], -params.top_k)[-params.top_k:]]
-    weights = np.exp((logits[candidates].astype(np.float64) - top) / params.temperature)
+    best = float(logits[candidates].max())
+    weights = np.exp((logits[candidates].astype(np.float64) - best) / params.temperature)
     if params.top_p < 1.0:
         target = params.top_p * weights.sum()
         order = _heaviest_covering(weights, target)
@@ -111,6 +148,38 @@ def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Gene
         keep = int(np.searchsorted(np.cumsum(weights), target)) + 1
         candidates, weights = candidates[:keep], weights[:keep]
     return _draw(candidates, weights, rng)
+
+
+def _allowed(logits: np.ndarray, candidates: np.ndarray, floor: float, window: float,
+             allow: Callable[[np.ndarray], np.ndarray], widen: bool) -> np.ndarray:
+    """The allowed tokens within ``window`` of the best allowed one. Asking the grammar about
+    the whole vocabulary costs ~0.2 s, so it is asked about the likely tokens first and about the
+    rest only when none of them is allowed (or, when sampling, when the window must widen)."""
+    ok = candidates[allow(candidates)]
+    if ok.size == 0:
+        rest = np.flatnonzero(logits < floor)
+        ok = rest[allow(rest)]
+        if ok.size == 0:
+            raise InternalError("the grammar allows no token of the vocabulary here")
+        return ok[logits[ok] >= float(logits[ok].max()) - window]
+    lower = float(logits[ok].max()) - window
+    if widen and lower < floor:
+        extra = np.flatnonzero((logits >= lower) & (logits < floor))
+        ok = np.concatenate([ok, extra[allow(extra)]])
+    return ok
+
+
+def token_logprobs(logits: np.ndarray, token: int, n_top: int) -> tuple[float, list[tuple[int, float]]]:
+    """log softmax(logits)[token] and the ``n_top`` most likely (token, log-probability), most
+    likely first (ties by token id)."""
+    top = float(logits.max())
+    log_z = top + float(np.log(np.exp(logits - top, dtype=np.float32).sum(dtype=np.float64)))
+    chosen = float(logits[token]) - log_z
+    if not n_top:
+        return chosen, []
+    ids = np.argpartition(-logits, n_top - 1)[:n_top] if n_top < logits.size else np.arange(logits.size)
+    ids = ids[np.lexsort((ids, -logits[ids]))]
+    return chosen, [(int(i), float(logits[i]) - log_z) for i in ids]
 
 
 def _heaviest_covering(weights: np.ndarray, target: float) -> np.ndarray:
@@ -184,30 +253,99 @@ class Generation:
         return "".join(self._pieces)
 
 
+class ContextPool:
+    """The runtime's contexts and the cores they share. A request takes the free context whose
+    KV cache serves it best (``score``; ties: the least recently used, so recent caches stay);
+    drains (adapter unloads, close) take every context and go before waiting requests."""
+
+    def __init__(self, contexts: Sequence[LlamaContext], thread_budget: int) -> None:
+        self.contexts = list(contexts)
+        self.thread_budget = max(1, thread_budget)
+        self._free = list(contexts)
+        self._cond = threading.Condition()
+        self._drain_lock = threading.Lock()  # one drain at a time, so two never split the pool
+        self._draining = 0
+        self._decoding: set[int] = set()  # ids of contexts decoding for a request right now
+        self._stamps = itertools.count(1)
+        self._last_used = {id(c): 0 for c in contexts}
+        for context in self.contexts:
+            context.thread_policy = self.threads_each
+
+    def acquire(self, score: Callable[[LlamaContext], int], closing: threading.Event) -> LlamaContext:
+        with self._cond:
+            while True:  # polled, so a request waiting for a context notices close()
+                if closing.is_set():
+                    raise RequestError("the model is being unloaded", fix="retry once the server is back")
+                if self._free and not self._draining:
+                    best = max(self._free, key=lambda c: (score(c), -self._last_used[id(c)]))
+                    self._free.remove(best)
+                    return best
+                self._cond.wait(0.1)
+
+    def release(self, context: LlamaContext) -> None:
+        with self._cond:
+            self._decoding.discard(id(context))
+            self._last_used[id(context)] = next(self._stamps)
+            self._free.append(context)
+            self._cond.notify_all()
+
+    def take_all(self, timeout: float | None = None) -> list[LlamaContext]:
+        """Every context of the pool (only the free ones if ``timeout`` seconds pass first)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._drain_lock, self._cond:
+            self._draining += 1
+            try:
+                while len(self._free) < len(self.contexts):
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+                taken, self._free = self._free, []
+                return taken
+            finally:
+                self._draining -= 1
+
+    def give_back(self, contexts: Sequence[LlamaContext]) -> None:
+        with self._cond:
+            self._free.extend(contexts)
+            self._cond.notify_all()
+
+    # --- threads ---
+    def decoding(self, context: LlamaContext, active: bool) -> None:
+        """Count ``context`` among those sharing the cores (not while its request waits on its reader)."""
+        with self._cond:
+            (self._decoding.add if active else self._decoding.discard)(id(context))
+
+    def threads_each(self) -> int:
+        """Threads for the next decode: the cores split between the requests decoding now."""
+        with self._cond:
+            return max(1, self.thread_budget // max(1, len(self._decoding)))
+
+
 class Runtime:
     def __init__(self, model_path: Path | str, n_ctx: int | None = None, seed: int = 0,
-                 n_threads: int | None = None, n_batch: int = 512, n_contexts: int = 1) -> None:
+                 n_threads: int | None = None, n_batch: int = 512, n_contexts: int = 1,
+                 prompt_cache: bool = True) -> None:
+        """``n_threads``: the cores shared by the running requests (default: all). ``n_contexts``:
+        requests served at once. ``prompt_cache``: the default for each request's ``cache_prompt``."""
         if n_contexts < 1:
             raise RequestError("n_contexts must be at least 1")
         self.model = LlamaModel(model_path)
         self.model_path = Path(model_path)
         self.model_id = self.model_path.name.removesuffix(".gguf")
         self.seed = seed
+        self.prompt_cache = prompt_cache
         self.n_ctx = n_ctx or min(self.model.n_ctx_train or constants.DEFAULT_CTX_CAP, constants.DEFAULT_CTX_CAP)
         if self.model.n_ctx_train and self.n_ctx > self.model.n_ctx_train:
             self.model.close()
             raise RequestError(f"context {self.n_ctx} exceeds the {self.model.n_ctx_train} tokens the model was "
                                f"trained for", fix=f"use --ctx {self.model.n_ctx_train} or less")
-        threads = n_threads or max(1, constants.N_THREADS // n_contexts)
-        self._contexts = [LlamaContext(self.model, self.n_ctx, n_batch=n_batch, n_threads=threads)
+        budget = n_threads or constants.N_THREADS
+        self._contexts = [LlamaContext(self.model, self.n_ctx, n_batch=n_batch, n_threads=budget, flash_attn=False)
                           for _ in range(n_contexts)]
-        self._free: queue.Queue[LlamaContext] = queue.Queue()
-        for context in self._contexts:
-            self._free.put(context)
+        self._pool = ContextPool(self._contexts, budget)
         self._adapters: dict[str, LoadedAdapter] = {}
         self._adapters_lock = threading.Lock()
-        # Held while taking every context, so two drains (unloads, close) never split the pool.
-        self._drain_lock = threading.Lock()
         self._closing = threading.Event()
         self.template: ChatTemplate = template_for(self.model)
         self._request_numbers = itertools.count(1)  # next() is atomic: no two requests share a stream
@@ -218,7 +356,7 @@ class Runtime:
         if self._closing.is_set():
             return
         self._closing.set()
-        taken = self._take_all_contexts(timeout=CLOSE_WAIT_S)
+        taken = self._pool.take_all(timeout=CLOSE_WAIT_S)
         if len(taken) < len(self._contexts):
             # A generation still holds a context (abandoned mid-stream, or a long prompt still
             # decoding): freeing the model under it would crash, so the process exit frees it.
@@ -261,32 +399,13 @@ class Runtime:
         self._free_when_idle(loaded.adapter)
 
     def _free_when_idle(self, adapter: LoraAdapter) -> None:
-        # Take every context so no running request still uses the adapter, then free it.
-        taken = self._take_all_contexts()
+        # Take every context so no running request still uses the adapter, then free it
+        # (contexts computed under it drop it and clear their cache).
+        taken = self._pool.take_all()
         try:
             adapter.free()
         finally:
-            for context in taken:
-                self._free.put(context)
-
-    def _take_all_contexts(self, timeout: float | None = None) -> list[LlamaContext]:
-        """Every context of the pool (fewer if ``timeout`` seconds pass first)."""
-        taken: list[LlamaContext] = []
-        with self._drain_lock:
-            for _ in self._contexts:
-                try:
-                    taken.append(self._free.get(timeout=timeout))
-                except queue.Empty:
-                    break
-        return taken
-
-    def _acquire_context(self) -> LlamaContext:
-        while True:  # polled, so a request waiting for a context notices close()
-            self._require_open()
-            try:
-                return self._free.get(timeout=0.1)
-            except queue.Empty:
-                pass
+            self._pool.give_back(taken)
 
     def _require_open(self) -> None:
         if self._closing.is_set():
@@ -347,23 +466,31 @@ class Runtime:
     def generate(self, prompt: str | Sequence[int], adapters: Mapping[str, float | None] | None = None,
                  max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                  seed: int | None = None, stop: Sequence[str] = (),
-                 cancel: threading.Event | None = None) -> Generation:
+                 cancel: threading.Event | None = None, *, logprobs: int | None = None,
+                 grammar: Grammar | None = None, cache_prompt: bool | None = None) -> Generation:
+        """Generate after ``prompt`` (text or token ids). ``logprobs``: fill ``stats.logprobs``
+        with each token's log-probability and the n most likely; ``grammar``: the answer must
+        match it; ``cache_prompt``: reuse a cached prefix (default: the runtime's ``prompt_cache``)."""
         self._require_open()
         tokens = self.tokenize_prompt(prompt)
         return self._start(tokens, adapters, SamplingParams(max_tokens, float(temperature), float(top_p),
-                                                            int(top_k), seed, tuple(stop)), cancel)
+                                                            int(top_k), seed, tuple(stop), logprobs, grammar),
+                           cancel, cache_prompt)
 
     def chat(self, messages: object, adapters: Mapping[str, float | None] | None = None,
              max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
              seed: int | None = None, stop: Sequence[str] = (),
-             cancel: threading.Event | None = None) -> Generation:
+             cancel: threading.Event | None = None, *, logprobs: int | None = None,
+             grammar: Grammar | None = None, cache_prompt: bool | None = None) -> Generation:
         self._require_open()
         tokens = self.render_messages(messages)
         return self._start(tokens, adapters, SamplingParams(max_tokens, float(temperature), float(top_p),
-                                                            int(top_k), seed, tuple(stop)), cancel)
+                                                            int(top_k), seed, tuple(stop), logprobs, grammar),
+                           cancel, cache_prompt)
 
     def _start(self, tokens: list[int], adapters: Mapping[str, float | None] | None,
-               params: SamplingParams, cancel: threading.Event | None) -> Generation:
+               params: SamplingParams, cancel: threading.Event | None,
+               cache_prompt: bool | None = None) -> Generation:
         # Everything that can be refused is refused here, before a context is taken.
         params.check()
         if not tokens:
@@ -372,6 +499,8 @@ class Runtime:
             raise ContextLengthError(f"the prompt is {len(tokens)} tokens; the context holds {self.n_ctx}",
                                      fix="shorten the prompt or raise --ctx")
         self._resolve_adapters(adapters)  # refuse unknown names now; resolved again once running
+        # Parsed now, so a bad grammar is refused before anything streams.
+        grammar = GrammarSampler(self.model, params.grammar.gbnf) if params.grammar is not None else None
         stats = GenerationStats(prompt_tokens=len(tokens))
         if params.seed is None:
             rng = np.random.default_rng([self.seed, next(self._request_numbers)])
@@ -379,40 +508,74 @@ class Runtime:
             # numpy takes only non-negative seeds; a negative one (llama.cpp's -1, an int64 from
             # the API) is read as its 64-bit two's complement, so every integer seed repeats.
             rng = np.random.default_rng(params.seed % (1 << 64) if params.seed < 0 else params.seed)
-        return Generation(self._run(tokens, adapters, params, rng, stats, cancel), stats)
+        use_cache = self.prompt_cache if cache_prompt is None else bool(cache_prompt) and self.prompt_cache
+        return Generation(self._run(tokens, adapters, params, rng, stats, cancel, use_cache, grammar), stats)
+
+    def _take_context(self, tokens: list[int], adapters: Mapping[str, float | None] | None,
+                      use_cache: bool) -> LlamaContext:
+        """The free context whose cache holds the longest usable prefix of ``tokens`` computed
+        under this adapter set (a cache computed under another set is never used)."""
+        if not use_cache:
+            return self._pool.acquire(lambda context: 0, self._closing)
+        try:
+            wanted = tuple((a, float(s)) for a, s in self._resolve_adapters(adapters) if float(s) != 0.0)
+        except RequestError:
+            wanted = None  # unloaded since _start: _run reports it once it holds a context
+
+        def usable(context: LlamaContext) -> int:
+            return context.reusable_prefix(tokens) if context.adapters == wanted else 0
+        return self._pool.acquire(usable, self._closing)
 
     def _run(self, tokens: list[int], adapters: Mapping[str, float | None] | None, params: SamplingParams,
-             rng: np.random.Generator, stats: GenerationStats, cancel: threading.Event | None) -> Iterator[str]:
-        context = self._acquire_context()
+             rng: np.random.Generator, stats: GenerationStats, cancel: threading.Event | None,
+             use_cache: bool, grammar: GrammarSampler | None) -> Iterator[str]:
+        context = self._take_context(tokens, adapters, use_cache)
+        pool = self._pool
         # stats.finish_reason is set only when the generation is over, so readers can poll it.
         try:
             # Resolved while holding a context: an adapter unloaded or replaced since _start is
             # then either gone (a clear error) or kept alive until this context is returned.
-            context.set_adapters(self._resolve_adapters(adapters))
-            context.clear_kv()
+            context.set_adapters(self._resolve_adapters(adapters))  # a new set clears the cache
+            reused = context.keep_prefix(context.reusable_prefix(tokens) if use_cache else 0)
+            stats.cached_tokens = reused
             if params.max_tokens == 0:
                 stats.finish_reason = "length"
                 return
-            context.decode(tokens, 0, "last")
+            pool.decoding(context, True)
+            context.decode(tokens[reused:], reused, "last")
             pos = len(tokens)
             utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
             stopper = _StopMatcher(params.stop)
+            allow = self._grammar_filter(grammar) if grammar is not None else None
+            logprobs = (_LogprobTracker(params.logprobs, stats, self.model.token_piece)
+                        if params.logprobs is not None else None)
             finish = "length"
             while True:
                 if (cancel is not None and cancel.is_set()) or self._closing.is_set():
                     stats.finish_reason = "cancelled"
                     return
-                token = sample_token(context.logits(), params, rng)
+                logits = context.logits()
+                token = sample_token(logits, params, rng, allow)
                 if self.model.is_eog(token):
                     finish = "stop"
                     break
+                if grammar is not None:
+                    grammar.accept(token)
                 stats.tokens.append(token)
                 stats.completion_tokens += 1
-                text, stopped = stopper.feed(utf8.decode(self.model.token_piece(token)))
+                piece = self.model.token_piece(token)
+                decoded = utf8.decode(piece)
+                if logprobs is not None:
+                    logprobs.add(logits, token, piece, decoded)
+                text, stopped = stopper.feed(decoded)
+                if logprobs is not None:
+                    logprobs.release(len(text))
                 if stopped:
                     stats.finish_reason = "stop"
                 if text:
+                    pool.decoding(context, False)  # the reader's time is not a decode
                     yield text
+                    pool.decoding(context, True)
                 if stopped:
                     return
                 # Stop when prompt + completion fill the context (the last token needs no slot).
@@ -422,8 +585,48 @@ class Runtime:
                 pos += 1
             text, stopped = stopper.feed(utf8.decode(b"", final=True))
             tail = text + ("" if stopped else stopper.flush())
+            if logprobs is not None:
+                logprobs.release(len(tail), final=not stopped)
             stats.finish_reason = "stop" if stopped else finish
             if tail:
+                pool.decoding(context, False)
                 yield tail
+        except Exception:
+            context.clear_kv()  # a failed request leaves nothing for another to reuse
+            raise
         finally:
-            self._free.put(context)
+            if grammar is not None:
+                grammar.close()
+            pool.release(context)
+
+    def _grammar_filter(self, grammar: GrammarSampler) -> Callable[[np.ndarray], np.ndarray]:
+        # Control tokens print as nothing, so a grammar matching their spelled-out text
+        # ("<start_of_turn>" inside a JSON string) would not match what the reader gets.
+        control = self.model.control_tokens
+
+        def allow(ids: np.ndarray) -> np.ndarray:
+            return grammar.allowed(ids) & ~control[ids]
+        return allow
+
+
+class _LogprobTracker:
+    """Log-probabilities of the generated tokens, handed to ``stats.logprobs`` as their text is
+    yielded: a token whose text starts after a stop string's cut is never reported."""
+
+    def __init__(self, n_top: int, stats: GenerationStats, piece_of: Callable[[int], bytes]) -> None:
+        self.n_top, self.stats, self.piece_of = n_top, stats, piece_of
+        self.pending: list[TokenLogprob] = []
+        self.decoded_chars = 0  # characters of generated text so far (including held-back text)
+        self.yielded_chars = 0
+
+    def add(self, logits: np.ndarray, token: int, piece: bytes, decoded: str) -> None:
+        chosen, top = token_logprobs(logits, token, self.n_top)
+        self.pending.append(TokenLogprob(token, piece, chosen, tuple((t, self.piece_of(t), lp) for t, lp in top),
+                                         self.decoded_chars))
+        self.decoded_chars += len(decoded)
+
+    def release(self, n_chars: int, final: bool = False) -> None:
+        self.yielded_chars += n_chars
+        ready = self.pending if final else [e for e in self.pending if e.offset < self.yielded_chars]
+        self.stats.logprobs.extend(ready)
+        self.pending = [] if final else self.pending[len(ready):]

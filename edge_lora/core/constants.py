@@ -30,3 +30,4 @@ N_THREADS: int = max(1, os.cpu_count() or 1)
 # Sampling limits shared by the library, the CLI and the API (OpenAI's temperature range).
 MAX_TEMPERATURE: float = 2.0
 MAX_STOP_STRINGS: int = 16
+MAX_TOP_LOGPROBS: int = 20  # OpenAI's top_logprobs limit
