@@ -25,10 +25,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from edge_lora.core.constants import MAX_STOP_STRINGS, MAX_TEMPERATURE
+from edge_lora.core.constants import MAX_STOP_STRINGS, MAX_TEMPERATURE, MAX_TOP_LOGPROBS
 from edge_lora.core.errors import ContextLengthError, EdgeLoraError, InputNotFoundError, InternalError, RegistryError
 from edge_lora.registry import AdapterRegistry, check_name
-from edge_lora.runtime import Generation, Runtime
+from edge_lora.runtime import Generation, GenerationStats, Runtime, TokenLogprob
+from edge_lora.structured import Grammar, SchemaError
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +106,83 @@ def _sampling(body: dict, n_ctx: int) -> dict[str, Any]:
             "top_p": _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
             "top_k": _integer(body, "top_k", 0, 0, 1_000_000),
             "seed": _integer(body, "seed", None, -(2**63), 2**64 - 1), "stop": _stop(body)}
+
+
+def _boolean(body: dict, key: str, default: bool) -> bool:
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise APIError(400, f"{key} must be a boolean", param=key, code="invalid_type")
+    return value
+
+
+def _logprobs(body: dict, kind: str) -> int | None:
+    """How many alternatives to report per token, or None for no log-probabilities. Chat takes
+    OpenAI's ``logprobs: true`` + ``top_logprobs: n``; completions the legacy ``logprobs: n``."""
+    if kind == "chat.completion":
+        wanted = _boolean(body, "logprobs", False)
+        top = _integer(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
+        if top is not None and not wanted:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+        return (top or 0) if wanted else None
+    return _integer(body, "logprobs", None, 0, MAX_TOP_LOGPROBS)
+
+
+def _response_format(body: dict) -> tuple[str, object] | None:
+    """("json_object" | "json_schema", schema) from OpenAI's response_format; None for text.
+    The schema is converted later, in a worker thread (a large one takes a while)."""
+    value = body.get("response_format")
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+        raise APIError(400, "response_format must be an object with a \"type\"", param="response_format",
+                       code="invalid_value")
+    kind = value["type"]
+    if kind == "text":
+        return None
+    if kind == "json_object":  # llama-server also takes a "schema" here
+        return ("json_schema", value["schema"]) if "schema" in value else ("json_object", None)
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict):
+            raise APIError(400, "response_format.json_schema must be an object holding \"schema\"",
+                           param="response_format", code="invalid_value")
+        return "json_schema", spec.get("schema", {})  # no schema: any JSON value, as llama-server
+    raise APIError(400, f"response_format type {kind!r} is not supported; use text, json_object or json_schema",
+                   param="response_format", code="invalid_value")
+
+
+def _grammar(response_format: tuple[str, object] | None) -> Grammar | None:
+    if response_format is None:
+        return None
+    kind, schema = response_format
+    try:
+        return Grammar.json_object() if kind == "json_object" else Grammar.from_json_schema(schema)
+    except SchemaError as exc:
+        raise APIError(400, exc.one_line(), param="response_format", code="unsupported_schema") from exc
+
+
+def _chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
+    def item(piece: bytes, logprob: float) -> dict[str, Any]:
+        return {"token": piece.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(piece)}
+    return {"content": [{**item(e.piece, e.logprob), "top_logprobs": [item(p, lp) for _, p, lp in e.top]}
+                        for e in entries], "refusal": None}
+
+
+def _completion_logprobs(entries: list[TokenLogprob], n_top: int) -> dict[str, Any]:
+    """The legacy completions shape; text_offset counts characters of the generated text."""
+    def text(piece: bytes) -> str:
+        return piece.decode("utf-8", errors="replace")
+    return {"tokens": [text(e.piece) for e in entries], "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{text(p): lp for _, p, lp in e.top} for e in entries] if n_top else None,
+            "text_offset": [e.offset for e in entries]}
+
+
+def _usage(stats: GenerationStats) -> dict[str, Any]:
+    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
+            "total_tokens": stats.prompt_tokens + stats.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": stats.cached_tokens}}
 
 
 async def _read_body(request: Request) -> bytes:
@@ -225,38 +303,59 @@ class OpenAIServer:
                        start: Callable[[dict, threading.Event], Generation]) -> Response:
         params = _sampling(body, self.runtime.n_ctx)
         stream = bool(body.get("stream", False))
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict):
+            raise APIError(400, "stream_options must be an object", param="stream_options", code="invalid_type")
+        include_usage = stream and _boolean(options, "include_usage", False)
         params["adapters"] = self._adapters_for(body)
+        params["logprobs"] = _logprobs(body, kind)
+        params["cache_prompt"] = _boolean(body, "cache_prompt", True)  # llama-server's name
+        response_format = _response_format(body)
         model = body["model"]
         cancel = threading.Event()
-        # Tokenizing and checking run in a thread too: a huge prompt must not stall the loop.
-        generation = await run_in_threadpool(start, params, cancel)
+
+        def begin() -> Generation:
+            params["grammar"] = _grammar(response_format)
+            return start(params, cancel)
+        # Tokenizing, checking and schema conversion run in a thread: a huge prompt must not stall the loop.
+        generation = await run_in_threadpool(begin)
         request_id = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex[:24]
         if stream:
-            return StreamingResponse(self._sse(generation, cancel, kind, request_id, model),
+            return StreamingResponse(self._sse(generation, cancel, kind, request_id, model, params["logprobs"],
+                                               include_usage),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         text = await run_in_threadpool(generation.text)
         stats = generation.stats
-        usage = {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
-                 "total_tokens": stats.prompt_tokens + stats.completion_tokens}
+        logprobs = self._logprobs_of(stats.logprobs, kind, params["logprobs"])
         if kind == "chat.completion":
             choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
-                                      "logprobs": None, "finish_reason": stats.finish_reason}
+                                      "logprobs": logprobs, "finish_reason": stats.finish_reason}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": stats.finish_reason}
+            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": stats.finish_reason}
         return JSONResponse({"id": request_id, "object": kind, "created": int(time.time()), "model": model,
-                             "choices": [choice], "usage": usage})
+                             "choices": [choice], "usage": _usage(stats)})
+
+    @staticmethod
+    def _logprobs_of(entries: list[TokenLogprob], kind: str, n_top: int | None) -> dict[str, Any] | None:
+        if n_top is None:
+            return None
+        return _chat_logprobs(entries) if kind == "chat.completion" else _completion_logprobs(entries, n_top)
 
     async def _sse(self, generation: Generation, cancel: threading.Event, kind: str, request_id: str,
-                   model: str) -> AsyncIterator[bytes]:
+                   model: str, n_top: int | None = None, include_usage: bool = False) -> AsyncIterator[bytes]:
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
         def produce() -> None:
+            sent = 0  # log-probability entries already attached to a piece
             try:
                 for piece in generation:
-                    loop.call_soon_threadsafe(pieces.put_nowait, ("piece", piece))
-                loop.call_soon_threadsafe(pieces.put_nowait, ("done", None))
+                    # Read here, while the generation waits at this piece: its tokens' entries are in.
+                    entries = generation.stats.logprobs[sent:]
+                    sent += len(entries)
+                    loop.call_soon_threadsafe(pieces.put_nowait, ("piece", (piece, entries)))
+                loop.call_soon_threadsafe(pieces.put_nowait, ("done", generation.stats.logprobs[sent:]))
             except EdgeLoraError as exc:
                 loop.call_soon_threadsafe(pieces.put_nowait, ("error", exc))
             except Exception as exc:  # a bug: without an "error" item the client would wait forever
@@ -266,18 +365,22 @@ class OpenAIServer:
         created = int(time.time())
         chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
 
-        def chunk(text: str | None, finish: str | None, first: bool = False) -> bytes:
+        def chunk(text: str | None, finish: str | None, first: bool = False,
+                  entries: list[TokenLogprob] | None = None) -> bytes:
+            logprobs = self._logprobs_of(entries, kind, n_top) if entries else None
             if kind == "chat.completion":
                 delta: dict[str, Any] = {}
                 if first:
                     delta["role"] = "assistant"
                 if text:
                     delta["content"] = text
-                choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             else:
-                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+                choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
             payload = {"id": request_id, "object": chunk_kind, "created": created, "model": model,
                        "choices": [choice]}
+            if include_usage:
+                payload["usage"] = None  # OpenAI: null on every chunk but the last
             return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
         worker = loop.run_in_executor(None, produce)
@@ -287,14 +390,18 @@ class OpenAIServer:
             while True:
                 tag, value = await pieces.get()
                 if tag == "piece":
-                    yield chunk(value, None)
+                    yield chunk(value[0], None, entries=value[1])
                 elif tag == "error":
                     err = _from_library_error(value)
                     yield b"data: " + json.dumps({"error": {"message": err.message, "type": err.type,
                                                             "param": err.param, "code": err.code}}).encode() + b"\n\n"
                     break
                 else:
-                    yield chunk(None, generation.stats.finish_reason)
+                    yield chunk(None, generation.stats.finish_reason, entries=value)
+                    if include_usage:
+                        usage = {"id": request_id, "object": chunk_kind, "created": created, "model": model,
+                                 "choices": [], "usage": _usage(generation.stats)}
+                        yield b"data: " + json.dumps(usage).encode() + b"\n\n"
                     break
             yield b"data: [DONE]\n\n"
         finally:
