@@ -8,6 +8,7 @@ switches adapters without reloading the model.
 from __future__ import annotations
 
 import argparse
+import json
 import secrets
 import sys
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from edge_lora.core.errors import EdgeLoraError, InputError, InputNotFoundError
 if TYPE_CHECKING:
     from edge_lora.registry import AdapterRegistry
     from edge_lora.runtime import Runtime
+    from edge_lora.structured import Grammar
 
 # When no --quant is given and no fit estimate is available: the usual best size/quality
 # trade-off first (llama.cpp's own recommendation), then larger, then smaller formats.
@@ -141,12 +143,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
     parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (default 0.95)")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    parser.add_argument("--json-schema", type=Path, default=None, metavar="FILE",
+                        help="answer with JSON matching this JSON schema (enforced while sampling)")
+    add_prompt_cache_arg(parser)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--chat", dest="mode", action="store_const", const="chat",
                       help="apply the chat template to --prompt (default when the model has one)")
     mode.add_argument("--raw", dest="mode", action="store_const", const="raw",
                       help="give --prompt to the model as plain text (default when it has no template)")
     parser.set_defaults(handler=run_command, mode=None)
+
+
+def add_prompt_cache_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-prompt-cache", dest="prompt_cache", action="store_false",
+                        help="process every prompt from an empty KV cache (exact mode: a request's tokens "
+                             "never depend on earlier requests; slower as a chat grows)")
+
+
+def load_json_schema(path: Path) -> Grammar:
+    """The grammar for the JSON schema in ``path``; InputError for an unreadable or unsupported one."""
+    from edge_lora.structured import Grammar
+
+    try:
+        schema = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputNotFoundError(f"--json-schema file {path} does not exist", fix="check the path") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"--json-schema file {path} is not readable JSON: {exc}",
+                         fix="give a JSON schema file") from None
+    return Grammar.from_json_schema(schema)
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -168,10 +193,11 @@ def run_command(args: argparse.Namespace) -> int:
     registry = AdapterRegistry()
     # Without --seed every run samples differently; with it, runs repeat exactly.
     base_seed = args.seed if args.seed is not None else secrets.randbits(31)
-    with Runtime(model_path, n_ctx=args.ctx, seed=base_seed) as runtime:
+    grammar = load_json_schema(args.json_schema) if args.json_schema is not None else None
+    with Runtime(model_path, n_ctx=args.ctx, seed=base_seed, prompt_cache=args.prompt_cache) as runtime:
         active = load_adapters(runtime, registry, choices)
         sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
-                    "seed": args.seed}
+                    "seed": args.seed, "grammar": grammar}
         if args.prompt is not None:
             use_chat = args.mode == "chat" or (args.mode is None and runtime.template.family == "gguf")
             if use_chat:

@@ -7,7 +7,8 @@ import socket
 import sys
 
 from edge_lora.core import constants
-from edge_lora.cli.run import add_model_args, load_adapters, parse_adapter_arg, resolve_model_path
+from edge_lora.cli.run import (add_model_args, add_prompt_cache_arg, load_adapters, parse_adapter_arg,
+                               resolve_model_path)
 from edge_lora.core.errors import InputError
 
 
@@ -27,6 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     # client loses 0-10% (small-model decoding barely scales past one thread per sequence).
     parser.add_argument("--contexts", type=int, default=min(2, constants.N_THREADS),
                         help="parallel inference contexts sharing the cores (default 2 on 2+ cores)")
+    add_prompt_cache_arg(parser)
     parser.set_defaults(handler=serve_command)
 
 
@@ -65,7 +67,7 @@ def serve_command(args: argparse.Namespace) -> int:
     from edge_lora.server import make_app
 
     registry = AdapterRegistry()
-    with Runtime(model_path, n_ctx=args.ctx, n_contexts=args.contexts) as runtime:
+    with Runtime(model_path, n_ctx=args.ctx, n_contexts=args.contexts, prompt_cache=args.prompt_cache) as runtime:
         load_adapters(runtime, registry, choices)
         app = make_app(runtime, registry, api_key=api_key)
         names = ", ".join([runtime.model_id, *runtime.adapters])
