@@ -4,8 +4,10 @@ baseline measured in the same run, as ratios (no assertions on wall time).
   1. adapter switch latency vs reloading a merged model (the alternative to hot-apply)
   2. tokens/s with the adapter hot-applied vs the merged Q4_K_M; where the extra time goes
      (2b: by adapter tensor type, 2c: arithmetic vs thread sync)
-  3. server throughput, 8 concurrent clients on mixed adapters vs the same requests sequentially,
-     with one context + lock vs a pool of two contexts
+  3. server throughput: a lone request and 8 concurrent clients on mixed adapters, against
+     ``serve --contexts 1``, for the pool of two before (1 thread each) and now (cores shared)
+  4. prompt cache: time to first token per turn of a 12-turn chat, with and without the cache
+  5. tokens/s with a JSON-schema grammar enforced and with logprobs reported, vs plain sampling
 
 A merged Q4_K_M has the same tensor names, types and shapes as the base Q4_K_M (the merge
 only changes values), so its load time and speed are measured on the base file itself.
@@ -226,44 +228,144 @@ def bench_thread_sync(base: Path, legal: Path, repeat: int) -> None:
               f"({(extra - arithmetic) / extra:.0%} of the extra time on {N_THREADS} threads)")
 
 
-def bench_server(base: Path, legal: Path, second: Path, n_tokens: int) -> None:
+def _completions_per_second(rt: Runtime, models: list[str], n_tokens: int, concurrent: bool) -> float:
+    """Completion tokens per second of ``models`` requests through the HTTP app (in-process
+    ASGI), greedy, prompt cache off so every request does the same work."""
     import httpx
 
     from edge_lora.server import make_app
 
+    async def run_all() -> float:
+        transport = httpx.ASGITransport(app=make_app(rt))
+        async with httpx.AsyncClient(transport=transport, base_url="http://x", timeout=600) as c:
+            def request(m: str):
+                return c.post("/v1/completions", json={"model": m, "prompt": PROMPT, "max_tokens": n_tokens,
+                                                       "temperature": 0, "cache_prompt": False})
+            await request(models[0])  # warm-up
+            start = time.perf_counter()
+            if concurrent:
+                responses = await asyncio.gather(*[request(m) for m in models])
+            else:
+                responses = [await request(m) for m in models]
+            elapsed = time.perf_counter() - start
+            assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+            return sum(r.json()["usage"]["completion_tokens"] for r in responses) / elapsed
+    return asyncio.run(run_all())
+
+
+def bench_server(base: Path, legal: Path, second: Path, n_tokens: int) -> None:
+    """A lone request and 8 concurrent clients: one context (``serve --contexts 1``), the pool of
+    two with one thread each (before), and the pool of two sharing the cores among the requests
+    decoding at the moment (now: a lone request gets both)."""
     rows = []
-    for n_contexts in (1, 2):
+    for label, n_contexts, fixed_threads in (("--contexts 1 (baseline)", 1, None),
+                                             ("pool of 2, 1 thread each (before)", 2, 1),
+                                             ("pool of 2, cores shared (now)", 2, None)):
         with Runtime(base, n_ctx=512, n_contexts=n_contexts) as rt:
             rt.load_adapter("legal", legal)
             rt.load_adapter("second", second)
+            if fixed_threads is not None:
+                for context in rt._contexts:
+                    context.thread_policy = lambda: fixed_threads
             models = [rt.model_id, "legal", "second", "legal"] * 2
+            lone = statistics.median(_completions_per_second(rt, [m], n_tokens, False) for m in models[:3])
+            together = _completions_per_second(rt, models, n_tokens, True)
+            rows.append((label, lone, together))
+    print(f"3. server throughput, {n_tokens} tokens greedy per request, mixed adapters (base/legal/second)")
+    _, base_lone, base_together = rows[0]
+    for label, lone, together in rows:
+        print(f"   {label:<36} lone request {lone:6.1f} tok/s ({lone / base_lone:.2f})   "
+              f"8 concurrent {together:6.1f} tok/s ({together / base_together:.2f})")
+    print("   (ratios against --contexts 1; targets: lone >= 0.95, 8 concurrent >= the pool before)")
 
-            async def run_all(concurrent: bool) -> float:
-                transport = httpx.ASGITransport(app=make_app(rt))
-                async with httpx.AsyncClient(transport=transport, base_url="http://x", timeout=600) as c:
-                    def request(m: str):
-                        return c.post("/v1/completions", json={"model": m, "prompt": PROMPT,
-                                                               "max_tokens": n_tokens, "temperature": 0})
-                    await request(models[0])  # warm-up
-                    start = time.perf_counter()
-                    if concurrent:
-                        responses = await asyncio.gather(*[request(m) for m in models])
-                    else:
-                        responses = [await request(m) for m in models]
-                    elapsed = time.perf_counter() - start
-                    assert all(r.status_code == 200 for r in responses)
-                    return sum(r.json()["usage"]["completion_tokens"] for r in responses) / elapsed
 
-            sequential = asyncio.run(run_all(False))
-            concurrent = asyncio.run(run_all(True))
-            rows.append((n_contexts, sequential, concurrent))
-    base_seq = rows[0][1]
-    print(f"3. server throughput, 8 requests x {n_tokens} tokens on mixed adapters (base/legal/second)")
-    for n_contexts, sequential, concurrent in rows:
-        label = "one context + lock" if n_contexts == 1 else f"pool of {n_contexts} contexts"
-        print(f"   {label:<20} sequential {sequential:7.1f} tok/s ({sequential / base_seq:.2f})   "
-              f"8 concurrent {concurrent:7.1f} tok/s ({concurrent / base_seq:.2f})")
-    print("   (ratios against one context, sequential)")
+CHAT_TURNS = [
+    "I maintain a small command-line tool and want to publish it on GitHub under an open-source license. "
+    "Which licenses should I look at first?",
+    "What does the Apache License 2.0 require when someone redistributes my tool in binary form?",
+    "Does the Apache License 2.0 say anything about patents held by contributors?",
+    "How is that different from the MIT license, which is much shorter?",
+    "If a company modifies my tool and sells it, do they have to publish their changes?",
+    "What is a NOTICE file and when do I need one in my repository?",
+    "Can I relicense my own code later if I change my mind about the license?",
+    "What happens to contributions from other people if I relicense the project?",
+    "Should I ask contributors to sign a contributor license agreement?",
+    "How do I apply the license to each source file in practice?",
+    "Is the Apache License compatible with the GPL version 3?",
+    "Please summarise the three most important obligations for people who reuse my tool.",
+]
+
+
+def bench_prompt_cache(base: Path, legal: Path, n_reply: int) -> None:
+    """A 12-turn chat with the legal adapter: time to first token per turn with the prompt cache
+    (each turn decodes only its new message) and without it (each turn re-reads the whole
+    history), on the same histories."""
+    with Runtime(base, n_ctx=4096) as rt:
+        rt.load_adapter("legal", legal)
+        adapters = {"legal": 1.0}
+
+        def first_token_ms(history: list[dict], cache: bool, max_tokens: int) -> tuple[float, str, int, int]:
+            start = time.perf_counter()
+            gen = rt.chat(history, adapters=adapters, max_tokens=max_tokens, cache_prompt=cache)
+            pieces = iter(gen)
+            first = next(pieces, "")
+            ttft = (time.perf_counter() - start) * 1e3
+            text = first + "".join(pieces)
+            return ttft, text, gen.stats.prompt_tokens, gen.stats.cached_tokens
+
+        rt.chat([{"role": "user", "content": "Hello"}], adapters=adapters, max_tokens=2).text()  # warm-up
+        history: list[dict] = []
+        rows = []
+        for question in CHAT_TURNS:
+            history.append({"role": "user", "content": question})
+            exact_ms, _, _, _ = first_token_ms(history, False, 1)  # the same history, read from scratch
+            cached_ms, reply, prompt_tokens, cached = first_token_ms(history, True, n_reply)
+            history.append({"role": "assistant", "content": reply})
+            rows.append((prompt_tokens, cached, cached_ms, exact_ms))
+    print(f"4. prompt cache: 12-turn chat with the legal adapter ({n_reply}-token replies), time to first token")
+    print("   turn  prompt  cached   TTFT cached   TTFT no cache   no cache / cached")
+    for turn, (prompt_tokens, cached, cached_ms, exact_ms) in enumerate(rows, 1):
+        print(f"   {turn:4d}  {prompt_tokens:6d}  {cached:6d}  {cached_ms:9.1f} ms  {exact_ms:11.1f} ms  "
+              f"{exact_ms / cached_ms:12.1f} x")
+    first, last = rows[0], rows[-1]
+    print(f"   turn 12 / turn 1 with the cache: {last[2] / first[2]:.2f} (target <= 1.3); "
+          f"turn 12 without / with: {last[3] / last[2]:.1f} x (target >= 5)")
+
+
+def bench_structured(base: Path, legal: Path, n_tokens: int, repeat: int) -> None:
+    """Generation speed with a JSON-schema grammar enforced, and with log-probabilities
+    reported, against plain sampling in the same run."""
+    from edge_lora.structured import Grammar
+
+    schema = {"type": "object", "properties": {
+        "license": {"enum": ["Apache-2.0", "MIT", "GPL-3.0", "other"]},
+        "obligations": {"type": "array", "items": {"type": "string", "maxLength": 40}, "maxItems": 8},
+        "notes": {"type": "string"}}, "required": ["license", "obligations", "notes"]}
+    grammar = Grammar.from_json_schema(schema)
+    messages = [{"role": "user", "content": "Summarise the Apache License 2.0 as JSON."}]
+    with Runtime(base, n_ctx=1024) as rt:
+        rt.load_adapter("legal", legal)
+        configs = {"plain": {}, "grammar": {"grammar": grammar}, "logprobs": {"logprobs": 5}}
+
+        def tps(extra: dict, seed: int) -> float:
+            start = time.perf_counter()
+            gen = rt.chat(messages, adapters={"legal": 1.0}, max_tokens=n_tokens, temperature=1.0, seed=seed,
+                          cache_prompt=False, **extra)
+            gen.text()
+            return gen.stats.completion_tokens / (time.perf_counter() - start)
+
+        for extra in configs.values():
+            tps(extra, 0)  # warm-up (the grammar's control-token mask is built once per model)
+        runs: dict[str, list[float]] = {name: [] for name in configs}
+        for seed in range(repeat):  # interleaved, so drift hits every row alike
+            for name, extra in configs.items():
+                runs[name].append(tps(extra, seed))
+    plain = statistics.median(runs["plain"])
+    print(f"5. structured output and logprobs, {n_tokens} tokens at temperature 1, legal adapter (median of {repeat})")
+    print(f"   plain sampling                  {plain:9.1f} tok/s   (baseline)")
+    for name, label in (("grammar", "JSON-schema grammar enforced"), ("logprobs", "logprobs, top 5")):
+        value = statistics.median(runs[name])
+        print(f"   {label:<31} {value:9.1f} tok/s   ratio {value / plain:.2f}")
 
 
 def main() -> int:
@@ -285,7 +387,9 @@ def main() -> int:
         bench_tokens_per_second(base, legal, second, args.tokens, args.repeat)
         bench_adapter_layouts(base, legal, Path(tmp), args.repeat)
         bench_thread_sync(base, legal, args.repeat)
-        bench_server(base, legal, second, args.tokens // 2)
+        bench_server(base, legal, second, args.tokens)
+        bench_prompt_cache(base, legal, args.tokens)
+        bench_structured(base, legal, args.tokens, args.repeat)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS of this process: {peak:.0f} MB")
     return 0

@@ -271,7 +271,7 @@ class ContextPool:
         for context in self.contexts:
             context.thread_policy = self.threads_each
 
-    def acquire(self, score: Callable[[LlamaContext], int], closing: threading.Event) -> LlamaContext:
+    def acquire(self, score: Callable[[LlamaContext], tuple[int, ...]], closing: threading.Event) -> LlamaContext:
         with self._cond:
             while True:  # polled, so a request waiting for a context notices close()
                 if closing.is_set():
@@ -513,18 +513,25 @@ class Runtime:
 
     def _take_context(self, tokens: list[int], adapters: Mapping[str, float | None] | None,
                       use_cache: bool) -> LlamaContext:
-        """The free context whose cache holds the longest usable prefix of ``tokens`` computed
-        under this adapter set (a cache computed under another set is never used)."""
-        if not use_cache:
-            return self._pool.acquire(lambda context: 0, self._closing)
+        """The free context whose cache this prompt continues (the longest usable prefix computed
+        under this adapter set; a cache computed under another set is never used); else an
+        empty one; else the least recently used."""
         try:
             wanted = tuple((a, float(s)) for a, s in self._resolve_adapters(adapters) if float(s) != 0.0)
         except RequestError:
             wanted = None  # unloaded since _start: _run reports it once it holds a context
 
-        def usable(context: LlamaContext) -> int:
-            return context.reusable_prefix(tokens) if context.adapters == wanted else 0
-        return self._pool.acquire(usable, self._closing)
+        def preference(context: LlamaContext) -> tuple[int, int]:
+            if context.n_past == 0:
+                return 0, 1  # taking an empty context destroys no one's cache
+            if not use_cache or context.adapters != wanted:
+                return 0, 0
+            n = context.reusable_prefix(tokens)
+            # Taking a context drops the part of its cache this prompt does not share: worth it
+            # when the prompt continues that cache (a next chat turn, a regenerated answer, a
+            # long shared system prompt), not for a chat template's first few tokens.
+            return (n, 0) if 2 * n >= min(context.n_past, len(tokens)) else (0, 0)
+        return self._pool.acquire(preference, self._closing)
 
     def _run(self, tokens: list[int], adapters: Mapping[str, float | None] | None, params: SamplingParams,
              rng: np.random.Generator, stats: GenerationStats, cancel: threading.Event | None,

@@ -6,7 +6,7 @@ json_schema_to_grammar). It silently ignores keywords it cannot express (``minim
 ``uniqueItems``, ``not``, ...) and treats some loosely (``oneOf`` as ``anyOf``), which would give a
 grammar that lets through answers the schema refuses. So the schema is walked here first: every
 keyword is either one the converter enforces exactly in that position, an annotation, or a
-``SchemaError`` naming it. Two of the converter's rules are corrected (see ``_Converter``).
+``SchemaError`` naming it. Three of the converter's rules are corrected (see ``_Converter``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from llama_cpp.llama_grammar import PRIMITIVE_RULES, BuiltinRule, SchemaConverter
+from llama_cpp.llama_grammar import PRIMITIVE_RULES, STRING_FORMAT_RULES, BuiltinRule, SchemaConverter
 
 from edge_lora.core.errors import RequestError
 
@@ -25,8 +25,9 @@ from edge_lora.core.errors import RequestError
 ANNOTATIONS = frozenset({"title", "description", "$schema", "$id", "$comment", "default", "examples",
                          "deprecated", "readOnly", "writeOnly", "$defs", "definitions"})
 JSON_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
-# The string formats the converter has rules for (checked by shape: a "date" day is 01-31 in any month).
-FORMATS = frozenset({"date", "time", "date-time", "uuid", "uuid1", "uuid2", "uuid3", "uuid4", "uuid5"})
+# String formats whose rules match the format exactly ("date" with the rule below; the
+# converter's "uuid1".."uuid5" do not check the version digit, so they are refused).
+FORMATS = frozenset({"date", "time", "date-time", "uuid"})
 # Bounds on repetition counts: the converter unrolls {m,n} into n nested optional groups, and
 # llama.cpp's grammar parser recurses once per nesting level.
 MAX_REPEAT = 256
@@ -292,6 +293,18 @@ def _set_pointer(cleaned: dict, original: dict, ref: str, walker: _Walker) -> No
 _JSON_CHAR = BuiltinRule(r'[^"\\\x7F\x00-\x1F] | [\\] (["\\bfnrt/] | "u" [0-9a-fA-F]{4})', [])
 
 
+# The converter's date allows 31 days in every month; this one knows month lengths and leap
+# years (Gregorian: every 4th year, centuries only when divisible by 400) and that year 0000 is none.
+_DAY = {31: '("0" [1-9] | [12] [0-9] | "3" [01])', 30: '("0" [1-9] | [12] [0-9] | "30")',
+        28: '("0" [1-9] | "1" [0-9] | "2" [0-8])'}
+_YEAR = '([1-9] [0-9] [0-9] [0-9] | "0" [1-9] [0-9] [0-9] | "00" [1-9] [0-9] | "000" [1-9])'
+_LEAP_YEAR = ('([0-9] [0-9] ("0" [48] | [2468] [048] | [13579] [26])'
+              ' | ("0" [48] | [2468] [048] | [13579] [26]) "00")')
+_DATE = BuiltinRule(f'{_YEAR} "-" (("0" [13578] | "1" [02]) "-" {_DAY[31]} | ("0" [469] | "11") "-" {_DAY[30]}'
+                    f' | "02-" {_DAY[28]}) | {_LEAP_YEAR} "-02-29"', [])
+_REPLACED = {id(PRIMITIVE_RULES["char"]): _JSON_CHAR, id(STRING_FORMAT_RULES["date"]): _DATE}
+
+
 class _Converter(SchemaConverter):
     def _format_literal(self, literal: str) -> str:
         # 0.3.36 leaves backslashes unescaped, so an enum value "a\\b" would become "a\b" (a backspace).
@@ -300,7 +313,7 @@ class _Converter(SchemaConverter):
         return f'"{escaped}"'
 
     def _add_primitive(self, name: str, rule: BuiltinRule) -> str:
-        return super()._add_primitive(name, _JSON_CHAR if rule is PRIMITIVE_RULES["char"] else rule)
+        return super()._add_primitive(name, _REPLACED.get(id(rule), rule))
 
 
 def _convert(schema: dict[str, Any]) -> str:

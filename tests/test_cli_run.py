@@ -27,8 +27,9 @@ PROMPT = "The Apache License, Version 2.0, grants"
 
 @pytest.fixture(scope="module")
 def expected(gemma_q4_gguf: Path, random_gemma_loras: tuple[Path, Path]) -> dict[str, str]:
-    """Greedy texts made through the library, to compare the CLI's stdout with."""
-    with Runtime(gemma_q4_gguf, n_ctx=512) as rt:
+    """Greedy texts made through the library, to compare the CLI's stdout with (exact mode: each
+    `run` starts with an empty cache, and here a chat's first turn is requested twice)."""
+    with Runtime(gemma_q4_gguf, n_ctx=512, prompt_cache=False) as rt:
         rt.load_adapter("a", random_gemma_loras[0])
         return {"base": rt.generate(PROMPT, max_tokens=10).text(),
                 "a": rt.generate(PROMPT, adapters={"a": 1.0}, max_tokens=10).text(),
@@ -85,6 +86,45 @@ def test_interactive_chat_forgets_oldest_turns_to_fit(capsys, monkeypatch, gemma
                              "--temperature", "0", "--ctx", "128")
     assert code == 0 and len(out.splitlines()) >= 12
     assert "oldest messages to fit the context" in err and "error" not in err
+
+
+CLAUSES_SCHEMA = {"type": "object", "properties": {
+    "license": {"enum": ["MIT", "Apache-2.0", "other"]},
+    "clauses": {"type": "array", "maxItems": 2, "items": {"type": "string", "maxLength": 16}}},
+    "required": ["license", "clauses"]}
+
+
+def test_run_json_schema_answers_with_valid_json(capsys, monkeypatch, tmp_path: Path, gemma_q4_gguf: Path) -> None:
+    import jsonschema
+
+    schema = tmp_path / "clauses.json"
+    schema.write_text(json.dumps(CLAUSES_SCHEMA))
+    common = ("run", "--model", str(gemma_q4_gguf), "--json-schema", str(schema), "--max-tokens", "120",
+              "--ctx", "512")
+    code, out, err = run_cli(capsys, *common, "--prompt", "Describe the MIT license.", "--seed", "3")
+    assert code == 0 and err == ""
+    jsonschema.validate(json.loads(out), CLAUSES_SCHEMA)
+    # The interactive chat answers every turn with the schema too, in exact mode here.
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Describe the MIT license.\nAnd Apache?\n"))
+    code, out, err = run_cli(capsys, *common, "--no-prompt-cache", "--temperature", "0")
+    assert code == 0 and "error" not in err
+    answers = out.splitlines()
+    assert len(answers) == 2
+    for answer in answers:
+        jsonschema.validate(json.loads(answer), CLAUSES_SCHEMA)
+
+
+def test_run_json_schema_errors_are_one_line(capsys, tmp_path: Path, gemma_q4_gguf: Path) -> None:
+    unsupported = tmp_path / "minimum.json"
+    unsupported.write_text(json.dumps({"type": "object", "properties": {"n": {"type": "integer", "minimum": 1}}}))
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    for path, message in ((unsupported, "'minimum'"), (broken, "not readable JSON"),
+                          (tmp_path / "missing.json", "does not exist")):
+        code, out, err = run_cli(capsys, "run", "--model", str(gemma_q4_gguf), "--prompt", "x",
+                                 "--json-schema", str(path))
+        lines = err.splitlines()
+        assert code == 2 and out == "" and len(lines) == 1 and message in lines[0], (path, err)
 
 
 def test_model_directory_resolution(tmp_path: Path, gemma_q4_gguf: Path) -> None:
@@ -207,7 +247,8 @@ def test_serve_end_to_end_and_busy_port(tmp_path: Path, gemma_q4_gguf: Path, ran
     port = _free_port()
     env = {**os.environ, "EDGE_LORA_HOME": str(tmp_path / "home"), "EDGE_LORA_API_KEY": "k"}
     proc = subprocess.Popen([sys.executable, "-m", "edge_lora", "serve", "--model", str(gemma_q4_gguf),
-                             "--adapter", f"{random_gemma_loras[0]}:1", "--port", str(port), "--ctx", "512"],
+                             "--adapter", f"{random_gemma_loras[0]}:1", "--port", str(port), "--ctx", "512",
+                             "--no-prompt-cache"],
                             stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     try:
         headers = {"Authorization": "Bearer k"}
@@ -225,6 +266,10 @@ def test_serve_end_to_end_and_busy_port(tmp_path: Path, gemma_q4_gguf: Path, ran
         reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions", headers=headers, timeout=60,
                            json={"model": "a", "prompt": PROMPT, "max_tokens": 4, "temperature": 0})
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 4
+        again = httpx.post(f"http://127.0.0.1:{port}/v1/completions", headers=headers, timeout=60,
+                           json={"model": "a", "prompt": PROMPT, "max_tokens": 4, "temperature": 0})
+        assert again.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # --no-prompt-cache
+        assert again.json()["choices"] == reply.json()["choices"]
         busy = _cli_subprocess("serve", "--model", str(gemma_q4_gguf), "--port", str(port),
                                env={"EDGE_LORA_HOME": str(tmp_path / "home")})
         assert busy.returncode == 2 and busy.stderr.startswith("edge-lora: error: cannot listen")

@@ -443,3 +443,42 @@ def test_legal_adapter_loads_on_the_quantized_base(runtime: Runtime, legal_adapt
         assert greedy(runtime, {"legal": 1.0}, n=16) != greedy(runtime, None, n=16)
     finally:
         runtime.unload_adapter("legal")
+
+
+def test_logprobs_are_those_of_the_logits_the_sampler_drew_from(runtime: Runtime) -> None:
+    """Replayed independently (same decode calls, float64 log-softmax): each token's reported
+    log-probability and its top 5 are the model's, before temperature and top-p."""
+    gen = runtime.generate(PROMPT, max_tokens=8, temperature=0.8, top_p=0.9, seed=1, logprobs=5, cache_prompt=False)
+    gen.text()
+    entries = gen.stats.logprobs
+    assert [e.token for e in entries] == gen.stats.tokens and len(entries) == 8
+    m = runtime.model
+    prompt = m.tokenize(PROMPT)
+    with LlamaContext(m, runtime.n_ctx, flash_attn=False) as ctx:
+        ctx.decode(prompt)
+        for i, entry in enumerate(entries):
+            logits = ctx.logits().astype(np.float64)
+            log_softmax = logits - (logits.max() + np.log(np.exp(logits - logits.max()).sum()))
+            assert entry.logprob == pytest.approx(log_softmax[entry.token], abs=1e-4)
+            assert [t for t, _, _ in entry.top] == list(np.argsort(-log_softmax, kind="stable")[:5])
+            assert [lp for _, _, lp in entry.top] == pytest.approx(list(np.sort(log_softmax)[::-1][:5]), abs=1e-4)
+            assert entry.piece == m.token_piece(entry.token)
+            ctx.decode([entry.token], len(prompt) + i)
+
+
+def test_logprobs_stop_where_the_text_stops(runtime: Runtime) -> None:
+    full = runtime.generate(PROMPT, max_tokens=20, logprobs=0, cache_prompt=False)
+    text = full.text()
+    assert len(full.stats.logprobs) == 20 and all(e.top == () for e in full.stats.logprobs)
+    assert b"".join(e.piece for e in full.stats.logprobs).decode() == text
+    assert [e.offset for e in full.stats.logprobs] == sorted(e.offset for e in full.stats.logprobs)
+    stop = text[10:14]
+    cut = runtime.generate(PROMPT, max_tokens=20, stop=[stop], logprobs=0, cache_prompt=False)
+    cut_text = cut.text()
+    entries = cut.stats.logprobs
+    assert entries and len(entries) < cut.stats.completion_tokens  # the stop string's own tokens are left out
+    assert all(e.offset < len(cut_text) for e in entries)
+    assert b"".join(e.piece for e in entries).decode("utf-8", "replace").startswith(cut_text)
+    assert runtime.generate(PROMPT, max_tokens=3).stats.logprobs == []  # only when asked
+    with pytest.raises(RequestError, match="logprobs"):
+        runtime.generate(PROMPT, logprobs=21)
