@@ -15,6 +15,7 @@ from edge_lora.core import constants
 from edge_lora.core.atomic import atomic_write_text, ensure_writable_dir
 from edge_lora.core.errors import InputNotFoundError, RegistryError
 from edge_lora.core.gguf_check import validate_gguf
+from edge_lora.core.output_dir import adapter_name
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 REGISTRY_FILE = "adapters.json"
@@ -128,7 +129,7 @@ class AdapterRegistry:
         path = Path(text).expanduser()
         if path.is_file():
             info = validate_gguf(path, expect_type="adapter")
-            stem = path.name.removesuffix(".gguf").removeprefix("adapter-") or "adapter"
+            stem = adapter_name(path) or path.name.removesuffix(".gguf")
             name = stem if NAME_PATTERN.fullmatch(stem) else "adapter"
             return RegisteredAdapter(name, path.resolve(), 1.0, info.architecture)
         raise InputNotFoundError(f"{text!r} is neither a registered adapter nor an adapter file",

@@ -22,8 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 
 def quantize_command(args: argparse.Namespace) -> int:
+    from edge_lora.converters.quantize import quantize_ladder, record_in_manifest
+    from edge_lora.core.formats import parse_quant_list
     from edge_lora.core.manifest import Manifest
-    from edge_lora.converters.quantize import parse_quant_list, quantize_ladder, record_in_manifest
     from edge_lora.core.progress import cli_progress
 
     names = parse_quant_list(args.quant)

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -24,58 +24,25 @@ from typing import IO
 from edge_lora.core import constants
 from edge_lora.core.atomic import check_free_space, ensure_writable_dir, partial_path, publish
 from edge_lora.core.errors import EdgeLoraError, InputError, OutputError, QuantizeError
+from edge_lora.core.formats import format_of_file_type, quant_format, split_file_name
 from edge_lora.core.gguf_check import validate_gguf
 from edge_lora.core.progress import NullProgress, ProgressSink
 
-# llama_ftype (llama.h), in llama.cpp's size order: smallest file first.
-QUANT_TYPES: dict[str, int] = {
-    "Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15,
-    "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18, "Q8_0": 7,
-}
-# Bits per weight llama.cpp's quantize README reports (Llama-3.1-8B): for the free-space check.
-EXPECTED_BPW: dict[str, float] = {
-    "Q2_K": 3.16, "Q3_K_S": 3.64, "Q3_K_M": 4.00, "Q3_K_L": 4.30, "Q4_K_S": 4.67, "Q4_K_M": 4.89,
-    "Q5_K_S": 5.57, "Q5_K_M": 5.70, "Q6_K": 6.56, "Q8_0": 8.50,
-}
-# Source file types we quantize from (llama_ftype): ALL_F32, MOSTLY_F16, MOSTLY_BF16.
-UNQUANTIZED_FILE_TYPES: dict[int, str] = {0: "F32", 1: "F16", 32: "BF16"}
 CHILD_FAILED = 3  # the child's exit code when llama_model_quantize returned an error
-FULL_PRECISION_SUFFIXES = ("-F16", "-BF16", "-F32")
-
-
-def parse_quant_list(spec: str | Iterable[str]) -> list[str]:
-    """``all`` | ``none`` | ``Q4_K_M,Q8_0`` (case-insensitive) -> ordered, de-duplicated names."""
-    items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s).strip() for s in spec]
-    items = [s for s in items if s]
-    if [s.lower() for s in items] == ["all"]:
-        return list(QUANT_TYPES)
-    if not items or [s.lower() for s in items] == ["none"]:
-        return []
-    names: list[str] = []
-    for item in items:
-        name = item.upper()
-        if name not in QUANT_TYPES:
-            raise InputError(f"unknown quantization type {item!r}",
-                             fix=f"use all, none, or a comma list of {', '.join(QUANT_TYPES)}")
-        if name not in names:
-            names.append(name)
-    return names
 
 
 def model_stem(src: Path) -> str:
     """``gemma-F16.gguf`` -> ``gemma``: quant files are named ``<stem>-<TYPE>.gguf``."""
-    stem = src.name.removesuffix(".gguf")
-    for suffix in FULL_PRECISION_SUFFIXES:
-        if stem.upper().endswith(suffix):
-            return stem[:-len(suffix)]
-    return stem
+    stem, fmt = split_file_name(src)
+    return stem if fmt is not None and fmt.full_precision and stem else src.name.removesuffix(".gguf")
 
 
 def check_quantizable(src: Path) -> int:
     """Validate the source header; refuse adapters and already-quantized files. Returns its
     tensor data size in bytes."""
     info = validate_gguf(src, expect_type="model")
-    if info.file_type not in UNQUANTIZED_FILE_TYPES:
+    source = format_of_file_type(info.file_type)
+    if source is None or not source.full_precision:
         label = f"file type {info.file_type}" if info.file_type is not None else "no general.file_type"
         raise InputError(
             f"{src} is already quantized ({label}); re-quantizing loses quality twice",
@@ -136,7 +103,7 @@ def _start(src: Path, dst: Path, name: str, nthread: int) -> QuantJob:
     log = tempfile.TemporaryFile()
     process = subprocess.Popen(
         [sys.executable, "-m", "edge_lora.converters.quantize", str(src), str(partial_path(dst)),
-         str(QUANT_TYPES[name]), str(nthread)],
+         str(int(quant_format(name).file_type)), str(nthread)],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
     return QuantJob(name, dst, process, log, time.perf_counter())
 
@@ -159,7 +126,7 @@ def _finish(job: QuantJob) -> QuantResult:
                                 fix="check the input file and free disk space")
         if not tmp.is_file():
             raise QuantizeError(f"llama.cpp reported success for {job.name} but wrote no file")
-        publish(tmp, job.dst, _validator(QUANT_TYPES[job.name]))
+        publish(tmp, job.dst, _validator(quant_format(job.name).file_type))
         return QuantResult(job.name, job.dst, True, time.perf_counter() - job.started)
     except EdgeLoraError as exc:
         tmp.unlink(missing_ok=True)
@@ -176,18 +143,17 @@ def quantize_ladder(src: Path | str, out_dir: Path | str, names: Sequence[str], 
     Bad input raises before any work; a failing format is reported in its result while the
     others still finish."""
     src, out_dir = Path(src), Path(out_dir)
-    for name in names:
-        if name not in QUANT_TYPES:
-            raise InputError(f"unknown quantization type {name!r}", fix=f"use one of {', '.join(QUANT_TYPES)}")
+    formats = [quant_format(name) for name in names]
+    names = [f.name for f in formats]
     data_bytes = check_quantizable(src)
     ensure_writable_dir(out_dir)
-    check_free_space(out_dir, sum(int(data_bytes * EXPECTED_BPW[n] / 16) for n in names))
+    check_free_space(out_dir, sum(int(data_bytes * f.bits_per_weight / 16) for f in formats))
     threads = nthread or max(1, constants.N_THREADS // max(1, workers))
     stem = model_stem(src)
-    for name in names:  # an output path taken by a directory is bad input, not a failed format
-        if (out_dir / f"{stem}-{name}.gguf").is_dir():
-            raise OutputError(f"{out_dir / f'{stem}-{name}.gguf'} is a directory",
-                              fix="remove it or choose another --out directory")
+    destinations = {f.name: out_dir / f.file_name(stem) for f in formats}
+    for dst in destinations.values():  # an output path taken by a directory is bad input, not a failed format
+        if dst.is_dir():
+            raise OutputError(f"{dst} is a directory", fix="remove it or choose another --out directory")
     pending = list(names)
     running: list[QuantJob] = []
     results: dict[str, QuantResult] = {}
@@ -196,7 +162,7 @@ def quantize_ladder(src: Path | str, out_dir: Path | str, names: Sequence[str], 
         while pending or running:
             while pending and len(running) < max(1, workers):
                 name = pending.pop(0)
-                running.append(_start(src, out_dir / f"{stem}-{name}.gguf", name, threads))
+                running.append(_start(src, destinations[name], name, threads))
             job = running.pop(0)
             results[job.name] = _finish(job)
             progress.advance(1, description=f"{job.name} {'done' if results[job.name].ok else 'FAILED'}")
