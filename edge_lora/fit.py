@@ -22,6 +22,8 @@ Constants are calibrated by ``bench/fit.py`` (subprocess peak RSS on real files)
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,7 @@ from edge_lora.core.formats import format_of_file, quality_rank
 from edge_lora.core.gguf_check import GGUFInfo, validate_gguf
 from edge_lora.core.manifest import Manifest
 from edge_lora.core.output_dir import OutputDir
+from edge_lora.hardware import parse_system_info
 
 MB = 1_000_000
 # Measured: `python -c "import numpy, llama_cpp"` process before any model is loaded.
@@ -192,10 +195,8 @@ def _weights_bytes(info: GGUFInfo, repack: bool) -> int:
 
 
 def _cpu_repacks() -> bool:
-    from edge_lora.hardware import parse_system_info
-
     try:
-        import llama_cpp
+        import llama_cpp  # loaded when an estimate is made, not when `fit` is imported (CLI start)
         features = parse_system_info(llama_cpp.llama_print_system_info().decode("utf-8", "replace"))
     except (ImportError, OSError):
         return True  # assume the common (x86 AVX2 / ARM NEON) case
@@ -368,9 +369,6 @@ print(int(status[0]) * 1024)
 def measure_peak_rss(gguf_path: Path | str, ctx: int, n_batch: int = 512, fill: bool = False) -> int:
     """Peak RSS (bytes) of a fresh Python process that loads the file, creates a context and
     decodes one batch (``fill``: the whole context). Linux only (/proc/self/status VmHWM)."""
-    import subprocess
-    import sys
-
     out = subprocess.run([sys.executable, "-c", _MEASURE_SCRIPT, str(gguf_path), str(ctx), str(n_batch),
                           "1" if fill else "0"], capture_output=True, text=True, check=False)
     if out.returncode != 0:

@@ -17,10 +17,11 @@ from pathlib import Path
 
 from edge_lora import __version__
 from edge_lora.core.atomic import atomic_write_text, check_not_an_input, ensure_writable_dir
+from edge_lora.core.chat_template import family_for
 from edge_lora.core.errors import InputError
-from edge_lora.fit import adapter_info, default_ctx, fit_report, model_info
 from edge_lora.core.gguf_check import GGUFInfo, check_adapter_fits, validate_gguf
 from edge_lora.core.output_dir import OutputDir
+from edge_lora.fit import adapter_info, default_ctx, fit_report, model_info
 from edge_lora.go_template import GoFamily, family_for_jinja, go_family
 
 MODELFILE_NAME = "Modelfile"
@@ -106,8 +107,6 @@ def _format_param(name: str, value: object) -> str:
 def _chat_family(model_path: Path, info: GGUFInfo) -> GoFamily:
     """From the embedded Jinja template when there is one, else the fallback family the runtime
     uses (edge_lora.core.chat_template.family_for) — which may need the vocabulary."""
-    from edge_lora.core.chat_template import family_for
-
     embedded = info.metadata.get("tokenizer.chat_template")
     if isinstance(embedded, str) and embedded.strip():
         return family_for_jinja(embedded)
@@ -116,7 +115,7 @@ def _chat_family(model_path: Path, info: GGUFInfo) -> GoFamily:
 
     def has_token(text: str) -> bool:
         if not loaded:  # only non-Gemma models without a template need the vocabulary loaded
-            from edge_lora.llama_backend import LlamaModel
+            from edge_lora.llama_backend import LlamaModel  # llama.cpp: loaded only when needed
 
             loaded.append(LlamaModel(model_path, info=info))
         return loaded[0].token_id(text) is not None

@@ -3,10 +3,12 @@ hot-swapped adapters, modals, welcome screen, snapshots at 80x24 and 160x50."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
 from textual.widgets import Input, RadioButton, Select
+from textual.worker import WorkerCancelled
 
 from tests.support.tui_fakes import (GB, FakeRuntime, ScriptedFit, ScriptedPpl, fake_services, fixed_hardware,
                              write_fixture_dir)
@@ -32,9 +34,13 @@ def model_dir(tmp_path: Path) -> Path:
 
 
 async def settle(pilot) -> None:  # type: ignore[no-untyped-def]
-    """Let thread workers finish and their call_from_thread callbacks land."""
+    """Let thread workers finish and their call_from_thread callbacks land. A cancelled worker
+    is finished too: an exclusive worker replaced by a newer one (a re-fit), or one whose screen
+    it dismissed (the welcome screen's) is cancelled by Textual, and wait_for_complete raises."""
     for _ in range(3):
-        await pilot.app.workers.wait_for_complete()
+        for worker in list(pilot.app.workers):
+            with contextlib.suppress(WorkerCancelled):
+                await worker.wait()
         await pilot.pause()
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+from edge_lora.core.errors import InputError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -31,8 +34,6 @@ def quantize_command(args: argparse.Namespace) -> int:
     src: Path = args.file
     out_dir: Path = args.out if args.out is not None else src.resolve().parent
     if not names:
-        from edge_lora.core.errors import InputError
-
         raise InputError("--quant none leaves nothing to do", fix="give --quant all or a list such as Q4_K_M")
     with cli_progress(quiet=args.json) as progress:
         results = quantize_ladder(src, out_dir, names, progress=progress)
@@ -54,7 +55,5 @@ def quantize_command(args: argparse.Namespace) -> int:
             if row is not None:
                 print(f"{out_dir / row.path}  {row.format:<7} {row.bytes / 1e6:9.1f} MB  {row.bpw:.2f} bpw")
     for r in failed:
-        import sys
-
         print(f"edge-lora: error: {r.error}", file=sys.stderr)
     return 1 if failed else 0

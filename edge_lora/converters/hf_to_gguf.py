@@ -12,8 +12,9 @@ import gguf
 import numpy as np
 
 from edge_lora.converters.architectures import LM_HEAD, ArchSpec, arch_spec_for
-from edge_lora.converters.checkpoint import HFCheckpoint
+from edge_lora.converters.checkpoint import HFCheckpoint, checkpoint_name
 from edge_lora.converters.gguf_output import GGMLType, PlannedTensor, StreamingGGUFWriter, encode_rows
+from edge_lora.converters.tokenizer_export import add_tokenizer, read_tokenizer
 from edge_lora.core.atomic import ensure_writable_dir
 from edge_lora.core.errors import InputError, InternalError, InvalidCheckpointError
 from edge_lora.core.formats import BY_NAME, Format
@@ -151,8 +152,6 @@ def write_checkpoint_gguf(ckpt: HFCheckpoint, out_path: Path | str, *, outtype: 
     file_format = check_outtype(outtype)
     out_path = Path(out_path)
     ensure_writable_dir(out_path.parent)
-    from edge_lora.converters.tokenizer_export import add_tokenizer, read_tokenizer
-
     spec = arch_spec_for(ckpt.config)
     if adapter is not None:
         adapter.check_fits(ckpt)
@@ -189,8 +188,6 @@ def output_file_name(name: str, outtype: str) -> str:
 def model_name_for(ref: str, ckpt_dir: Path) -> str:
     """The output name: the repo's name for a repo id ("google/gemma-3-270m" -> "gemma-3-270m"),
     else the checkpoint directory's name."""
-    from edge_lora.converters.checkpoint import checkpoint_name
-
     if not Path(ref).expanduser().exists() and ref.count("/") <= 1:
         return ref.rstrip("/").split("/")[-1]
     return checkpoint_name(ckpt_dir)

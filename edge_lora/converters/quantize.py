@@ -26,6 +26,7 @@ from edge_lora.core.atomic import check_free_space, ensure_writable_dir, partial
 from edge_lora.core.errors import EdgeLoraError, InputError, OutputError, QuantizeError
 from edge_lora.core.formats import format_of_file_type, quant_format, split_file_name
 from edge_lora.core.gguf_check import validate_gguf
+from edge_lora.core.manifest import FileKind, Manifest
 from edge_lora.core.progress import NullProgress, ProgressSink
 
 CHILD_FAILED = 3  # the child's exit code when llama_model_quantize returned an error
@@ -52,9 +53,7 @@ def check_quantizable(src: Path) -> int:
 
 def _child_quantize(src: str, dst: str, ftype: int, nthread: int) -> int:
     """Runs in the child process (``python -m edge_lora.converters.quantize``)."""
-    import sys
-
-    import llama_cpp.llama_cpp as llama
+    import llama_cpp.llama_cpp as llama  # only the child loads llama.cpp: the parent never calls it
 
     @llama.llama_log_callback
     def errors_only(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
@@ -180,10 +179,8 @@ def quantize_ladder(src: Path | str, out_dir: Path | str, names: Sequence[str], 
 def record_in_manifest(out_dir: Path, src: Path, results: Sequence[QuantResult]) -> None:
     """Add each successful quant to ``out_dir``'s manifest with the kind of its source
     (a quant of a merged model is merged)."""
-    from edge_lora.core.manifest import Manifest
-
     manifest = Manifest.load(out_dir)
-    kind = "model"
+    kind: FileKind = "model"
     try:
         # ``src`` is a path as given (relative to the working directory), not a name in out_dir.
         row = manifest.file(Path(src).absolute())
@@ -193,7 +190,7 @@ def record_in_manifest(out_dir: Path, src: Path, results: Sequence[QuantResult])
         kind = "merged"
     for result in results:
         if result.ok and result.path is not None:
-            manifest.add_file(result.path.name, format=result.name, kind=kind)  # type: ignore[arg-type]
+            manifest.add_file(result.path.name, format=result.name, kind=kind)
     if not manifest.name:
         manifest.name = model_stem(src)
     if not manifest.architecture:

@@ -36,7 +36,7 @@ class EdgeLoraApp(App[None]):
         if self.initial_view is not None:
             self.push_screen(self.main_screen(self.initial_view))
         else:
-            self.push_screen(WelcomeScreen(), self._open)
+            self.push_screen(WelcomeScreen(self.services), self._open)
 
     def main_screen(self, view: ModelDirView) -> MainScreen:
         return MainScreen(view, self.services, ctx=self.ctx, ppl_ctx=self.ppl_ctx,
