@@ -30,7 +30,7 @@ from pathlib import Path
 
 import psutil
 
-from edge_lora.core import constants
+from edge_lora.core import context_size
 from edge_lora.core.errors import InputError, InputNotFoundError
 from edge_lora.core.formats import format_of_file, quality_rank
 from edge_lora.core.gguf_check import GGUFInfo, validate_gguf
@@ -153,8 +153,7 @@ def context_length(info: GGUFInfo) -> int | None:
 
 
 def default_ctx(info: GGUFInfo) -> int:
-    trained = context_length(info)
-    return min(trained, constants.DEFAULT_CTX_CAP) if trained else constants.DEFAULT_CTX_CAP
+    return context_size.default_ctx(context_length(info))
 
 
 def _n_vocab(info: GGUFInfo) -> int:

@@ -171,8 +171,12 @@ async def test_chat_switches_adapters_on_one_runtime(model_dir: Path) -> None:
         assert chat.replies == [("base", "[base] echo hello"), ("legal", "[legal] echo hello")]
         assert runtime.requests == [{}, {"legal": None}]
         assert len(FakeRuntime.instances) == 1  # switched per message, never reloaded
-        # each prompt is fitted to the context, leaving room for a reply
-        assert runtime.reply_rooms == [min(chat.max_tokens, 2048 // 4)] * 2
+        # one conversation across the adapter switch: the second prompt carries the first exchange
+        first = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "[base] echo hello"}]
+        assert runtime.prompts == [first[:1], first + first[:1]]
+        assert runtime.max_tokens == [chat.max_tokens] * 2
+        assert chat.conversation is not None
+        assert chat.conversation.messages == first + [first[0], {"role": "assistant", "content": "[legal] echo hello"}]
         await pilot.press("escape")
         await settle(pilot)
         assert isinstance(app.screen, MainScreen)

@@ -6,8 +6,9 @@ import argparse
 import socket
 import sys
 
+from edge_lora.cli._model_args import add_model_args
 from edge_lora.core import constants
-from edge_lora.cli.run import add_model_args, load_adapters, parse_adapter_arg, resolve_model_path
+from edge_lora.core.context_size import check_ctx
 from edge_lora.core.errors import InputError
 
 
@@ -51,19 +52,18 @@ def serve_command(args: argparse.Namespace) -> int:
         raise InputError(f"--port {args.port} is out of range", fix="use 1-65535")
     if not 1 <= args.contexts <= 8:
         raise InputError(f"--contexts {args.contexts} is out of range", fix="use 1-8")
-    if args.ctx is not None and not 64 <= args.ctx <= 1 << 20:
-        raise InputError(f"--ctx {args.ctx} is out of range", fix="use a context between 64 and 1048576")
-    api_key = args.api_key or constants.EDGE_LORA_API_KEY
-    choices = [parse_adapter_arg(a) for a in args.adapter]
-    model_path = resolve_model_path(args.model, args.quant, args.ctx)
-    _check_port_free(args.host, args.port)
-
+    check_ctx(args.ctx)
     import uvicorn
 
+    from edge_lora.model_choice import load_adapters, parse_adapter_arg, resolve_model_path
     from edge_lora.registry import AdapterRegistry
     from edge_lora.runtime import Runtime
     from edge_lora.server import make_app
 
+    api_key = args.api_key or constants.EDGE_LORA_API_KEY
+    choices = [parse_adapter_arg(a) for a in args.adapter]
+    model_path = resolve_model_path(args.model, args.quant, args.ctx)
+    _check_port_free(args.host, args.port)
     registry = AdapterRegistry()
     with Runtime(model_path, n_ctx=args.ctx, n_contexts=args.contexts) as runtime:
         load_adapters(runtime, registry, choices)
