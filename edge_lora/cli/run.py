@@ -53,12 +53,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 
 def run_command(args: argparse.Namespace) -> int:
+    _check_args(args)
     from edge_lora.conversation import Conversation
     from edge_lora.model_choice import load_adapters, parse_adapter_arg, resolve_model_path
     from edge_lora.registry import AdapterRegistry
     from edge_lora.runtime import Runtime
 
-    _check_args(args)
     choices = [parse_adapter_arg(a) for a in args.adapter]
     model_path = resolve_model_path(args.model, args.quant, args.ctx)
     registry = AdapterRegistry()
