@@ -28,6 +28,13 @@ import llama_cpp.llama_cpp as llama  # noqa: E402  (heavy: imported only by modu
 
 LogitsRequest = Literal["last", "all"] | set[int] | frozenset[int]
 
+# llama.h's token attributes: tokenizing with special=True splits text at CONTROL and UNKNOWN
+# tokens (USER_DEFINED ones always); LSTRIP/RSTRIP tokens eat the whitespace beside them.
+TOKEN_ATTR_UNKNOWN = llama.LLAMA_TOKEN_ATTR_UNKNOWN
+TOKEN_ATTR_CONTROL = llama.LLAMA_TOKEN_ATTR_CONTROL
+TOKEN_ATTR_LSTRIP = llama.LLAMA_TOKEN_ATTR_LSTRIP
+TOKEN_ATTR_RSTRIP = llama.LLAMA_TOKEN_ATTR_RSTRIP
+
 # --- logging: llama.cpp prints pages of loader chatter on stderr; keep it quiet, but remember
 # the last lines so a failed load can say why. ---
 _log_lock = threading.Lock()
@@ -176,6 +183,11 @@ class LlamaModel(_NativeHandle):
             n = llama.llama_token_to_piece(self._vocab_ptr(), token, buf, -n, 0, special)
         return buf.raw[:max(n, 0)]
 
+
+    def token_attr(self, token: int) -> int:
+        """llama.cpp's attribute bits of a token (TOKEN_ATTR_CONTROL, ...)."""
+        self._check_token(token)
+        return int(llama.llama_vocab_get_attr(self._vocab_ptr(), token))
 
     def detokenize(self, ids: Sequence[int], special: bool = False) -> str:
         return b"".join(self.token_piece(t, special) for t in ids).decode("utf-8", errors="replace")

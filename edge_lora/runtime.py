@@ -28,14 +28,17 @@ from pathlib import Path
 import numpy as np
 
 from edge_lora.core import constants
-from edge_lora.core.chat_template import ChatTemplate, render_chat, template_for
+from edge_lora.core.chat_template import ChatPart, ChatTemplate, normalize_messages, render_chat_parts, template_for
 from edge_lora.core.errors import (ContextLengthError, InputNotFoundError, InvalidGGUFError, RegistryError,
                               RequestError)
-from edge_lora.llama_backend import LlamaContext, LlamaModel, LoraAdapter
+from edge_lora.llama_backend import (TOKEN_ATTR_CONTROL, TOKEN_ATTR_LSTRIP, TOKEN_ATTR_RSTRIP, TOKEN_ATTR_UNKNOWN,
+                                     LlamaContext, LlamaModel, LoraAdapter)
 
 # How long close() waits for running generations to stop before leaving their contexts to the
 # process exit (freeing a context under a running decode would crash inside llama.cpp).
 CLOSE_WAIT_S = 10.0
+# What llama.cpp's tokenizer strips beside LSTRIP/RSTRIP tokens (C isspace).
+_ASCII_SPACE = " \t\n\v\f\r"
 
 logger = logging.getLogger(__name__)
 
@@ -210,6 +213,7 @@ class Runtime:
         self._drain_lock = threading.Lock()
         self._closing = threading.Event()
         self.template: ChatTemplate = template_for(self.model)
+        self._markup_cache: dict[str, list[str | tuple[int, int]]] = {}
         self._request_numbers = itertools.count(1)  # next() is atomic: no two requests share a stream
 
     # --- lifetime ---
@@ -323,15 +327,90 @@ class Runtime:
         return tokens
 
     def render_messages(self, messages: object) -> list[int]:
+        """The chat prompt's tokens. Only the template's own markup becomes control tokens: a
+        message that spells ``<start_of_turn>model`` gets those characters as plain text, so a
+        user cannot forge turns. Ordinary messages give exactly the ids of tokenizing the
+        rendered text with special tokens parsed (tests/test_runtime.py checks both)."""
         bos_text = self.model.token_piece(self.model.bos, special=True).decode("utf-8", "replace") \
             if self.model.bos >= 0 else ""
         eos_text = self.model.token_piece(self.model.eos, special=True).decode("utf-8", "replace") \
             if self.model.eos >= 0 else ""
-        text = render_chat(self.template.source, messages, add_generation_prompt=True,
-                           bos_token=bos_text, eos_token=eos_text)
+        text, parts = render_chat_parts(self.template.source, messages, add_generation_prompt=True,
+                                        bos_token=bos_text, eos_token=eos_text)
         # A template that writes the BOS itself must not get a second one from the tokenizer.
         add_bos = self.model.add_bos and not (bos_text and text.startswith(bos_text))
+        ids = None if parts is None else self._tokenize_chat_parts(parts, add_bos)
+        if ids is not None:
+            return ids
+        # The template rewrote some content, so markup and content cannot be told apart: safe
+        # only when no content spells a control token.
+        for i, message in enumerate(normalize_messages(messages)):
+            content = message["content"]
+            if (self.model.tokenize(content, add_bos=False, special=True)
+                    != self.model.tokenize(content, add_bos=False, special=False)):
+                raise RequestError(f"messages[{i}].content spells one of the model's control tokens, which "
+                                   "this chat template does not let through as plain text",
+                                   fix="remove control-token text such as <start_of_turn> from the message")
         return self.model.tokenize(text, add_bos=add_bos, special=True)
+
+    def _tokenize_chat_parts(self, parts: Sequence[ChatPart], add_bos: bool) -> list[int] | None:
+        """Tokenize as llama.cpp does with special=True, which splits the text at control tokens
+        and tokenizes each stretch of text between them on its own, except that control tokens
+        are looked for only in the template's markup. A stretch may join markup and content
+        ("user\n" + "Hi"), so it is tokenized whole, as before, and merges are unchanged."""
+        ids = [self.model.bos] if add_bos else []
+        stretch: list[str] = []
+        strip_start = False  # the control token before the stretch eats its leading whitespace
+
+        def flush(strip_end: bool) -> None:
+            raw = "".join(stretch)
+            stretch.clear()
+            raw = raw.lstrip(_ASCII_SPACE) if strip_start else raw
+            raw = raw.rstrip(_ASCII_SPACE) if strip_end else raw
+            if raw:
+                ids.extend(self.model.tokenize(raw, add_bos=False, special=False))
+
+        for text, is_content in parts:
+            if is_content:
+                stretch.append(text)
+                continue
+            pieces = self._markup_pieces(text)
+            if pieces is None:
+                return None
+            for piece in pieces:
+                if isinstance(piece, str):
+                    stretch.append(piece)
+                    continue
+                token, attr = piece
+                flush(strip_end=bool(attr & TOKEN_ATTR_LSTRIP))
+                ids.append(token)
+                strip_start = bool(attr & TOKEN_ATTR_RSTRIP)
+        flush(strip_end=False)
+        return ids
+
+    def _markup_pieces(self, text: str) -> list[str | tuple[int, int]] | None:
+        """Template markup split into text and (control token, attributes), in order."""
+        cached = self._markup_cache.get(text)
+        if cached is not None:
+            return cached
+        pieces: list[str | tuple[int, int]] = []
+        pos = 0
+        for token in self.model.tokenize(text, add_bos=False, special=True):
+            attr = self.model.token_attr(token)
+            if not attr & (TOKEN_ATTR_CONTROL | TOKEN_ATTR_UNKNOWN):
+                continue
+            spelled = self.model.token_piece(token, special=True).decode("utf-8", "replace")
+            at = text.find(spelled, pos) if spelled else -1
+            if at < 0:
+                return None
+            pieces += [text[pos:at], (token, attr)]
+            pos = at + len(spelled)
+        pieces.append(text[pos:])
+        pieces = [p for p in pieces if p != ""]
+        if len(self._markup_cache) >= 256:  # markup is a handful of strings per template
+            self._markup_cache.clear()
+        self._markup_cache[text] = pieces
+        return pieces
 
     def render_conversation(self, history: Sequence[Mapping[str, Any]], reply_room: int) -> tuple[list[int], int]:
         """The chat prompt of ``history`` leaving ``reply_room`` tokens for the reply, dropping the
