@@ -35,7 +35,7 @@ import anyio
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -614,6 +614,8 @@ def _guard(handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
             return await handler(request)
         except APIError as exc:
             return exc.response()
+        except ClientDisconnect:  # gone while sending its body: nobody to answer
+            return Response(status_code=499)
         except EdgeLoraError as exc:
             return _from_library_error(exc).response()
         except Exception:  # a bug: still answer in OpenAI's shape, and keep the details in the log
@@ -708,7 +710,6 @@ def uvicorn_config(app: Starlette, host: str, port: int, limits: ServerLimits = 
     """A uvicorn.Config whose connections must send their request line and headers within
     header_timeout_s (uvicorn itself waits forever for a connection that sends nothing, and
     restarts its keep-alive timer on every byte), with 16 KiB of headers at most."""
-    import h11
     import uvicorn
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -728,10 +729,8 @@ def uvicorn_config(app: Starlette, host: str, port: int, limits: ServerLimits = 
 
         def _header_timeout(self) -> None:
             self._header_timer = None
-            if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
-                if self.conn.our_state in (h11.IDLE, h11.DONE):
-                    self.conn.send(h11.ConnectionClosed())
-                self.transport.close()
+            if self.cycle is None or self.cycle.response_complete:  # no request under way
+                self.transport.close()  # connection_lost does h11's bookkeeping
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
