@@ -181,6 +181,12 @@ class _Ticket:
         self.gate = gate
         self.running = False
         self.finished = False
+        self.in_thread = False  # a generation thread holds it and calls done() when it ends
+
+    def close(self) -> None:
+        """The request is over on the server's side (answered, failed or abandoned)."""
+        if not self.in_thread:
+            self.done()
 
     async def run_slot(self) -> None:
         """Wait (first come, first served) until fewer than the limit are generating."""
@@ -426,10 +432,15 @@ class OpenAIServer:
             raise
         request_id = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex[:24]
         events = self._run(request, generation, cancel, ticket)
+
+        def close() -> None:  # runs even if the response never started (client gone at once)
+            cancel.set()
+            ticket.close()
+
         if stream:
-            return StreamingResponse(self._sse(events, generation, kind, request_id, model),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return _ClosingStream(self._sse(events, generation, kind, request_id, model), close,
+                                  media_type="text/event-stream",
+                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         pieces: list[str] = []
         try:
             async for tag, value in events:
@@ -441,6 +452,7 @@ class OpenAIServer:
                     return Response(status_code=499)  # nobody is listening; nginx's "client closed request"
         finally:
             await events.aclose()
+            close()
         stats = generation.stats
         usage = {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
                  "total_tokens": stats.prompt_tokens + stats.completion_tokens}
@@ -461,7 +473,6 @@ class OpenAIServer:
         check and gives the slot back by itself."""
         loop = asyncio.get_running_loop()
         gone = asyncio.ensure_future(_wait_for_disconnect(request.receive))
-        started = False
         try:
             slot = asyncio.ensure_future(ticket.run_slot())
             await asyncio.wait({slot, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -493,8 +504,8 @@ class OpenAIServer:
                 finally:
                     deliver(ticket.done)
 
+            ticket.in_thread = True
             threading.Thread(target=produce, name="edge-lora-generation", daemon=True).start()
-            started = True
             while True:
                 item = asyncio.ensure_future(pieces.get())
                 await asyncio.wait({item, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -510,8 +521,7 @@ class OpenAIServer:
         finally:
             cancel.set()  # a no-op once the generation is over; otherwise it stops at its next check
             gone.cancel()
-            if not started:
-                ticket.done()
+            ticket.close()
 
     async def _sse(self, events: AsyncIterator[tuple[str, Any]], generation: Generation, kind: str,
                    request_id: str, model: str) -> AsyncIterator[bytes]:
@@ -587,6 +597,21 @@ class OpenAIServer:
                                param="lora_name", code="not_found")
             await run_in_threadpool(self.runtime.unload_adapter, name)
         return JSONResponse({"status": "ok", "message": f"adapter {name!r} unloaded"})
+
+
+class _ClosingStream(StreamingResponse):
+    """A streamed answer that calls ``on_close`` however it ends, even when Starlette cancels it
+    before the body iterator ever starts (the client went away at once)."""
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
 
 
 def _adapter_load_error(exc: EdgeLoraError, name: str, path: Path) -> APIError:

@@ -136,6 +136,41 @@ def test_a_disconnect_cancels_a_waiting_request_and_a_running_one(runtime: Runti
         assert after.status_code == 200
 
 
+def test_a_stream_cancelled_before_it_starts_gives_its_place_back(runtime: Runtime) -> None:
+    """A server whose send() yields to the loop lets Starlette cancel a streamed response before
+    its body iterator ever runs (the client went away at once): the request's place in the
+    queue must be given back all the same, or the server fills up with ghosts and answers 429."""
+    import asyncio
+
+    app = make_app(runtime)
+    body = json.dumps({"model": "alpha", "prompt": PROMPT, "max_tokens": 50, "stream": True}).encode()
+
+    async def one() -> None:
+        pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict:
+            return pending.pop() if pending else {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            await asyncio.sleep(0)
+
+        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+                 "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+                 "query_string": b"", "root_path": "", "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 5),
+                 "headers": [(b"host", b"127.0.0.1:8000"), (b"content-type", b"application/json"),
+                             (b"content-length", str(len(body)).encode())]}
+        await app(scope, receive, send)
+
+    async def go() -> None:
+        for _ in range(3):
+            await one()
+        await asyncio.sleep(0.5)
+
+    asyncio.run(go())
+    gate = app.state.server.gate
+    assert gate.admitted == 0 and gate.running == 0 and not gate.waiters
+
+
 def test_a_disconnect_during_prefill_stops_it(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
     import edge_lora.llama_backend as backend
 
