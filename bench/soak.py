@@ -1,12 +1,14 @@
 """Soak: `edge-lora serve` on loopback under 12+ concurrent clients for --minutes, with mixed
-adapters, malformed requests, disconnects, slow clients and adapter loads/unloads interleaved.
+adapters, malformed requests and disconnects interleaved, and an adapter loaded and unloaded
+through the API (plus a connection that never finishes its headers) every few seconds.
 
 Figures (each next to a same-run baseline where one exists):
   - answers that differ from the same request made alone (every well-formed request has a
     reference answer, made one at a time before the soak; temperature 0 or a fixed seed)
   - 5xx answers to well-formed requests; malformed requests answered with another status than
     the one they must get; tracebacks in the server's log
-  - server alive at the end; RSS of the server at the start and end (and the ratio)
+  - server alive at the end; RSS of the server at the start, halfway and at the end (and the
+    end/start ratio); the start is taken after the reference pass, so the model is paged in
   - completion tokens/s under the soak vs the same requests made one at a time (the baseline)
 
 Bounded: --minutes of soak and at most --max-requests requests. Binds 127.0.0.1 only.
@@ -185,10 +187,8 @@ class Soak:
                         self.well_formed(http, rng.choice(self.calls))
                     elif roll < 0.86:
                         self.malformed_one(http, rng)
-                    elif roll < 0.985:
-                        self.disconnect(http, rng)
                     else:
-                        self.slowloris()
+                        self.disconnect(http, rng)
                 except httpx.TransportError as exc:
                     with self.tally.lock:
                         self.tally.transport_errors.append(f"{type(exc).__name__}: {exc}")
@@ -270,6 +270,7 @@ class Soak:
                         self.tally.server_errors.append(f"unload churn: {unload.status_code} {unload.text[:200]}")
                     return
                 self.tally.add(churns=1)
+                self.slowloris()  # and a connection that never finishes its headers
                 time.sleep(3)
 
     def slow_sockets_closed_by_server(self) -> tuple[int, int]:
@@ -363,8 +364,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             began = time.time()
             threads = [threading.Thread(target=soak.client, args=(i,)) for i in range(args.clients)]
             threads.append(threading.Thread(target=soak.churner))
+            rss_samples: list[tuple[float, int]] = []
             for t in threads:
                 t.start()
+            while any(t.is_alive() for t in threads):  # RSS every 5 s, to tell warm-up from a leak
+                rss_samples.append((time.time() - began, server.memory_info().rss))
+                threads[0].join(5)
             for t in threads:
                 t.join()
             duration = time.time() - began
@@ -399,6 +404,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "answers_differing_after_soak_alone": after, "server_alive": bool(health),
         "server_log_tracebacks": log_text.count("Traceback"),
         "rss_start_mb": round(rss_start / 1e6, 1), "rss_end_mb": round(rss_end / 1e6, 1),
+        "rss_mid_mb": round(rss_samples[len(rss_samples) // 2][1] / 1e6, 1) if rss_samples else None,
+        "rss_peak_mb": round(max([rss_end, *(r for _, r in rss_samples)]) / 1e6, 1),
         "rss_ratio": round(rss_end / rss_start, 3) if rss_start else None,
         "soak_tokens_per_s": round(t.tokens / duration, 1), "alone_tokens_per_s": round(alone_tps, 1),
         "latency_p50_s": round(statistics.median(t.latencies), 2) if t.latencies else None,
@@ -422,8 +429,8 @@ def print_rows(r: dict[str, Any]) -> None:
     print(f"  adapter load+unload cycles        {r['adapter_load_unload_cycles']:8d}")
     print(f"  transport errors (client side)    {r['transport_errors']:8d}")
     print(f"  server alive / log tracebacks     {str(r['server_alive']):>8} / {r['server_log_tracebacks']}")
-    print(f"  server RSS start -> end           {r['rss_start_mb']:8.1f} -> {r['rss_end_mb']:.1f} MB   "
-          f"ratio {r['rss_ratio']}")
+    print(f"  server RSS start -> mid -> end    {r['rss_start_mb']:8.1f} -> {r['rss_mid_mb']} -> {r['rss_end_mb']:.1f} MB"
+          f"   ratio end/start {r['rss_ratio']}   peak {r['rss_peak_mb']} MB")
     print(f"  completion tokens/s under soak    {r['soak_tokens_per_s']:8.1f}   alone, one at a time (baseline): "
           f"{r['alone_tokens_per_s']:.1f}   ratio {r['soak_tokens_per_s'] / r['alone_tokens_per_s']:.2f}")
     print(f"  latency p50 / p95                 {r['latency_p50_s']} / {r['latency_p95_s']} s")

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
+import contextlib
 import hmac
 import json
 import logging
@@ -257,6 +259,10 @@ class OpenAIServer:
         self.created = int(time.time())
         self.max_prompt_chars = limits.max_prompt_chars or 32 * runtime.n_ctx
         self.gate = _Gate(runtime.n_contexts, limits.queue)
+        # The gate lets at most n_contexts generations run, so this pool never queues; reusing its
+        # threads (not one per request) keeps the allocator's per-thread arenas, and RSS, flat.
+        self._workers = concurrent.futures.ThreadPoolExecutor(max_workers=runtime.n_contexts,
+                                                              thread_name_prefix="edge-lora-generation")
         self._admin_lock = asyncio.Lock()  # loads and unloads one at a time (checks, then acts)
 
     # --- bodies ---
@@ -351,15 +357,15 @@ class OpenAIServer:
                            "adapter directory" + ("" if self.adapter_dir else " (none was given: start the server "
                                                   "with --adapter-dir DIR)"),
                            type_="permission_error", param="lora_path", code="path_not_allowed")
-        relative = PurePath(lora_path)
-        if (self.adapter_dir is None or relative.is_absolute() or lora_path.startswith(("~", "/", "\\"))
-                or ".." in relative.parts or "\\" in lora_path or ":" in lora_path or "\0" in lora_path):
+        given = PurePath(lora_path)
+        if (self.adapter_dir is None or lora_path.startswith("~") or ".." in given.parts
+                or "\\" in lora_path or ":" in lora_path or "\0" in lora_path):
             raise refused
-        candidate = (self.adapter_dir / relative).resolve()
-        if not candidate.is_relative_to(self.adapter_dir):  # a symlink leading out
+        candidate = (self.adapter_dir / given).resolve()  # an absolute path replaces the directory
+        if not candidate.is_relative_to(self.adapter_dir):  # outside, or a symlink leading out
             raise refused
         if not candidate.is_file():
-            raise APIError(404, f"no adapter file {lora_path!r} in the adapter directory", type_="not_found_error",
+            raise APIError(404, f"no adapter file {given.name!r} in the adapter directory", type_="not_found_error",
                            param="lora_path", code="not_found")
         return candidate, 1.0
 
@@ -505,7 +511,7 @@ class OpenAIServer:
                     deliver(ticket.done)
 
             ticket.in_thread = True
-            threading.Thread(target=produce, name="edge-lora-generation", daemon=True).start()
+            self._workers.submit(produce)
             while True:
                 item = asyncio.ensure_future(pieces.get())
                 await asyncio.wait({item, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -723,7 +729,13 @@ def make_app(runtime: Runtime, registry: AdapterRegistry | None = None, api_key:
         return APIError(status, f"no route {request.method} {request.url.path}", type_="not_found_error"
                         if status == 404 else "invalid_request_error", code="not_found").response()
 
-    app = Starlette(routes=routes, middleware=middleware, exception_handlers={404: not_found, 405: not_found})
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        server._workers.shutdown(wait=False)  # idle threads; a running generation finishes on its own
+
+    app = Starlette(routes=routes, middleware=middleware, exception_handlers={404: not_found, 405: not_found},
+                    lifespan=lifespan)
     app.state.server = server
     return app
 

@@ -164,7 +164,8 @@ def test_lora_path_is_a_registry_name_or_a_file_inside_the_adapter_dir(
     outside = str(random_gemma_loras[0])  # an adapter file that exists, outside the directory
     refusals = {}
     for path in [outside, "/no/such/file.gguf", "../" + Path(outside).name, "sub/../../x.gguf",
-                 "~/x.gguf", "escape.gguf", str(adapter_dir / "sub" / "good.gguf"), "C:\\x.gguf", "sub\\good.gguf"]:
+                 "~/x.gguf", "escape.gguf", str(adapter_dir / "sub" / ".." / ".." / Path(outside).name),
+                 str(adapter_dir) + "-sibling/x.gguf", "C:\\x.gguf", "sub\\good.gguf"]:
         r = _load(app, "evil", path)
         refusals[path] = r
         assert r.status_code == 403, (path, r.text)
@@ -177,15 +178,17 @@ def test_lora_path_is_a_registry_name_or_a_file_inside_the_adapter_dir(
     assert missing.status_code == 404 and "nope.gguf" in missing.text
     try:
         inside = _load(app, "inside", "sub/good.gguf")
+        absolute_inside = _load(app, "absolute", str(adapter_dir / "sub" / "good.gguf"))
         registered = _load(app, "reg", "registered")
-        assert inside.status_code == 200 and registered.status_code == 200, (inside.text, registered.text)
+        assert inside.status_code == absolute_inside.status_code == registered.status_code == 200, \
+            (inside.text, absolute_inside.text, registered.text)
         assert runtime.adapters["reg"].scale == 0.5  # the registered scale
         # Without --adapter-dir only registered names load.
         no_dir = make_app(runtime)
         assert _load(no_dir, "again", "sub/good.gguf").status_code == 403
         assert _load(no_dir, "again", "registered").status_code == 200
     finally:
-        for name in ("inside", "reg", "again"):
+        for name in ("inside", "absolute", "reg", "again"):
             _unload(runtime, name)
 
 
