@@ -510,8 +510,8 @@ class OpenAIServer:
                 finally:
                     deliver(ticket.done)
 
-            ticket.in_thread = True
             self._workers.submit(produce)
+            ticket.in_thread = True  # produce's done() runs on this loop, so never before this line
             while True:
                 item = asyncio.ensure_future(pieces.get())
                 await asyncio.wait({item, gone}, return_when=asyncio.FIRST_COMPLETED)
