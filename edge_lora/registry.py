@@ -13,6 +13,7 @@ from pathlib import Path
 
 from edge_lora.core import constants
 from edge_lora.core.atomic import atomic_write_text, ensure_writable_dir
+from edge_lora.core.bounded_json import JsonKind, read_json_object
 from edge_lora.core.errors import InputNotFoundError, RegistryError
 from edge_lora.core.gguf_check import validate_gguf
 
@@ -58,10 +59,13 @@ class AdapterRegistry:
         self.file = self.home / REGISTRY_FILE
 
     def _load(self) -> dict[str, RegisteredAdapter]:
-        if not self.file.exists():
+        try:
+            data = read_json_object(self.file, JsonKind.REGISTRY, missing_ok=True)
+        except RegistryError as exc:
+            raise RegistryError(f"the adapter registry is unreadable: {exc.message}", fix=exc.fix) from exc
+        if data is None:
             return {}
         try:
-            data = json.loads(self.file.read_text(encoding="utf-8"))
             entries = data["adapters"]
             if not isinstance(entries, dict):
                 raise TypeError("adapters is not an object")
@@ -71,7 +75,7 @@ class AdapterRegistry:
                                               scale=float(entry.get("scale", 1.0)),
                                               architecture=entry.get("architecture"))
             return out
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise RegistryError(f"the adapter registry {self.file} is unreadable ({exc})",
                                 fix=f"fix or delete {self.file} and register the adapters again") from exc
 

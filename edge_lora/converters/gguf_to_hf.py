@@ -27,6 +27,7 @@ from edge_lora.converters.architectures import GEMMA3_LOCAL_ROPE_BASE, GEMMA3_SW
 from edge_lora.converters.safetensors_io import f32_to_bf16_bits
 from edge_lora.converters.sentencepiece_model import ModelType, Piece, PieceType, SentencePieceModel, serialize_model
 from edge_lora.core.atomic import check_free_space, ensure_writable_dir, os_error_to_output_error
+from edge_lora.core.bounded_json import JsonKind, loads_json
 from edge_lora.core.chat_template import GEMMA_TEMPLATE
 from edge_lora.core.errors import InputError, InvalidGGUFError, UnsupportedArchitectureError
 from edge_lora.core.gguf_check import validate_gguf
@@ -343,5 +344,5 @@ def iter_hf_tensors(out_dir: Path) -> Iterator[str]:
     """Names in a built checkpoint's model.safetensors header (for quick checks)."""
     with open(out_dir / "model.safetensors", "rb") as fh:
         (length,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(length))
+        header = loads_json(fh.read(length), JsonKind.SAFETENSORS_HEADER, out_dir / "model.safetensors")
     yield from (name for name in header if name != "__metadata__")
