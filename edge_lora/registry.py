@@ -4,15 +4,17 @@ a file that disappeared is reported by ``list`` (not a crash) and refused by ``r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
 import threading
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edge_lora.core import constants
-from edge_lora.core.atomic import atomic_write_text, ensure_writable_dir
+from edge_lora.core.atomic import atomic_write_text, ensure_writable_dir, file_lock
 from edge_lora.core.bounded_json import JsonKind, read_json_object
 from edge_lora.core.errors import InputNotFoundError, RegistryError
 from edge_lora.core.gguf_check import validate_gguf
@@ -58,6 +60,15 @@ class AdapterRegistry:
         self.home = Path(home) if home is not None else constants.EDGE_LORA_HOME
         self.file = self.home / REGISTRY_FILE
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Around a read-modify-write: other threads (the lock) and other processes (a file
+        lock beside the registry) wait, so concurrent adds and removes all land."""
+        with self._lock:
+            ensure_writable_dir(self.home)
+            with file_lock(self.file):
+                yield
+
     def _load(self) -> dict[str, RegisteredAdapter]:
         try:
             data = read_json_object(self.file, JsonKind.REGISTRY, missing_ok=True)
@@ -92,7 +103,7 @@ class AdapterRegistry:
         path = Path(path).expanduser().resolve()
         info = validate_gguf(path, expect_type="adapter")  # missing file, directory, not an adapter
         entry = RegisteredAdapter(name, path, scale, info.architecture)
-        with self._lock:
+        with self._locked():
             entries = self._load()
             if name in entries and not replace and entries[name].path != path:
                 raise RegistryError(f"an adapter named {name!r} is already registered ({entries[name].path})",
@@ -110,7 +121,7 @@ class AdapterRegistry:
             return self._load().get(name)
 
     def remove(self, name: str) -> RegisteredAdapter:
-        with self._lock:
+        with self._locked():
             entries = self._load()
             entry = entries.pop(name, None)
             if entry is None:

@@ -25,6 +25,11 @@ from typing import IO, Any
 
 from edge_lora.core.errors import OutputError
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; updates there are not serialized
+    fcntl = None  # type: ignore[assignment]
+
 PARTIAL_SUFFIX = ".partial"
 _CREATE_FLAGS = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
                  | getattr(os, "O_CLOEXEC", 0))
@@ -224,6 +229,29 @@ def atomic_path(final: Path, validate: Callable[[Path], None] | None = None) -> 
         publish(tmp, final, validate)
     except OSError as exc:
         raise os_error_to_output_error(exc, final) from exc
+
+
+LOCK_SUFFIX = ".lock"
+
+
+@contextlib.contextmanager
+def file_lock(target: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``.<target>.lock`` (created beside ``target``, kept for the
+    next user: deleting a lock file races with its next locker) around a read-modify-write of
+    ``target``, so two processes — or two threads — updating it at once lose nothing. Readers
+    need no lock: ``target`` is only ever replaced whole."""
+    target = Path(target)
+    lock = target.with_name(f".{target.name}{LOCK_SUFFIX}")  # hidden: not an output users look for
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o666)
+    except OSError as exc:
+        raise os_error_to_output_error(exc, lock) from exc
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def atomic_open(final: Path, mode: str = "wb") -> contextlib.AbstractContextManager[IO[Any]]:

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from edge_lora.core.atomic import atomic_write_text
+from edge_lora.core.atomic import atomic_write_text, file_lock
 from edge_lora.core.bounded_json import JsonKind, read_json_object
 from edge_lora.core.errors import InputError, InvalidGGUFError
 from edge_lora.core.gguf_check import GGUFInfo, validate_gguf
@@ -152,7 +152,12 @@ class Manifest:
 
     def save(self) -> Path:
         """Merge with the manifest on disk (rows another tool added since we loaded are kept,
-        rows we loaded and dropped stay dropped; our rows win), then write atomically."""
+        rows we loaded and dropped stay dropped; our rows win), then write atomically — under a
+        file lock, so two processes saving at once both keep their rows."""
+        with file_lock(self.directory / MANIFEST_FILE):
+            return self._merge_and_write()
+
+    def _merge_and_write(self) -> Path:
         on_disk = Manifest.load(self.directory)
         ours = {f.path for f in self.files}
         loaded = self._loaded_paths or frozenset()
