@@ -377,10 +377,11 @@ def measure_peak_rss(gguf_path: Path | str, ctx: int, n_batch: int = 512, fill: 
     """Peak RSS (bytes) of a fresh Python process that loads the file, creates a context and
     decodes one batch (``fill``: the whole context). Linux only (/proc/self/status VmHWM)."""
     import subprocess
-    import sys
 
-    out = subprocess.run([sys.executable, "-c", _MEASURE_SCRIPT, str(gguf_path), str(ctx), str(n_batch),
-                          "1" if fill else "0"], capture_output=True, text=True, check=False)
+    from edge_lora.core.child_process import isolated_python
+
+    out = subprocess.run(isolated_python(_MEASURE_SCRIPT, str(gguf_path), str(ctx), str(n_batch), "1" if fill else "0"),
+                         capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise InputError(f"measuring {gguf_path} failed: {out.stderr.strip().splitlines()[-1:]}")
     return int(out.stdout.strip().splitlines()[-1])

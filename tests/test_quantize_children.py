@@ -73,8 +73,8 @@ def test_children_die_with_their_parent_even_by_sigkill(tmp_path: Path) -> None:
         "from edge_lora.converters import quantize\n"
         "command = quantize._child_command(__import__('pathlib').Path('unused'), 'unused', 0, 1)\n"
         "boot = command.index('-c') + 1\n"
-        "command[boot] = command[boot].replace('sys.exit(_child_main(sys.argv[2:]))', "
-        "'_die_with_parent(int(sys.argv[2])); print(\"ready\", flush=True); __import__(\"time\").sleep(120)')"
+        "command[boot] = command[boot].replace('sys.exit(_child_main(sys.argv[1:]))', "
+        "'_die_with_parent(int(sys.argv[1])); print(\"ready\", flush=True); __import__(\"time\").sleep(120)')"
         ".replace('import _child_main', 'import _die_with_parent')\n"
         "child = subprocess.Popen(command)\n"
         "print(child.pid, flush=True)\n"
@@ -94,3 +94,22 @@ def test_children_die_with_their_parent_even_by_sigkill(tmp_path: Path) -> None:
         time.sleep(0.05)
     os.kill(child_pid, signal.SIGKILL)
     pytest.fail("the child outlived its SIGKILLed parent")
+
+
+def test_isolated_python_imports_the_parents_packages_not_the_working_directorys(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The helper every child uses (quantize, fit's measurement)."""
+    import edge_lora
+    from edge_lora.core.child_process import isolated_python
+
+    repo = tmp_path / "cloned-model-repo"
+    marker = tmp_path / "pwned"
+    _plant(repo, marker)
+    monkeypatch.chdir(repo)
+    monkeypatch.setenv("PYTHONPATH", ".")
+    code = "import edge_lora, llama_cpp, sys; print(edge_lora.__file__); print(llama_cpp.__file__); print(sys.argv[1:])"
+    done = subprocess.run(isolated_python(code, "a", "b"), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    package, llama, argv = done.stdout.splitlines()
+    assert Path(package) == Path(edge_lora.__file__) and str(repo) not in llama
+    assert argv == "['a', 'b']" and not marker.exists()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import os
 import signal
 import subprocess
@@ -33,6 +32,7 @@ from typing import IO
 
 from edge_lora.core import constants
 from edge_lora.core.atomic import check_free_space, create_partial, ensure_writable_dir, publish
+from edge_lora.core.child_process import isolated_python
 from edge_lora.core.errors import EdgeLoraError, InputError, OutputError, QuantizeError
 from edge_lora.core.gguf_check import validate_gguf
 from edge_lora.core.progress import NullProgress, ProgressSink
@@ -152,34 +152,9 @@ class QuantResult:
     error: str | None = None
 
 
-# Run by ``python -I``: no working directory, PYTHON* variables or user site on the path;
-# argv[1] is the import path to use (the parent's, see _child_import_path).
-_CHILD_BOOTSTRAP = (
-    "import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
-    "from edge_lora.converters.quantize import _child_main; sys.exit(_child_main(sys.argv[2:]))")
-
-
-def _child_import_path() -> list[str]:
-    """The parent's import path, absolute, without the working directory (``''`` or ``.`` or
-    its absolute name: where ``python -m`` and ``PYTHONPATH=.`` put it), led by the directory
-    this edge_lora package was imported from."""
-    import edge_lora
-
-    cwd = os.path.realpath(os.getcwd())
-    package_root = str(Path(edge_lora.__file__).resolve().parent.parent)
-    entries = [package_root]
-    for entry in sys.path:
-        if not entry or os.path.realpath(entry) == cwd and entry != package_root:
-            continue
-        absolute = os.path.abspath(entry)
-        if absolute not in entries:
-            entries.append(absolute)
-    return entries
-
-
 def _child_command(src: Path, dst: str, ftype: int, nthread: int) -> list[str]:
-    return [sys.executable, "-I", "-c", _CHILD_BOOTSTRAP, json.dumps(_child_import_path()), str(os.getpid()),
-            str(src), dst, str(ftype), str(nthread)]
+    return isolated_python("from edge_lora.converters.quantize import _child_main; sys.exit(_child_main(sys.argv[1:]))",
+                           str(os.getpid()), str(src), dst, str(ftype), str(nthread))
 
 
 def _start(src: Path, dst: Path, name: str, nthread: int) -> QuantJob:
