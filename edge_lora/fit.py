@@ -23,7 +23,6 @@ Constants are calibrated by ``bench/fit.py`` (subprocess peak RSS on real files)
 from __future__ import annotations
 
 import subprocess
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from pathlib import Path
 import psutil
 
 from edge_lora.core import context_size
+from edge_lora.core.child_process import isolated_python
 from edge_lora.core.errors import InputError, InputNotFoundError
 from edge_lora.core.formats import format_of_file, quality_rank
 from edge_lora.core.gguf_check import GGUFInfo, validate_gguf
@@ -368,8 +368,8 @@ print(int(status[0]) * 1024)
 def measure_peak_rss(gguf_path: Path | str, ctx: int, n_batch: int = 512, fill: bool = False) -> int:
     """Peak RSS (bytes) of a fresh Python process that loads the file, creates a context and
     decodes one batch (``fill``: the whole context). Linux only (/proc/self/status VmHWM)."""
-    out = subprocess.run([sys.executable, "-c", _MEASURE_SCRIPT, str(gguf_path), str(ctx), str(n_batch),
-                          "1" if fill else "0"], capture_output=True, text=True, check=False)
+    out = subprocess.run(isolated_python(_MEASURE_SCRIPT, str(gguf_path), str(ctx), str(n_batch), "1" if fill else "0"),
+                         capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise InputError(f"measuring {gguf_path} failed: {out.stderr.strip().splitlines()[-1:]}")
     return int(out.stdout.strip().splitlines()[-1])

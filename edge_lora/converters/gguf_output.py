@@ -16,9 +16,10 @@ from typing import Any, BinaryIO
 
 import gguf
 import numpy as np
+from gguf.gguf_writer import WriterState
 
 from edge_lora.converters.safetensors_io import f32_to_bf16_bits
-from edge_lora.core.atomic import atomic_path, check_free_space
+from edge_lora.core.atomic import atomic_file, check_free_space
 from edge_lora.core.errors import InternalError, InvalidCheckpointError
 from edge_lora.core.gguf_check import validate_gguf
 from edge_lora.core.progress import NullProgress, ProgressSink
@@ -142,19 +143,20 @@ class StreamingGGUFWriter:
         final = Path(final)
         check_free_space(final.parent, self.tensor_data_bytes)
         expected = {t.name: t.n_bytes for t in self.tensors}
-        with atomic_path(final, validate=lambda p: _validate_written(p, expected)) as tmp:
-            self._write_to(tmp, progress)
+        with atomic_file(final, validate=lambda p: _validate_written(p, expected)) as fh:
+            self._write_to(fh, progress)
         return final
 
-    def _write_to(self, tmp: Path, progress: ProgressSink) -> None:
+    def _write_to(self, fh: BinaryIO, progress: ProgressSink) -> None:
         writer = self.kv
-        writer.open_output_file(tmp)
+        # gguf-py would open the path itself (following a symlink planted there); it writes to
+        # the descriptor atomic_file created exclusively instead, and never closes it.
+        writer.fout = [fh]
+        writer.state = WriterState.EMPTY
         try:
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
-            assert writer.fout is not None
-            fh = writer.fout[0]
             align = writer.data_alignment
             fh.write(b"\0" * (-fh.tell() % align))
             progress.start("writing GGUF", total=sum(t.n_bytes for t in self.tensors))
@@ -170,7 +172,7 @@ class StreamingGGUFWriter:
             progress.finish()
             fh.flush()
         finally:
-            writer.close()
+            writer.fout = None
 
 
 def _validate_written(path: Path, expected: dict[str, int]) -> None:

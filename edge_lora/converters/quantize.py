@@ -1,9 +1,14 @@
 """Quantization through llama.cpp's own quantizer (``llama_model_quantize``).
 
 Each format runs in a child process: an abort inside llama.cpp (GGML_ABORT on something we
-failed to foresee) then costs that one format, not the whole ladder or the CLI. The child
-writes ``<name>.partial``; the parent validates the header and the file type, then
-``os.replace``s it. Formats run one after another by default, each with every core. Measured
+failed to foresee) then costs that one format, not the whole ladder or the CLI. The parent
+creates the partial file exclusively (core.atomic) and the child writes into that very file
+(``/proc/self/fd/N`` on Linux); the parent validates the header and the file type, then
+``os.replace``s it. Children die with the parent (PR_SET_PDEATHSIG; an interrupted or
+terminated parent kills them and removes their partials) and start isolated (``python -I``)
+with the parent's import path minus the working directory, so an ``edge_lora`` or
+``llama_cpp`` package in the directory the user runs from (a cloned model repo) is never
+imported. Formats run one after another by default, each with every core. Measured
 (bench/quantize.py, Gemma 3 270M, whole ladder, 2 cores): in-process llama.cpp 27.8 s; ours
 sequential 31.2 s (1.12x: interpreter start + validation per format); two at once 22.2 s
 (0.80x) but two quantizers' memory at the same time, so ``workers=2`` is opt-in.
@@ -11,18 +16,23 @@ sequential 31.2 s (1.12x: interpreter start + validation per format); two at onc
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 from edge_lora.core import constants
-from edge_lora.core.atomic import check_free_space, ensure_writable_dir, partial_path, publish
+from edge_lora.core.atomic import check_free_space, create_partial, ensure_writable_dir, publish
+from edge_lora.core.child_process import isolated_python
 from edge_lora.core.errors import EdgeLoraError, InputError, OutputError, QuantizeError
 from edge_lora.core.formats import format_of_file_type, quant_format, split_file_name
 from edge_lora.core.gguf_check import validate_gguf
@@ -30,6 +40,7 @@ from edge_lora.core.manifest import FileKind, Manifest
 from edge_lora.core.progress import NullProgress, ProgressSink
 
 CHILD_FAILED = 3  # the child's exit code when llama_model_quantize returned an error
+CHILD_ORPHANED = 4  # the parent was gone before the child started work
 
 
 def model_stem(src: Path) -> str:
@@ -51,9 +62,21 @@ def check_quantizable(src: Path) -> int:
     return info.tensor_data_bytes
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """In the child: be killed when the parent dies, even by SIGKILL (Linux; elsewhere the
+    parent's own cleanup is all there is). Applies to the thread that started us, which
+    waits for us (quantize_ladder). If the parent died before this took effect, exit now."""
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(CHILD_ORPHANED)
+
+
 def _child_quantize(src: str, dst: str, ftype: int, nthread: int) -> int:
-    """Runs in the child process (``python -m edge_lora.converters.quantize``)."""
-    import llama_cpp.llama_cpp as llama  # only the child loads llama.cpp: the parent never calls it
+    """Runs in the child process (see _child_command)."""
+    import llama_cpp.llama_cpp as llama
 
     @llama.llama_log_callback
     def errors_only(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
@@ -82,6 +105,7 @@ class QuantJob:
 
     name: str
     dst: Path
+    partial: Path
     process: subprocess.Popen[bytes]
     log: IO[bytes]
     started: float
@@ -96,15 +120,38 @@ class QuantResult:
     error: str | None = None
 
 
+def _child_command(src: Path, dst: str, ftype: int, nthread: int) -> list[str]:
+    return isolated_python("from edge_lora.converters.quantize import _child_main; sys.exit(_child_main(sys.argv[1:]))",
+                           str(os.getpid()), str(src), dst, str(ftype), str(nthread))
+
+
 def _start(src: Path, dst: Path, name: str, nthread: int) -> QuantJob:
     # A fresh interpreter (not fork, not multiprocessing's spawn, which re-runs the caller's
     # __main__): an abort inside llama.cpp kills only this child.
+    partial, fd = create_partial(dst)
     log = tempfile.TemporaryFile()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "edge_lora.converters.quantize", str(src), str(partial_path(dst)),
-         str(int(quant_format(name).file_type)), str(nthread)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
-    return QuantJob(name, dst, process, log, time.perf_counter())
+    try:
+        # The child reopens the descriptor we created, never a name someone could swap.
+        target = f"/proc/self/fd/{fd}" if os.path.isdir("/proc/self/fd") else str(partial)
+        process = subprocess.Popen(_child_command(src.absolute(), target, int(quant_format(name).file_type), nthread),
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
+                                   pass_fds=(fd,))
+    except BaseException:
+        log.close()
+        partial.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)
+    return QuantJob(name, dst, partial, process, log, time.perf_counter())
+
+
+def _stop(job: QuantJob) -> None:
+    """Kill a running child and remove its partial file."""
+    with contextlib.suppress(ProcessLookupError):
+        job.process.kill()
+    job.process.wait()
+    job.log.close()
+    job.partial.unlink(missing_ok=True)
 
 
 def _log_tail(log: IO[bytes], lines: int = 2) -> str:
@@ -115,12 +162,12 @@ def _log_tail(log: IO[bytes], lines: int = 2) -> str:
 
 
 def _finish(job: QuantJob) -> QuantResult:
-    tmp = partial_path(job.dst)
+    tmp = job.partial
     try:
         rc = job.process.wait()
         detail = _log_tail(job.log)
         if rc != 0:
-            what = "failed" if rc == CHILD_FAILED else f"crashed (exit code {rc})"
+            what = "failed" if rc == CHILD_FAILED else f"crashed ({_exit_description(rc)})"
             raise QuantizeError(f"llama.cpp's quantizer {what} making {job.name}" + (f": {detail}" if detail else ""),
                                 fix="check the input file and free disk space")
         if not tmp.is_file():
@@ -158,22 +205,47 @@ def quantize_ladder(src: Path | str, out_dir: Path | str, names: Sequence[str], 
     results: dict[str, QuantResult] = {}
     progress.start("quantizing", total=len(names))
     try:
-        while pending or running:
-            while pending and len(running) < max(1, workers):
-                name = pending.pop(0)
-                running.append(_start(src, destinations[name], name, threads))
-            job = running.pop(0)
-            results[job.name] = _finish(job)
-            progress.advance(1, description=f"{job.name} {'done' if results[job.name].ok else 'FAILED'}")
-    except BaseException:
-        for job in running:  # interrupted: stop children, leave no partial files
-            job.process.kill()
-            job.process.wait()
-            partial_path(job.dst).unlink(missing_ok=True)
-        raise
+        with _terminate_as_exit():
+            while pending or running:
+                while pending and len(running) < max(1, workers):
+                    name = pending.pop(0)
+                    running.append(_start(src, destinations[name], name, threads))
+                job = running[0]
+                results[job.name] = _finish(job)
+                running.pop(0)
+                progress.advance(1, description=f"{job.name} {'done' if results[job.name].ok else 'FAILED'}")
     finally:
+        for job in running:  # interrupted (Ctrl-C, SIGTERM, an error): stop children, leave no partials
+            _stop(job)
         progress.finish()
     return [results[n] for n in names]
+
+
+def _exit_description(rc: int) -> str:
+    if rc < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-rc).name}"
+        return f"killed by signal {-rc}"
+    return f"exit code {rc}"
+
+
+@contextlib.contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    """While children run, SIGTERM to this process raises SystemExit (so the ladder kills its
+    children and removes their partials) instead of ending the process on the spot — only in
+    the main thread and when nobody installed their own SIGTERM handler."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def terminate(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def record_in_manifest(out_dir: Path, src: Path, results: Sequence[QuantResult]) -> None:
@@ -199,9 +271,6 @@ def record_in_manifest(out_dir: Path, src: Path, results: Sequence[QuantResult])
 
 
 def _child_main(argv: Sequence[str]) -> int:
-    src, dst, ftype, nthread = argv
+    parent_pid, src, dst, ftype, nthread = argv
+    _die_with_parent(int(parent_pid))
     return 0 if _child_quantize(src, dst, int(ftype), int(nthread)) == 0 else CHILD_FAILED
-
-
-if __name__ == "__main__":
-    sys.exit(_child_main(sys.argv[1:]))
