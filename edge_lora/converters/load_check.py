@@ -130,7 +130,7 @@ def check_loads(path: Path | str, *, depth: LoadDepth, fix: str, timeout: float 
                 _remember_proven(identity, depth)
             return LoadCheck(path=path, depth=depth, n_vocab=int(report.get("n_vocab", 0)), seconds=result.seconds)
         raise InvalidGGUFError(f"llama.cpp cannot load {path}: {report.get('error') or 'no reason given'}", fix=fix)
-    detail = result.last_stderr_line()
+    detail = result.crash_line()
     if result.timed_out or result.signal is not None:
         raise InvalidGGUFError(f"llama.cpp {result.describe_failure()} loading {path}"
                                + (f" ({detail})" if detail else "") + "; this process was not affected", fix=fix)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -29,6 +30,11 @@ _BOOTSTRAP = ("import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); "
 def python_module_command(module: str, args: Sequence[str] = ()) -> list[str]:
     """argv that runs ``python -m module args`` isolated, with this package importable."""
     return [sys.executable, "-I", "-c", _BOOTSTRAP, PACKAGE_ROOT, module, *map(str, args)]
+
+
+_CRASH_LINE = re.compile(r"GGML_ASSERT|GGML_ABORT|fatal error|what\(\)|terminate called|Assertion")
+# ggml's abort handler attaches gdb to print a backtrace: seconds per crash and pages of output.
+_CHILD_ENV = {"GGML_NO_BACKTRACE": "1"}
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,14 @@ class ChildResult:
         lines = [line.strip() for line in self.stderr.splitlines() if line.strip()]
         return lines[-1] if lines else ""
 
+    def crash_line(self) -> str:
+        """The line that says why a native crash happened (ggml's "file.cpp:N: GGML_ASSERT(...)
+        failed", a C++ "what():"), directories dropped; else the last line of stderr."""
+        lines = [line.strip() for line in self.stderr.splitlines() if _CRASH_LINE.search(line)]
+        if not lines:
+            return self.last_stderr_line()
+        return re.sub(r"(?:[^\s:]*/)+([^/\s:]+:\d+:)", r"\1", lines[-1])
+
     def describe_failure(self) -> str:
         """How the child ended, in a few words ("died by SIGILL", "timed out after 60 s")."""
         if self.timed_out:
@@ -76,7 +90,8 @@ def run_child(command: Sequence[str], *, timeout: float, pass_fds: Sequence[int]
     interpreter cannot be started) propagates."""
     start = time.monotonic()
     process = subprocess.Popen(list(command), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, start_new_session=True, pass_fds=tuple(pass_fds))
+                               stderr=subprocess.PIPE, start_new_session=True, pass_fds=tuple(pass_fds),
+                               env={**os.environ, **_CHILD_ENV})
     try:
         out, err = process.communicate(timeout=timeout)
         code: int | None = process.returncode
