@@ -10,6 +10,10 @@ Q8_0 and Q6_K are not repacked there, so the Q8_0 row shows a path the fallback 
 Each measurement runs in its own process (fresh mmap, fresh page-ins): load, then a 512-token
 prompt batch (best of --repeats), then --decode tokens one at a time (greedy).
 
+Second table: what containing llama.cpp's loader costs — the child-process load check
+(``vocab`` depth, and ``model`` depth: what convert runs before publishing and the runtime before
+a file's first load) next to loading the same file in-process, per file.
+
 Usage: python bench/extra_buffers.py [--work DIR] [--repeats 3] [--decode 64] [--threads N]
 """
 
@@ -111,6 +115,38 @@ def measure(path: Path, extra: bool, args: argparse.Namespace) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+_INPROCESS_LOAD = r"""
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+from edge_lora import llama_backend
+from edge_lora.core.gguf_check import validate_gguf
+t = time.perf_counter()
+import llama_cpp.llama_cpp
+imported = time.perf_counter() - t
+info = validate_gguf(sys.argv[2], expect_type="model")
+llama_backend._ensure_backend()
+t = time.perf_counter()
+ptr = llama_backend.llama.llama_model_load_from_file(sys.argv[2].encode(), llama_backend.model_params(extra_buffers=False))
+print(json.dumps({"load_s": time.perf_counter() - t, "import_s": imported}))
+"""
+
+
+def load_check_costs(files: dict[str, Path]) -> None:
+    from edge_lora.converters.load_check import check_loads
+
+    print(f"\n{'file':<8} {'MB':>6} {'in-process load s':>18} {'check vocab s':>14} {'check model s':>14} "
+          f"{'model check / load':>19}")
+    for name, path in files.items():
+        load = json.loads(subprocess.run([sys.executable, "-c", _INPROCESS_LOAD, str(REPO_ROOT), str(path)],
+                                         capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+        vocab = check_loads(path, depth="vocab", fix="-").seconds  # no identity: never served from the cache
+        model = check_loads(path, depth="model", fix="-").seconds
+        print(f"{name:<8} {path.stat().st_size / 1e6:>6.0f} {load['load_s']:>18.2f} {vocab:>14.2f} {model:>14.2f} "
+              f"{model / load['load_s']:>18.2f}x")
+    print("(a check is a fresh interpreter + llama.cpp's load without the weights' pages; each file is checked "
+          "once: the pass is remembered by its identity)")
+
+
 def main() -> None:
     import os
 
@@ -145,6 +181,8 @@ def main() -> None:
     print("\nfallback / default (1.00 = no cost; < 1 slower):")
     for name, prompt, decode, rss in summary:
         print(f"  {name:<8} prompt {prompt:.2f}x   decode {decode:.2f}x   RSS {rss:.2f}x")
+    files = model_files(args.work)
+    load_check_costs({"F16": args.work / "gemma-3-270m-F16.gguf", **files})
 
 
 if __name__ == "__main__":

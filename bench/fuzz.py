@@ -76,6 +76,7 @@ def main() -> int:
     elapsed = time.monotonic() - started
     summary = Summary(sorted(outcomes, key=lambda o: o.case.index))
     (work / "failures.json").write_text(json.dumps([o.to_json() for o in summary.failures], indent=1))
+    (work / f"outcomes-seed{args.seed}.json").write_text(json.dumps([o.to_json() for o in summary.outcomes]))
 
     print(f"\n{len(outcomes)} cases, seed {args.seed}, {args.workers} workers, limit {args.timeout:.0f} CPU s "
           f"(killed at {args.wall_limit:.0f} wall s), {elapsed / 60:.1f} min (measured under load: other jobs "
@@ -84,6 +85,8 @@ def main() -> int:
     print(f"\ntracebacks {summary.count('traceback')}, deaths by signal {summary.count('signal')}, "
           f"runs over {args.timeout:.0f} s {summary.count('timeout')}, "
           f"refusals not one line with exit 2 {summary.count('bad-refusal')}")
+    print("refusals by what stopped them: " + ", ".join(f"{kind} {n}" for kind, n in
+                                                       summary.refusals_by_kind().most_common()))
     over_wall = sum(1 for o in outcomes if o.seconds > args.timeout)
     print(f"(wall time over {args.timeout:.0f} s, for information: {over_wall} — the machine's load, not the case)")
     slowest = sorted(outcomes, key=lambda o: o.cpu_seconds)[-3:]

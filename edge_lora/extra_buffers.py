@@ -41,7 +41,7 @@ import numpy as np
 
 from edge_lora.core import constants
 from edge_lora.core.atomic import atomic_write_text
-from edge_lora.core.child_process import python_module_command, run_child
+from edge_lora.core.child_run import python_module_command, run_child
 from edge_lora.hardware import cpu_identity
 
 logger = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from edge_lora.core import constants
-from edge_lora.core.child_process import python_module_command, run_child
+from edge_lora.core.child_run import python_module_command, run_child
 from edge_lora.core.errors import InternalError, InvalidGGUFError
 
 if TYPE_CHECKING:  # the child must not import gguf/numpy: it is timed

@@ -656,6 +656,26 @@ def run_case(case: Case, *, timeout: float, cache: Path, wall_limit: float | Non
     return Outcome(case, code, seconds, cpu, stderr, classify(code, stderr, over_time=cpu > timeout))
 
 
+# What stopped a refused case, by the words of its error line (first match wins).
+REFUSAL_KINDS: list[tuple[str, str]] = [
+    ("llama.cpp died by", "llama.cpp crashed in a check child (contained)"),
+    ("llama.cpp timed out", "llama.cpp hung in a check child (contained)"),
+    ("llama.cpp would abort", "header check: llama.cpp would abort on it"),
+    ("llama.cpp cannot load", "llama.cpp refused it (in a check child)"),
+    ("llama.cpp could not", "llama.cpp refused it (in process)"),
+    ("not a valid GGUF", "GGUF header check"),
+    ("safetensors", "safetensors check"),
+    ("tokenizer", "tokenizer check"),
+    ("config.json", "config.json check"),
+    ("adapter", "adapter check"),
+]
+
+
+def refusal_kind(stderr: str) -> str:
+    line = stderr.strip().splitlines()[-1] if stderr.strip() else ""
+    return next((kind for words, kind in REFUSAL_KINDS if words in line), "other typed error")
+
+
 @dataclass
 class Summary:
     outcomes: list[Outcome]
@@ -671,6 +691,9 @@ class Summary:
 
     def count(self, verdict: str) -> int:
         return sum(1 for o in self.outcomes if o.verdict == verdict)
+
+    def refusals_by_kind(self) -> Counter[str]:
+        return Counter(refusal_kind(o.stderr) for o in self.outcomes if o.verdict == "refused")
 
     def table(self) -> str:
         cols = ("accepted", "refused") + FAILURES

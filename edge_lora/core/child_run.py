@@ -1,15 +1,17 @@
 """Run a Python module of this package in a child process, where a native crash (SIGILL,
-SIGABRT from a GGML_ASSERT, SIGSEGV) can only end the child.
+SIGABRT from a GGML_ASSERT, SIGSEGV) can only end the child, and report how it ended.
 
-The child starts isolated (``python -I``): no PYTHONPATH, no user site, and neither the working
-directory nor a script directory on ``sys.path`` — a ``edge_lora`` or ``llama_cpp`` directory in
-the user's cwd (a cloned model repo) cannot be picked up. The directory holding the parent's own
-``edge_lora`` package is put first, so the child runs the same code as the parent.
+The child starts isolated (``python -I``: no PYTHON* variables, no user site, no working
+directory on ``sys.path``), with the parent's import path made absolute, minus the working
+directory, led by the directory this ``edge_lora`` package was imported from: an ``edge_lora``
+or ``llama_cpp`` directory in the user's cwd (a cloned model repo) cannot be picked up, and the
+child runs the same code as the parent.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -20,16 +22,28 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-# The directory that holds the ``edge_lora`` package this process runs.
-PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
-
-_BOOTSTRAP = ("import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); "
+# argv[1]: the import path (JSON); argv[2]: the module, run as __main__ with the rest as its argv.
+_BOOTSTRAP = ("import json, runpy, sys; sys.path[:] = json.loads(sys.argv.pop(1)); "
               "runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)")
 
 
+def child_import_path() -> list[str]:
+    """The parent's import path for a child (see the module docstring)."""
+    package_root = str(Path(__file__).resolve().parents[2])
+    cwd = os.path.realpath(os.getcwd())
+    entries = [package_root]
+    for entry in sys.path:
+        if not entry or (os.path.realpath(entry) == cwd and entry != package_root):
+            continue  # '' and '.' (python -m/-c, PYTHONPATH=.) are the working directory
+        absolute = os.path.abspath(entry)
+        if absolute not in entries:
+            entries.append(absolute)
+    return entries
+
+
 def python_module_command(module: str, args: Sequence[str] = ()) -> list[str]:
-    """argv that runs ``python -m module args`` isolated, with this package importable."""
-    return [sys.executable, "-I", "-c", _BOOTSTRAP, PACKAGE_ROOT, module, *map(str, args)]
+    """argv that runs ``python -m module args`` isolated (see the module docstring)."""
+    return [sys.executable, "-I", "-c", _BOOTSTRAP, json.dumps(child_import_path()), module, *map(str, args)]
 
 
 _CRASH_LINE = re.compile(r"GGML_ASSERT|GGML_ABORT|fatal error|what\(\)|terminate called|Assertion")
