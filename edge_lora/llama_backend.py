@@ -11,6 +11,7 @@ here first, so bad input becomes a typed error instead of a crash inside C.
 from __future__ import annotations
 
 import collections
+import collections.abc
 import contextlib
 import ctypes
 import os
@@ -107,6 +108,31 @@ def _changed(path: Path) -> InvalidGGUFError:
                             fix="wait until whatever writes the file has finished, then run again")
 
 
+@contextlib.contextmanager
+def _pinned(path: Path, validated: FileIdentity | None) -> collections.abc.Iterator[tuple[int, FileIdentity, str]]:
+    """Open ``path`` once and yield (descriptor, identity, the name llama.cpp should open): the
+    descriptor's /proc/self/fd name, so llama.cpp reads the very file that was validated, whatever
+    the path names meanwhile. Refuses a file that is not the validated one, before and after."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise InvalidGGUFError(f"cannot open {path}: {exc.strerror or exc}",
+                               fix="check the path and its permissions") from exc
+    try:
+        identity = FileIdentity.of(os.fstat(fd))
+        if validated is not None and identity != validated:
+            raise _changed(path)
+        yield fd, identity, proc_fd_path(fd) or str(path)
+        try:
+            unchanged = FileIdentity.of(os.stat(path)) == identity
+        except OSError:
+            unchanged = False
+        if not unchanged:
+            raise _changed(path)
+    finally:
+        os.close(fd)
+
+
 def load_model_file(path: Path, info: GGUFInfo, *, extra_buffers: bool | None = None) -> llama.llama_model_p:
     """The one way a model file reaches llama.cpp in this process: the file validated (``info``)
     is the file loaded — it is opened once, compared with what was validated, proven to load in
@@ -114,33 +140,23 @@ def load_model_file(path: Path, info: GGUFInfo, *, extra_buffers: bool | None = 
     its descriptor, and the path is checked again afterwards, so a file swapped at any point
     between the check and the load is refused."""
     _ensure_backend()
+    ptr = None
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        raise InvalidGGUFError(f"cannot open {path}: {exc.strerror or exc}", fix="check the path and its permissions") from exc
-    try:
-        identity = FileIdentity.of(os.fstat(fd))
-        if info.identity is not None and identity != info.identity:
-            raise _changed(path)
-        check_loads(path, depth="model", fd=fd, identity=identity,
-                    fix="the file is corrupt or not a model llama.cpp supports; re-convert or re-download it")
-        params = model_params(extra_buffers=extra_buffers)
-        _clear_log()
-        ptr = llama.llama_model_load_from_file((proc_fd_path(fd) or str(path)).encode(), params)
-        if not ptr:
-            detail = _last_log_lines()
-            raise InvalidGGUFError(f"llama.cpp could not load {path}" + (f": {detail}" if detail else ""),
-                                   fix="check that the file is a complete model GGUF for a supported architecture")
-        try:
-            unchanged = FileIdentity.of(os.stat(path)) == identity
-        except OSError:
-            unchanged = False
-        if not unchanged:
+        with _pinned(path, info.identity) as (fd, identity, name):
+            check_loads(path, depth="model", fd=fd, identity=identity,
+                        fix="the file is corrupt or not a model llama.cpp supports; re-convert or re-download it")
+            params = model_params(extra_buffers=extra_buffers)
+            _clear_log()
+            ptr = llama.llama_model_load_from_file(name.encode(), params)
+            if not ptr:
+                detail = _last_log_lines()
+                raise InvalidGGUFError(f"llama.cpp could not load {path}" + (f": {detail}" if detail else ""),
+                                       fix="check that the file is a complete model GGUF for a supported architecture")
+    except BaseException:
+        if ptr:
             llama.llama_model_free(ptr)
-            raise _changed(path)
-        return ptr
-    finally:
-        os.close(fd)
+        raise
+    return ptr
 
 
 class LlamaModel(_NativeHandle):
@@ -269,8 +285,15 @@ class LoraAdapter(_NativeHandle):
         self.info = validate_gguf(self.path, expect_type="adapter")
         check_adapter_fits(model.info, self.info)
         _clear_log()
-        with model._lock:
-            self._ptr = llama.llama_adapter_lora_init(model.ptr, str(self.path).encode())
+        self._ptr = None
+        try:
+            with _pinned(self.path, self.info.identity) as (_fd, _identity, name), model._lock:
+                self._ptr = llama.llama_adapter_lora_init(model.ptr, name.encode())
+        except InvalidGGUFError as exc:
+            if self._ptr:
+                llama.llama_adapter_lora_free(self._ptr)
+                self._ptr = None
+            raise AdapterError(exc.message, fix=exc.fix) from None
         if not self._ptr:
             detail = _last_log_lines()
             raise AdapterError(f"llama.cpp could not load adapter {self.path}" + (f": {detail}" if detail else ""),

@@ -207,3 +207,24 @@ def test_convert_cli_refuses_a_tokenizer_llama_cpp_aborts_on(tmp_path: Path) -> 
     assert len(lines) == 1 and lines[0].startswith("edge-lora: error:"), result.stderr
     assert "GGML_ASSERT" in lines[0] or "duplicate" in lines[0]
     assert not [p for p in _published(out) if p.endswith(".gguf") or p.endswith(".partial")]
+
+
+def test_an_adapter_swapped_between_its_check_and_its_load_is_refused(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from edge_lora.core.errors import AdapterError
+    from tests.support.tiny_gguf import write_tiny_lora
+
+    model_path = write_tiny_llama(tmp_path / "model.gguf")
+    adapter = write_tiny_lora(tmp_path / "adapter.gguf")
+    other = write_tiny_lora(tmp_path / "other.gguf", seed=1)
+    real_fits = llama_backend.check_adapter_fits
+
+    def fits_then_swap(base, info):  # type: ignore[no-untyped-def]
+        real_fits(base, info)
+        os.replace(other, adapter)
+
+    with llama_backend.LlamaModel(model_path) as model:
+        llama_backend.LoraAdapter(model, write_tiny_lora(tmp_path / "fine.gguf", seed=2)).free()  # loads
+        monkeypatch.setattr(llama_backend, "check_adapter_fits", fits_then_swap)
+        with pytest.raises(AdapterError, match="replaced or modified"):
+            llama_backend.LoraAdapter(model, adapter)

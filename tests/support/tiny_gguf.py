@@ -82,3 +82,20 @@ def write_tiny_llama(path: Path, overrides: Mapping[str, Any] | None = None, *, 
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def write_tiny_lora(path: Path, *, rank: int = 4, seed: int = 0, strength: float = 0.05) -> Path:
+    """A GGUF LoRA adapter for ``write_tiny_llama``'s model: attn_q and ffn_up of layer 0."""
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_string("general.type", "adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", float(rank))
+    for name, rows in (("attn_q", N_EMBD), ("ffn_up", N_FF)):
+        w.add_tensor(f"blk.0.{name}.weight.lora_a", (rng.standard_normal((rank, N_EMBD)) * strength).astype(np.float32))
+        w.add_tensor(f"blk.0.{name}.weight.lora_b", (rng.standard_normal((rows, rank)) * strength).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
