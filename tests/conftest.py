@@ -22,10 +22,11 @@ def shared_native_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared_native_cache: Path) -> Path:
+def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared_native_cache: Path,
+                  tmp_path_factory: pytest.TempPathFactory) -> Path:
     home = tmp_path / "edge-lora-home"
-    cache = tmp_path / "edge-lora-cache"
-    cache.mkdir()
+    # Outside tmp_path, which some tests list: the cache must exist to hold the shared link.
+    cache = tmp_path_factory.mktemp("edge-lora-cache")
     (cache / constants.NATIVE_CACHE_DIR).symlink_to(shared_native_cache, target_is_directory=True)
     monkeypatch.setenv("EDGE_LORA_HOME", str(home))
     monkeypatch.setenv("EDGE_LORA_CACHE", str(cache))
