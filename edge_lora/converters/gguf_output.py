@@ -21,7 +21,7 @@ from gguf.gguf_writer import WriterState
 from edge_lora.converters.safetensors_io import f32_to_bf16_bits
 from edge_lora.core.atomic import atomic_file, check_free_space
 from edge_lora.core.errors import InternalError, InvalidCheckpointError
-from edge_lora.core.gguf_check import validate_gguf
+from edge_lora.core.gguf_check import FileIdentity, validate_gguf
 from edge_lora.core.progress import NullProgress, ProgressSink
 
 GGMLType = gguf.GGMLQuantizationType
@@ -139,11 +139,20 @@ class StreamingGGUFWriter:
         align = self.kv.data_alignment
         return sum(-(-t.n_bytes // align) * align for t in self.tensors)
 
-    def write(self, final: Path, progress: ProgressSink = NullProgress()) -> Path:
+    def write(self, final: Path, progress: ProgressSink = NullProgress(), *, prove_loads: bool = False) -> Path:
+        """Write atomically. ``prove_loads``: before publishing, load the written model in
+        llama.cpp (in a child process); a file llama.cpp refuses or aborts on never reaches
+        ``final``."""
         final = Path(final)
         check_free_space(final.parent, self.tensor_data_bytes)
         expected = {t.name: t.n_bytes for t in self.tensors}
-        with atomic_file(final, validate=lambda p: _validate_written(p, expected)) as fh:
+
+        def validate(path: Path) -> None:
+            _validate_written(path, expected)
+            if prove_loads:
+                _prove_loads(path, final, progress)
+
+        with atomic_file(final, validate=validate) as fh:
             self._write_to(fh, progress)
         return final
 
@@ -173,6 +182,25 @@ class StreamingGGUFWriter:
             fh.flush()
         finally:
             writer.fout = None
+
+
+def _prove_loads(path: Path, final: Path, progress: ProgressSink) -> None:
+    """The whole model (hyperparameters, vocabulary, tensors, a context) rather than
+    ``vocab_only``: the hyperparameter asserts are skipped by a vocabulary-only load, and the
+    whole load costs little more (mmap; measured in README). The pass is remembered by the
+    file's identity, which os.replace keeps, so the first `run` of it does not load it again."""
+    from edge_lora.converters.load_check import check_loads
+    from edge_lora.core.errors import InvalidGGUFError
+
+    progress.start("checking that llama.cpp loads it", total=None)
+    try:
+        check_loads(path, depth="model", identity=FileIdentity.of(path.stat()),
+                    fix="nothing was written; the checkpoint (config.json or tokenizer) converts to a file "
+                        "llama.cpp cannot use — fix it, or report the conversion as a bug")
+    except InvalidGGUFError as exc:
+        raise InvalidGGUFError(exc.message.replace(str(path), final.name + " (as converted)"), fix=exc.fix) from None
+    finally:
+        progress.finish()
 
 
 def _validate_written(path: Path, expected: dict[str, int]) -> None:

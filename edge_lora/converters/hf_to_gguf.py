@@ -177,7 +177,7 @@ def write_checkpoint_gguf(ckpt: HFCheckpoint, out_path: Path | str, *, outtype: 
     for gguf_name, values in extra_gguf_tensors.items():
         writer.add_tensor(PlannedTensor(name=gguf_name, shape=values.shape, ggml_type=GGMLType.F32,
                                         blocks=lambda v=values: [np.ascontiguousarray(v, dtype=np.float32)]))
-    return writer.write(out_path, progress)
+    return writer.write(out_path, progress, prove_loads=True)
 
 
 def output_file_name(name: str, outtype: str) -> str:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from edge_lora.converters.load_check import check_loads
 from edge_lora.core import constants
 from edge_lora.core.atomic import check_free_space, create_partial, ensure_writable_dir, publish
 from edge_lora.core.child_process import isolated_python
@@ -50,8 +51,9 @@ def model_stem(src: Path) -> str:
 
 
 def check_quantizable(src: Path) -> int:
-    """Validate the source header; refuse adapters and already-quantized files. Returns its
-    tensor data size in bytes."""
+    """Validate the source header; refuse adapters and already-quantized files; prove the source
+    loads in llama.cpp (a child process; free when `convert` just proved it): every output copies
+    its metadata, so this one check covers the ladder. Returns its tensor data size in bytes."""
     info = validate_gguf(src, expect_type="model")
     source = format_of_file_type(info.file_type)
     if source is None or not source.full_precision:
@@ -59,6 +61,8 @@ def check_quantizable(src: Path) -> int:
         raise InputError(
             f"{src} is already quantized ({label}); re-quantizing loses quality twice",
             fix="quantize from the F16/BF16/F32 file written by `edge-lora convert`")
+    check_loads(src, depth="model", identity=info.identity,
+                fix="re-convert the source with `edge-lora convert`; llama.cpp cannot quantize a file it cannot load")
     return info.tensor_data_bytes
 
 
