@@ -265,7 +265,7 @@ def _completions_per_second(rt: Runtime, models: list[str], n_tokens: int, concu
 
     async def run_all() -> float:
         transport = httpx.ASGITransport(app=make_app(rt))
-        async with httpx.AsyncClient(transport=transport, base_url="http://x", timeout=600) as c:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=600) as c:
             def request(m: str):
                 return c.post("/v1/completions", json={"model": m, "prompt": PROMPT, "max_tokens": n_tokens,
                                                        "temperature": 0, "cache_prompt": False})
@@ -325,32 +325,47 @@ CHAT_TURNS = [
 
 
 def bench_prompt_cache(base: Path, legal: Path, n_reply: int) -> None:
-    """A 12-turn chat with the legal adapter: time to first token per turn with the prompt cache
-    (each turn decodes only its new message) and without it (each turn re-reads the whole
-    history), on the same histories."""
-    with Runtime(base, n_ctx=4096) as rt:
-        rt.load_adapter("legal", legal)
-        adapters = {"legal": 1.0}
+    """A 12-turn chat with the legal adapter through ``Conversation`` (what `run`'s chat and the
+    TUI chat use): time to first token per turn with the prompt cache (each turn decodes only
+    what is new) and, on the same prompt, without it (a second runtime reads it from scratch,
+    so neither run can find the other's tokens in its cache)."""
+    from edge_lora.conversation import Conversation
 
-        def first_token_ms(history: list[dict], cache: bool, max_tokens: int) -> tuple[float, str, int, int]:
-            start = time.perf_counter()
-            gen = rt.chat(history, adapters=adapters, max_tokens=max_tokens, cache_prompt=cache)
-            pieces = iter(gen)
-            first = next(pieces, "")
-            ttft = (time.perf_counter() - start) * 1e3
-            text = first + "".join(pieces)
-            return ttft, text, gen.stats.prompt_tokens, gen.stats.cached_tokens
+    adapters = {"legal": 1.0}
+    with Runtime(base, n_ctx=4096) as cached_rt, Runtime(base, n_ctx=4096, prompt_cache=False) as exact_rt:
+        for rt in (cached_rt, exact_rt):
+            rt.load_adapter("legal", legal)
+            rt.chat([{"role": "user", "content": "Hello"}], adapters=adapters, max_tokens=2).text()  # warm-up
+        generations = []
 
-        rt.chat([{"role": "user", "content": "Hello"}], adapters=adapters, max_tokens=2).text()  # warm-up
-        history: list[dict] = []
+        class Recording:  # the runtime as the conversation sees it, keeping each turn's Generation
+            n_ctx = cached_rt.n_ctx
+            render_messages = cached_rt.render_messages
+
+            def generate(self, prompt, **kwargs):
+                generations.append(cached_rt.generate(prompt, **kwargs))
+                return generations[-1]
+
+        conversation = Conversation(Recording(), max_reply_tokens=n_reply)
         rows = []
         for question in CHAT_TURNS:
-            history.append({"role": "user", "content": question})
-            exact_ms, _, _, _ = first_token_ms(history, False, 1)  # the same history, read from scratch
-            cached_ms, reply, prompt_tokens, cached = first_token_ms(history, True, n_reply)
-            history.append({"role": "assistant", "content": reply})
-            rows.append((prompt_tokens, cached, cached_ms, exact_ms))
-    print(f"4. prompt cache: 12-turn chat with the legal adapter ({n_reply}-token replies), time to first token")
+            prompt = conversation.fit(question).tokens
+            start = time.perf_counter()
+            exact = exact_rt.generate(prompt, adapters=adapters, max_tokens=1)
+            next(iter(exact), "")
+            exact_ms = (time.perf_counter() - start) * 1e3
+            exact.close()
+            start = time.perf_counter()
+            reply = conversation.send(question, adapters=adapters, temperature=0.0)
+            pieces = iter(reply)
+            next(pieces, "")
+            cached_ms = (time.perf_counter() - start) * 1e3
+            for _ in pieces:
+                pass
+            stats = generations[-1].stats
+            rows.append((stats.prompt_tokens, stats.cached_tokens, cached_ms, exact_ms))
+    print(f"4. prompt cache: 12-turn chat with the legal adapter through Conversation ({n_reply}-token replies, "
+          "greedy), time to first token")
     print("   turn  prompt  cached   TTFT cached   TTFT no cache   no cache / cached")
     for turn, (prompt_tokens, cached, cached_ms, exact_ms) in enumerate(rows, 1):
         print(f"   {turn:4d}  {prompt_tokens:6d}  {cached:6d}  {cached_ms:9.1f} ms  {exact_ms:11.1f} ms  "

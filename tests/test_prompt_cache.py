@@ -81,6 +81,54 @@ def test_switching_adapters_mid_chat_gives_the_tokens_of_a_fresh_request(runtime
     assert rescaled.stats.cached_tokens == 0
 
 
+class RecordingRuntime:
+    """The runtime as a Conversation sees it (run's chat, the TUI chat), keeping each turn's Generation."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.n_ctx = runtime.n_ctx
+        self.render_messages = runtime.render_messages
+        self.generations: list = []
+
+    def generate(self, prompt, **kwargs):
+        self.generations.append(self.runtime.generate(prompt, **kwargs))
+        return self.generations[-1]
+
+
+def test_a_conversation_reuses_the_cache_and_an_adapter_switch_reads_afresh(runtime: Runtime) -> None:
+    from edge_lora.conversation import Conversation
+
+    model = RecordingRuntime(runtime)
+    chat = Conversation(model, max_reply_tokens=12)
+    for question in QUESTIONS[:3]:
+        "".join(chat.send(question, adapters={"a": 1.0}, temperature=0.0))
+    first, *later = [g.stats for g in model.generations]
+    for previous, stats in zip([first, *later], later):
+        assert previous.prompt_tokens <= stats.cached_tokens < stats.prompt_tokens
+    prompt = chat.fit(QUESTIONS[3]).tokens
+    "".join(chat.send(QUESTIONS[3], adapters={"b": 1.0}, temperature=0.0))  # /adapter b mid-chat
+    switched = model.generations[-1].stats
+    assert switched.cached_tokens == 0
+    fresh = runtime.generate(prompt, adapters={"b": 1.0}, max_tokens=12, cache_prompt=False)
+    fresh.text()
+    assert switched.tokens == fresh.stats.tokens
+
+
+def test_the_prompt_cache_is_on_by_default_in_run_serve_and_the_tui() -> None:
+    import inspect
+
+    from edge_lora.cli import build_parser
+    from edge_lora.tui import real_services
+
+    parser = build_parser()
+    for command in ("run", "serve"):
+        assert parser.parse_args([command]).prompt_cache is True
+        assert parser.parse_args([command, "--no-prompt-cache"]).prompt_cache is False
+    assert inspect.signature(Runtime).parameters["prompt_cache"].default is True
+    # The TUI chat opens its runtime with the defaults.
+    assert "prompt_cache" not in inspect.getsource(real_services.open_runtime)
+
+
 def test_the_pool_routes_a_request_to_the_context_holding_its_prefix(gemma_q4_gguf: Path,
                                                                     random_gemma_loras: tuple[Path, Path]) -> None:
     with Runtime(gemma_q4_gguf, n_ctx=1024, n_contexts=2) as rt:

@@ -508,7 +508,8 @@ def test_a_cancel_stops_the_prefill_between_chunks(gemma_q4_gguf: Path, monkeypa
         ctx = rt._contexts[0]
         assert ctx.decode(tokens, 0, cancel=lambda: False) is True
         calls = iter([False, False, True])
-        assert ctx.decode(tokens, 0, cancel=lambda: next(calls)) is False and ctx._n_past == 64
+        assert ctx.decode(tokens, 0, cancel=lambda: next(calls)) is False and ctx.n_past == 64
+        assert ctx.cached_tokens == tuple(tokens[:64])  # the chunks done stay, for the prompt cache
 
 
 def test_sampling_distribution_tiny_temperature_and_wide_nucleus() -> None:
