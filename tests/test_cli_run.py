@@ -95,6 +95,7 @@ CLAUSES_SCHEMA = {"type": "object", "properties": {
     "required": ["license", "clauses"]}
 
 
+@pytest.mark.slow
 def test_run_json_schema_answers_with_valid_json(capsys, monkeypatch, tmp_path: Path, gemma_q4_gguf: Path) -> None:
     import jsonschema
 

@@ -144,6 +144,7 @@ class Verdict(BaseModel):
     year: int
 
 
+@pytest.mark.slow
 def test_response_format(served) -> None:
     _, client = served
     question = [{"role": "user", "content": "Describe the Apache License as JSON."}]

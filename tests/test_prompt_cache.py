@@ -61,6 +61,7 @@ def test_a_repeated_prompt_reuses_all_but_its_last_token(runtime: Runtime) -> No
     assert again.stats.cached_tokens == n - 1  # the last prompt token is decoded for its logits
 
 
+@pytest.mark.slow
 def test_switching_adapters_mid_chat_gives_the_tokens_of_a_fresh_request(runtime: Runtime, gemma_q4_gguf: Path,
                                                                           random_gemma_loras: tuple[Path, Path]) -> None:
     history: list[dict] = []
@@ -95,6 +96,7 @@ class RecordingRuntime:
         return self.generations[-1]
 
 
+@pytest.mark.slow
 def test_a_conversation_reuses_the_cache_and_an_adapter_switch_reads_afresh(runtime: Runtime) -> None:
     from edge_lora.conversation import Conversation
 
@@ -129,6 +131,7 @@ def test_the_prompt_cache_is_on_by_default_in_run_serve_and_the_tui() -> None:
     assert "prompt_cache" not in inspect.getsource(real_services.open_runtime)
 
 
+@pytest.mark.slow
 def test_the_pool_routes_a_request_to_the_context_holding_its_prefix(gemma_q4_gguf: Path,
                                                                     random_gemma_loras: tuple[Path, Path]) -> None:
     with Runtime(gemma_q4_gguf, n_ctx=1024, n_contexts=2) as rt:
@@ -165,6 +168,7 @@ def test_a_failed_request_leaves_nothing_to_reuse(runtime: Runtime, gemma_q4_ggu
 
 # --- the backend's cut: what a reused prefix leaves behind must not leak into the rest ---
 
+@pytest.mark.slow
 def test_keep_prefix_then_decode_matches_a_full_prefill(runtime: Runtime) -> None:
     m = runtime.model
     tokens = m.tokenize(LICENSE[:2000])[:300]
@@ -184,6 +188,7 @@ def test_keep_prefix_then_decode_matches_a_full_prefill(runtime: Runtime) -> Non
     assert (got.argmax(1) == want.argmax(1)).mean() >= 0.97
 
 
+@pytest.mark.slow
 def test_a_sliding_window_cache_refuses_a_cut_it_cannot_make(runtime: Runtime) -> None:
     m = runtime.model
     assert m.n_swa == 512  # Gemma 3's local layers
