@@ -166,8 +166,9 @@ def read_rope(config: Config, dims: Dims, layer_type: str = "full_attention", *,
     if kind in ROPE_KINDS_WITH_ORIGINAL_CONTEXT:
         # Phi-3 keeps its pretraining length at the top level; transformers prefers it there.
         value = config.get("original_max_position_embeddings", entry.get("original_max_position_embeddings"))
-        original = _int({"original_max_position_embeddings": value if value is not None else
-                         config.get("max_position_embeddings")}, "original_max_position_embeddings")
+        value = value if value is not None else config.get("max_position_embeddings")
+        original = _int({"original_max_position_embeddings": value}, "original_max_position_embeddings") \
+            if value is not None else None
     return Rope(theta=float(theta), kind=kind, params=entry, rotary_dims=rotary_dims, original_context=original)
 
 
@@ -191,10 +192,11 @@ def _rope_metadata(arch: str, rope: Rope, config: Config, allowed: tuple[str, ..
             f"RoPE scaling {rope.kind!r} is not supported for {arch} (supported: {', '.join(allowed) or 'none'})",
             fix="remove the RoPE scaling from config.json if the model does not need a long context")
     what = f"{rope.kind} RoPE scaling"
+    if rope.kind != "linear" and rope.original_context is None:
+        raise _rope_error(f"{what} needs original_max_position_embeddings (or max_position_embeddings)")
     if rope.kind == "linear":
         return items + [(K.Rope.SCALING_TYPE.format(arch=arch), gguf.RopeScalingType.LINEAR.value, VT.STRING),
                         (K.Rope.SCALING_FACTOR.format(arch=arch), _positive(rope.params, "factor", what), VT.FLOAT32)], {}
-    assert rope.original_context is not None
     if rope.kind == "yarn":
         return items + _yarn_metadata(arch, rope, config), {}
     if rope.kind == "longrope":
@@ -392,6 +394,92 @@ def _gemma3_metadata(arch: str, config: Config, dims: Dims) -> tuple[list[Metada
     return items + rope, tensors
 
 
+def _gemma2_metadata(arch: str, config: Config, dims: Dims) -> tuple[list[MetadataItem], dict[str, np.ndarray]]:
+    """Gemma 2: llama.cpp always soft-caps attention and final logits (50 and 30 when a file
+    does not say) and scales queries by 1/sqrt(head_dim), or by 1/sqrt(hidden/heads) for its
+    46-layer 27B; sliding and global layers alternate, sharing one RoPE."""
+    caps = []
+    for key, gguf_key in (("attn_logit_softcapping", K.LLM.ATTN_LOGIT_SOFTCAPPING),
+                          ("final_logit_softcapping", K.LLM.FINAL_LOGIT_SOFTCAPPING)):
+        if config.get(key) is None:
+            raise UnsupportedArchitectureError(
+                f"Gemma 2 without {key} is not supported: llama.cpp's gemma2 always soft-caps",
+                fix=f"use a checkpoint with {key} set (Gemma 2 releases use 50 and 30)")
+        caps.append((gguf_key.format(arch=arch), _float(config, key), VT.FLOAT32))
+    llama_cpp_scalar = dims.hidden // dims.heads if dims.layers == 46 else dims.head_dim
+    scalar = config.get("query_pre_attn_scalar", 256)
+    if scalar != llama_cpp_scalar:
+        raise UnsupportedArchitectureError(
+            f"Gemma 2 query_pre_attn_scalar {scalar} differs from the {llama_cpp_scalar} llama.cpp scales "
+            f"queries by for a {dims.layers}-layer model", fix="use a checkpoint of a released Gemma 2 shape")
+    _alternating_layer_types(config, dims, 2, "Gemma 2")
+    rope, tensors = _rope_metadata(arch, read_rope(config, dims), config, ("linear",))
+    if int(rope[1][1]) != dims.head_dim:
+        raise UnsupportedArchitectureError("Gemma 2 with partial rotary embeddings is not supported",
+                                           fix="use a checkpoint that rotates whole heads")
+    return (_common_metadata(arch, config, dims, _int(config, "max_position_embeddings", 8192)) + rope + caps
+            + [(K.Attention.SLIDING_WINDOW.format(arch=arch), _int(config, "sliding_window", 4096), VT.UINT32)]), tensors
+
+
+def _phi3_metadata(arch: str, config: Config, dims: Dims) -> tuple[list[MetadataItem], dict[str, np.ndarray]]:
+    """Phi-3 / 3.5 / Phi-4-mini: fused projections, partial rotary, LongRoPE. llama.cpp's phi3
+    runs without a sliding window, so the context is capped at it (exact, as for Mistral)."""
+    if dims.heads * dims.head_dim != dims.hidden:
+        raise UnsupportedArchitectureError(
+            f"Phi-3 with heads x head_dim ({dims.heads} x {dims.head_dim}) != hidden_size ({dims.hidden}) is not "
+            "supported by llama.cpp", fix="use a checkpoint of a released Phi-3 shape")
+    context = _window_capped_context(config, _int(config, "max_position_embeddings", 4096))
+    rope = read_rope(config, dims)
+    if rope.kind in ("su", "yarn"):  # transformers reads Phi-3's older names as longrope
+        rope = replace(rope, kind="longrope", original_context=rope.original_context or _int(
+            config, "original_max_position_embeddings", _int(config, "max_position_embeddings", 4096)))
+    items, tensors = _rope_metadata(arch, rope, config, ("longrope",))
+    return _common_metadata(arch, config, dims, context) + items, tensors
+
+
+def _granite_metadata(arch: str, config: Config, dims: Dims) -> tuple[list[MetadataItem], dict[str, np.ndarray]]:
+    """Granite 3.x dense: Llama with four multipliers. llama.cpp skips a residual or attention
+    scale of 0 (and has no head_dim), so those are refused rather than run differently."""
+    if config.get("mlp_bias"):
+        raise UnsupportedArchitectureError("Granite checkpoints with mlp_bias are not supported",
+                                           fix="use a checkpoint without MLP biases")
+    if config.get("head_dim") not in (None, dims.hidden // dims.heads):
+        raise UnsupportedArchitectureError(
+            f"Granite head_dim {config.get('head_dim')} differs from hidden_size / num_attention_heads; llama.cpp's "
+            "granite has no separate head size", fix="use a checkpoint of a released Granite shape")
+    items, tensors = _llama_like_metadata(arch, config, dims, ("linear", "yarn", "llama3"),
+                                          _int(config, "max_position_embeddings", 4096))
+    for key, gguf_key in (("embedding_multiplier", K.LLM.EMBEDDING_SCALE),
+                          ("residual_multiplier", K.LLM.RESIDUAL_SCALE),
+                          ("attention_multiplier", K.Attention.SCALE),
+                          ("logits_scaling", K.LLM.LOGIT_SCALE)):
+        items.append((gguf_key.format(arch=arch), _float(config, key, 1.0), VT.FLOAT32))
+    return items, tensors
+
+
+SMOLLM3_NO_ROPE_STEP = 4  # llama.cpp hard-codes: every 4th layer has no RoPE
+
+
+def _smollm3_metadata(arch: str, config: Config, dims: Dims) -> tuple[list[MetadataItem], dict[str, np.ndarray]]:
+    """SmolLM3: Llama whose every 4th layer is NoPE, a pattern llama.cpp fixes; the config's
+    no_rope_layers must say the same."""
+    expected = [int((i + 1) % SMOLLM3_NO_ROPE_STEP != 0) for i in range(dims.layers)]
+    flags = config.get("no_rope_layers")
+    interval = config.get("no_rope_layer_interval", SMOLLM3_NO_ROPE_STEP)
+    if (flags is not None and flags != expected) or (flags is None and interval != SMOLLM3_NO_ROPE_STEP):
+        raise UnsupportedArchitectureError(
+            "SmolLM3 NoPE layers differ from llama.cpp's (every 4th layer without RoPE)",
+            fix="use a checkpoint with the standard SmolLM3 no_rope_layers")
+    if config.get("use_sliding_window"):
+        raise UnsupportedArchitectureError("SmolLM3 with use_sliding_window=true is not supported by llama.cpp",
+                                           fix="set use_sliding_window to false in config.json")
+    for key in ("attention_bias", "mlp_bias"):
+        if config.get(key):
+            raise UnsupportedArchitectureError(f"SmolLM3 checkpoints with {key} are not supported",
+                                               fix=f"use a checkpoint without {key}")
+    return _llama_like_metadata(arch, config, dims, ("linear", "yarn"), _int(config, "max_position_embeddings", 65536))
+
+
 # --- the table ----------------------------------------------------------------------------------
 
 LLAMA_LAYER = ("input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
@@ -400,6 +488,10 @@ LLAMA_LAYER = ("input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k
 QKV_BIAS = ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")
 QK_NORM = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
 GEMMA_FFN_NORMS = ("pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight")
+# Phi-3 fuses q/k/v ([q | k | v] rows, llama.cpp's attn_qkv splits the same way) and gate/up
+# ([gate | up] rows: llama.cpp's ffn_up of 2 x n_ff feeds a swiglu taking its first half as gate).
+PHI3_LAYER = ("input_layernorm.weight", "self_attn.qkv_proj.weight", "self_attn.o_proj.weight",
+              "post_attention_layernorm.weight", "mlp.gate_up_proj.weight", "mlp.down_proj.weight")
 
 
 @dataclass(frozen=True)
@@ -453,6 +545,7 @@ class ArchEntry:
     tied_default: bool = False  # tie_word_embeddings when config.json does not say
     default_head_dim: int | None = None
     text_only: TextOnlyView | None = None  # a multimodal checkpoint converted as its text model
+    tied_only: bool = False  # llama.cpp always reuses token_embd as the output (no output.weight)
 
 
 def _llama_layer(config: Config) -> tuple[str, ...]:
@@ -462,13 +555,13 @@ def _llama_layer(config: Config) -> tuple[str, ...]:
 GEMMA3_TEXT_ONLY = TextOnlyView(
     text_architecture="Gemma3ForCausalLM",
     text_config_key="text_config",
-    # Gemma3TextConfig defaults the released configs rely on (the 4B text_config has no
-    # vocab_size). The other defaults (head_dim, ...) are the Gemma3ForCausalLM entry's. llama.cpp trims token_embd to the tokenizer's size when vocab_size is absent
-    # (262144 of 262208 rows: the rest are never produced by the tokenizer); we keep all rows
-    # and pad the GGUF vocab to vocab_size with [PAD] tokens instead, which loads and computes
-    # the same logits for every real token.
-    # transformers writes a nested config's fields only where they differ from its class defaults:
-    # the 4B/12B/27B text_configs state no RoPE bases, which are these (both generations).
+    # Gemma3TextConfig defaults the released configs rely on: transformers writes a nested
+    # config's fields only where they differ from its class defaults, so the 4B text_config has
+    # no vocab_size and no RoPE bases (these, in both generations). The other defaults
+    # (head_dim, ...) are the Gemma3ForCausalLM entry's. llama.cpp trims token_embd to the
+    # tokenizer's size when vocab_size is absent (262144 of 262208 rows: the rest are never
+    # produced by the tokenizer); we keep all rows and pad the GGUF vocab to vocab_size with
+    # [PAD] tokens instead, which loads and computes the same logits for every real token.
     text_config_defaults={"vocab_size": 262208, "hidden_activation": "gelu_pytorch_tanh",
                           "rope_theta": 1_000_000.0, "rope_local_base_freq": GEMMA3_LOCAL_ROPE_BASE},
     prefix_renames=(("language_model.model.", "model."),  # transformers < 4.52
@@ -491,6 +584,18 @@ ARCH_TABLE: dict[str, ArchEntry] = {
     "Gemma3ForCausalLM": ArchEntry("Gemma3ForCausalLM", gguf.MODEL_ARCH.GEMMA3,
                                    lambda c: LLAMA_LAYER + QK_NORM + GEMMA_FFN_NORMS, _gemma3_metadata,
                                    norm_plus_one=True, tied_default=True, default_head_dim=256),
+    # Gemma 2 2B/9B/27B: sandwich norms, soft-capping; rotate-half RoPE (no permutation)
+    "Gemma2ForCausalLM": ArchEntry("Gemma2ForCausalLM", gguf.MODEL_ARCH.GEMMA2,
+                                   lambda c: LLAMA_LAYER + GEMMA_FFN_NORMS, _gemma2_metadata,
+                                   norm_plus_one=True, tied_default=True, default_head_dim=256, tied_only=True),
+    # Phi-3, Phi-3.5-mini, Phi-4-mini: fused projections written fused, rotate-half RoPE
+    "Phi3ForCausalLM": ArchEntry("Phi3ForCausalLM", gguf.MODEL_ARCH.PHI3, lambda c: PHI3_LAYER, _phi3_metadata),
+    # Granite 3.x dense: Llama layout (q/k permuted) with multipliers
+    "GraniteForCausalLM": ArchEntry("GraniteForCausalLM", gguf.MODEL_ARCH.GRANITE, _llama_layer,
+                                    _granite_metadata, permute_qk=True),
+    # SmolLM3: Llama layout (q/k permuted) with NoPE layers
+    "SmolLM3ForCausalLM": ArchEntry("SmolLM3ForCausalLM", gguf.MODEL_ARCH.SMOLLM3, lambda c: LLAMA_LAYER,
+                                    _smollm3_metadata, permute_qk=True, tied_default=True),
 }
 # Gemma 3 4B/12B/27B: llama.cpp converts the language model as plain gemma3 (Gemma3ForCausalLM).
 ARCH_TABLE["Gemma3ForConditionalGeneration"] = replace(
@@ -546,13 +651,14 @@ class ArchSpec:
             "self_attn.q_norm.weight": (d.head_dim,), "self_attn.k_norm.weight": (d.head_dim,),
             "mlp.gate_proj.weight": (d.ffn, d.hidden), "mlp.up_proj.weight": (d.ffn, d.hidden),
             "mlp.down_proj.weight": (d.hidden, d.ffn),
+            "self_attn.qkv_proj.weight": (q_rows + 2 * kv_rows, d.hidden), "mlp.gate_up_proj.weight": (2 * d.ffn, d.hidden),
         }
         shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (d.vocab, d.hidden),
                                               "model.norm.weight": (d.hidden,)}
         for layer in range(d.layers):
             for suffix in self.entry.layer_tensors(self.config):
                 shapes[f"model.layers.{layer}.{suffix}"] = per_layer[suffix]
-        if not self.tied or separate_head:
+        if not self.tied or (separate_head and not self.entry.tied_only):
             shapes[LM_HEAD] = (d.vocab, d.hidden)
         return shapes
 
@@ -615,6 +721,11 @@ def arch_spec_for(config: Config) -> ArchSpec:
     if not isinstance(tied, bool):  # bool("false") is True: lm_head would be dropped silently
         raise InvalidCheckpointError(f"config.json field 'tie_word_embeddings' must be true or false, got {tied!r}",
                                      fix="fix or re-download config.json")
+    if entry.tied_only and not tied:
+        raise UnsupportedArchitectureError(
+            f"{entry.hf_architecture} with an untied lm_head is not supported: llama.cpp's "
+            f"{gguf.MODEL_ARCH_NAMES[entry.gguf_arch]} always reuses the input embeddings as the output",
+            fix="use a checkpoint with tie_word_embeddings true")
     return ArchSpec(entry=entry, config=config, dims=dims,
                     gguf_arch_name=gguf.MODEL_ARCH_NAMES[entry.gguf_arch], tied=bool(tied),
                     _name_map=gguf.get_tensor_name_map(entry.gguf_arch, dims.layers))

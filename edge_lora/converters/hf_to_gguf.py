@@ -151,7 +151,7 @@ def write_checkpoint_gguf(ckpt: HFCheckpoint, out_path: Path | str, *, outtype: 
     check_outtype(outtype)
     out_path = Path(out_path)
     ensure_writable_dir(out_path.parent)
-    from edge_lora.converters.tokenizer_export import add_tokenizer, read_tokenizer
+    from edge_lora.converters.tokenizer_export import add_tokenizer, check_name_rules, read_tokenizer
 
     spec = arch_spec_for(ckpt.config)
     if adapter is not None:
@@ -161,6 +161,7 @@ def write_checkpoint_gguf(ckpt: HFCheckpoint, out_path: Path | str, *, outtype: 
     ordered = _check_tensors(spec, source, ckpt, extras)
     tokenizer = read_tokenizer(ckpt.path, ckpt.config)
     display_name = name or ckpt.name
+    check_name_rules(display_name, tokenizer)
 
     writer = StreamingGGUFWriter(spec.gguf_arch_name)
     kv = writer.kv

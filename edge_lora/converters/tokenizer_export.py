@@ -562,6 +562,25 @@ def _read_tokenizer(ckpt_dir: Path, config: dict[str, Any]) -> TokenizerSpec:
     return spec
 
 
+# llama.cpp sets token attributes by general.name (llama-vocab.cpp): a name containing "phi-3" or
+# "phi3" makes every special token strip the whitespace after it, as Phi-3's tokenizer.json does,
+# and looks these tokens up without checking that they exist.
+PHI3_NAME_MARKERS = ("phi-3", "phi3")
+PHI3_NAME_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
+
+
+def check_name_rules(name: str, spec: TokenizerSpec) -> None:
+    """Refuse a model name that makes llama.cpp 0.3.36 fail to load this vocabulary."""
+    lowered = name.lower()
+    if any(marker in lowered for marker in PHI3_NAME_MARKERS):
+        missing = [t for t in PHI3_NAME_TOKENS if t not in spec.tokens]
+        if missing:
+            raise InvalidCheckpointError(
+                f"the model name {name!r} makes llama.cpp apply its Phi-3 tokenizer rule, which needs the tokens "
+                f"{', '.join(missing)} this vocabulary lacks (llama.cpp could not load the file)",
+                fix="convert it under a name without \"phi3\" / \"phi-3\" (rename the checkpoint directory)")
+
+
 def add_tokenizer(writer: gguf.GGUFWriter, spec: TokenizerSpec) -> None:
     """Write ``spec`` as ``tokenizer.ggml.*`` metadata."""
     writer.add_tokenizer_model(spec.model)

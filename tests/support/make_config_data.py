@@ -71,7 +71,7 @@ def specs() -> dict[str, tuple[str, dict[str, Any], dict[str, Any], dict[str, An
         # Gemma 2: soft-capping, a sliding layer then a global one
         "gemma2": ("Gemma2Config", {"num_hidden_layers": 2, "head_dim": 64, "query_pre_attn_scalar": 64,
                                     "sliding_window": 8, "max_position_embeddings": 256,
-                                    "attn_logit_softcapping": 4.0, "final_logit_softcapping": 6.0},
+                                    "attn_logit_softcapping": 4.0, "final_logit_softcapping": 15.0},
                    {"rope_theta": 20000.0, "rope_scaling": {"rope_type": "linear", "factor": 2.0}},
                    {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 20000.0}}),
         # Phi-4-mini style: partial rotary 0.75, LongRoPE over a 16-token pretraining context

@@ -28,7 +28,7 @@ DEFAULT_TOKENIZER = {"llama": "spm", "mistral": "spm", "qwen2": "bpe", "qwen3": 
 # One dtype per arch so the suite covers all three safetensors float types.
 STORAGE_DTYPE = {"llama": "bfloat16", "mistral": "float16", "qwen2": "float32", "qwen3": "bfloat16",
                  "gemma3": "bfloat16", "gemma2": "float16", "phi3": "bfloat16", "granite": "bfloat16",
-                 "smollm3": "float32"}
+                 "smollm3": "bfloat16"}
 DEFAULT_TIED = {"llama": False, "mistral": False, "qwen2": True, "qwen3": True, "gemma3": True, "gemma2": True,
                 "phi3": True, "granite": True, "smollm3": True}
 CONFIG_DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "configs"
@@ -673,7 +673,7 @@ def make_peft_adapter(ckpt_dir: Path, out_dir: Path, *, r: int = 8, alpha: float
     for module_key in modules_to_save or ():
         matches = [n for n in base if n.endswith(".weight") and
                    (n[: -len(".weight")] == module_key or n[: -len(".weight")].endswith("." + module_key))]
-        if not matches and module_key == "lm_head" and config.get("tie_word_embeddings"):
+        if not matches and module_key == "lm_head" and config.get("tie_word_embeddings", True):
             matches = ["lm_head.weight"]  # a tied head still is its own module in transformers
         if not matches:
             raise ValueError(f"modules_to_save entry {module_key!r} matches no module of {ckpt_dir}")

@@ -310,18 +310,27 @@ def _qkv(h: np.ndarray, weights: Mapping[str, np.ndarray], p: str, q_rows: int, 
                  for n in "qkv")  # type: ignore[return-value]
 
 
-def _mlp(h: np.ndarray, weights: Mapping[str, np.ndarray], p: str, gemma: bool) -> np.ndarray:
+def gelu_f16_table(x: np.ndarray) -> np.ndarray:
+    """ggml's CPU GELU (GGML_GELU_FP16): the input rounded to F16 indexes a table of F16 results;
+    identity from 10 up, 0 from -10 down. Only for isolating that rounding in exactness checks."""
+    rounded = gelu_tanh(x.astype(np.float16).astype(np.float64)).astype(np.float16).astype(np.float64)
+    return np.where(x <= -10.0, 0.0, np.where(x >= 10.0, x, rounded))
+
+
+def _mlp(h: np.ndarray, weights: Mapping[str, np.ndarray], p: str, gemma: bool,
+         gelu: Any = gelu_tanh) -> np.ndarray:
     if p + "mlp.gate_up_proj.weight" in weights:  # Phi-3: gate_up.chunk(2) -> (gate, up)
         gate_up = linear(h, weights[p + "mlp.gate_up_proj.weight"])
         gate, up = np.split(gate_up, 2, axis=-1)
     else:
         gate = linear(h, weights[p + "mlp.gate_proj.weight"], weights.get(p + "mlp.gate_proj.bias"))
         up = linear(h, weights[p + "mlp.up_proj.weight"], weights.get(p + "mlp.up_proj.bias"))
-    act = gelu_tanh(gate) if gemma else silu(gate)
+    act = gelu(gate) if gemma else silu(gate)
     return linear(act * up, weights[p + "mlp.down_proj.weight"], weights.get(p + "mlp.down_proj.bias"))
 
 
-def reference_logits(config: dict, weights: dict[str, np.ndarray], token_ids: list[int]) -> np.ndarray:
+def reference_logits(config: dict, weights: dict[str, np.ndarray], token_ids: list[int], *,
+                     llama_cpp_gelu: bool = False) -> np.ndarray:
     """Logits [n_tokens, vocab] (float64) of a causal LM forward pass over `token_ids` at positions
     0..n-1, with transformers' semantics for llama, mistral, qwen2, qwen3, gemma3(_text), gemma2,
     phi3, granite and smollm3, from a config.json of either transformers generation.
@@ -329,7 +338,8 @@ def reference_logits(config: dict, weights: dict[str, np.ndarray], token_ids: li
     `config["torch_dtype"]` (transformers 5: "dtype") is taken as the dtype the model was loaded
     in; it matters only for Gemma's sqrt(hidden) normalizer, which HF casts to that dtype (bf16:
     sqrt(640) -> 25.25) while llama.cpp uses sqrtf(n_embd) (25.298). Pass torch_dtype="float32" to
-    compare with llama.cpp on a model whose hidden size is not a power of 4."""
+    compare with llama.cpp on a model whose hidden size is not a power of 4. ``llama_cpp_gelu``:
+    GELU through ggml's F16 table (gelu_f16_table), the one rounding an F32 llama.cpp run keeps."""
     family = _family(config)
     gemma = family in GEMMA_FAMILIES
     granite = family == "granite"
@@ -403,7 +413,7 @@ def reference_logits(config: dict, weights: dict[str, np.ndarray], token_ids: li
         residual = x
         norm_name = "pre_feedforward_layernorm" if gemma else "post_attention_layernorm"
         h = rms_norm(x, weights[p + norm_name + ".weight"], eps, gemma=gemma)
-        mlp = _mlp(h, weights, p, gemma)
+        mlp = _mlp(h, weights, p, gemma, gelu_f16_table if llama_cpp_gelu else gelu_tanh)
         if gemma:
             mlp = rms_norm(mlp, weights[p + "post_feedforward_layernorm.weight"], eps, gemma=True)
         x = residual + mlp * residual_multiplier
