@@ -24,11 +24,11 @@ quiet = llama.llama_log_callback(lambda l, t, d: None)  # kept alive: llama.cpp 
 llama.llama_log_set(quiet, ctypes.c_void_p(0))
 llama.llama_backend_init()
 src, out, names = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
-from edge_lora.converters.quantize import QUANT_TYPES
+from edge_lora.core.formats import BY_NAME
 for name in names:
     p = llama.llama_model_quantize_default_params()
     p.nthread = 2
-    p.ftype = QUANT_TYPES[name]
+    p.ftype = BY_NAME[name].file_type
     rc = llama.llama_model_quantize(src.encode(), f"{out}/base-{name}.gguf".encode(), ctypes.byref(p))
     assert rc == 0, name
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
@@ -71,11 +71,11 @@ def default_f16() -> Path:
 
 
 def main() -> None:
-    from edge_lora.converters.quantize import QUANT_TYPES
+    from edge_lora.core.formats import LADDER
 
     parser = argparse.ArgumentParser()
     parser.add_argument("f16", nargs="?", type=Path)
-    parser.add_argument("--formats", default=",".join(QUANT_TYPES))
+    parser.add_argument("--formats", default=",".join(f.name for f in LADDER))
     args = parser.parse_args()
     src = args.f16 or default_f16()
     with tempfile.TemporaryDirectory() as tmp:
@@ -96,6 +96,7 @@ ANCHOR_KLD = {"Q8_0": 0.00136, "Q6_K": 0.00545, "Q4_K_M": 0.0313, "Q2_K": 0.445}
 
 def print_quality(src: Path, out_dir: Path, formats: list[str]) -> None:
     from edge_lora.converters.quantize import model_stem
+    from edge_lora.core.formats import BY_NAME
     from edge_lora.perplexity import default_eval_text, measure_perplexity
 
     text = default_eval_text()
@@ -103,7 +104,7 @@ def print_quality(src: Path, out_dir: Path, formats: list[str]) -> None:
     print(f"quality on the held-out text, ctx 256, 2 windows ({f16.tokens} tokens): F16 PPL {f16.ppl:.3f}")
     print(f"{'format':8} {'MB':>7} {'PPL':>8} {'PPL ratio':>10} {'KLD':>8} {'top-1':>7} {'Llama-3-8B KLD':>15}")
     for name in formats:
-        path = out_dir / f"{model_stem(src)}-{name}.gguf"
+        path = out_dir / BY_NAME[name].file_name(model_stem(src))
         r = measure_perplexity(path, text, ctx=256, max_windows=2, kld_base=src)
         anchor = f"{ANCHOR_KLD[name]:.4f}" if name in ANCHOR_KLD else "-"
         print(f"{name:8} {path.stat().st_size / 1e6:7.1f} {r.ppl:8.3f} {r.ppl / f16.ppl:10.3f} {r.kld:8.4f} "

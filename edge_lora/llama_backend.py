@@ -2,31 +2,43 @@
 
 Why low-level rather than ``llama_cpp.Llama``: we need per-request LoRA sets on one loaded
 base (``llama_set_adapters_lora``), logits views without copies for perplexity, and
-deterministic freeing. Every file is pre-parsed by ``gguf_check`` before llama.cpp sees it,
-and every index we hand to llama.cpp is checked here first, so bad input becomes a typed
-error instead of a crash inside C.
+deterministic freeing. Every file is pre-parsed by ``gguf_check`` before llama.cpp sees it, a
+model file this machine has not loaded before is loaded in a child process first (an abort in
+llama.cpp's loader ends the child, not us), and every index we hand to llama.cpp is checked
+here first, so bad input becomes a typed error instead of a crash inside C.
 """
 
 from __future__ import annotations
 
 import collections
+import collections.abc
 import contextlib
 import ctypes
+import os
 import threading
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Literal, TypeVar
 
 import numpy as np
 
+from edge_lora.converters.load_check import check_loads, proc_fd_path
 from edge_lora.core import constants
 from edge_lora.core.errors import AdapterError, InternalError, InvalidGGUFError, RequestError
-from edge_lora.core.gguf_check import GGUFInfo, check_adapter_fits, validate_gguf
+from edge_lora.core.gguf_check import FileIdentity, GGUFInfo, check_adapter_fits, validate_gguf
+from edge_lora.extra_buffers import use_extra_buffers
 
 import llama_cpp.llama_cpp as llama  # noqa: E402  (heavy: imported only by modules that run models)
 
 LogitsRequest = Literal["last", "all"] | set[int] | frozenset[int]
+
+# llama.h's token attributes: tokenizing with special=True splits text at CONTROL and UNKNOWN
+# tokens (USER_DEFINED ones always); LSTRIP/RSTRIP tokens eat the whitespace beside them.
+TOKEN_ATTR_UNKNOWN = llama.LLAMA_TOKEN_ATTR_UNKNOWN
+TOKEN_ATTR_CONTROL = llama.LLAMA_TOKEN_ATTR_CONTROL
+TOKEN_ATTR_LSTRIP = llama.LLAMA_TOKEN_ATTR_LSTRIP
+TOKEN_ATTR_RSTRIP = llama.LLAMA_TOKEN_ATTR_RSTRIP
 
 # --- logging: llama.cpp prints pages of loader chatter on stderr; keep it quiet, but remember
 # the last lines so a failed load can say why. ---
@@ -88,23 +100,80 @@ class _NativeHandle:
             self.close()
 
 
+def model_params(*, extra_buffers: bool | None = None) -> llama.llama_model_params:
+    """The parameters every model is loaded with: CPU, mmap, and ggml's extra buffer types
+    only where the probe showed they run (``extra_buffers`` overrides, for benchmarks)."""
+    params = llama.llama_model_default_params()
+    params.n_gpu_layers = 0  # CPU: the machines this is for
+    params.load_mode = llama.LLAMA_LOAD_MODE_MMAP  # pages shared, loaded once
+    params.use_extra_bufts = use_extra_buffers() if extra_buffers is None else extra_buffers
+    return params
+
+
+def _changed(path: Path) -> InvalidGGUFError:
+    return InvalidGGUFError(f"{path} was replaced or modified while it was being loaded",
+                            fix="wait until whatever writes the file has finished, then run again")
+
+
+@contextlib.contextmanager
+def _pinned(path: Path, validated: FileIdentity | None) -> collections.abc.Iterator[tuple[int, FileIdentity, str]]:
+    """Open ``path`` once and yield (descriptor, identity, the name llama.cpp should open): the
+    descriptor's /proc/self/fd name, so llama.cpp reads the very file that was validated, whatever
+    the path names meanwhile. Refuses a file that is not the validated one, before and after."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise InvalidGGUFError(f"cannot open {path}: {exc.strerror or exc}",
+                               fix="check the path and its permissions") from exc
+    try:
+        identity = FileIdentity.of(os.fstat(fd))
+        if validated is not None and identity != validated:
+            raise _changed(path)
+        yield fd, identity, proc_fd_path(fd) or str(path)
+        try:
+            unchanged = FileIdentity.of(os.stat(path)) == identity
+        except OSError:
+            unchanged = False
+        if not unchanged:
+            raise _changed(path)
+    finally:
+        os.close(fd)
+
+
+def load_model_file(path: Path, info: GGUFInfo, *, extra_buffers: bool | None = None) -> llama.llama_model_p:
+    """The one way a model file reaches llama.cpp in this process: the file validated (``info``)
+    is the file loaded — it is opened once, compared with what was validated, proven to load in
+    a child process unless this very file (same inode, size, mtime) already was, loaded through
+    its descriptor, and the path is checked again afterwards, so a file swapped at any point
+    between the check and the load is refused."""
+    _ensure_backend()
+    ptr = None
+    try:
+        with _pinned(path, info.identity) as (fd, identity, name):
+            check_loads(path, depth="model", fd=fd, identity=identity,
+                        fix="the file is corrupt or not a model llama.cpp supports; re-convert or re-download it")
+            params = model_params(extra_buffers=extra_buffers)
+            _clear_log()
+            ptr = llama.llama_model_load_from_file(name.encode(), params)
+            if not ptr:
+                detail = _last_log_lines()
+                raise InvalidGGUFError(f"llama.cpp could not load {path}" + (f": {detail}" if detail else ""),
+                                       fix="check that the file is a complete model GGUF for a supported architecture")
+    except BaseException:
+        if ptr:
+            llama.llama_model_free(ptr)
+        raise
+    return ptr
+
+
 class LlamaModel(_NativeHandle):
     """A GGUF model loaded with mmap. Owns contexts and adapters made from it: closing the
     model closes them first, so no native object outlives its model."""
 
-    def __init__(self, path: Path | str, *, info: GGUFInfo | None = None) -> None:
-        _ensure_backend()
+    def __init__(self, path: Path | str, *, info: GGUFInfo | None = None, extra_buffers: bool | None = None) -> None:
         self.path = Path(path)
         self.info = info or validate_gguf(self.path, expect_type="model")
-        params = llama.llama_model_default_params()
-        params.n_gpu_layers = 0  # CPU: the machines this is for
-        params.load_mode = llama.LLAMA_LOAD_MODE_MMAP  # pages shared, loaded once
-        _clear_log()
-        self._ptr = llama.llama_model_load_from_file(str(self.path).encode(), params)
-        if not self._ptr:
-            detail = _last_log_lines()
-            raise InvalidGGUFError(f"llama.cpp could not load {self.path}" + (f": {detail}" if detail else ""),
-                                   fix="check that the file is a complete model GGUF for a supported architecture")
+        self._ptr = load_model_file(self.path, self.info, extra_buffers=extra_buffers)
         self._vocab = llama.llama_model_get_vocab(self._ptr)
         self.n_vocab: int = llama.llama_vocab_n_tokens(self._vocab)
         self.n_ctx_train: int = llama.llama_model_n_ctx_train(self._ptr)
@@ -112,7 +181,9 @@ class LlamaModel(_NativeHandle):
         self.eos: int = llama.llama_vocab_eos(self._vocab)
         self.add_bos: bool = bool(llama.llama_vocab_get_add_bos(self._vocab))
         self._dependents: weakref.WeakSet[LlamaContext | LoraAdapter] = weakref.WeakSet()
-        self._lock = threading.Lock()
+        # Held while an adapter is created or freed (llama.cpp changes the model's adapter set);
+        # reentrant so a caller draining every context can hold it around both.
+        self._lock = threading.RLock()
 
     # --- lifetime ---
     @property
@@ -177,6 +248,11 @@ class LlamaModel(_NativeHandle):
         return buf.raw[:max(n, 0)]
 
 
+    def token_attr(self, token: int) -> int:
+        """llama.cpp's attribute bits of a token (TOKEN_ATTR_CONTROL, ...)."""
+        self._check_token(token)
+        return int(llama.llama_vocab_get_attr(self._vocab_ptr(), token))
+
     def detokenize(self, ids: Sequence[int], special: bool = False) -> str:
         return b"".join(self.token_piece(t, special) for t in ids).decode("utf-8", errors="replace")
 
@@ -223,8 +299,15 @@ class LoraAdapter(_NativeHandle):
         self.info = validate_gguf(self.path, expect_type="adapter")
         check_adapter_fits(model.info, self.info)
         _clear_log()
-        with model._lock:
-            self._ptr = llama.llama_adapter_lora_init(model.ptr, str(self.path).encode())
+        self._ptr = None
+        try:
+            with _pinned(self.path, self.info.identity) as (_fd, _identity, name), model._lock:
+                self._ptr = llama.llama_adapter_lora_init(model.ptr, name.encode())
+        except InvalidGGUFError as exc:
+            if self._ptr:
+                llama.llama_adapter_lora_free(self._ptr)
+                self._ptr = None
+            raise AdapterError(exc.message, fix=exc.fix) from None
         if not self._ptr:
             detail = _last_log_lines()
             raise AdapterError(f"llama.cpp could not load adapter {self.path}" + (f": {detail}" if detail else ""),
@@ -247,9 +330,10 @@ class LoraAdapter(_NativeHandle):
             for dependent in list(self.model._dependents):
                 if isinstance(dependent, LlamaContext):
                     dependent._forget_adapter(self)
-            if not self.model.closed:
-                llama.llama_adapter_lora_free(self._ptr)
-            self._ptr = None
+            with self.model._lock:
+                if not self.model.closed:
+                    llama.llama_adapter_lora_free(self._ptr)
+                self._ptr = None
 
     def close(self) -> None:
         self.free()
@@ -352,9 +436,12 @@ class LlamaContext(_NativeHandle):
             self.set_adapters([(a, s) for a, s in self._adapters if a is not adapter])
 
     # --- decoding ---
-    def decode(self, tokens: Sequence[int], pos0: int = 0, logits: LogitsRequest = "last") -> None:
+    def decode(self, tokens: Sequence[int], pos0: int = 0, logits: LogitsRequest = "last",
+               cancel: Callable[[], bool] | None = None) -> bool:
         """Evaluate ``tokens`` at positions pos0.. in chunks of n_batch. Afterwards
-        ``logits(i)`` gives the logits after token i of this call (i in the request)."""
+        ``logits(i)`` gives the logits after token i of this call (i in the request).
+        ``cancel`` is asked before each chunk: when it says True the decode stops there and
+        returns False (the chunks done stay in the KV cache); otherwise returns True."""
         n = len(tokens)
         if n == 0:
             raise RequestError("nothing to decode", fix="give a non-empty prompt")
@@ -380,6 +467,8 @@ class LlamaContext(_NativeHandle):
         self._last_rows = {}
         batch = self._batch
         for start in range(0, n, self.n_batch):
+            if cancel is not None and cancel():
+                return False
             chunk = tokens[start:start + self.n_batch]
             rows: dict[int, int] = {}
             for k, token in enumerate(chunk):
@@ -406,6 +495,7 @@ class LlamaContext(_NativeHandle):
             else:
                 for index, row in rows.items():
                     self._saved[index] = self._row(row).copy()
+        return True
 
     def _row(self, row: int) -> np.ndarray:
         ptr = llama.llama_get_logits_ith(self.ptr, row)

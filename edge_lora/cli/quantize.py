@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+from edge_lora.core.errors import InputError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -22,16 +25,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 
 def quantize_command(args: argparse.Namespace) -> int:
+    from edge_lora.converters.quantize import quantize_ladder, record_in_manifest
+    from edge_lora.core.formats import parse_quant_list
     from edge_lora.core.manifest import Manifest
-    from edge_lora.converters.quantize import parse_quant_list, quantize_ladder, record_in_manifest
     from edge_lora.core.progress import cli_progress
 
     names = parse_quant_list(args.quant)
     src: Path = args.file
     out_dir: Path = args.out if args.out is not None else src.resolve().parent
     if not names:
-        from edge_lora.core.errors import InputError
-
         raise InputError("--quant none leaves nothing to do", fix="give --quant all or a list such as Q4_K_M")
     with cli_progress(quiet=args.json) as progress:
         results = quantize_ladder(src, out_dir, names, progress=progress)
@@ -53,7 +55,5 @@ def quantize_command(args: argparse.Namespace) -> int:
             if row is not None:
                 print(f"{out_dir / row.path}  {row.format:<7} {row.bytes / 1e6:9.1f} MB  {row.bpw:.2f} bpw")
     for r in failed:
-        import sys
-
         print(f"edge-lora: error: {r.error}", file=sys.stderr)
     return 1 if failed else 0
