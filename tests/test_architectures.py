@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import gguf
@@ -235,6 +236,7 @@ def _swap_k_v(rows: np.ndarray, q_rows: int = 256) -> np.ndarray:
 WRONG_VARIANTS = {
     "gemma2-no-attention-softcap": ("gemma2", {"drop": ("gemma2.attn_logit_softcapping",)}),
     "gemma2-no-final-softcap": ("gemma2", {"drop": ("gemma2.final_logit_softcapping",)}),
+    "gemma2-no-sliding-window": ("gemma2", {"set_values": {"gemma2.attention.sliding_window": 4096}}),
     "granite-residual-multiplier": ("granite", {"set_values": {"granite.residual_scale": 1.0}}),
     "granite-embedding-multiplier": ("granite", {"drop": ("granite.embedding_scale",)}),
     "granite-attention-multiplier": ("granite", {"drop": ("granite.attention.scale",)}),
@@ -266,6 +268,18 @@ def test_smollm3_nope_layers_matter(library_models: dict) -> None:
     assert matches(got, model.ref)
     all_rope = reference_logits(dict(model.config, no_rope_layers=[1, 1, 1, 1]), model.weights, model.tokens)
     assert not matches(got, all_rope)
+
+
+def test_gemma2_query_scaling_and_sliding_window_matter(library_models: dict) -> None:
+    """llama.cpp scales Gemma 2's queries by 1/sqrt(head_dim) (the converter refuses a config
+    whose query_pre_attn_scalar says otherwise) and runs its sliding layers over 8 tokens here:
+    the reference with another scalar, or without the window, is another model."""
+    model = library_models[("gemma2", "tf5")]
+    assert model.config["query_pre_attn_scalar"] == model.config["head_dim"] and model.config["sliding_window"] < N_TOKENS
+    got = llama_logits(model.f16, model.tokens)
+    assert matches(got, model.ref)
+    for change in ({"query_pre_attn_scalar": 4 * model.config["head_dim"]}, {"sliding_window": 4096}):
+        assert not matches(got, reference_logits(dict(model.config, **change), model.weights, model.tokens)), change
 
 
 def test_phi3_short_factors_below_the_pretraining_context(tmp_path: Path) -> None:
@@ -492,3 +506,126 @@ def test_lora_on_fused_projections_keeps_the_row_order(library_models: dict, tmp
                   {"blk.0.attn_qkv.weight.lora_b": _swap_k_v}):
         broken = rewrite_gguf(lora, tmp_path / "wrong.gguf", tensors=wrong)
         assert not matches(_hot_applied_logits(model.f16, broken, model.tokens), ref)
+
+
+# --- Llama 3.2 and SmolLM2: covered by the llama entry, proved here ---------------------------------
+
+def test_llama32_llama3_rope_and_tied_embeddings(library_models: dict, tmp_path: Path) -> None:
+    """Llama 3.2 1B/3B: llama3 RoPE scaling (per-frequency divisors in rope_freqs) and tied
+    embeddings (no output.weight: llama.cpp reuses token_embd). Without rope_freqs the same file
+    is another model."""
+    for generation in GENERATIONS:
+        model = library_models[("llama", generation)]
+        info = validate_gguf(model.f16)
+        assert info.tensor("rope_freqs.weight") is not None and info.tensor("output.weight") is None
+        assert matches(llama_logits(model.f16, model.tokens), model.ref)
+    broken = rewrite_gguf(model.f16, tmp_path / "no-freqs.gguf", drop_tensors=("rope_freqs.weight",))
+    assert not matches(llama_logits(broken, model.tokens), model.ref)
+
+
+@pytest.mark.parametrize("generation", GENERATIONS)
+def test_smollm2_llama_with_its_own_tokenizer(tmp_path: Path, generation: str) -> None:
+    """SmolLM2: the llama architecture with a StarCoder-style byte-level tokenizer (single digits,
+    then GPT-2's regex; no clean-up on decoding), which llama.cpp knows as "smollm"."""
+    from tokenizers import Tokenizer
+
+    from tests.test_tokenizer_export import MIXED_TEXT
+
+    rope = ({"rope_theta": 100000.0, "rope_scaling": None} if generation == "tf4"
+            else {"rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}})
+    ckpt = make_checkpoint("llama", tmp_path / "SmolLM2-tiny", tokenizer="smollm2", config_generation=generation,
+                           config_changes=rope)
+    model = Converted(ckpt, convert_checkpoint(ckpt, tmp_path / "smollm2-F16.gguf"))
+    md = metadata(model.f16)
+    assert md["tokenizer.ggml.pre"] == "smollm" and md["llama.rope.freq_base"] == 100000.0
+    assert matches(llama_logits(model.f16, model.tokens), model.ref)
+    import llama_cpp
+
+    vocab = llama_cpp.Llama(str(model.f16), vocab_only=True, verbose=False)
+    expected = Tokenizer.from_file(str(ckpt / "tokenizer.json")).encode(MIXED_TEXT, add_special_tokens=False).ids
+    assert vocab.tokenize(MIXED_TEXT.encode(), add_bos=False, special=False) == expected
+    from edge_lora.go_template import detect_family
+
+    assert detect_family(md["tokenizer.chat_template"]) == "chatml"
+
+
+# --- the whole pipeline on each newer architecture --------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", NEW_ARCHS)
+def test_convert_every_k_quant_fit_ppl_and_hot_apply(tmp_path: Path, arch: str,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """`edge-lora convert BASE --adapter PEFT --quant all`: merged F16, the GGUF adapter and every
+    K-quant load in llama.cpp; `fit` recommends one; `ppl` measures the F16 and a K-quant with the
+    adapter hot-applied; a Modelfile is written where the chat family translates (not SmolLM3)."""
+    from edge_lora.cli import main
+    from edge_lora.core.formats import LADDER
+    from tests.support.model_fixtures import DEFAULT_TARGETS, make_peft_adapter
+    from tests.support.paths import LICENSES
+
+    ckpt = make_checkpoint(arch, tmp_path / dir_name(arch, "tf5"), config_generation="tf5")
+    peft = make_peft_adapter(ckpt, tmp_path / "legal", strength=STRENGTH,
+                             target_modules=ADAPTER_TARGETS.get(arch, DEFAULT_TARGETS))
+    out = tmp_path / "out"
+    assert main(["convert", str(ckpt), "--adapter", str(peft), "--out", str(out), "--quant", "all", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = {f["format"] if f["kind"] != "adapter" else "adapter": f for f in report["files"]}
+    assert {f.name for f in LADDER} | {"F16", "adapter"} <= set(rows)
+    text = tmp_path / "eval.txt"
+    text.write_text((LICENSES / "Apache-2.0").read_text()[:4000])
+    tokens = [int(t) for t in np.random.default_rng(2).integers(3, 300, 16)]
+    for name, row in rows.items():
+        if name != "adapter":
+            assert np.isfinite(llama_logits(out / row["path"], tokens)).all(), name
+    assert main(["fit", str(out), "--ctx", "64", "--json"]) == 0
+    fit = json.loads(capsys.readouterr().out)
+    assert sum(m["recommended"] for m in fit["models"]) == 1
+    adapter = out / rows["adapter"]["path"]
+    assert main(["ppl", str(out / rows["F16"]["path"]), "--text", str(text), "--ctx", "64", "--json"]) == 0
+    merged_ppl = json.loads(capsys.readouterr().out)["ppl"]
+    base = tmp_path / "base"
+    assert main(["convert", str(ckpt), "--out", str(base), "--quant", "Q4_K_M", "--json"]) == 0
+    base_rows = {f["format"]: f for f in json.loads(capsys.readouterr().out)["files"]}
+    assert main(["adapters", "add", "legal", str(adapter)]) == 0
+    capsys.readouterr()
+    assert main(["ppl", str(base / base_rows["Q4_K_M"]["path"]), "--adapter", "legal", "--text", str(text),
+                 "--ctx", "64", "--json"]) == 0
+    hot_ppl = json.loads(capsys.readouterr().out)["ppl"]
+    assert np.isfinite(merged_ppl) and np.isfinite(hot_ppl) and abs(np.log(hot_ppl / merged_ppl)) < 0.1
+    assert (out / "Modelfile").is_file() == (arch != "smollm3")
+
+
+# --- optional: the reference against transformers itself -------------------------------------------
+
+TRANSFORMERS_PYTHONS = [p for p in os.environ.get("EDGE_LORA_TRANSFORMERS_PYTHON", "").split(os.pathsep) if p]
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("generation", GENERATIONS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_reference_agrees_with_transformers(library_models: dict, tmp_path: Path, arch: str,
+                                            generation: str) -> None:
+    """Optional (torch and transformers are never project dependencies): with
+    EDGE_LORA_TRANSFORMERS_PYTHON naming side-venv Pythons (os.pathsep-separated, e.g. one with
+    transformers 4 and one with 5), transformers' own float32 logits equal the float64
+    reference's on every fixture. transformers 4 cannot read a transformers 5 config."""
+    import subprocess
+
+    if not TRANSFORMERS_PYTHONS:
+        pytest.skip("set EDGE_LORA_TRANSFORMERS_PYTHON to a Python with torch and transformers")
+    model = library_models[(arch, generation)]
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps(model.tokens))
+    compared = 0
+    for python in TRANSFORMERS_PYTHONS:
+        out = tmp_path / "hf.npy"
+        done = subprocess.run([python, "-m", "tests.support.hf_logits", str(model.ckpt), str(tokens), str(out)],
+                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        version = done.stdout.strip().splitlines()[-1]
+        if generation == "tf5" and version.startswith("4."):
+            continue
+        hf = np.load(out)
+        assert rel_error(hf, model.ref) < EXACT, (version, rel_error(hf, model.ref))
+        compared += 1
+    assert compared

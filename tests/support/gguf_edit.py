@@ -12,9 +12,11 @@ import numpy as np
 
 
 def rewrite_gguf(src: Path, dst: Path, *, drop: tuple[str, ...] = (), set_values: Mapping[str, Any] | None = None,
-                 tensors: Mapping[str, Callable[[np.ndarray], np.ndarray]] | None = None) -> Path:
-    """``src`` with the keys ``drop`` removed, ``set_values`` replaced (same value type) and the
-    named tensors passed through a function of their array (numpy layout, rows first)."""
+                 tensors: Mapping[str, Callable[[np.ndarray], np.ndarray]] | None = None,
+                 drop_tensors: tuple[str, ...] = ()) -> Path:
+    """``src`` with the keys ``drop`` and tensors ``drop_tensors`` removed, ``set_values``
+    replaced (same value type) and the named tensors passed through a function of their array
+    (numpy layout, rows first)."""
     reader = gguf.GGUFReader(src)
     set_values = dict(set_values or {})
     tensors = dict(tensors or {})
@@ -29,6 +31,8 @@ def rewrite_gguf(src: Path, dst: Path, *, drop: tuple[str, ...] = (), set_values
         writer.add_key_value(key, value, gguf.GGUFValueType.FLOAT32 if isinstance(value, float)
                              else gguf.GGUFValueType.UINT32)
     for tensor in reader.tensors:
+        if tensor.name in drop_tensors:
+            continue
         if tensor.name in tensors:
             data = np.asarray(tensor.data)
             writer.add_tensor(tensor.name, np.ascontiguousarray(tensors.pop(tensor.name)(data)).astype(data.dtype),
