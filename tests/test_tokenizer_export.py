@@ -360,7 +360,8 @@ def test_byte_level_pre_tokenizer_names_tokenize_like_hf(byte_level: dict, flavo
 # comparison above fails for a wrong name. Names that differ only in clean_spaces (qwen2 /
 # stablelm2, smollm / refact) tokenize alike by design.
 WRONG_NAME = {"gpt2": "smollm", "smollm2": "gpt-2", "granite": "gpt-2", "llama3": "qwen2", "smaug": "qwen2",
-              "qwen2": "smollm", "stablelm2": "refact", "gpt4o": "tekken", "tekken": "smollm"}
+              "qwen2": "smollm", "stablelm2": "refact", "gpt4o": "tekken", "tekken": "smollm", "smollm3": "qwen2",
+              "deepseek_r1_qwen": "smollm"}
 
 
 @pytest.mark.parametrize("flavour", list(BYTE_LEVEL_FLAVOURS))

@@ -240,6 +240,13 @@ BYTE_LEVEL_FLAVOURS: dict[str, ByteLevelFlavour] = {
                               "<|eot_id|>", None, LLAMA3_TEMPLATE, True),
     "qwen2": ByteLevelFlavour("qwen2", QWEN2_SPLIT, CHATML_SPECIALS, None, "<|im_end|>", "<|endoftext|>",
                               CHATML_TEMPLATE, False, nfc=True),
+    # DeepSeek-R1-Distill-Qwen: Qwen2.5's split with DeepSeek's specials and an added BOS. llama.cpp's
+    # "deepseek-r1-qwen" is "qwen2" under another name (same split, flags): "qwen2" is written.
+    "deepseek_r1_qwen": ByteLevelFlavour("qwen2", QWEN2_SPLIT, ("<｜begin▁of▁sentence｜>",
+                                         "<｜end▁of▁sentence｜>", "<｜User｜>",
+                                         "<｜Assistant｜>"), "<｜begin▁of▁sentence｜>",
+                                         "<｜end▁of▁sentence｜>", "<｜end▁of▁sentence｜>",
+                                         CHATML_TEMPLATE, False),
     "stablelm2": ByteLevelFlavour("stablelm2", QWEN2_SPLIT, ("<|endoftext|>",), None, "<|endoftext|>", None,
                                   CHATML_TEMPLATE, True),
     # GPT-2 / OLMo: a bare ByteLevel pre-tokenizer, no Split
