@@ -438,8 +438,14 @@ def _hot_applied_logits(base: Path, lora: Path, tokens: list[int]) -> np.ndarray
     return out
 
 
-@pytest.mark.parametrize("case", list(ADAPTER_CASES))
-@pytest.mark.parametrize("arch", NEW_ARCHS)
+# Every adapter case on the newer architectures; a plain LoRA on the others' library configs (Llama 3.2's
+# llama3 RoPE and tied embeddings, Mistral's and Qwen2's YaRN, Qwen3's linear scaling, Gemma 3's
+# per-layer-type bases), so hot-applying runs with each scaling too.
+ADAPTER_PARAMS = [(arch, case) for arch in NEW_ARCHS for case in ADAPTER_CASES] + [
+    (arch, "plain") for arch in ARCHS if arch not in NEW_ARCHS]
+
+
+@pytest.mark.parametrize("arch, case", ADAPTER_PARAMS)
 def test_adapters_merged_and_hot_applied_match_peft(library_models: dict, tmp_path: Path, arch: str,
                                                     case: str) -> None:
     from edge_lora.converters.adapter_gguf import convert_adapter_to_gguf
