@@ -56,3 +56,18 @@ def test_convert_with_adapter_opens_base_and_adapter_once(opened: Counter[str], 
     assert {f.kind for f in manifest.files} == {"merged", "adapter"}  # both files written from one open
     assert opened == {"HFCheckpoint": 1, "PeftAdapter": 1, "model.safetensors": 1,
                       "adapter_model.safetensors": 1}
+
+
+def test_values_beyond_the_f16_range_encode_to_inf_without_a_numpy_warning() -> None:
+    """The caller refuses non-finite rows with one line; a RuntimeWarning printed before that
+    line made the refusal two lines (found by bench/fuzz.py)."""
+    import warnings
+
+    import numpy as np
+
+    from edge_lora.converters.gguf_output import GGMLType, encode_rows
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        encoded = encode_rows(np.array([[1.0, 1e30]], dtype=np.float32), GGMLType.F16)
+    assert encoded[0, 0] == 1.0 and np.isinf(encoded[0, 1])

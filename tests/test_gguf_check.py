@@ -467,3 +467,21 @@ def test_integer_tensors_in_a_model_are_refused(tmp_path: Path) -> None:
     path = write(tmp_path, build_gguf(tensors=tensors))
     with pytest.raises(InvalidGGUFError, match="as I32"):
         validate_gguf(path, expect_type="model")
+
+
+def test_a_one_dimensional_tensor_not_in_f32_is_refused(tmp_path: Path) -> None:
+    """Found by bench/fuzz.py: an F16 norm weight passed the load and aborted the first decode."""
+    tensors = [_tensor_info("blk.0.attn_q.weight", [32, 2], gguf.GGMLQuantizationType.F16, 0),
+               _tensor_info("output_norm.weight", [32], gguf.GGMLQuantizationType.F16, 128)]
+    with pytest.raises(InvalidGGUFError, match="1-D tensor output_norm.weight as F16"):
+        validate_gguf(write(tmp_path, build_gguf(tensors=tensors), "f16norm.gguf"), expect_type="model")
+    tensors[1] = _tensor_info("output_norm.weight", [32], gguf.GGMLQuantizationType.F32, 128)
+    validate_gguf(write(tmp_path, build_gguf(tensors=tensors), "f32norm.gguf"), expect_type="model")
+
+
+def test_an_rwkv_tokenizer_on_another_architecture_is_refused(tmp_path: Path) -> None:
+    """Found by bench/fuzz.py: llama.cpp's loader spun for over a minute on such a file."""
+    kvs = [_kv("general.architecture", VT.STRING, _str("llama")),
+           _kv("tokenizer.ggml.model", VT.STRING, _str("rwkv"))]
+    with pytest.raises(InvalidGGUFError, match="RWKV tokenizer for a llama model"):
+        validate_gguf(write(tmp_path, build_gguf(kvs=kvs)), expect_type="model")

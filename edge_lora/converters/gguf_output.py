@@ -31,7 +31,8 @@ def encode_rows(rows_f32: np.ndarray, ggml_type: GGMLType) -> np.ndarray:
     if ggml_type == GGMLType.F32:
         return np.ascontiguousarray(rows_f32, dtype=np.float32)
     if ggml_type == GGMLType.F16:
-        return np.ascontiguousarray(rows_f32, dtype=np.float16)
+        with np.errstate(over="ignore"):  # values beyond the F16 range become inf, refused by the caller
+            return np.ascontiguousarray(rows_f32, dtype=np.float16)
     if ggml_type == GGMLType.BF16:
         return f32_to_bf16_bits(rows_f32)
     if ggml_type == GGMLType.Q8_0:

@@ -373,6 +373,14 @@ def validate_gguf(path: Path | str, *, expect_type: GGUFKind | None = None) -> G
     return info
 
 
+def _check_tokenizer_model(info: GGUFInfo) -> None:
+    """llama.cpp's RWKV vocabulary parser, given another family's tokens, spins for minutes in
+    its loader (found by bench/fuzz.py); only RWKV architectures use it."""
+    if info.metadata.get("tokenizer.ggml.model") == "rwkv" and "rwkv" not in (info.architecture or ""):
+        raise InvalidGGUFError(f"{info.path} declares an RWKV tokenizer for a {info.architecture} model",
+                               fix="re-convert the model; the file's tokenizer metadata is corrupt")
+
+
 def _check_byte_tokens(info: GGUFInfo) -> None:
     """SentencePiece / Unigram vocabularies fall back to one token per byte for text they do not
     cover; llama.cpp looks the byte up as "<0xXX>" or as the byte itself and, when neither is in
@@ -416,6 +424,7 @@ def _check_model_hparams(info: GGUFInfo) -> None:
     if isinstance(context, int) and context > INT32_MAX:  # llama.cpp reports it as a negative int32
         raise InvalidGGUFError(f"{info.path} declares {arch}.context_length {context}, beyond {INT32_MAX}",
                                fix="re-convert the model")
+    _check_tokenizer_model(info)
     _check_byte_tokens(info)
     for key in (f"{arch}.attention.layer_norm_rms_epsilon", f"{arch}.attention.layer_norm_epsilon"):
         eps = info.metadata.get(key)
@@ -567,6 +576,11 @@ def _check_tensor_types(info: GGUFInfo) -> None:
     for tensor in info.tensors:
         if tensor.type_name in MODEL_REFUSED_TYPES:
             raise _refuse(info, f"stores tensor {tensor.name} as {tensor.type_name}, which llama.cpp cannot compute with")
+        # Norm weights, biases and rope factors enter ggml's element-wise ops, which assert F32
+        # operands on CPU (found by bench/fuzz.py: an F16 norm aborted the first decode).
+        # llama.cpp's converter and quantizer always keep 1-D tensors F32.
+        if len(tensor.shape) == 1 and tensor.type_name != "F32":
+            raise _refuse(info, f"stores the 1-D tensor {tensor.name} as {tensor.type_name}, not F32")
 
 
 def _check_lora_alpha(info: GGUFInfo) -> None:
