@@ -27,6 +27,7 @@ from edge_lora.core.gguf_check import GGUFInfo, check_adapter_fits, validate_ggu
 import llama_cpp.llama_cpp as llama  # noqa: E402  (heavy: imported only by modules that run models)
 
 LogitsRequest = Literal["last", "all"] | set[int] | frozenset[int]
+EvalCallback = llama.ggml_backend_sched_eval_callback  # bool (*)(ggml_tensor *, bool ask, void *)
 
 # --- logging: llama.cpp prints pages of loader chatter on stderr; keep it quiet, but remember
 # the last lines so a failed load can say why. ---
@@ -258,7 +259,10 @@ class LoraAdapter(_NativeHandle):
 class LlamaContext(_NativeHandle):
     """One inference context (KV cache) on a model: single sequence, batched decode."""
 
-    def __init__(self, model: LlamaModel, n_ctx: int, n_batch: int = 512, n_threads: int | None = None) -> None:
+    def __init__(self, model: LlamaModel, n_ctx: int, n_batch: int = 512, n_threads: int | None = None,
+                 eval_callback: EvalCallback | None = None) -> None:
+        """``eval_callback`` (a ``llama.ggml_backend_sched_eval_callback``) observes graph nodes
+        as llama.cpp computes them (``edge_lora.imatrix``); the context keeps it alive."""
         if n_ctx < 8:
             raise RequestError(f"context size {n_ctx} is too small", fix="use --ctx 512 or more")
         if n_batch < 1:
@@ -275,6 +279,10 @@ class LlamaContext(_NativeHandle):
         params.n_threads = threads
         params.n_threads_batch = threads
         params.no_perf = True
+        self._eval_callback = eval_callback  # llama.cpp holds only the function pointer
+        if eval_callback is not None:
+            params.cb_eval = eval_callback
+            params.cb_eval_user_data = None
         _clear_log()
         self._ptr = llama.llama_init_from_model(model.ptr, params)
         if not self._ptr:

@@ -195,14 +195,18 @@ def layer_types(config: Mapping[str, Any]) -> list[str]:
     return ["full_attention"] * n_layers
 
 
-def reference_logits(config: dict, weights: dict[str, np.ndarray], token_ids: list[int]) -> np.ndarray:
+def reference_logits(config: dict, weights: dict[str, np.ndarray], token_ids: list[int],
+                     linear_inputs: dict[str, list[np.ndarray]] | None = None) -> np.ndarray:
     """Logits [n_tokens, vocab] (float64) of a causal LM forward pass over `token_ids` at positions
     0..n-1, with transformers' semantics for llama, mistral, qwen2, qwen3 and gemma3(_text).
 
     `config["torch_dtype"]` is taken as the dtype the model was loaded in; it matters only for
     Gemma's sqrt(hidden) normalizer, which HF casts to that dtype (bf16: sqrt(640) -> 25.25) while
     llama.cpp uses sqrtf(n_embd) (25.298). Pass torch_dtype="float32" to compare with llama.cpp
-    on a model whose hidden size is not a power of 4."""
+    on a model whose hidden size is not a power of 4.
+
+    ``linear_inputs``, when given, receives the input rows [n_tokens, in] of every projection,
+    appended under the weight's HF name (what an importance matrix sums the squares of)."""
     family = _family(config)
     gemma = family == "gemma3"
     hidden = int(config["hidden_size"])
@@ -238,6 +242,11 @@ def reference_logits(config: dict, weights: dict[str, np.ndarray], token_ids: li
              "sliding_attention": attention_mask(n_tokens, int(window) if window else None)}
     group = n_heads // n_kv
 
+    def record(x_in: np.ndarray, *names: str) -> None:
+        if linear_inputs is not None:
+            for name in names:
+                linear_inputs.setdefault(name, []).append(x_in)
+
     for i in range(int(config["num_hidden_layers"])):
         p = f"model.layers.{i}."
         sliding = types[i] == "sliding_attention"
@@ -245,6 +254,7 @@ def reference_logits(config: dict, weights: dict[str, np.ndarray], token_ids: li
 
         residual = x
         h = rms_norm(x, weights[p + "input_layernorm.weight"], eps, gemma=gemma)
+        record(h, *(p + f"self_attn.{m}_proj.weight" for m in "qkv"))
         q = linear(h, weights[p + "self_attn.q_proj.weight"], weights.get(p + "self_attn.q_proj.bias"))
         k = linear(h, weights[p + "self_attn.k_proj.weight"], weights.get(p + "self_attn.k_proj.bias"))
         v = linear(h, weights[p + "self_attn.v_proj.weight"], weights.get(p + "self_attn.v_proj.bias"))
@@ -266,6 +276,7 @@ def reference_logits(config: dict, weights: dict[str, np.ndarray], token_ids: li
         probs = np.exp(scores)
         probs /= probs.sum(axis=-1, keepdims=True)
         attn = np.einsum("hqk,khd->qhd", probs, v).reshape(n_tokens, n_heads * head_dim)
+        record(attn, p + "self_attn.o_proj.weight")
         attn = linear(attn, weights[p + "self_attn.o_proj.weight"], weights.get(p + "self_attn.o_proj.bias"))
         if gemma:
             attn = rms_norm(attn, weights[p + "post_attention_layernorm.weight"], eps, gemma=True)
@@ -274,9 +285,11 @@ def reference_logits(config: dict, weights: dict[str, np.ndarray], token_ids: li
         residual = x
         norm_name = "pre_feedforward_layernorm" if gemma else "post_attention_layernorm"
         h = rms_norm(x, weights[p + norm_name + ".weight"], eps, gemma=gemma)
+        record(h, p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
         gate = linear(h, weights[p + "mlp.gate_proj.weight"])
         up = linear(h, weights[p + "mlp.up_proj.weight"])
         act = gelu_tanh(gate) if gemma else silu(gate)
+        record(act * up, p + "mlp.down_proj.weight")
         mlp = linear(act * up, weights[p + "mlp.down_proj.weight"])
         if gemma:
             mlp = rms_norm(mlp, weights[p + "post_feedforward_layernorm.weight"], eps, gemma=True)
