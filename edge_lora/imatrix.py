@@ -385,6 +385,21 @@ def check_no_overlap(calibration: Path, evaluation: str, evaluation_name: str) -
     return overlap
 
 
+def check_calibration_text(path: Path | str, evaluation_text: str | None = None,
+                           evaluation_name: str = "held-out evaluation text") -> None:
+    """Before any long work: the calibration file is readable UTF-8 and does not overlap the
+    evaluation text (default: the shipped held-out text ``ppl`` measures on; "" skips)."""
+    from edge_lora.perplexity import default_eval_text
+
+    if evaluation_text is None:
+        evaluation_text = default_eval_text()
+    if evaluation_text:
+        check_no_overlap(Path(path), evaluation_text, evaluation_name)
+    else:
+        for _ in text_blocks(Path(path)):  # decodes the whole file: bad UTF-8 fails here
+            pass
+
+
 def default_calibration_text() -> Path:
     """The shipped calibration text (GPL-3.0 + LGPL-2.1, see data/calibration/README.md)."""
     from importlib.resources import files
@@ -464,17 +479,13 @@ def compute_imatrix(model_path: Path | str, text_path: Path | str, *, ctx: int =
     must not overlap the calibration text; pass "" to skip that check. ``max_chunks`` limits the
     work (tests, benches)."""
     from edge_lora.llama_backend import LlamaContext, LlamaModel, LoraAdapter
-    from edge_lora.perplexity import default_eval_text
 
     started = time.perf_counter()
     model_path, text_path = Path(model_path), Path(text_path)
     if ctx < MIN_CTX:
         raise InputError(f"context {ctx} is too small for an importance matrix", fix="use --ctx 512")
     specs = _resolve_adapters(adapters)
-    if evaluation_text is None:
-        evaluation_text = default_eval_text()
-    if evaluation_text:
-        check_no_overlap(text_path, evaluation_text, evaluation_name)
+    check_calibration_text(text_path, evaluation_text, evaluation_name)
     text_sha = sha256_of_file(text_path)
     with LlamaModel(model_path) as model:
         if ctx > model.n_ctx_train:
@@ -516,7 +527,7 @@ def compute_imatrix(model_path: Path | str, text_path: Path | str, *, ctx: int =
     if not entries:
         raise InvalidGGUFError(f"{model_path} multiplied no block weights while evaluating",
                                fix="give a model GGUF of a supported architecture")
-    imatrix = Imatrix(entries=entries, datasets=[str(text_path)], chunk_count=n_chunks, chunk_size=ctx,
+    imatrix = Imatrix(entries=entries, datasets=[text_path.name], chunk_count=n_chunks, chunk_size=ctx,
                       text_sha256=text_sha, tokens=n_chunks * ctx, model=model_path.name,
                       adapters=[p.name for p, _ in specs])
     return ImatrixRun(imatrix=imatrix, seconds=time.perf_counter() - started, eval_seconds=eval_seconds,

@@ -1,4 +1,4 @@
-"""``edge-lora quantize FILE.gguf [--quant all|Q4_K_M,...] [--out DIR] [--json]``."""
+"""``edge-lora quantize FILE.gguf [--quant all|Q4_K_M,...] [--out DIR] [--imatrix FILE | --calibrate TEXT] [--json]``."""
 
 from __future__ import annotations
 
@@ -17,14 +17,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                         help="formats to write (default: all = Q2_K ... Q6_K and Q8_0)")
     parser.add_argument("--out", metavar="DIR", type=Path, default=None,
                         help="output directory (default: the input file's directory)")
+    calibration = parser.add_mutually_exclusive_group()
+    calibration.add_argument("--imatrix", metavar="FILE", type=Path, default=None,
+                             help="importance matrix to quantize with (from `edge-lora imatrix` or llama-imatrix)")
+    calibration.add_argument("--calibrate", metavar="TEXT", type=Path, default=None,
+                             help="compute an importance matrix on FILE.gguf from this text file first "
+                                  "(written as DIR/<name>.imatrix.gguf), then quantize with it")
     parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     parser.set_defaults(handler=quantize_command)
 
 
 def quantize_command(args: argparse.Namespace) -> int:
     from edge_lora.core.manifest import Manifest
-    from edge_lora.converters.quantize import parse_quant_list, quantize_ladder, record_in_manifest
+    from edge_lora.converters.quantize import parse_quant_list, record_in_manifest
     from edge_lora.core.progress import cli_progress
+    from edge_lora.workflows.calibrate import quantize_calibrated
 
     names = parse_quant_list(args.quant)
     src: Path = args.file
@@ -34,8 +41,9 @@ def quantize_command(args: argparse.Namespace) -> int:
 
         raise InputError("--quant none leaves nothing to do", fix="give --quant all or a list such as Q4_K_M")
     with cli_progress(quiet=args.json) as progress:
-        results = quantize_ladder(src, out_dir, names, progress=progress)
-    record_in_manifest(out_dir, src, results)
+        results, imatrix = quantize_calibrated(src, out_dir, names, imatrix=args.imatrix,
+                                               calibrate_text=args.calibrate, progress=progress)
+    record_in_manifest(out_dir, src, results, imatrix=imatrix)
     manifest = Manifest.load(out_dir)
     failed = [r for r in results if not r.ok]
     if args.json:
@@ -45,13 +53,17 @@ def quantize_command(args: argparse.Namespace) -> int:
             rows.append({"format": r.name, "ok": r.ok, "path": str(r.path) if r.path else None,
                          "bytes": row.bytes if row else None, "bpw": row.bpw if row else None,
                          "sha256": row.sha256 if row else None, "seconds": round(r.seconds, 3),
-                         "error": r.error})
-        print(json.dumps({"source": str(src), "directory": str(out_dir), "results": rows}))
+                         "imatrix": row.imatrix if row else None, "error": r.error})
+        print(json.dumps({"source": str(src), "directory": str(out_dir),
+                          "imatrix": str(imatrix) if imatrix is not None else None, "results": rows}))
     else:
         for r in results:
             row = manifest.file(r.path.name) if r.path is not None else None
             if row is not None:
-                print(f"{out_dir / row.path}  {row.format:<7} {row.bytes / 1e6:9.1f} MB  {row.bpw:.2f} bpw")
+                calibrated = "  calibrated" if row.imatrix else ""
+                print(f"{out_dir / row.path}  {row.format:<7} {row.bytes / 1e6:9.1f} MB  {row.bpw:.2f} bpw{calibrated}")
+        if imatrix is not None:
+            print(f"importance matrix: {imatrix}")
     for r in failed:
         import sys
 

@@ -25,6 +25,7 @@ from edge_lora.core import constants
 from edge_lora.core.atomic import check_free_space, ensure_writable_dir, partial_path, publish
 from edge_lora.core.errors import EdgeLoraError, InputError, OutputError, QuantizeError
 from edge_lora.core.gguf_check import validate_gguf
+from edge_lora.core.imatrix_file import check_imatrix_fits, read_imatrix
 from edge_lora.core.progress import NullProgress, ProgressSink
 
 # llama_ftype (llama.h), in llama.cpp's size order: smallest file first.
@@ -83,7 +84,40 @@ def check_quantizable(src: Path) -> int:
     return info.tensor_data_bytes
 
 
-def _child_quantize(src: str, dst: str, ftype: int, nthread: int) -> int:
+def _imatrix_params(path: str) -> tuple[object, object, list[object]]:
+    """``params.imatrix`` and ``params.kv_overrides`` for the importance matrix at ``path``, as
+    llama-quantize builds them: {name, mean squares, size} entries ended by a NULL name, and
+    ``quantize.imatrix.*`` keys recorded in the output file. The third item keeps the buffers alive."""
+    import numpy as np
+
+    import llama_cpp.llama_cpp as llama
+
+    from edge_lora.core.imatrix_file import read_imatrix
+
+    imatrix = read_imatrix(path)
+    keep: list[object] = []
+    entries = (llama.llama_model_imatrix_data * (len(imatrix.entries) + 1))()  # zeroed: last name NULL
+    for slot, (name, entry) in zip(entries, imatrix.entries.items()):
+        values = np.ascontiguousarray(entry.mean_squares(), dtype=np.float32)
+        keep.append(values)
+        slot.name = name.encode()
+        slot.data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        slot.size = values.size
+    overrides = (llama.llama_model_kv_override * 5)()  # zeroed: the last key is empty
+    texts = [("quantize.imatrix.file", Path(path).name),
+             ("quantize.imatrix.dataset", imatrix.datasets[0] if imatrix.datasets else "")]
+    numbers = [("quantize.imatrix.entries_count", len(imatrix.entries)),
+               ("quantize.imatrix.chunks_count", imatrix.chunk_count)]
+    for slot, (key, text) in zip(overrides, texts):
+        slot.key, slot.tag = key.encode(), llama.LLAMA_KV_OVERRIDE_TYPE_STR
+        slot.value.val_str = text.encode()[:127]
+    for slot, (key, number) in zip(overrides[2:], numbers):
+        slot.key, slot.tag = key.encode(), llama.LLAMA_KV_OVERRIDE_TYPE_INT
+        slot.value.val_i64 = number
+    return entries, overrides, keep
+
+
+def _child_quantize(src: str, dst: str, ftype: int, nthread: int, imatrix: str | None = None) -> int:
     """Runs in the child process (``python -m edge_lora.converters.quantize``)."""
     import sys
 
@@ -99,6 +133,10 @@ def _child_quantize(src: str, dst: str, ftype: int, nthread: int) -> int:
     params = llama.llama_model_quantize_default_params()
     params.nthread = nthread
     params.ftype = ftype
+    if imatrix is not None:
+        entries, overrides, _buffers = _imatrix_params(imatrix)
+        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama.llama_model_imatrix_data))
+        params.kv_overrides = ctypes.cast(overrides, ctypes.POINTER(llama.llama_model_kv_override))
     return int(llama.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params)))
 
 
@@ -130,13 +168,13 @@ class QuantResult:
     error: str | None = None
 
 
-def _start(src: Path, dst: Path, name: str, nthread: int) -> QuantJob:
+def _start(src: Path, dst: Path, name: str, nthread: int, imatrix: Path | None) -> QuantJob:
     # A fresh interpreter (not fork, not multiprocessing's spawn, which re-runs the caller's
     # __main__): an abort inside llama.cpp kills only this child.
     log = tempfile.TemporaryFile()
     process = subprocess.Popen(
         [sys.executable, "-m", "edge_lora.converters.quantize", str(src), str(partial_path(dst)),
-         str(QUANT_TYPES[name]), str(nthread)],
+         str(QUANT_TYPES[name]), str(nthread), *([str(imatrix)] if imatrix is not None else [])],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
     return QuantJob(name, dst, process, log, time.perf_counter())
 
@@ -171,8 +209,9 @@ def _finish(job: QuantJob) -> QuantResult:
 
 def quantize_ladder(src: Path | str, out_dir: Path | str, names: Sequence[str], *,
                     progress: ProgressSink = NullProgress(), workers: int = 1,
-                    nthread: int | None = None) -> list[QuantResult]:
-    """Quantize ``src`` into every format in ``names`` (``<stem>-<TYPE>.gguf`` in ``out_dir``).
+                    nthread: int | None = None, imatrix: Path | str | None = None) -> list[QuantResult]:
+    """Quantize ``src`` into every format in ``names`` (``<stem>-<TYPE>.gguf`` in ``out_dir``),
+    with the importance matrix file ``imatrix`` when given (checked against ``src`` first).
     Bad input raises before any work; a failing format is reported in its result while the
     others still finish."""
     src, out_dir = Path(src), Path(out_dir)
@@ -180,6 +219,9 @@ def quantize_ladder(src: Path | str, out_dir: Path | str, names: Sequence[str], 
         if name not in QUANT_TYPES:
             raise InputError(f"unknown quantization type {name!r}", fix=f"use one of {', '.join(QUANT_TYPES)}")
     data_bytes = check_quantizable(src)
+    if imatrix is not None:
+        imatrix = Path(imatrix).absolute()  # the child resolves nothing
+        check_imatrix_fits(read_imatrix(imatrix), validate_gguf(src), source=str(imatrix))
     ensure_writable_dir(out_dir)
     check_free_space(out_dir, sum(int(data_bytes * EXPECTED_BPW[n] / 16) for n in names))
     threads = nthread or max(1, constants.N_THREADS // max(1, workers))
@@ -196,7 +238,7 @@ def quantize_ladder(src: Path | str, out_dir: Path | str, names: Sequence[str], 
         while pending or running:
             while pending and len(running) < max(1, workers):
                 name = pending.pop(0)
-                running.append(_start(src, out_dir / f"{stem}-{name}.gguf", name, threads))
+                running.append(_start(src, out_dir / f"{stem}-{name}.gguf", name, threads, imatrix))
             job = running.pop(0)
             results[job.name] = _finish(job)
             progress.advance(1, description=f"{job.name} {'done' if results[job.name].ok else 'FAILED'}")
@@ -211,10 +253,11 @@ def quantize_ladder(src: Path | str, out_dir: Path | str, names: Sequence[str], 
     return [results[n] for n in names]
 
 
-def record_in_manifest(out_dir: Path, src: Path, results: Sequence[QuantResult]) -> None:
+def record_in_manifest(out_dir: Path, src: Path, results: Sequence[QuantResult],
+                       imatrix: Path | str | None = None) -> None:
     """Add each successful quant to ``out_dir``'s manifest with the kind of its source
-    (a quant of a merged model is merged)."""
-    from edge_lora.core.manifest import Manifest
+    (a quant of a merged model is merged) and, when quantized with one, its importance matrix."""
+    from edge_lora.core.manifest import Manifest, imatrix_record
 
     manifest = Manifest.load(out_dir)
     kind = "model"
@@ -225,9 +268,11 @@ def record_in_manifest(out_dir: Path, src: Path, results: Sequence[QuantResult])
         row = None  # the source lives outside out_dir
     if row is not None and row.kind == "merged":
         kind = "merged"
+    calibration = imatrix_record(Path(imatrix), out_dir) if imatrix is not None else None
     for result in results:
         if result.ok and result.path is not None:
-            manifest.add_file(result.path.name, format=result.name, kind=kind)  # type: ignore[arg-type]
+            manifest.add_file(result.path.name, format=result.name, kind=kind,  # type: ignore[arg-type]
+                              imatrix=calibration)
     if not manifest.name:
         manifest.name = model_stem(src)
     if not manifest.architecture:
@@ -236,8 +281,8 @@ def record_in_manifest(out_dir: Path, src: Path, results: Sequence[QuantResult])
 
 
 def _child_main(argv: Sequence[str]) -> int:
-    src, dst, ftype, nthread = argv
-    return 0 if _child_quantize(src, dst, int(ftype), int(nthread)) == 0 else CHILD_FAILED
+    src, dst, ftype, nthread, *imatrix = argv
+    return 0 if _child_quantize(src, dst, int(ftype), int(nthread), *imatrix) == 0 else CHILD_FAILED
 
 
 if __name__ == "__main__":

@@ -28,9 +28,9 @@ from edge_lora.converters.architectures import arch_spec_for
 from edge_lora.converters.checkpoint import HFCheckpoint
 from edge_lora.converters.hf_to_gguf import FORMAT_LABELS, check_outtype, model_name_for, output_file_name, write_checkpoint_gguf
 from edge_lora.core.manifest import FileKind, Manifest, ManifestFile
-from edge_lora.converters.quantize import QuantResult, parse_quant_list, quantize_ladder, record_in_manifest
+from edge_lora.converters.quantize import QuantResult, parse_quant_list, record_in_manifest
 from edge_lora.core.atomic import ensure_writable_dir
-from edge_lora.core.errors import EdgeLoraError, QuantizeError
+from edge_lora.core.errors import EdgeLoraError, InputError, QuantizeError
 from edge_lora.core.progress import NullProgress, ProgressSink
 
 
@@ -47,13 +47,22 @@ class PartialConversionError(QuantizeError):
 
 def convert_model(base: str | Path, out_dir: str | Path, *, adapter: str | Path | None = None,
                   quants: str | Iterable[str] = "all", outtype: str = "f16",
-                  progress: ProgressSink = NullProgress()) -> Manifest:
+                  calibrate: str | Path | None = None, progress: ProgressSink = NullProgress()) -> Manifest:
+    """``calibrate``: a text file to compute an importance matrix on (on the written full-precision
+    file: the merged model when an adapter is given) before quantizing with it."""
     from edge_lora.converters.merge import PeftMerger
     from edge_lora.converters.peft import PeftAdapter
     from edge_lora.hub import resolve_local_or_hub
+    from edge_lora.imatrix import check_calibration_text
+    from edge_lora.workflows.calibrate import quantize_calibrated
 
     check_outtype(outtype)
     names = parse_quant_list(quants)
+    if calibrate is not None:
+        if not names:
+            raise InputError("--calibrate with --quant none: there is nothing to quantize with it",
+                             fix="give --quant all (or a list of formats), or leave out --calibrate")
+        check_calibration_text(calibrate)
     out_dir = Path(out_dir)
     base_ref = str(base)
     ckpt_dir = resolve_local_or_hub(base_ref, "model")
@@ -92,8 +101,9 @@ def convert_model(base: str | Path, out_dir: str | Path, *, adapter: str | Path 
 
     failed: list[QuantResult] = []
     if names:
-        results = quantize_ladder(full_path, out_dir, names, progress=progress)
-        record_in_manifest(out_dir, full_path, results)
+        results, imatrix = quantize_calibrated(full_path, out_dir, names, calibrate_text=calibrate,
+                                               progress=progress)
+        record_in_manifest(out_dir, full_path, results, imatrix=imatrix)
         manifest = Manifest.load(out_dir)
         failed = [r for r in results if not r.ok]
     _hand_off(out_dir, manifest)
