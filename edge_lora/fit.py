@@ -31,6 +31,7 @@ import psutil
 from edge_lora.core import constants
 from edge_lora.core.errors import InputError, InputNotFoundError
 from edge_lora.core.gguf_check import GGUFInfo, validate_gguf
+from edge_lora.core.imatrix_file import calibration_of
 
 MB = 1_000_000
 # Measured: `python -c "import numpy, llama_cpp"` process before any model is loaded.
@@ -79,6 +80,7 @@ class ModelFit:
     verdict: str  # "fits" | "tight" | "no"
     recommended: bool
     kld: float | None = None
+    calibrated: str | None = None  # the importance matrix it was quantized with (calibration_of)
 
     @property
     def fits(self) -> bool:
@@ -105,7 +107,7 @@ class ModelFit:
                 "kv_bytes": self.kv_bytes, "overhead_bytes": self.overhead_bytes, "total_bytes": self.total_bytes,
                 "fits": self.fits, "recommended": self.recommended, "verdict": self.verdict,
                 "weights_bytes": self.estimate.weights_bytes, "compute_bytes": self.estimate.compute_bytes,
-                "adapters_bytes": self.estimate.adapters_bytes}
+                "adapters_bytes": self.estimate.adapters_bytes, "calibrated": self.calibrated}
 
 
 @dataclass(frozen=True)
@@ -333,7 +335,7 @@ def fit_report(paths_or_dirs: Sequence[ModelSource] | ModelSource, ctx: int | No
         estimate = estimate_memory(info, ctx, adapter_infos, repack=repack)
         rows.append(ModelFit(path=str(info.path), format=format_of(info), ctx=ctx, estimate=estimate,
                              verdict=verdict_for(estimate.total_bytes, available), recommended=False,
-                             kld=klds.get(info.path)))
+                             kld=klds.get(info.path), calibrated=calibration_of(info)))
     rows.sort(key=lambda r: (_quality_rank(r.format), r.path))  # best quality first, as users read tables
     choice = _choose(rows)
     models = [ModelFit(**{**_fields(r), "recommended": r is choice}) for r in rows]
@@ -342,7 +344,7 @@ def fit_report(paths_or_dirs: Sequence[ModelSource] | ModelSource, ctx: int | No
 
 def _fields(row: ModelFit) -> dict:
     return {"path": row.path, "format": row.format, "ctx": row.ctx, "estimate": row.estimate,
-            "verdict": row.verdict, "recommended": row.recommended, "kld": row.kld}
+            "verdict": row.verdict, "recommended": row.recommended, "kld": row.kld, "calibrated": row.calibrated}
 
 
 def _choose(rows: list[ModelFit]) -> ModelFit | None:

@@ -177,3 +177,29 @@ def test_imatrix_refuses_text_overlapping_the_evaluation_text(calibrated: dict[s
                      "--out", str(tmp_path / "x.imatrix.gguf")])
     assert code == 2 and "held-out evaluation text" in stderr.getvalue()
     assert not (tmp_path / "x.imatrix.gguf").exists()
+
+
+def test_fit_and_modelfile_say_which_files_are_calibrated(calibrated: dict[str, Path], tmp_path: Path) -> None:
+    from edge_lora.fit import fit_report
+    from edge_lora.modelfile import render_modelfile
+    from tests.support.modelfile_grammar import parse_modelfile
+
+    out = tmp_path / "out"
+    quantize_ladder(calibrated["f16"], out, ["Q4_K_M"], imatrix=calibrated["imatrix"])
+    quantize_ladder(calibrated["f16"], out, ["Q8_0"])
+    report = fit_report([out, calibrated["f16"]], ctx=256)
+    by_format = {m.format: m for m in report.models}
+    assert by_format["Q4_K_M"].calibrated == "tiny.imatrix.gguf (calibration.txt)"
+    assert by_format["Q8_0"].calibrated is None and by_format["F16"].calibrated is None
+    assert {m["format"]: m["calibrated"] for m in report.to_json()["models"]}["Q4_K_M"] == by_format["Q4_K_M"].calibrated
+
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(["fit", str(out), "--ctx", "256"]) == 0
+    lines = {line.split()[0]: line for line in stdout.getvalue().splitlines() if line.startswith("Q")}
+    assert "[imatrix tiny.imatrix.gguf (calibration.txt)]" in lines["Q4_K_M"] and "imatrix" not in lines["Q8_0"]
+
+    text = render_modelfile(out / "tiny-Q4_K_M.gguf")
+    assert "# quantized with the importance matrix tiny.imatrix.gguf (calibration.txt)" in text.splitlines()
+    parse_modelfile(text)  # still a valid Modelfile
+    assert "importance matrix" not in render_modelfile(out / "tiny-Q8_0.gguf")

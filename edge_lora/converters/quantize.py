@@ -25,7 +25,8 @@ from edge_lora.core import constants
 from edge_lora.core.atomic import check_free_space, ensure_writable_dir, partial_path, publish
 from edge_lora.core.errors import EdgeLoraError, InputError, OutputError, QuantizeError
 from edge_lora.core.gguf_check import validate_gguf
-from edge_lora.core.imatrix_file import check_imatrix_fits, read_imatrix
+from edge_lora.core.imatrix_file import (QUANTIZE_IMATRIX_CHUNKS, QUANTIZE_IMATRIX_DATASET, QUANTIZE_IMATRIX_ENTRIES,
+                                         QUANTIZE_IMATRIX_FILE, check_imatrix_fits, read_imatrix)
 from edge_lora.core.progress import NullProgress, ProgressSink
 
 # llama_ftype (llama.h), in llama.cpp's size order: smallest file first.
@@ -92,8 +93,6 @@ def _imatrix_params(path: str) -> tuple[object, object, list[object]]:
 
     import llama_cpp.llama_cpp as llama
 
-    from edge_lora.core.imatrix_file import read_imatrix
-
     imatrix = read_imatrix(path)
     keep: list[object] = []
     entries = (llama.llama_model_imatrix_data * (len(imatrix.entries) + 1))()  # zeroed: last name NULL
@@ -104,16 +103,16 @@ def _imatrix_params(path: str) -> tuple[object, object, list[object]]:
         slot.data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
         slot.size = values.size
     overrides = (llama.llama_model_kv_override * 5)()  # zeroed: the last key is empty
-    texts = [("quantize.imatrix.file", Path(path).name),
-             ("quantize.imatrix.dataset", imatrix.datasets[0] if imatrix.datasets else "")]
-    numbers = [("quantize.imatrix.entries_count", len(imatrix.entries)),
-               ("quantize.imatrix.chunks_count", imatrix.chunk_count)]
-    for slot, (key, text) in zip(overrides, texts):
-        slot.key, slot.tag = key.encode(), llama.LLAMA_KV_OVERRIDE_TYPE_STR
-        slot.value.val_str = text.encode()[:127]
-    for slot, (key, number) in zip(overrides[2:], numbers):
-        slot.key, slot.tag = key.encode(), llama.LLAMA_KV_OVERRIDE_TYPE_INT
-        slot.value.val_i64 = number
+    keys: list[tuple[str, str | int]] = [
+        (QUANTIZE_IMATRIX_FILE, Path(path).name),
+        (QUANTIZE_IMATRIX_DATASET, imatrix.datasets[0] if imatrix.datasets else ""),
+        (QUANTIZE_IMATRIX_ENTRIES, len(imatrix.entries)), (QUANTIZE_IMATRIX_CHUNKS, imatrix.chunk_count)]
+    for slot, (key, value) in zip(overrides, keys):
+        slot.key = key.encode()
+        if isinstance(value, str):
+            slot.tag, slot.value.val_str = llama.LLAMA_KV_OVERRIDE_TYPE_STR, value.encode()[:127]
+        else:
+            slot.tag, slot.value.val_i64 = llama.LLAMA_KV_OVERRIDE_TYPE_INT, value
     return entries, overrides, keep
 
 

@@ -35,6 +35,11 @@ KEY_CHUNK_COUNT = gguf.Keys.IMatrix.CHUNK_COUNT
 KEY_CHUNK_SIZE = gguf.Keys.IMatrix.CHUNK_SIZE
 SUMS_SUFFIX = ".in_sum2"
 COUNTS_SUFFIX = ".counts"
+# Keys llama-quantize (and edge-lora's quantizer) write into a file quantized with a matrix.
+QUANTIZE_IMATRIX_FILE = "quantize.imatrix.file"
+QUANTIZE_IMATRIX_DATASET = "quantize.imatrix.dataset"
+QUANTIZE_IMATRIX_ENTRIES = "quantize.imatrix.entries_count"
+QUANTIZE_IMATRIX_CHUNKS = "quantize.imatrix.chunks_count"
 # edge-lora's provenance keys: what the manifest records for a file quantized with this matrix.
 KEY_TEXT_SHA256 = "edge_lora.imatrix.text_sha256"
 KEY_TOKENS = "edge_lora.imatrix.tokens"
@@ -244,3 +249,13 @@ def mean_squares_table(imatrix: Imatrix, names: Iterable[str] | None = None) -> 
     """name -> float32 mean squares, the data ``llama_model_quantize`` takes (``names``: a subset)."""
     wanted = imatrix.entries if names is None else {n: imatrix.entries[n] for n in names}
     return {name: entry.mean_squares() for name, entry in wanted.items()}
+
+
+def calibration_of(model: GGUFInfo) -> str | None:
+    """For a model file quantized with an importance matrix: ``"<imatrix file> (<dataset>)"``
+    from the ``quantize.imatrix.*`` keys it carries; None for an uncalibrated file."""
+    name = model.metadata.get(QUANTIZE_IMATRIX_FILE)
+    if not isinstance(name, str):
+        return None
+    dataset = model.metadata.get(QUANTIZE_IMATRIX_DATASET)
+    return f"{name} ({dataset})" if isinstance(dataset, str) and dataset else name

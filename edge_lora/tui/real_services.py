@@ -138,13 +138,15 @@ def _single_gguf_view(path: Path) -> ModelDirView:
     from edge_lora.core.errors import InvalidGGUFError
     from edge_lora.fit import format_of
     from edge_lora.core.gguf_check import validate_gguf
+    from edge_lora.core.imatrix_file import calibration_of
 
     info = validate_gguf(path, expect_type="model")
     try:
         bpw: float | None = info_bits_per_weight(info)[1]
     except InvalidGGUFError:  # no tensors: nothing to divide by; the table shows a blank
         bpw = None
-    entry = FormatEntry(path=path, format=format_of(info), file_bytes=info.file_bytes, bpw=bpw)
+    entry = FormatEntry(path=path, format=format_of(info), file_bytes=info.file_bytes, bpw=bpw,
+                        calibrated=calibration_of(info) is not None)
     return ModelDirView(directory=path.parent, name=path.stem, formats=(entry,))
 
 
@@ -161,7 +163,8 @@ def _manifest_view(directory: Path, manifest_path: Path) -> ModelDirView:
             continue
         formats.append(FormatEntry(path=file_path, format=str(item.format), kind=str(item.kind),
                                    file_bytes=int(item.bytes), bpw=_opt_float(item.bpw),
-                                   ppl=_opt_float(item.ppl), kld=_opt_float(item.kld)))
+                                   ppl=_opt_float(item.ppl), kld=_opt_float(item.kld),
+                                   calibrated=item.imatrix is not None))
     missing = [p.name for p in [*(e.path for e in formats), *(a.path for a in adapters)] if not p.is_file()]
     if missing:
         raise InputNotFoundError(f"{manifest_path} lists missing file(s): {', '.join(missing)}",
