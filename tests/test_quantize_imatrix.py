@@ -203,3 +203,46 @@ def test_fit_and_modelfile_say_which_files_are_calibrated(calibrated: dict[str, 
     assert "# quantized with the importance matrix tiny.imatrix.gguf (calibration.txt)" in text.splitlines()
     parse_modelfile(text)  # still a valid Modelfile
     assert "importance matrix" not in render_modelfile(out / "tiny-Q8_0.gguf")
+
+
+def test_quant_words_name_the_ladders() -> None:
+    from edge_lora.converters.quantize import IQ_TYPES, parse_quant_list
+
+    assert parse_quant_list("all") == list(QUANT_TYPES)  # `all` stays the K-quant ladder
+    assert parse_quant_list("iq") == list(IQ_TYPES) == ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S",
+                                                        "IQ4_XS", "IQ4_NL"]
+    assert parse_quant_list("all,iq") == list(QUANT_TYPES) + list(IQ_TYPES)
+    assert parse_quant_list("q4_k_m, iq4_xs,IQ4_XS") == ["Q4_K_M", "IQ4_XS"]
+
+
+def test_iq_formats_needing_an_imatrix_are_refused_without_one(calibrated: dict[str, Path], tmp_path: Path) -> None:
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        code = main(["quantize", str(calibrated["f16"]), "--quant", "IQ4_XS,IQ2_XXS,IQ3_XXS",
+                     "--out", str(tmp_path / "out")])
+    line = stderr.getvalue().strip()
+    assert code == 2 and len(line.splitlines()) == 1
+    assert "IQ2_XXS, IQ3_XXS need an importance matrix" in line and "--calibrate" in line
+    assert not (tmp_path / "out").exists()
+    # IQ4_XS / IQ4_NL / IQ3_S do not need one.
+    results = quantize_ladder(calibrated["f16"], tmp_path / "plain", ["IQ4_NL"])
+    assert results[0].ok, results[0].error
+
+
+@pytest.mark.slow
+def test_iq_ladder_with_an_imatrix_loads_and_runs(calibrated: dict[str, Path], tmp_path: Path) -> None:
+    from edge_lora.converters.quantize import IQ_TYPES
+    from edge_lora.core.gguf_check import validate_gguf
+    from edge_lora.llama_backend import LlamaContext, LlamaModel
+
+    results = quantize_ladder(calibrated["f16"], tmp_path, list(IQ_TYPES), imatrix=calibrated["imatrix"])
+    assert all(r.ok for r in results), [r.error for r in results if not r.ok]
+    for result in results:
+        info = validate_gguf(result.path, expect_type="model")
+        assert info.file_type == IQ_TYPES[result.name]
+        # Rows of 256 take the file type's default tensor type (IQ2_S's is IQ2_XS; llama.cpp's mix
+        # gives some tensors, e.g. attn_v and attn_output, more bits).
+        assert info.tensor("blk.1.ffn_up.weight").type_name == {"IQ2_S": "IQ2_XS"}.get(result.name, result.name)
+        with LlamaModel(result.path) as model, LlamaContext(model, n_ctx=64) as context:
+            context.decode(model.tokenize("The licensee may copy and distribute"), logits="last")
+            assert np.isfinite(context.logits()).all(), result.name

@@ -20,8 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                         help="PEFT LoRA adapter (directory or repo id) to merge and export")
     parser.add_argument("--out", metavar="DIR", type=Path, default=None,
                         help="output directory (default: ./<name>-gguf)")
-    parser.add_argument("--quant", default="all", metavar="all|none|Q4_K_M,Q8_0,...",
-                        help="quantized formats to write besides the full-precision file (default: all: every K-quant and Q8_0)")
+    parser.add_argument("--quant", default="all", metavar="all|iq|none|Q4_K_M,IQ4_XS,...",
+                        help="quantized formats to write besides the full-precision file (default: all: every "
+                             "K-quant and Q8_0; iq: the IQ formats, IQ2_* and IQ3_XXS need --calibrate; all,iq: both)")
     parser.add_argument("--outtype", choices=("f16", "bf16", "f32"), default="f16",
                         help="type of the full-precision file (default: f16)")
     parser.add_argument("--calibrate", metavar="TEXT", type=Path, default=None,

@@ -13,8 +13,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         description="Quantize FILE.gguf (F16/BF16/F32) into each requested format, written as "
                     "<name>-<TYPE>.gguf in DIR and recorded in DIR/manifest.json.")
     parser.add_argument("file", metavar="FILE.gguf", type=Path, help="full-precision GGUF model")
-    parser.add_argument("--quant", default="all", metavar="all|Q4_K_M,Q8_0,...",
-                        help="formats to write (default: all = Q2_K ... Q6_K and Q8_0)")
+    parser.add_argument("--quant", default="all", metavar="all|iq|Q4_K_M,IQ4_XS,...",
+                        help="formats to write (default: all = Q2_K ... Q6_K and Q8_0; iq = IQ2_XXS ... IQ4_NL, "
+                             "of which IQ2_* and IQ3_XXS need --imatrix or --calibrate; all,iq = both)")
     parser.add_argument("--out", metavar="DIR", type=Path, default=None,
                         help="output directory (default: the input file's directory)")
     calibration = parser.add_mutually_exclusive_group()

@@ -34,11 +34,22 @@ QUANT_TYPES: dict[str, int] = {
     "Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15,
     "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18, "Q8_0": 7,
 }
+# The IQ ladder (``--quant iq``), smallest file first. llama.cpp's quantizer refuses the
+# IQ2 / IQ3_XXS file types without an importance matrix (tensor_requires_imatrix). Rows whose
+# length is not a multiple of 256 (Gemma 3 270M's 640) fall back to IQ4_NL (block 32).
+IQ_TYPES: dict[str, int] = {
+    "IQ2_XXS": 19, "IQ2_XS": 20, "IQ2_S": 28, "IQ3_XXS": 23, "IQ3_S": 26, "IQ4_XS": 30, "IQ4_NL": 25,
+}
+NEEDS_IMATRIX = frozenset({"IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS"})
+ALL_TYPES: dict[str, int] = {**QUANT_TYPES, **IQ_TYPES}
 # Bits per weight llama.cpp's quantize README reports (Llama-3.1-8B): for the free-space check.
 EXPECTED_BPW: dict[str, float] = {
     "Q2_K": 3.16, "Q3_K_S": 3.64, "Q3_K_M": 4.00, "Q3_K_L": 4.30, "Q4_K_S": 4.67, "Q4_K_M": 4.89,
     "Q5_K_S": 5.57, "Q5_K_M": 5.70, "Q6_K": 6.56, "Q8_0": 8.50,
+    "IQ2_XXS": 2.38, "IQ2_XS": 2.59, "IQ2_S": 2.74, "IQ3_XXS": 3.25, "IQ3_S": 3.66, "IQ4_XS": 4.46, "IQ4_NL": 4.68,
 }
+# --quant words for whole ladders: `all` (K-quants + Q8_0), `iq`; `all,iq` asks for both.
+LADDERS: dict[str, tuple[str, ...]] = {"all": tuple(QUANT_TYPES), "iq": tuple(IQ_TYPES)}
 # Source file types we quantize from (llama_ftype): ALL_F32, MOSTLY_F16, MOSTLY_BF16.
 UNQUANTIZED_FILE_TYPES: dict[int, str] = {0: "F32", 1: "F16", 32: "BF16"}
 CHILD_FAILED = 3  # the child's exit code when llama_model_quantize returned an error
@@ -46,22 +57,34 @@ FULL_PRECISION_SUFFIXES = ("-F16", "-BF16", "-F32")
 
 
 def parse_quant_list(spec: str | Iterable[str]) -> list[str]:
-    """``all`` | ``none`` | ``Q4_K_M,Q8_0`` (case-insensitive) -> ordered, de-duplicated names."""
+    """``all`` | ``iq`` | ``none`` | ``Q4_K_M,IQ4_XS`` | ``all,iq`` (case-insensitive) -> ordered,
+    de-duplicated names."""
     items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s).strip() for s in spec]
     items = [s for s in items if s]
-    if [s.lower() for s in items] == ["all"]:
-        return list(QUANT_TYPES)
     if not items or [s.lower() for s in items] == ["none"]:
         return []
     names: list[str] = []
     for item in items:
-        name = item.upper()
-        if name not in QUANT_TYPES:
-            raise InputError(f"unknown quantization type {item!r}",
-                             fix=f"use all, none, or a comma list of {', '.join(QUANT_TYPES)}")
-        if name not in names:
-            names.append(name)
+        expanded = LADDERS.get(item.lower(), (item.upper(),))
+        for name in expanded:
+            if name not in ALL_TYPES:
+                raise InputError(f"unknown quantization type {item!r}",
+                                 fix=f"use all (K-quants), iq (IQ formats), none, or a comma list of "
+                                     f"{', '.join(ALL_TYPES)}")
+            if name not in names:
+                names.append(name)
     return names
+
+
+def check_imatrix_given(names: Sequence[str], imatrix: object | None) -> None:
+    """llama.cpp refuses the very-low-bit IQ file types without an importance matrix: say so
+    before any work, with the fix."""
+    needing = [n for n in names if n in NEEDS_IMATRIX]
+    if needing and imatrix is None:
+        raise InputError(f"{', '.join(needing)} need{'s' if len(needing) == 1 else ''} an importance matrix "
+                         f"(llama.cpp refuses to make {'it' if len(needing) == 1 else 'them'} without one)",
+                         fix="add --calibrate TEXT (e.g. the shipped edge_lora/data/calibration text) or "
+                             "--imatrix FILE from `edge-lora imatrix`")
 
 
 def model_stem(src: Path) -> str:
@@ -173,7 +196,7 @@ def _start(src: Path, dst: Path, name: str, nthread: int, imatrix: Path | None) 
     log = tempfile.TemporaryFile()
     process = subprocess.Popen(
         [sys.executable, "-m", "edge_lora.converters.quantize", str(src), str(partial_path(dst)),
-         str(QUANT_TYPES[name]), str(nthread), *([str(imatrix)] if imatrix is not None else [])],
+         str(ALL_TYPES[name]), str(nthread), *([str(imatrix)] if imatrix is not None else [])],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
     return QuantJob(name, dst, process, log, time.perf_counter())
 
@@ -196,7 +219,7 @@ def _finish(job: QuantJob) -> QuantResult:
                                 fix="check the input file and free disk space")
         if not tmp.is_file():
             raise QuantizeError(f"llama.cpp reported success for {job.name} but wrote no file")
-        publish(tmp, job.dst, _validator(QUANT_TYPES[job.name]))
+        publish(tmp, job.dst, _validator(ALL_TYPES[job.name]))
         return QuantResult(job.name, job.dst, True, time.perf_counter() - job.started)
     except EdgeLoraError as exc:
         tmp.unlink(missing_ok=True)
@@ -215,8 +238,9 @@ def quantize_ladder(src: Path | str, out_dir: Path | str, names: Sequence[str], 
     others still finish."""
     src, out_dir = Path(src), Path(out_dir)
     for name in names:
-        if name not in QUANT_TYPES:
-            raise InputError(f"unknown quantization type {name!r}", fix=f"use one of {', '.join(QUANT_TYPES)}")
+        if name not in ALL_TYPES:
+            raise InputError(f"unknown quantization type {name!r}", fix=f"use one of {', '.join(ALL_TYPES)}")
+    check_imatrix_given(names, imatrix)
     data_bytes = check_quantizable(src)
     if imatrix is not None:
         imatrix = Path(imatrix).absolute()  # the child resolves nothing

@@ -28,7 +28,7 @@ from edge_lora.converters.architectures import arch_spec_for
 from edge_lora.converters.checkpoint import HFCheckpoint
 from edge_lora.converters.hf_to_gguf import FORMAT_LABELS, check_outtype, model_name_for, output_file_name, write_checkpoint_gguf
 from edge_lora.core.manifest import FileKind, Manifest, ManifestFile
-from edge_lora.converters.quantize import QuantResult, parse_quant_list, record_in_manifest
+from edge_lora.converters.quantize import QuantResult, check_imatrix_given, parse_quant_list, record_in_manifest
 from edge_lora.core.atomic import ensure_writable_dir
 from edge_lora.core.errors import EdgeLoraError, InputError, QuantizeError
 from edge_lora.core.progress import NullProgress, ProgressSink
@@ -58,6 +58,7 @@ def convert_model(base: str | Path, out_dir: str | Path, *, adapter: str | Path 
 
     check_outtype(outtype)
     names = parse_quant_list(quants)
+    check_imatrix_given(names, calibrate)
     if calibrate is not None:
         if not names:
             raise InputError("--calibrate with --quant none: there is nothing to quantize with it",
