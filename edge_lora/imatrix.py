@@ -296,10 +296,11 @@ def _open_text(path: Path):  # type: ignore[no-untyped-def]
         raise InputError(f"cannot read {path}: {exc.strerror or exc}", fix="check the file's permissions") from exc
 
 
-def text_blocks(path: Path, block_chars: int = TEXT_BLOCK_CHARS) -> Iterator[str]:
+def text_blocks(path: Path, block_chars: int | None = None) -> Iterator[str]:
     """The file's text in blocks of about ``block_chars`` characters, each cut after a run of
     blank lines (so a block starts a paragraph), with one trailing newline of the file dropped
     (as llama.cpp's ``-f FILE`` does). Line endings are kept as they are."""
+    block_chars = block_chars or TEXT_BLOCK_CHARS
     decoder = codecs.getincrementaldecoder("utf-8")()
     pending = ""
     with _open_text(path) as fh:
@@ -443,7 +444,7 @@ def _token_blocks(model, path: Path) -> Iterator[list[int]]:  # type: ignore[no-
         first = False
 
 
-def _chunks(model, path: Path, ctx: int, n_chunks: int) -> Iterator[list[int]]:  # type: ignore[no-untyped-def]
+def calibration_chunks(model, path: Path, ctx: int, n_chunks: int) -> Iterator[list[int]]:  # type: ignore[no-untyped-def]
     """Consecutive ctx-token chunks of the streamed token sequence."""
     buffer: list[int] = []
     done = 0
@@ -509,7 +510,7 @@ def compute_imatrix(model_path: Path | str, text_path: Path | str, *, ctx: int =
         eval_started = time.perf_counter()
         progress.start(f"imatrix {model_path.name}", total=n_chunks)
         try:
-            for chunk in _chunks(model, text_path, ctx, n_chunks):
+            for chunk in calibration_chunks(model, text_path, ctx, n_chunks):
                 if bos is not None:
                     chunk[0] = bos
                 context.clear_kv()
