@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from textual.widgets import Input, RadioButton, Select
+from textual.worker import WorkerCancelled
 
 from tests.support.tui_fakes import (GB, FakeRuntime, ScriptedFit, ScriptedPpl, fake_services, fixed_hardware,
                              write_fixture_dir)
@@ -32,9 +33,13 @@ def model_dir(tmp_path: Path) -> Path:
 
 
 async def settle(pilot) -> None:  # type: ignore[no-untyped-def]
-    """Let thread workers finish and their call_from_thread callbacks land."""
+    """Let thread workers finish and their call_from_thread callbacks land. A worker whose
+    screen was dismissed by its own last callback is cancelled with it (the result has landed)."""
     for _ in range(3):
-        await pilot.app.workers.wait_for_complete()
+        try:
+            await pilot.app.workers.wait_for_complete()
+        except WorkerCancelled:
+            pass
         await pilot.pause()
 
 
