@@ -95,6 +95,7 @@ GGML_TYPE_I32 = 26
 class _GgmlOps:
     mul_mat: int
     mul_mat_id: int
+    norm_outputs: frozenset[int]  # ops a norm's last step can be (x * w, + b): result_norm's
 
 
 _ops: _GgmlOps | None = None
@@ -108,11 +109,11 @@ def _ggml_ops() -> _GgmlOps:
         from llama_cpp._ggml import libggml
 
         op_name = ctypes.CFUNCTYPE(ctypes.c_char_p, ctypes.c_int)(("ggml_op_name", libggml))
-        mul_mat, mul_mat_id = 29, 30  # enum ggml_op in ggml.h
-        if op_name(mul_mat) != b"MUL_MAT" or op_name(mul_mat_id) != b"MUL_MAT_ID":
+        expected = {2: b"ADD", 7: b"MUL", 29: b"MUL_MAT", 30: b"MUL_MAT_ID"}  # enum ggml_op in ggml.h
+        if any(op_name(op) != name for op, name in expected.items()):
             raise InternalError("this llama.cpp build numbers ggml operations differently from ggml.h "
                                 "of llama-cpp-python 0.3.36", fix="install llama-cpp-python==0.3.36")
-        _ops = _GgmlOps(mul_mat, mul_mat_id)
+        _ops = _GgmlOps(29, 30, frozenset({2, 7}))
     return _ops
 
 
@@ -159,13 +160,13 @@ class ImatrixCollector:
 
     def __init__(self, weights: frozenset[bytes]) -> None:
         ops = _ggml_ops()
-        self._mul_mat, self._mul_mat_id = ops.mul_mat, ops.mul_mat_id
+        self._mul_mat, self._mul_mat_id, self._norm_outputs = ops.mul_mat, ops.mul_mat_id, ops.norm_outputs
         self.weights = weights
         self.sums: dict[str, np.ndarray] = {}  # (n_mat, n_per_row) float64
         self.counts: dict[str, np.ndarray] = {}  # (n_mat,) int64
         self.error: BaseException | None = None
-        self.seconds = 0.0  # spent inside the callback
-        self.calls = 0
+        self.seconds = 0.0  # CPU time spent collecting (the callback's non-ask calls)
+        self.calls = 0  # ask and collect calls
         # Early stop after result_norm: unknown until a micro-batch has shown the graph's order.
         self.stop_at_result_norm = False
         self._probing = True
@@ -178,22 +179,27 @@ class ImatrixCollector:
 
     # --- the callback ---
     def _on_node(self, address: int, ask: bool, _user_data: int) -> bool:
-        started = time.perf_counter()
         self.calls += 1
         try:
-            return self._wants(address) if ask else self._collect(address)
+            if ask:
+                return self._wants(address)
+            # CPU time of the decoding thread (meaningful on a busy machine); the ask path, about
+            # a microsecond a node, is not timed: timing would double it.
+            started = time.thread_time()
+            try:
+                return self._collect(address)
+            finally:
+                self.seconds += time.thread_time() - started
         except BaseException as exc:  # never let an exception unwind into C; stop the graph
             if self.error is None:
                 self.error = exc
             return False
-        finally:
-            self.seconds += time.perf_counter() - started
 
     def _wants(self, address: int) -> bool:
         op = ctypes.c_int.from_address(address + _OP_OFFSET).value
         if op != self._mul_mat and op != self._mul_mat_id:
-            return (self._probing or self.stop_at_result_norm) and \
-                ctypes.string_at(address + _NAME_OFFSET) == RESULT_NORM
+            return (op in self._norm_outputs and (self._probing or self.stop_at_result_norm)
+                    and ctypes.string_at(address + _NAME_OFFSET) == RESULT_NORM)
         t = GgmlTensor.from_address(address)
         if _weight_name(t.src[0].contents.name) not in self.weights:
             return False
@@ -415,7 +421,8 @@ class ImatrixRun:
     imatrix: Imatrix
     seconds: float  # whole run: loading, tokenizing, evaluating
     eval_seconds: float  # evaluating the chunks only
-    callback_seconds: float  # of eval_seconds, inside the collecting callback
+    callback_seconds: float  # CPU time the callback spent collecting (its ask calls untimed)
+    callback_calls: int  # ask + collect calls
     chunks: int
     text_tokens: int  # tokens in the whole text (BOS included)
     early_stop: bool  # the output layer was skipped after the first micro-batch
@@ -532,5 +539,6 @@ def compute_imatrix(model_path: Path | str, text_path: Path | str, *, ctx: int =
                       text_sha256=text_sha, tokens=n_chunks * ctx, model=model_path.name,
                       adapters=[p.name for p, _ in specs])
     return ImatrixRun(imatrix=imatrix, seconds=time.perf_counter() - started, eval_seconds=eval_seconds,
-                      callback_seconds=collector.seconds, chunks=n_chunks, text_tokens=n_text_tokens,
+                      callback_seconds=collector.seconds, callback_calls=collector.calls, chunks=n_chunks,
+                      text_tokens=n_text_tokens,
                       early_stop=collector.stop_at_result_norm)
