@@ -14,7 +14,7 @@ import contextlib
 import ctypes
 import threading
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -28,6 +28,13 @@ import llama_cpp.llama_cpp as llama  # noqa: E402  (heavy: imported only by modu
 
 LogitsRequest = Literal["last", "all"] | set[int] | frozenset[int]
 EvalCallback = llama.ggml_backend_sched_eval_callback  # bool (*)(ggml_tensor *, bool ask, void *)
+
+# llama.h's token attributes: tokenizing with special=True splits text at CONTROL and UNKNOWN
+# tokens (USER_DEFINED ones always); LSTRIP/RSTRIP tokens eat the whitespace beside them.
+TOKEN_ATTR_UNKNOWN = llama.LLAMA_TOKEN_ATTR_UNKNOWN
+TOKEN_ATTR_CONTROL = llama.LLAMA_TOKEN_ATTR_CONTROL
+TOKEN_ATTR_LSTRIP = llama.LLAMA_TOKEN_ATTR_LSTRIP
+TOKEN_ATTR_RSTRIP = llama.LLAMA_TOKEN_ATTR_RSTRIP
 
 # --- logging: llama.cpp prints pages of loader chatter on stderr; keep it quiet, but remember
 # the last lines so a failed load can say why. ---
@@ -113,7 +120,9 @@ class LlamaModel(_NativeHandle):
         self.eos: int = llama.llama_vocab_eos(self._vocab)
         self.add_bos: bool = bool(llama.llama_vocab_get_add_bos(self._vocab))
         self._dependents: weakref.WeakSet[LlamaContext | LoraAdapter] = weakref.WeakSet()
-        self._lock = threading.Lock()
+        # Held while an adapter is created or freed (llama.cpp changes the model's adapter set);
+        # reentrant so a caller draining every context can hold it around both.
+        self._lock = threading.RLock()
 
     # --- lifetime ---
     @property
@@ -177,6 +186,11 @@ class LlamaModel(_NativeHandle):
             n = llama.llama_token_to_piece(self._vocab_ptr(), token, buf, -n, 0, special)
         return buf.raw[:max(n, 0)]
 
+
+    def token_attr(self, token: int) -> int:
+        """llama.cpp's attribute bits of a token (TOKEN_ATTR_CONTROL, ...)."""
+        self._check_token(token)
+        return int(llama.llama_vocab_get_attr(self._vocab_ptr(), token))
 
     def detokenize(self, ids: Sequence[int], special: bool = False) -> str:
         return b"".join(self.token_piece(t, special) for t in ids).decode("utf-8", errors="replace")
@@ -248,9 +262,10 @@ class LoraAdapter(_NativeHandle):
             for dependent in list(self.model._dependents):
                 if isinstance(dependent, LlamaContext):
                     dependent._forget_adapter(self)
-            if not self.model.closed:
-                llama.llama_adapter_lora_free(self._ptr)
-            self._ptr = None
+            with self.model._lock:
+                if not self.model.closed:
+                    llama.llama_adapter_lora_free(self._ptr)
+                self._ptr = None
 
     def close(self) -> None:
         self.free()
@@ -360,9 +375,12 @@ class LlamaContext(_NativeHandle):
             self.set_adapters([(a, s) for a, s in self._adapters if a is not adapter])
 
     # --- decoding ---
-    def decode(self, tokens: Sequence[int], pos0: int = 0, logits: LogitsRequest = "last") -> None:
+    def decode(self, tokens: Sequence[int], pos0: int = 0, logits: LogitsRequest = "last",
+               cancel: Callable[[], bool] | None = None) -> bool:
         """Evaluate ``tokens`` at positions pos0.. in chunks of n_batch. Afterwards
-        ``logits(i)`` gives the logits after token i of this call (i in the request)."""
+        ``logits(i)`` gives the logits after token i of this call (i in the request).
+        ``cancel`` is asked before each chunk: when it says True the decode stops there and
+        returns False (the chunks done stay in the KV cache); otherwise returns True."""
         n = len(tokens)
         if n == 0:
             raise RequestError("nothing to decode", fix="give a non-empty prompt")
@@ -388,6 +406,8 @@ class LlamaContext(_NativeHandle):
         self._last_rows = {}
         batch = self._batch
         for start in range(0, n, self.n_batch):
+            if cancel is not None and cancel():
+                return False
             chunk = tokens[start:start + self.n_batch]
             rows: dict[int, int] = {}
             for k, token in enumerate(chunk):
@@ -414,6 +434,7 @@ class LlamaContext(_NativeHandle):
             else:
                 for index, row in rows.items():
                     self._saved[index] = self._row(row).copy()
+        return True
 
     def _row(self, row: int) -> np.ndarray:
         ptr = llama.llama_get_logits_ith(self.ptr, row)

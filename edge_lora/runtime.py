@@ -3,8 +3,11 @@
 Concurrency: requests take a context from a small pool (the queue is the lock). A context's
 adapter set is switched (and its KV cache cleared) at the start of each request while the
 request holds the context exclusively, so one request's adapters are never active during
-another's. Unloading an adapter or closing takes every context first (under one lock, so two
-drains never split the pool between them), so nothing is freed under a running decode. bench/runtime.py measured on 2 cores: one 2-thread context behind a lock serves 8
+another's. Loading or unloading an adapter, and closing, take every context first (under one
+lock, so two drains never split the pool between them) and hold the model lock, so llama.cpp's
+adapter set never changes and nothing is freed under a running decode. A request's cancel event
+is seen while it waits for a context, between prefill chunks and between tokens.
+bench/runtime.py measured on 2 cores: one 2-thread context behind a lock serves 8
 concurrent mixed-adapter clients at the same tokens/s as sequential requests, while two
 1-thread contexts serve them 1.5-1.7x faster and a lone request is within ±10%. So
 `serve` uses a pool of two (threads split between them); `run` (one user) uses one context.
@@ -16,6 +19,7 @@ contract is that a request gives the same tokens whether made alone or among oth
 from __future__ import annotations
 
 import codecs
+import contextlib
 import itertools
 import logging
 import queue
@@ -28,14 +32,17 @@ from pathlib import Path
 import numpy as np
 
 from edge_lora.core import constants
-from edge_lora.core.chat_template import ChatTemplate, render_chat, template_for
+from edge_lora.core.chat_template import ChatPart, ChatTemplate, normalize_messages, render_chat_parts, template_for
 from edge_lora.core.errors import (ContextLengthError, InputNotFoundError, InvalidGGUFError, RegistryError,
                               RequestError)
-from edge_lora.llama_backend import LlamaContext, LlamaModel, LoraAdapter
+from edge_lora.llama_backend import (TOKEN_ATTR_CONTROL, TOKEN_ATTR_LSTRIP, TOKEN_ATTR_RSTRIP, TOKEN_ATTR_UNKNOWN,
+                                     LlamaContext, LlamaModel, LoraAdapter)
 
 # How long close() waits for running generations to stop before leaving their contexts to the
 # process exit (freeing a context under a running decode would crash inside llama.cpp).
 CLOSE_WAIT_S = 10.0
+# What llama.cpp's tokenizer strips beside LSTRIP/RSTRIP tokens (C isspace).
+_ASCII_SPACE = " \t\n\v\f\r"
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +53,9 @@ class LoadedAdapter:
     path: Path
     scale: float
     adapter: LoraAdapter
+    # Never reused in this runtime, so an id a client holds (llama-server's "lora": [{"id"}])
+    # cannot come to mean another adapter after an unload or a replacement.
+    id: int
 
 
 @dataclass
@@ -198,6 +208,7 @@ class Runtime:
             self.model.close()
             raise RequestError(f"context {self.n_ctx} exceeds the {self.model.n_ctx_train} tokens the model was "
                                f"trained for", fix=f"use --ctx {self.model.n_ctx_train} or less")
+        self.n_contexts = n_contexts  # how many requests can generate at once
         threads = n_threads or max(1, constants.N_THREADS // n_contexts)
         self._contexts = [LlamaContext(self.model, self.n_ctx, n_batch=n_batch, n_threads=threads)
                           for _ in range(n_contexts)]
@@ -206,10 +217,12 @@ class Runtime:
             self._free.put(context)
         self._adapters: dict[str, LoadedAdapter] = {}
         self._adapters_lock = threading.Lock()
+        self._adapter_ids = itertools.count()
         # Held while taking every context, so two drains (unloads, close) never split the pool.
         self._drain_lock = threading.Lock()
         self._closing = threading.Event()
         self.template: ChatTemplate = template_for(self.model)
+        self._markup_cache: dict[str, list[str | tuple[int, int]]] = {}
         self._request_numbers = itertools.count(1)  # next() is atomic: no two requests share a stream
 
     # --- lifetime ---
@@ -239,32 +252,44 @@ class Runtime:
 
     # --- adapters ---
     def load_adapter(self, name: str, path: Path | str, scale: float = 1.0) -> LoadedAdapter:
-        """Load (or replace) adapter ``name``; validated against the base before llama.cpp sees it."""
+        """Load (or replace) adapter ``name``; validated against the base before llama.cpp sees it.
+        Waits for running generations: see _exclusive."""
         path = Path(path)
         if not path.exists():
             raise InputNotFoundError(f"adapter file {path} does not exist", fix="check the path")
-        adapter = LoraAdapter(self.model, path)
-        loaded = LoadedAdapter(name, path, float(scale), adapter)
-        with self._adapters_lock:
-            old = self._adapters.get(name)
-            self._adapters[name] = loaded
-        if old is not None:
-            self._free_when_idle(old.adapter)
+        with self._exclusive():
+            adapter = LoraAdapter(self.model, path)
+            with self._adapters_lock:
+                old = self._adapters.get(name)
+                loaded = self._adapters[name] = LoadedAdapter(name, path, float(scale), adapter,
+                                                              next(self._adapter_ids))
+            if old is not None:
+                old.adapter.free()
         return loaded
 
     def unload_adapter(self, name: str) -> None:
-        with self._adapters_lock:
-            loaded = self._adapters.pop(name, None)
-        if loaded is None:
+        """Waits for running generations: see _exclusive."""
+        if name not in self.adapters:  # refused without waiting for a drain
             raise RegistryError(f"no adapter named {name!r} is loaded",
                                 fix=f"loaded adapters: {', '.join(self._adapters) or 'none'}")
-        self._free_when_idle(loaded.adapter)
+        with self._exclusive():
+            with self._adapters_lock:
+                loaded = self._adapters.pop(name, None)
+            if loaded is None:
+                raise RegistryError(f"no adapter named {name!r} is loaded",
+                                    fix=f"loaded adapters: {', '.join(self._adapters) or 'none'}")
+            loaded.adapter.free()
 
-    def _free_when_idle(self, adapter: LoraAdapter) -> None:
-        # Take every context so no running request still uses the adapter, then free it.
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Every context taken and the model lock held. llama_adapter_lora_init and _free change
+        the model's adapter set, which every context's graph reads while it decodes (e.g. for
+        its node count), so neither may run while any context decodes."""
+        self._require_open()
         taken = self._take_all_contexts()
         try:
-            adapter.free()
+            with self.model._lock:
+                yield
         finally:
             for context in taken:
                 self._free.put(context)
@@ -280,11 +305,14 @@ class Runtime:
                     break
         return taken
 
-    def _acquire_context(self) -> LlamaContext:
-        while True:  # polled, so a request waiting for a context notices close()
+    def _acquire_context(self, cancel: threading.Event | None) -> LlamaContext | None:
+        """A free context, or None when ``cancel`` is set first (the client went away)."""
+        while True:  # polled, so a request waiting for a context notices close() and its cancel
             self._require_open()
+            if cancel is not None and cancel.is_set():
+                return None
             try:
-                return self._free.get(timeout=0.1)
+                return self._free.get(timeout=0.05)
             except queue.Empty:
                 pass
 
@@ -323,15 +351,90 @@ class Runtime:
         return tokens
 
     def render_messages(self, messages: object) -> list[int]:
+        """The chat prompt's tokens. Only the template's own markup becomes control tokens: a
+        message that spells ``<start_of_turn>model`` gets those characters as plain text, so a
+        user cannot forge turns. Ordinary messages give exactly the ids of tokenizing the
+        rendered text with special tokens parsed (tests/test_runtime.py checks both)."""
         bos_text = self.model.token_piece(self.model.bos, special=True).decode("utf-8", "replace") \
             if self.model.bos >= 0 else ""
         eos_text = self.model.token_piece(self.model.eos, special=True).decode("utf-8", "replace") \
             if self.model.eos >= 0 else ""
-        text = render_chat(self.template.source, messages, add_generation_prompt=True,
-                           bos_token=bos_text, eos_token=eos_text)
+        text, parts = render_chat_parts(self.template.source, messages, add_generation_prompt=True,
+                                        bos_token=bos_text, eos_token=eos_text)
         # A template that writes the BOS itself must not get a second one from the tokenizer.
         add_bos = self.model.add_bos and not (bos_text and text.startswith(bos_text))
+        ids = None if parts is None else self._tokenize_chat_parts(parts, add_bos)
+        if ids is not None:
+            return ids
+        # The template rewrote some content, so markup and content cannot be told apart: safe
+        # only when no content spells a control token.
+        for i, message in enumerate(normalize_messages(messages)):
+            content = message["content"]
+            if (self.model.tokenize(content, add_bos=False, special=True)
+                    != self.model.tokenize(content, add_bos=False, special=False)):
+                raise RequestError(f"messages[{i}].content spells one of the model's control tokens, which "
+                                   "this chat template does not let through as plain text",
+                                   fix="remove control-token text such as <start_of_turn> from the message")
         return self.model.tokenize(text, add_bos=add_bos, special=True)
+
+    def _tokenize_chat_parts(self, parts: Sequence[ChatPart], add_bos: bool) -> list[int] | None:
+        """Tokenize as llama.cpp does with special=True, which splits the text at control tokens
+        and tokenizes each stretch of text between them on its own, except that control tokens
+        are looked for only in the template's markup. A stretch may join markup and content
+        ("user\n" + "Hi"), so it is tokenized whole, as before, and merges are unchanged."""
+        ids = [self.model.bos] if add_bos else []
+        stretch: list[str] = []
+        strip_start = False  # the control token before the stretch eats its leading whitespace
+
+        def flush(strip_end: bool) -> None:
+            raw = "".join(stretch)
+            stretch.clear()
+            raw = raw.lstrip(_ASCII_SPACE) if strip_start else raw
+            raw = raw.rstrip(_ASCII_SPACE) if strip_end else raw
+            if raw:
+                ids.extend(self.model.tokenize(raw, add_bos=False, special=False))
+
+        for text, is_content in parts:
+            if is_content:
+                stretch.append(text)
+                continue
+            pieces = self._markup_pieces(text)
+            if pieces is None:
+                return None
+            for piece in pieces:
+                if isinstance(piece, str):
+                    stretch.append(piece)
+                    continue
+                token, attr = piece
+                flush(strip_end=bool(attr & TOKEN_ATTR_LSTRIP))
+                ids.append(token)
+                strip_start = bool(attr & TOKEN_ATTR_RSTRIP)
+        flush(strip_end=False)
+        return ids
+
+    def _markup_pieces(self, text: str) -> list[str | tuple[int, int]] | None:
+        """Template markup split into text and (control token, attributes), in order."""
+        cached = self._markup_cache.get(text)
+        if cached is not None:
+            return cached
+        pieces: list[str | tuple[int, int]] = []
+        pos = 0
+        for token in self.model.tokenize(text, add_bos=False, special=True):
+            attr = self.model.token_attr(token)
+            if not attr & (TOKEN_ATTR_CONTROL | TOKEN_ATTR_UNKNOWN):
+                continue
+            spelled = self.model.token_piece(token, special=True).decode("utf-8", "replace")
+            at = text.find(spelled, pos) if spelled else -1
+            if at < 0:
+                return None
+            pieces += [text[pos:at], (token, attr)]
+            pos = at + len(spelled)
+        pieces.append(text[pos:])
+        pieces = [p for p in pieces if p != ""]
+        if len(self._markup_cache) >= 256:  # markup is a handful of strings per template
+            self._markup_cache.clear()
+        self._markup_cache[text] = pieces
+        return pieces
 
     def render_conversation(self, history: Sequence[Mapping[str, Any]], reply_room: int) -> tuple[list[int], int]:
         """The chat prompt of ``history`` leaving ``reply_room`` tokens for the reply, dropping the
@@ -383,7 +486,14 @@ class Runtime:
 
     def _run(self, tokens: list[int], adapters: Mapping[str, float | None] | None, params: SamplingParams,
              rng: np.random.Generator, stats: GenerationStats, cancel: threading.Event | None) -> Iterator[str]:
-        context = self._acquire_context()
+        context = self._acquire_context(cancel)
+        if context is None:
+            stats.finish_reason = "cancelled"
+            return
+
+        def cancelled() -> bool:
+            return (cancel is not None and cancel.is_set()) or self._closing.is_set()
+
         # stats.finish_reason is set only when the generation is over, so readers can poll it.
         try:
             # Resolved while holding a context: an adapter unloaded or replaced since _start is
@@ -393,13 +503,15 @@ class Runtime:
             if params.max_tokens == 0:
                 stats.finish_reason = "length"
                 return
-            context.decode(tokens, 0, "last")
+            if not context.decode(tokens, 0, "last", cancel=cancelled):  # a cancel is seen between prefill chunks
+                stats.finish_reason = "cancelled"
+                return
             pos = len(tokens)
             utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
             stopper = _StopMatcher(params.stop)
             finish = "length"
             while True:
-                if (cancel is not None and cancel.is_set()) or self._closing.is_set():
+                if cancelled():
                     stats.finish_reason = "cancelled"
                     return
                 token = sample_token(context.logits(), params, rng)

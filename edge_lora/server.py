@@ -3,57 +3,119 @@
 `"model"` picks the adapter (vLLM's multi-LoRA convention): an adapter's name, or the base id
 for no adapter. Generation runs in worker threads so the event loop keeps answering (health,
 model list, other requests queueing for the runtime's context).
+
+Who may drive it: a web page the user visits can send requests to 127.0.0.1 too (a `text/plain`
+POST needs no CORS preflight; DNS rebinding lets it read the answers). So requests must name an
+allowed Host (loopback names on a loopback bind), a foreign `Origin` is refused, bodies must be
+`application/json`, adapters load only from the registry or an `--adapter-dir` the user named,
+and no error carries an absolute path, file bytes, raw exception text or llama.cpp's log.
+
+Load: at most `Runtime.n_contexts` requests generate at once; `ServerLimits.queue` more wait (in
+the event loop, not in threads), first come first served; past that a 429 with `Retry-After`.
+A client that disconnects cancels its request wherever it is: waiting, in prefill, generating.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
+import contextlib
 import hmac
 import json
 import logging
+import re
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePath
 from typing import Any
 
+import anyio
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from edge_lora.core.chat_template import normalize_messages
 from edge_lora.core.constants import MAX_STOP_STRINGS, MAX_TEMPERATURE
-from edge_lora.core.errors import ContextLengthError, EdgeLoraError, InputNotFoundError, InternalError, RegistryError
-from edge_lora.registry import AdapterRegistry, check_name
+from edge_lora.core.errors import (AdapterMismatchError, ContextLengthError, EdgeLoraError, InputError,
+                                   InputNotFoundError, InternalError, RegistryError)
+from edge_lora.registry import NAME_PATTERN, AdapterRegistry, check_name
 from edge_lora.runtime import Generation, Runtime
 
 logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
+# Names a loopback server answers to; a DNS-rebinding page sends its own name as Host.
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+LOOPBACK_ADDRESSES = ("localhost", "127.0.0.1", "::1")
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    # Requests waiting for a context, beyond the Runtime.n_contexts generating; more get a 429.
+    queue: int = 16
+    # Adapters loaded at once (those given at start-up count); more loads get a 400.
+    max_adapters: int = 16
+    # Prompt characters (all messages' contents for a chat), refused before tokenizing.
+    # None: 32 per context token; text averages about 4 characters a token, so nothing
+    # refused here would have fit the context.
+    max_prompt_chars: int | None = None
+    header_timeout_s: float = 10.0  # request line and headers complete within this (slowloris)
+    body_timeout_s: float = 30.0  # the whole body within this
+    keep_alive_s: int = 5  # an idle keep-alive connection is closed after this
+    retry_after_s: int = 1
 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+                 param: str | None = None, code: str | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = dict(headers or {})
+
+    def payload(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
-                                       "code": self.code}}, status_code=self.status)
+        return JSONResponse(self.payload(), status_code=self.status, headers=self.headers)
+
+
+def _internal() -> APIError:
+    return APIError(500, "internal error (details in the server log)", type_="server_error", code="internal_error")
+
+
+# An absolute path in a message (POSIX, ~, or a Windows drive): shown as its last component.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.])(?:~|[A-Za-z]:)?[/\\][^\s'\"`,;()]+")
+
+
+def _without_paths(text: str) -> str:
+    return _ABSOLUTE_PATH.sub(lambda m: PurePath(m.group(0).replace("\\", "/")).name or "<path>", text)
 
 
 def _from_library_error(exc: EdgeLoraError) -> APIError:
+    """A library error as the client may see it. Bugs and failures inside llama.cpp (whose
+    messages carry its log lines) are a generic 500; an error built from another exception's
+    text keeps only its own words; no message keeps an absolute path. The log keeps it all."""
+    if exc.exit_code != 2:
+        logger.error("request failed: %s", exc.one_line())
+        return _internal()
     text = exc.one_line()
+    if exc.__cause__ is not None and not isinstance(exc.__cause__, EdgeLoraError):
+        logger.warning("request refused: %s", text)
+        text = text.split(": ", 1)[0] + " (details in the server log)"
+    text = _without_paths(text)
     if isinstance(exc, (InputNotFoundError, RegistryError)):
         return APIError(404, text, type_="not_found_error", code="not_found")
     if isinstance(exc, ContextLengthError):
         return APIError(400, text, param="messages", code="context_length_exceeded")
-    if exc.exit_code != 2:
-        return APIError(500, text, type_="server_error", code="internal_error")
     return APIError(400, text)
 
 
@@ -107,43 +169,142 @@ def _sampling(body: dict, n_ctx: int) -> dict[str, Any]:
             "seed": _integer(body, "seed", None, -(2**63), 2**64 - 1), "stop": _stop(body)}
 
 
-async def _read_body(request: Request) -> bytes:
-    """The body, refused as soon as it passes MAX_BODY_BYTES: request.body() would first hold all
-    of it (a 600 MB body took the server from 0.6 to 1.7 GB peak RSS before the 413)."""
-    too_large = APIError(413, f"request body over {MAX_BODY_BYTES} bytes", code="body_too_large")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise too_large
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
+def _is_json(content_type: str) -> bool:
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    return media_type == "application/json"
 
 
-async def _json_body(request: Request) -> dict:
-    raw = await _read_body(request)
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
-    except RecursionError:  # e.g. 100,000 nested brackets: json's recursive parser gives up
-        raise APIError(400, "the request body nests too deeply", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
-    return body
+# --- admission: a bounded queue in front of the runtime's contexts ---
+
+class _Ticket:
+    """One admitted request: holds its place until done() (idempotent, event-loop thread only)."""
+
+    def __init__(self, gate: _Gate) -> None:
+        self.gate = gate
+        self.running = False
+        self.finished = False
+        self.in_thread = False  # a generation thread holds it and calls done() when it ends
+
+    def close(self) -> None:
+        """The request is over on the server's side (answered, failed or abandoned)."""
+        if not self.in_thread:
+            self.done()
+
+    async def run_slot(self) -> None:
+        """Wait (first come, first served) until fewer than the limit are generating."""
+        gate = self.gate
+        if gate.running < gate.running_limit and not gate.waiters:
+            gate.running += 1
+            self.running = True
+            return
+        turn = asyncio.get_running_loop().create_future()
+        gate.waiters.append(turn)
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():  # granted as we were cancelled: pass it on
+                self.running = True
+                self.done()
+            else:
+                gate.waiters.remove(turn)
+            raise
+        self.running = True
+
+    def done(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        gate = self.gate
+        gate.admitted -= 1
+        if self.running:
+            while gate.waiters:  # hand the slot to the next waiter, still counted as running
+                turn = gate.waiters.popleft()
+                if not turn.done():
+                    turn.set_result(None)
+                    return
+            gate.running -= 1
+
+
+class _Gate:
+    def __init__(self, running_limit: int, queue: int) -> None:
+        self.running_limit = running_limit
+        self.capacity = running_limit + queue
+        self.admitted = 0
+        self.running = 0
+        self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    def admit(self) -> _Ticket | None:
+        if self.admitted >= self.capacity:
+            return None
+        self.admitted += 1
+        return _Ticket(self)
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    """Returns when the client has gone (call once the request body has been read)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
 class OpenAIServer:
-    def __init__(self, runtime: Runtime, registry: AdapterRegistry | None = None) -> None:
+    def __init__(self, runtime: Runtime, registry: AdapterRegistry | None = None, *,
+                 adapter_dir: Path | None = None, limits: ServerLimits = ServerLimits()) -> None:
         self.runtime = runtime
         self.registry = registry
+        self.adapter_dir = None if adapter_dir is None else Path(adapter_dir).expanduser().resolve()
+        self.limits = limits
         self.base_id = runtime.model_id
         self.created = int(time.time())
+        self.max_prompt_chars = limits.max_prompt_chars or 32 * runtime.n_ctx
+        self.gate = _Gate(runtime.n_contexts, limits.queue)
+        # The gate lets at most n_contexts generations run, so this pool never queues; reusing its
+        # threads (not one per request) keeps the allocator's per-thread arenas, and RSS, flat.
+        self._workers = concurrent.futures.ThreadPoolExecutor(max_workers=runtime.n_contexts,
+                                                              thread_name_prefix="edge-lora-generation")
+        self._admin_lock = asyncio.Lock()  # loads and unloads one at a time (checks, then acts)
 
+    # --- bodies ---
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, refused as soon as it passes MAX_BODY_BYTES: request.body() would first hold all
+        of it (a 600 MB body took the server from 0.6 to 1.7 GB peak RSS before the 413). A body
+        trickling in slower than body_timeout_s is a 408, so it cannot hold a connection forever."""
+        too_large = APIError(413, f"request body over {MAX_BODY_BYTES} bytes", code="body_too_large")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise too_large
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            with anyio.fail_after(self.limits.body_timeout_s):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > MAX_BODY_BYTES:
+                        raise too_large
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {self.limits.body_timeout_s:g} s",
+                           code="request_timeout", headers={"Connection": "close"}) from None
+        return b"".join(chunks)
+
+    async def _json_body(self, request: Request) -> dict:
+        # JSON only: a page can POST text/plain or a form to any address without a CORS preflight.
+        if not _is_json(request.headers.get("content-type", "")):
+            raise APIError(415, "the request body must be JSON sent with Content-Type: application/json",
+                           code="unsupported_media_type")
+        raw = await self._read_body(request)
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
+        except RecursionError:  # e.g. 100,000 nested brackets: json's recursive parser gives up
+            raise APIError(400, "the request body nests too deeply", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+        return body
+
+    # --- adapters ---
     def _adapters_for(self, body: dict) -> dict[str, float | None]:
         model = body.get("model")
         if not isinstance(model, str) or not model:
@@ -168,9 +329,9 @@ class OpenAIServer:
                 raise APIError(404, f"adapter {name!r} is not loaded", type_="not_found_error",
                                param="adapters", code="model_not_found")
             chosen[name] = float(scale)
-        lora = body.get("lora")  # llama-server's form: [{"id": index in load order, "scale": s}]
+        lora = body.get("lora")  # llama-server's form: [{"id": id from /lora-adapters, "scale": s}]
         if lora is not None:
-            names = list(loaded)
+            by_id = {a.id: name for name, a in loaded.items()}
             if not isinstance(lora, list):
                 raise APIError(400, "lora must be a list of {id, scale}", param="lora")
             for item in lora:
@@ -178,11 +339,35 @@ class OpenAIServer:
                         or not isinstance(item.get("id"), int) or isinstance(item.get("scale"), bool)
                         or not isinstance(item.get("scale"), (int, float))):
                     raise APIError(400, "lora entries must be {\"id\": int, \"scale\": number}", param="lora")
-                if not 0 <= item["id"] < len(names):
-                    raise APIError(404, f"no adapter with id {item['id']}", type_="not_found_error",
-                                   param="lora", code="model_not_found")
-                chosen[names[item["id"]]] = float(item["scale"])
+                if item["id"] not in by_id:  # ids are never reused: an unloaded one stays unknown
+                    raise APIError(404, f"no adapter with id {item['id']} is loaded (see /lora-adapters)",
+                                   type_="not_found_error", param="lora", code="model_not_found")
+                chosen[by_id[item["id"]]] = float(item["scale"])
         return chosen
+
+    def _adapter_file(self, lora_path: str) -> tuple[Path, float]:
+        """A registered adapter's file, or a file under --adapter-dir (symlinks resolved): never
+        anything else, and the answer never says whether a file outside exists."""
+        registry = self.registry or AdapterRegistry()
+        if NAME_PATTERN.fullmatch(lora_path):
+            entry = registry.get(lora_path)
+            if entry is not None:
+                return entry.path, entry.scale
+        refused = APIError(403, "lora_path must be a registered adapter name or a file name inside the server's "
+                           "adapter directory" + ("" if self.adapter_dir else " (none was given: start the server "
+                                                  "with --adapter-dir DIR)"),
+                           type_="permission_error", param="lora_path", code="path_not_allowed")
+        given = PurePath(lora_path)
+        if (self.adapter_dir is None or lora_path.startswith("~") or ".." in given.parts
+                or "\\" in lora_path or ":" in lora_path or "\0" in lora_path):
+            raise refused
+        candidate = (self.adapter_dir / given).resolve()  # an absolute path replaces the directory
+        if not candidate.is_relative_to(self.adapter_dir):  # outside, or a symlink leading out
+            raise refused
+        if not candidate.is_file():
+            raise APIError(404, f"no adapter file {given.name!r} in the adapter directory", type_="not_found_error",
+                           param="lora_path", code="not_found")
+        return candidate, 1.0
 
     # --- routes ---
     async def models(self, request: Request) -> Response:
@@ -190,55 +375,94 @@ class OpenAIServer:
                  "root": self.base_id, "parent": None}]
         for name, loaded in self.runtime.adapters.items():
             data.append({"id": name, "object": "model", "created": self.created, "owned_by": "edge-lora",
-                         "root": str(loaded.path), "parent": self.base_id})
+                         "root": loaded.path.name, "parent": self.base_id})
         return JSONResponse({"object": "list", "data": data})
 
     async def lora_adapters(self, request: Request) -> Response:
-        """llama-server's listing: ids usable in a request's "lora" field."""
-        return JSONResponse([{"id": i, "name": name, "path": str(loaded.path), "scale": loaded.scale}
-                             for i, (name, loaded) in enumerate(self.runtime.adapters.items())])
+        """llama-server's listing: ids usable in a request's "lora" field (stable: never reused)."""
+        return JSONResponse([{"id": loaded.id, "name": name, "path": loaded.path.name, "scale": loaded.scale}
+                             for name, loaded in self.runtime.adapters.items()])
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
+    def _check_prompt_size(self, chars: int) -> None:
+        if chars > self.max_prompt_chars:
+            raise APIError(400, f"the prompt is {chars} characters; this server takes at most "
+                           f"{self.max_prompt_chars} (its context holds {self.runtime.n_ctx} tokens)",
+                           param="prompt", code="context_length_exceeded")
+
     async def completions(self, request: Request) -> Response:
-        body = await _json_body(request)
+        body = await self._json_body(request)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
                                                        for t in prompt):
+            if len(prompt) >= self.runtime.n_ctx:
+                raise APIError(400, f"the prompt is {len(prompt)} tokens; the context holds {self.runtime.n_ctx}",
+                               param="prompt", code="context_length_exceeded")
             prompt = [int(t) for t in prompt]
         elif not isinstance(prompt, str) or not prompt:
             raise APIError(400, "prompt must be a non-empty string, a one-string list or a list of token ids",
                            param="prompt", code="invalid_value")
-        return await self._respond(body, "text_completion",
+        else:
+            self._check_prompt_size(len(prompt))
+        return await self._respond(request, body, "text_completion",
                                    lambda p, cancel: self.runtime.generate(prompt, cancel=cancel, **p))
 
     async def chat_completions(self, request: Request) -> Response:
-        body = await _json_body(request)
-        messages = body.get("messages")
-        return await self._respond(body, "chat.completion",
+        body = await self._json_body(request)
+        messages = normalize_messages(body.get("messages"))
+        self._check_prompt_size(sum(len(m["content"]) for m in messages))
+        return await self._respond(request, body, "chat.completion",
                                    lambda p, cancel: self.runtime.chat(messages, cancel=cancel, **p))
 
-    async def _respond(self, body: dict, kind: str,
+    async def _respond(self, request: Request, body: dict, kind: str,
                        start: Callable[[dict, threading.Event], Generation]) -> Response:
         params = _sampling(body, self.runtime.n_ctx)
         stream = bool(body.get("stream", False))
         params["adapters"] = self._adapters_for(body)
         model = body["model"]
+        ticket = self.gate.admit()
+        if ticket is None:
+            raise APIError(429, f"the server is busy ({self.gate.capacity} requests running or waiting); retry shortly",
+                           type_="rate_limit_error", code="server_busy",
+                           headers={"Retry-After": str(self.limits.retry_after_s)})
         cancel = threading.Event()
-        # Tokenizing and checking run in a thread too: a huge prompt must not stall the loop.
-        generation = await run_in_threadpool(start, params, cancel)
+        try:
+            # Tokenizing and checking run in a thread too: a huge prompt must not stall the loop.
+            generation = await run_in_threadpool(start, params, cancel)
+        except BaseException:
+            ticket.done()
+            raise
         request_id = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex[:24]
+        events = self._run(request, generation, cancel, ticket)
+
+        def close() -> None:  # runs even if the response never started (client gone at once)
+            cancel.set()
+            ticket.close()
+
         if stream:
-            return StreamingResponse(self._sse(generation, cancel, kind, request_id, model),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        text = await run_in_threadpool(generation.text)
+            return _ClosingStream(self._sse(events, generation, kind, request_id, model), close,
+                                  media_type="text/event-stream",
+                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        pieces: list[str] = []
+        try:
+            async for tag, value in events:
+                if tag == "piece":
+                    pieces.append(value)
+                elif tag == "error":
+                    raise value
+                elif tag == "disconnected":
+                    return Response(status_code=499)  # nobody is listening; nginx's "client closed request"
+        finally:
+            await events.aclose()
+            close()
         stats = generation.stats
         usage = {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
                  "total_tokens": stats.prompt_tokens + stats.completion_tokens}
+        text = "".join(pieces)
         if kind == "chat.completion":
             choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
                                       "logprobs": None, "finish_reason": stats.finish_reason}
@@ -247,22 +471,66 @@ class OpenAIServer:
         return JSONResponse({"id": request_id, "object": kind, "created": int(time.time()), "model": model,
                              "choices": [choice], "usage": usage})
 
-    async def _sse(self, generation: Generation, cancel: threading.Event, kind: str, request_id: str,
-                   model: str) -> AsyncIterator[bytes]:
+    async def _run(self, request: Request, generation: Generation, cancel: threading.Event,
+                   ticket: _Ticket) -> AsyncIterator[tuple[str, Any]]:
+        """Wait for a slot, generate in a thread, relay its pieces: ("piece", text)..., then
+        ("done", None), ("error", EdgeLoraError) or ("disconnected", None). The client going
+        away sets ``cancel`` at once, wherever the request is; the thread then stops at its next
+        check and gives the slot back by itself."""
         loop = asyncio.get_running_loop()
-        pieces: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        gone = asyncio.ensure_future(_wait_for_disconnect(request.receive))
+        try:
+            slot = asyncio.ensure_future(ticket.run_slot())
+            await asyncio.wait({slot, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not slot.done():
+                slot.cancel()
+                await asyncio.gather(slot, return_exceptions=True)
+            if gone.done():
+                cancel.set()
+                yield "disconnected", None
+                return
+            pieces: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
-        def produce() -> None:
-            try:
-                for piece in generation:
-                    loop.call_soon_threadsafe(pieces.put_nowait, ("piece", piece))
-                loop.call_soon_threadsafe(pieces.put_nowait, ("done", None))
-            except EdgeLoraError as exc:
-                loop.call_soon_threadsafe(pieces.put_nowait, ("error", exc))
-            except Exception as exc:  # a bug: without an "error" item the client would wait forever
-                logger.exception("generation failed")
-                loop.call_soon_threadsafe(pieces.put_nowait, ("error", InternalError(f"generation failed: {exc!r}")))
+            def deliver(callback: Callable[..., None], *args: Any) -> None:
+                try:
+                    loop.call_soon_threadsafe(callback, *args)
+                except RuntimeError:  # the loop closed (server shutting down)
+                    pass
 
+            def produce() -> None:
+                try:
+                    for piece in generation:
+                        deliver(pieces.put_nowait, ("piece", piece))
+                    deliver(pieces.put_nowait, ("done", None))
+                except EdgeLoraError as exc:
+                    deliver(pieces.put_nowait, ("error", exc))
+                except Exception:  # a bug: without an "error" item the client would wait forever
+                    logger.exception("generation failed")
+                    deliver(pieces.put_nowait, ("error", InternalError("generation failed")))
+                finally:
+                    deliver(ticket.done)
+
+            self._workers.submit(produce)
+            ticket.in_thread = True  # produce's done() runs on this loop, so never before this line
+            while True:
+                item = asyncio.ensure_future(pieces.get())
+                await asyncio.wait({item, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not item.done():
+                    item.cancel()
+                    cancel.set()
+                    yield "disconnected", None
+                    return
+                tag, value = item.result()
+                yield tag, value
+                if tag != "piece":
+                    return
+        finally:
+            cancel.set()  # a no-op once the generation is over; otherwise it stops at its next check
+            gone.cancel()
+            ticket.close()
+
+    async def _sse(self, events: AsyncIterator[tuple[str, Any]], generation: Generation, kind: str,
+                   request_id: str, model: str) -> AsyncIterator[bytes]:
         created = int(time.time())
         chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
 
@@ -280,33 +548,27 @@ class OpenAIServer:
                        "choices": [choice]}
             return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
-        worker = loop.run_in_executor(None, produce)
         try:
             if kind == "chat.completion":
                 yield chunk(None, None, first=True)
-            while True:
-                tag, value = await pieces.get()
+            async for tag, value in events:
                 if tag == "piece":
                     yield chunk(value, None)
                 elif tag == "error":
-                    err = _from_library_error(value)
-                    yield b"data: " + json.dumps({"error": {"message": err.message, "type": err.type,
-                                                            "param": err.param, "code": err.code}}).encode() + b"\n\n"
+                    yield b"data: " + json.dumps(_from_library_error(value).payload()).encode() + b"\n\n"
                     break
+                elif tag == "disconnected":
+                    return
                 else:
                     yield chunk(None, generation.stats.finish_reason)
-                    break
             yield b"data: [DONE]\n\n"
         finally:
-            # A client that went away stops the generation at its next token; the worker then
-            # returns the context by itself, so nothing here waits for it.
-            cancel.set()
-            worker.add_done_callback(lambda f: f.exception())  # retrieve, so no "never retrieved" warning
+            await events.aclose()  # sets the cancel event when the stream stops early
 
     async def load_lora_adapter(self, request: Request) -> Response:
-        body = await _json_body(request)
-        name, path = body.get("lora_name"), body.get("lora_path")
-        if not isinstance(name, str) or not isinstance(path, str) or not path:
+        body = await self._json_body(request)
+        name, lora_path = body.get("lora_name"), body.get("lora_path")
+        if not isinstance(name, str) or not isinstance(lora_path, str) or not lora_path:
             raise APIError(400, "lora_name and lora_path are required strings", param="lora_name")
         try:
             check_name(name)
@@ -314,25 +576,66 @@ class OpenAIServer:
             raise APIError(400, exc.one_line(), param="lora_name", code="invalid_value") from exc
         if name == self.base_id:
             raise APIError(400, f"{name!r} is the base model's id", param="lora_name", code="invalid_value")
-        if name in self.runtime.adapters:
-            raise APIError(400, f"an adapter named {name!r} is already loaded", param="lora_name",
-                           code="already_loaded")
-        registry = self.registry or AdapterRegistry()
-        entry = await run_in_threadpool(registry.resolve, path)
-        await run_in_threadpool(self.runtime.load_adapter, name, entry.path, entry.scale)
+        async with self._admin_lock:
+            loaded = self.runtime.adapters
+            if name in loaded:
+                raise APIError(400, f"an adapter named {name!r} is already loaded", param="lora_name",
+                               code="already_loaded")
+            if len(loaded) >= self.limits.max_adapters:
+                raise APIError(400, f"{len(loaded)} adapters are loaded, the most this server holds",
+                               param="lora_name", code="too_many_adapters")
+            path, scale = await run_in_threadpool(self._adapter_file, lora_path)
+            try:
+                # Waits for running requests to release their contexts, so run it off the loop.
+                await run_in_threadpool(self.runtime.load_adapter, name, path, scale)
+            except EdgeLoraError as exc:
+                raise _adapter_load_error(exc, name, path) from exc
         return JSONResponse({"status": "ok", "message": f"adapter {name!r} loaded"})
 
     async def unload_lora_adapter(self, request: Request) -> Response:
-        body = await _json_body(request)
+        body = await self._json_body(request)
         name = body.get("lora_name")
         if not isinstance(name, str):
             raise APIError(400, "lora_name is a required string", param="lora_name")
-        if name not in self.runtime.adapters:
-            raise APIError(404, f"no adapter named {name!r} is loaded", type_="not_found_error",
-                           param="lora_name", code="not_found")
-        # Waits for running requests to release their contexts, so run it off the loop.
-        await run_in_threadpool(self.runtime.unload_adapter, name)
+        async with self._admin_lock:
+            if name not in self.runtime.adapters:
+                raise APIError(404, f"no adapter named {name!r} is loaded", type_="not_found_error",
+                               param="lora_name", code="not_found")
+            await run_in_threadpool(self.runtime.unload_adapter, name)
         return JSONResponse({"status": "ok", "message": f"adapter {name!r} unloaded"})
+
+
+class _ClosingStream(StreamingResponse):
+    """A streamed answer that calls ``on_close`` however it ends, even when Starlette cancels it
+    before the body iterator ever starts (the client went away at once)."""
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+def _adapter_load_error(exc: EdgeLoraError, name: str, path: Path) -> APIError:
+    """What a client may learn about an adapter file that did not load: its name and what kind
+    of problem, never its directory, bytes or llama.cpp's words (those go to the log)."""
+    logger.warning("loading adapter %r failed: %s", name, exc.one_line())
+    if exc.exit_code != 2:
+        return _internal()
+    if isinstance(exc, InputNotFoundError):
+        return APIError(404, f"adapter file {path.name!r} does not exist", type_="not_found_error",
+                        param="lora_path", code="not_found")
+    if isinstance(exc, AdapterMismatchError):
+        return APIError(400, f"adapter file {path.name!r} does not fit this base model (details in the server log)",
+                        param="lora_path", code="adapter_mismatch")
+    if isinstance(exc, InputError):
+        return APIError(400, f"adapter file {path.name!r} is not a valid GGUF LoRA adapter (details in the "
+                        "server log)", param="lora_path", code="invalid_adapter")
+    return _internal()
 
 
 def _guard(handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
@@ -342,36 +645,74 @@ def _guard(handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
             return await handler(request)
         except APIError as exc:
             return exc.response()
+        except ClientDisconnect:  # gone while sending its body: nobody to answer
+            return Response(status_code=499)
         except EdgeLoraError as exc:
             return _from_library_error(exc).response()
         except Exception:  # a bug: still answer in OpenAI's shape, and keep the details in the log
             logger.exception("request failed")
-            return APIError(500, "internal error (details in the server log)", type_="server_error",
-                            code="internal_error").response()
+            return _internal().response()
     return wrapped
 
 
-class _APIKeyMiddleware:
-    """Plain ASGI (not BaseHTTPMiddleware) so streamed responses and client disconnects pass
-    through untouched."""
+class _RequestGuard:
+    """Who may talk to the server, checked before any route: an allowed Host (DNS rebinding), no
+    foreign Origin (a page in the user's browser), the API key. Plain ASGI (not
+    BaseHTTPMiddleware) so streamed responses and client disconnects pass through untouched."""
 
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
+    def __init__(self, app: ASGIApp, allowed_hosts: Iterable[str], api_key: str | None) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        hosts = {h.lower() for h in allowed_hosts}
+        self.any_host = "*" in hosts
+        self.allowed_hosts = hosts - {"*"}
+        self.expected = None if api_key is None else f"Bearer {api_key}".encode()
+
+    def _host_allowed(self, host: str) -> bool:
+        if self.any_host or host in self.allowed_hosts:
+            return True
+        name, _, port = host.rpartition(":") if not host.endswith("]") else (host, "", "")
+        return bool(port.isdigit() and name in self.allowed_hosts)  # a name allowed on any port
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            given = dict(scope.get("headers") or []).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
-                response = APIError(401, "missing or wrong API key", type_="authentication_error",
-                                    code="invalid_api_key").response()
-                await response(scope, receive, send)
-                return
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers: dict[bytes, bytes] = {}
+        for key, value in scope.get("headers") or []:
+            headers.setdefault(key, value)
+        host = headers.get(b"host", b"").decode("latin-1").strip().lower()
+        origin = headers.get(b"origin")
+        error = None
+        if not self._host_allowed(host):
+            error = APIError(403, "this server does not answer to that Host header (start it with "
+                             "--allowed-host NAME to add one)", type_="permission_error", code="host_not_allowed")
+        elif origin is not None and origin.decode("latin-1").strip().lower() not in (
+                f"http://{host}", f"https://{host}"):
+            # Browsers send Origin with every cross-origin request (and "null" from sandboxes and
+            # files); a page served from this very host and port is the only origin allowed.
+            error = APIError(403, "cross-origin requests are refused", type_="permission_error",
+                             code="origin_not_allowed")
+        elif self.expected is not None and not hmac.compare_digest(headers.get(b"authorization", b""),
+                                                                   self.expected):
+            error = APIError(401, "missing or wrong API key", type_="authentication_error", code="invalid_api_key")
+        if error is not None:
+            await error.response()(scope, receive, send)
+            return
         await self.app(scope, receive, send)
 
 
-def make_app(runtime: Runtime, registry: AdapterRegistry | None = None, api_key: str | None = None) -> Starlette:
-    server = OpenAIServer(runtime, registry)
+def loopback_hosts(port: int) -> list[str]:
+    """Host header values a server on a loopback address answers to."""
+    return [f"{name}:{port}" for name in LOOPBACK_HOSTS] + (list(LOOPBACK_HOSTS) if port == 80 else [])
+
+
+def make_app(runtime: Runtime, registry: AdapterRegistry | None = None, api_key: str | None = None, *,
+             allowed_hosts: Iterable[str] = LOOPBACK_HOSTS, adapter_dir: Path | None = None,
+             limits: ServerLimits = ServerLimits()) -> Starlette:
+    """``allowed_hosts``: Host header values answered ("name:port", or "name" for any port, or
+    "*" for any); the default is the loopback names on any port. ``adapter_dir``: where
+    load_lora_adapter may load files from (registered names always work)."""
+    server = OpenAIServer(runtime, registry, adapter_dir=adapter_dir, limits=limits)
     routes = [
         Route("/health", _guard(server.health), methods=["GET"]),
         Route("/v1/models", _guard(server.models), methods=["GET"]),
@@ -381,13 +722,78 @@ def make_app(runtime: Runtime, registry: AdapterRegistry | None = None, api_key:
         Route("/v1/load_lora_adapter", _guard(server.load_lora_adapter), methods=["POST"]),
         Route("/v1/unload_lora_adapter", _guard(server.unload_lora_adapter), methods=["POST"]),
     ]
-    middleware = [Middleware(_APIKeyMiddleware, api_key=api_key)] if api_key else []
+    middleware = [Middleware(_RequestGuard, allowed_hosts=list(allowed_hosts), api_key=api_key)]
 
     async def not_found(request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 404)
         return APIError(status, f"no route {request.method} {request.url.path}", type_="not_found_error"
                         if status == 404 else "invalid_request_error", code="not_found").response()
 
-    app = Starlette(routes=routes, middleware=middleware, exception_handlers={404: not_found, 405: not_found})
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        server._workers.shutdown(wait=False)  # idle threads; a running generation finishes on its own
+
+    app = Starlette(routes=routes, middleware=middleware, exception_handlers={404: not_found, 405: not_found},
+                    lifespan=lifespan)
     app.state.server = server
     return app
+
+
+# --- uvicorn: the same app with connection limits (what `edge-lora serve` and bench/soak.py run) ---
+
+def uvicorn_config(app: Starlette, host: str, port: int, limits: ServerLimits = ServerLimits(),
+                   log_level: str = "warning") -> Any:
+    """A uvicorn.Config whose connections must send their request line and headers within
+    header_timeout_s (uvicorn itself waits forever for a connection that sends nothing, and
+    restarts its keep-alive timer on every byte), with 16 KiB of headers at most."""
+    import uvicorn
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    header_timeout = limits.header_timeout_s
+
+    class HeaderTimeoutProtocol(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._header_timer = self.loop.call_later(header_timeout, self._header_timeout)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _header_timeout(self) -> None:
+            self._header_timer = None
+            if self.cycle is None or self.cycle.response_complete:  # no request under way
+                self.transport.close()  # connection_lost does h11's bookkeeping
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def handle_events(self) -> None:
+            cycle = self.cycle
+            super().handle_events()
+            if self.cycle is not cycle:  # a request's headers are complete
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()  # the next request on this connection gets the same time
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    server: OpenAIServer = app.state.server
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=HeaderTimeoutProtocol,
+                          timeout_keep_alive=limits.keep_alive_s, h11_max_incomplete_event_size=16 * 1024,
+                          # open connections, generating or not; past this uvicorn answers 503
+                          limit_concurrency=max(64, 4 * server.gate.capacity))
+
+
+__all__ = ["APIError", "MAX_BODY_BYTES", "OpenAIServer", "ServerLimits", "loopback_hosts",
+           "make_app", "uvicorn_config"]

@@ -205,12 +205,17 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_serve_end_to_end_and_busy_port(tmp_path: Path, gemma_q4_gguf: Path, random_gemma_loras) -> None:
     port = _free_port()
-    env = {**os.environ, "EDGE_LORA_HOME": str(tmp_path / "home"), "EDGE_LORA_API_KEY": "k"}
+    env = {**os.environ, "EDGE_LORA_HOME": str(tmp_path / "home")}
+    key_file = tmp_path / "api-key"
+    key_file.write_text("k-from-a-file\n")
+    key_file.chmod(0o600)
     proc = subprocess.Popen([sys.executable, "-m", "edge_lora", "serve", "--model", str(gemma_q4_gguf),
-                             "--adapter", f"{random_gemma_loras[0]}:1", "--port", str(port), "--ctx", "512"],
+                             "--adapter", f"{random_gemma_loras[0]}:1", "--port", str(port), "--ctx", "512",
+                             "--api-key-file", str(key_file)],
                             stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     try:
-        headers = {"Authorization": "Bearer k"}
+        assert b"k-from-a-file" not in Path(f"/proc/{proc.pid}/cmdline").read_bytes()  # not visible in ps
+        headers = {"Authorization": "Bearer k-from-a-file"}
         deadline = time.time() + 60
         while True:
             try:

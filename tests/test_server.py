@@ -30,8 +30,8 @@ def runtime(gemma_q4_gguf: Path, random_gemma_loras: tuple[Path, Path]) -> Itera
 
 
 def client_for(app, **headers: str) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", headers=headers,
-                             timeout=120)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost:8000",
+                             headers=headers, timeout=120)
 
 
 def run(coro):
@@ -167,7 +167,7 @@ def test_chat_streamed_equals_chat_plain(runtime: Runtime) -> None:
     ("/v1/chat/completions", {"model": "BASE", "messages": "hi"}, 400, None),
     ("/v1/chat/completions", {"model": "BASE", "messages": [{"role": "x", "content": "y"}]}, 400, None),
     ("/v1/load_lora_adapter", {"lora_name": "../x", "lora_path": "/tmp/x.gguf"}, 400, "invalid_value"),
-    ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/no/such/file.gguf"}, 404, "not_found"),
+    ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/no/such/file.gguf"}, 403, "path_not_allowed"),
     ("/v1/unload_lora_adapter", {"lora_name": "nope"}, 404, "not_found"),
     ("/v1/nothing", {}, 404, "not_found"),
 ])
@@ -203,8 +203,9 @@ def test_oversized_body_is_refused_while_streaming(runtime: Runtime) -> None:
 
     async def go():
         async with client_for(make_app(runtime)) as c:
-            declared = await c.post("/v1/completions", content=b"a" * (MAX_BODY_BYTES + 1))
-            streamed = await c.post("/v1/completions", content=chunked())
+            json_type = {"content-type": "application/json"}
+            declared = await c.post("/v1/completions", content=b"a" * (MAX_BODY_BYTES + 1), headers=json_type)
+            streamed = await c.post("/v1/completions", content=chunked(), headers=json_type)
             good = await _completion(c, runtime.model_id, max_tokens=2)
             return declared, streamed, good
     declared, streamed, good = run(go())
@@ -299,19 +300,19 @@ def test_api_key_required_when_set(runtime: Runtime) -> None:
 
 def test_load_and_unload_adapter_at_run_time(runtime: Runtime, random_gemma_loras: tuple[Path, Path],
                                              tmp_path: Path) -> None:
-    junk = tmp_path / "junk.gguf"
-    junk.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 64)
+    adapters = tmp_path / "adapters"
+    adapters.mkdir()
+    (adapters / "gamma.gguf").write_bytes(random_gemma_loras[0].read_bytes())
+    (adapters / "junk.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 64)
 
     async def go():
-        async with client_for(make_app(runtime)) as c:
-            loaded = await c.post("/v1/load_lora_adapter",
-                                  json={"lora_name": "gamma", "lora_path": str(random_gemma_loras[0])})
-            again = await c.post("/v1/load_lora_adapter",
-                                 json={"lora_name": "gamma", "lora_path": str(random_gemma_loras[0])})
+        async with client_for(make_app(runtime, adapter_dir=tmp_path / "adapters")) as c:
+            loaded = await c.post("/v1/load_lora_adapter", json={"lora_name": "gamma", "lora_path": "gamma.gguf"})
+            again = await c.post("/v1/load_lora_adapter", json={"lora_name": "gamma", "lora_path": "gamma.gguf"})
             listed = (await c.get("/v1/models")).json()["data"]
             as_gamma = await _completion(c, "gamma")
             as_alpha = await _completion(c, "alpha")
-            bad = await c.post("/v1/load_lora_adapter", json={"lora_name": "junk", "lora_path": str(junk)})
+            bad = await c.post("/v1/load_lora_adapter", json={"lora_name": "junk", "lora_path": "junk.gguf"})
             unloaded = await c.post("/v1/unload_lora_adapter", json={"lora_name": "gamma"})
             after = await _completion(c, "gamma")
             return loaded, again, listed, as_gamma, as_alpha, bad, unloaded, after

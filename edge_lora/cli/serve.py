@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import socket
+import stat
 import sys
+from pathlib import Path
 
 from edge_lora.core import constants
 from edge_lora.cli.run import add_model_args, load_adapters, parse_adapter_arg, resolve_model_path
-from edge_lora.core.errors import InputError
+from edge_lora.core.errors import InputError, InputNotFoundError
+
+# Wildcard binds: the address a client uses is not known, so only --allowed-host names it.
+WILDCARD_ADDRESSES = ("0.0.0.0", "::", "")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -16,17 +22,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "serve", help="serve an OpenAI-compatible API (adapters selected per request by model name)",
         description="Serve /v1/models, /v1/completions, /v1/chat/completions and "
                     "/v1/load_lora_adapter, /v1/unload_lora_adapter. \"model\" picks an adapter by name "
-                    "or the base by its id.")
+                    "or the base by its id. Requests must name this server in their Host header "
+                    "(localhost, 127.0.0.1 or [::1] with the port, plus --allowed-host names); "
+                    "cross-origin browser requests and non-JSON bodies are refused.")
     add_model_args(parser)
     parser.add_argument("--host", default=constants.DEFAULT_HOST, help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=constants.DEFAULT_PORT, help="port (default 8000)")
+    parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                        help="also answer requests whose Host header is NAME or NAME:PORT (repeatable; needed "
+                             "when clients reach the server by a DNS name or a wildcard --host; '*' answers any)")
+    parser.add_argument("--adapter-dir", type=Path, default=None, metavar="DIR",
+                        help="let /v1/load_lora_adapter load adapter files inside DIR (by file name); "
+                             "without it only registered adapter names load")
+    parser.add_argument("--max-adapters", type=int, default=16, help="adapters loaded at once (default 16)")
     parser.add_argument("--api-key", default=None,
-                        help="require 'Authorization: Bearer KEY' on every route (or set EDGE_LORA_API_KEY)")
+                        help="require 'Authorization: Bearer KEY' on every route (visible to other users in "
+                             "`ps`: prefer --api-key-file or EDGE_LORA_API_KEY)")
+    parser.add_argument("--api-key-file", type=Path, default=None, metavar="FILE",
+                        help="read the API key from FILE (its first line)")
     # bench/runtime.py on 2 cores (Gemma 3 270M): 8 concurrent mixed-adapter clients get 1.5-1.7x
     # the tokens/s from two 1-thread contexts than from one 2-thread context behind a lock; a lone
     # client loses 0-10% (small-model decoding barely scales past one thread per sequence).
     parser.add_argument("--contexts", type=int, default=min(2, constants.N_THREADS),
                         help="parallel inference contexts sharing the cores (default 2 on 2+ cores)")
+    parser.add_argument("--queue", type=int, default=16,
+                        help="requests that may wait for a context; more are answered 429 (default 16)")
     parser.set_defaults(handler=serve_command)
 
 
@@ -46,15 +66,79 @@ def _check_port_free(host: str, port: int) -> None:
                              fix="choose another --port or stop the program using it") from exc
 
 
+def api_key_from(args: argparse.Namespace) -> str | None:
+    """--api-key-file, else --api-key (with a warning: argv is public), else EDGE_LORA_API_KEY."""
+    if args.api_key_file is not None and args.api_key is not None:
+        raise InputError("both --api-key and --api-key-file were given", fix="pass one of them")
+    if args.api_key_file is not None:
+        path = args.api_key_file.expanduser()
+        try:
+            info = path.stat()
+            with path.open("r", encoding="utf-8") as handle:
+                key = handle.readline(4096).strip()
+        except FileNotFoundError:
+            raise InputNotFoundError(f"--api-key-file {path} does not exist", fix="check the path") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"cannot read --api-key-file {path}: {getattr(exc, 'strerror', None) or exc}",
+                             fix="give a readable text file holding the key") from None
+        if not key:
+            raise InputError(f"--api-key-file {path} holds no key on its first line", fix="write the key into it")
+        if info.st_mode & (stat.S_IRGRP | stat.S_IROTH):
+            print(f"edge-lora: warning: {path} is readable by other users (chmod 600 it)", file=sys.stderr)
+        return key
+    if args.api_key is not None:
+        if not args.api_key.strip():
+            raise InputError("--api-key is empty", fix="give a key, or leave the option out")
+        print("edge-lora: warning: --api-key is visible to every user of this machine (ps); "
+              "use --api-key-file FILE or EDGE_LORA_API_KEY", file=sys.stderr)
+        return args.api_key
+    return constants.EDGE_LORA_API_KEY
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def allowed_hosts_for(host: str, port: int, extra: list[str]) -> list[str]:
+    """Host header values to answer: the loopback names with the port, the bound address when it
+    is a specific one, and what the user named (a name alone allows it on any port)."""
+    from edge_lora.server import loopback_hosts
+
+    allowed = loopback_hosts(port)
+    if not _is_loopback(host) and host not in WILDCARD_ADDRESSES:
+        allowed.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    for name in extra:
+        name = name.strip().lower()
+        if not name or any(c in name for c in "/ @?#"):
+            raise InputError(f"--allowed-host {name!r} is not a host name", fix="give a name like box.lan or box.lan:8000")
+        allowed.append(name)
+    return allowed
+
+
 def serve_command(args: argparse.Namespace) -> int:
     if not 1 <= args.port <= 65535:
         raise InputError(f"--port {args.port} is out of range", fix="use 1-65535")
     if not 1 <= args.contexts <= 8:
         raise InputError(f"--contexts {args.contexts} is out of range", fix="use 1-8")
+    if not 0 <= args.queue <= 4096:
+        raise InputError(f"--queue {args.queue} is out of range", fix="use 0-4096")
+    if not 1 <= args.max_adapters <= 256:
+        raise InputError(f"--max-adapters {args.max_adapters} is out of range", fix="use 1-256")
     if args.ctx is not None and not 64 <= args.ctx <= 1 << 20:
         raise InputError(f"--ctx {args.ctx} is out of range", fix="use a context between 64 and 1048576")
-    api_key = args.api_key or constants.EDGE_LORA_API_KEY
+    if args.adapter_dir is not None and not args.adapter_dir.expanduser().is_dir():
+        raise InputNotFoundError(f"--adapter-dir {args.adapter_dir} is not a directory", fix="give an existing directory")
+    api_key = api_key_from(args)
+    allowed_hosts = allowed_hosts_for(args.host, args.port, args.allowed_host)
     choices = [parse_adapter_arg(a) for a in args.adapter]
+    if len(choices) > args.max_adapters:
+        raise InputError(f"{len(choices)} adapters given, more than --max-adapters {args.max_adapters}",
+                         fix="raise --max-adapters")
     model_path = resolve_model_path(args.model, args.quant, args.ctx)
     _check_port_free(args.host, args.port)
 
@@ -62,16 +146,22 @@ def serve_command(args: argparse.Namespace) -> int:
 
     from edge_lora.registry import AdapterRegistry
     from edge_lora.runtime import Runtime
-    from edge_lora.server import make_app
+    from edge_lora.server import ServerLimits, make_app, uvicorn_config
 
     registry = AdapterRegistry()
+    limits = ServerLimits(queue=args.queue, max_adapters=args.max_adapters)
     with Runtime(model_path, n_ctx=args.ctx, n_contexts=args.contexts) as runtime:
         load_adapters(runtime, registry, choices)
-        app = make_app(runtime, registry, api_key=api_key)
+        app = make_app(runtime, registry, api_key=api_key, allowed_hosts=allowed_hosts,
+                       adapter_dir=args.adapter_dir, limits=limits)
         names = ", ".join([runtime.model_id, *runtime.adapters])
         print(f"edge-lora: serving {names} on http://{args.host}:{args.port}/v1"
               + ("" if api_key else " (no API key)"), file=sys.stderr)
-        if not api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
-            print("edge-lora: warning: listening beyond localhost without --api-key", file=sys.stderr)
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        if not _is_loopback(args.host):
+            if not api_key:
+                print("edge-lora: warning: listening beyond localhost without an API key", file=sys.stderr)
+            if args.host in WILDCARD_ADDRESSES and not args.allowed_host:
+                print("edge-lora: warning: other machines must reach this server by a name given with "
+                      "--allowed-host (requests naming any other host are refused)", file=sys.stderr)
+        uvicorn.Server(uvicorn_config(app, args.host, args.port, limits)).run()
     return 0

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import datetime
 import functools
+import re
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -159,7 +161,11 @@ def _compiled(template: str) -> jinja2.Template:
 
 def render_chat(template: str, messages: Any, add_generation_prompt: bool = True,
                 bos_token: str = "", eos_token: str = "") -> str:
-    checked = normalize_messages(messages)
+    return _render(template, normalize_messages(messages), add_generation_prompt, bos_token, eos_token)
+
+
+def _render(template: str, checked: list[dict[str, str]], add_generation_prompt: bool,
+            bos_token: str, eos_token: str) -> str:
     try:
         compiled = _compiled(template)
         return compiled.render(messages=checked, add_generation_prompt=add_generation_prompt,
@@ -172,3 +178,52 @@ def render_chat(template: str, messages: Any, add_generation_prompt: bool = True
     except jinja2.TemplateError as exc:
         raise RequestError(f"the chat template could not be rendered: {exc}",
                            fix="check the messages, or use a model with a working chat template") from exc
+
+
+# A message's content, as the template wrote it into the prompt (is_content=True), or the
+# template's own text around it (False). Joined, the parts are exactly render_chat's output.
+ChatPart = tuple[str, bool]
+
+
+def render_chat_parts(template: str, messages: Any, add_generation_prompt: bool = True,
+                      bos_token: str = "", eos_token: str = "") -> tuple[str, list[ChatPart] | None]:
+    """The rendered prompt and where each message's content lies in it, so the caller can
+    tokenize the template's markup (control tokens) apart from user text (plain text only).
+
+    The template is rendered twice: with the real contents, and with each content replaced by a
+    unique sentinel (private-use characters and digits, which `trim`/`upper` leave alone).
+    Splitting the sentinel rendering gives the template's text between contents; the real
+    rendering must be those pieces with each content (or its trimmed form, for templates that
+    `| trim`) in between. A template that changes content in any other way (splits it, tests it,
+    drops characters) gives None for the parts: the caller then cannot tell markup from content."""
+    checked = normalize_messages(messages)
+    text = _render(template, checked, add_generation_prompt, bos_token, eos_token)
+    contents = [m["content"] for m in checked]
+    nonce = "".join(secrets.choice("0123456789") for _ in range(12))
+    if any(nonce in c for c in contents):  # 1 in 10^12 unless the text quotes it on purpose
+        return text, None
+    sentinel = re.compile(f"\ue000{nonce}:(\\d+)\ue001")
+    marked = [{**m, "content": f"\ue000{nonce}:{i}\ue001"} for i, m in enumerate(checked)]
+    try:
+        pieces = sentinel.split(_render(template, marked, add_generation_prompt, bos_token, eos_token))
+    except RequestError:  # the template tested the content (e.g. refused an empty one)
+        return text, None
+    return text, _locate_contents(text, pieces[0::2], [contents[int(i)] for i in pieces[1::2]])
+
+
+def _locate_contents(text: str, markup: list[str], contents: list[str]) -> list[ChatPart] | None:
+    """Split ``text`` as markup[0] content[0] markup[1] ... markup[n]; None if it is not that."""
+    if not text.startswith(markup[0]):
+        return None
+    parts: list[ChatPart] = [(markup[0], False)]
+    pos = len(markup[0])
+    for content, after in zip(contents, markup[1:]):
+        for written in dict.fromkeys((content, content.strip(), content.rstrip(), content.lstrip())):
+            end = pos + len(written)
+            if text.startswith(written, pos) and text.startswith(after, end):
+                break
+        else:
+            return None
+        parts += [(written, True), (after, False)]
+        pos = end + len(after)
+    return [(piece, is_content) for piece, is_content in parts if piece] if pos == len(text) else None
