@@ -41,7 +41,8 @@ def naive_convert(ckpt_dir: Path, out: Path) -> None:
 
     from edge_lora.converters.architectures import arch_spec_for
     from edge_lora.converters.checkpoint import HFCheckpoint
-    from edge_lora.converters.hf_to_gguf import FILE_TYPES, _check_tensors, _TensorSource
+    from edge_lora.converters.hf_to_gguf import _check_tensors, _TensorSource
+    from edge_lora.core.formats import BY_NAME
     from edge_lora.converters.tokenizer_export import add_tokenizer, read_tokenizer
 
     with HFCheckpoint.open(ckpt_dir) as ckpt:
@@ -52,7 +53,7 @@ def naive_convert(ckpt_dir: Path, out: Path) -> None:
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(ckpt.name)
         writer.add_basename(ckpt.name)
-        writer.add_file_type(FILE_TYPES["f16"])
+        writer.add_file_type(BY_NAME["F16"].file_type)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         metadata, extra = spec.metadata()
         for key, value, vtype in metadata:

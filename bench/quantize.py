@@ -41,11 +41,11 @@ quiet = llama.llama_log_callback(lambda l, t, d: None)  # kept alive: llama.cpp 
 llama.llama_log_set(quiet, ctypes.c_void_p(0))
 llama.llama_backend_init()
 src, out, names = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
-from edge_lora.converters.quantize import QUANT_TYPES
+from edge_lora.core.formats import BY_NAME
 for name in names:
     p = llama.llama_model_quantize_default_params()
     p.nthread = 2
-    p.ftype = QUANT_TYPES[name]
+    p.ftype = BY_NAME[name].file_type
     rc = llama.llama_model_quantize(src.encode(), f"{out}/base-{name}.gguf".encode(), ctypes.byref(p))
     assert rc == 0, name
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
@@ -112,9 +112,9 @@ def base_f16_and_adapter() -> tuple[Path, Path]:
 
 
 def print_ladder_timing(src: Path, formats: list[str]) -> None:
-    from edge_lora.converters.quantize import QUANT_TYPES
+    from edge_lora.core.formats import LADDER
 
-    names = ",".join(f for f in formats if f in QUANT_TYPES)
+    names = ",".join(f.name for f in LADDER if f.name in formats)
     with tempfile.TemporaryDirectory() as tmp:
         rows = [("llama.cpp in-process, sequential (baseline)", *run(BASELINE, str(src), tmp, names))]
         rows.append(("edge-lora quantize_ladder, sequential", *run(OURS, str(src), tmp, names, "1")))
@@ -186,12 +186,12 @@ def quantize(src: Path, out: Path, names: list[str], imatrix: Path | None, threa
 
 def print_quality(src: Path, imatrix: Path, formats: list[str], windows: int | None, threads: int | None,
                   work: Path) -> None:
-    from edge_lora.converters.quantize import NEEDS_IMATRIX
+    from edge_lora.core.formats import BY_NAME
     from edge_lora.perplexity import default_eval_text
 
     text = default_eval_text()
     f16 = measure(src, text, windows, src, threads)  # fills the baseline cache; KLD 0
-    plain = quantize(src, work / "plain", [f for f in formats if f not in NEEDS_IMATRIX], None, threads)
+    plain = quantize(src, work / "plain", [f for f in formats if not BY_NAME[f].needs_imatrix], None, threads)
     calibrated = quantize(src, work / "calibrated", formats, imatrix, threads)
     print(f"\n## quality on the held-out text, ctx 512, {f16.windows} windows ({f16.tokens} tokens scored): "
           f"F16 PPL {f16.ppl:.3f}")
@@ -216,7 +216,7 @@ def print_quality(src: Path, imatrix: Path, formats: list[str], windows: int | N
 def print_hot_apply(merged_f16: Path, formats: list[str], windows: int | None, threads: int | None,
                     max_chunks: int | None, work: Path) -> None:
     from edge_lora.core.imatrix_file import write_imatrix
-    from edge_lora.converters.quantize import NEEDS_IMATRIX
+    from edge_lora.core.formats import BY_NAME
     from edge_lora.imatrix import compute_imatrix, default_calibration_text
     from edge_lora.perplexity import default_eval_text
 
@@ -225,7 +225,7 @@ def print_hot_apply(merged_f16: Path, formats: list[str], windows: int | None, t
                            max_chunks=max_chunks)
     imatrix = write_imatrix(work / "base+legal.imatrix.gguf", run_.imatrix)
     text = default_eval_text()
-    plain = quantize(base, work / "hot-plain", [f for f in formats if f not in NEEDS_IMATRIX], None, threads)
+    plain = quantize(base, work / "hot-plain", [f for f in formats if not BY_NAME[f].needs_imatrix], None, threads)
     calibrated = quantize(base, work / "hot-calibrated", formats, imatrix, threads)
     print(f"\n## hot-apply: base quantized, legal adapter hot-applied; KLD vs the merged F16 "
           f"(imatrix on the base with the adapter hot-applied, {run_.tokens} tokens)")
@@ -239,7 +239,7 @@ def print_hot_apply(merged_f16: Path, formats: list[str], windows: int | None, t
 
 
 def main() -> None:
-    from edge_lora.converters.quantize import parse_quant_list
+    from edge_lora.core.formats import parse_quant_list
 
     parser = argparse.ArgumentParser()
     parser.add_argument("f16", nargs="?", type=Path)

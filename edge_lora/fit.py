@@ -22,16 +22,22 @@ Constants are calibrated by ``bench/fit.py`` (subprocess peak RSS on real files)
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
-from edge_lora.core import constants
+from edge_lora.core import context_size
+from edge_lora.core.child_process import isolated_python
 from edge_lora.core.errors import InputError, InputNotFoundError
+from edge_lora.core.formats import format_of_file, quality_rank
 from edge_lora.core.gguf_check import GGUFInfo, validate_gguf
 from edge_lora.core.imatrix_file import calibration_of
+from edge_lora.core.manifest import Manifest
+from edge_lora.core.output_dir import OutputDir
+from edge_lora.hardware import parse_system_info
 
 MB = 1_000_000
 # Measured: `python -c "import numpy, llama_cpp"` process before any model is loaded.
@@ -49,16 +55,6 @@ KV_PAD = 256  # llama.cpp pads the number of KV cells
 # Memory headroom: a model may use at most this share of available RAM to "fit"; up to all
 # of it is "tight" (it runs, but leaves little for everything else on the laptop).
 FIT_SHARE = 0.8
-
-# Best first. F16 and BF16 are equal quality; F16 runs faster on most CPUs.
-FORMAT_QUALITY_ORDER: tuple[str, ...] = (
-    "F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S",
-    "Q4_1", "Q4_0", "IQ4_NL", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K")
-# llama_ftype (include/llama.h) -> format name, for files whose name does not say it.
-FTYPE_NAMES: dict[int, str] = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1",
-                               10: "Q2_K", 11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S",
-                               15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 25: "IQ4_NL", 32: "BF16"}
-
 
 @dataclass(frozen=True)
 class MemoryEstimate:
@@ -121,6 +117,12 @@ class FitReport:
     def recommended(self) -> ModelFit | None:
         return next((m for m in self.models if m.recommended), None)
 
+    @property
+    def choice(self) -> ModelFit:
+        """The file to use: the recommended one, else (nothing fits, even tightly) the smallest,
+        the likeliest to run at all."""
+        return self.recommended or min(self.models, key=lambda m: m.file_bytes)
+
     def to_json(self) -> dict:
         """DESIGN.md ``fit --json`` schema (extra per-model keys after the required ones)."""
         return {"ram": {"total_bytes": self.total_bytes, "available_bytes": self.available_bytes},
@@ -144,13 +146,8 @@ def _arch_int(info: GGUFInfo, suffix: str, default: int | None = None) -> int | 
 def format_of(info: GGUFInfo) -> str:
     """The format name: from the file name (``<name>-Q4_K_M.gguf``) when it says, else from
     general.file_type."""
-    stem = info.path.stem.upper()
-    for name in sorted(FORMAT_QUALITY_ORDER, key=len, reverse=True):
-        if stem.endswith(name):
-            return name
-    if info.file_type is not None and info.file_type in FTYPE_NAMES:
-        return FTYPE_NAMES[info.file_type]
-    return "unknown"
+    fmt = format_of_file(info.path, info.file_type)
+    return fmt.name if fmt is not None else "unknown"
 
 
 def context_length(info: GGUFInfo) -> int | None:
@@ -158,8 +155,7 @@ def context_length(info: GGUFInfo) -> int | None:
 
 
 def default_ctx(info: GGUFInfo) -> int:
-    trained = context_length(info)
-    return min(trained, constants.DEFAULT_CTX_CAP) if trained else constants.DEFAULT_CTX_CAP
+    return context_size.default_ctx(context_length(info))
 
 
 def _n_vocab(info: GGUFInfo) -> int:
@@ -200,10 +196,8 @@ def _weights_bytes(info: GGUFInfo, repack: bool) -> int:
 
 
 def _cpu_repacks() -> bool:
-    from edge_lora.hardware import parse_system_info
-
     try:
-        import llama_cpp
+        import llama_cpp  # loaded when an estimate is made, not when `fit` is imported (CLI start)
         features = parse_system_info(llama_cpp.llama_print_system_info().decode("utf-8", "replace"))
     except (ImportError, OSError):
         return True  # assume the common (x86 AVX2 / ARM NEON) case
@@ -273,10 +267,14 @@ def model_infos(sources: Iterable[ModelSource]) -> list[GGUFInfo]:
 
 
 def _directory_models(directory: Path) -> list[GGUFInfo]:
+    try:
+        output = OutputDir.read(directory)
+    except InputError:
+        output = OutputDir.by_file_names(directory)  # a damaged manifest costs the KLD ranking, not the estimate
     infos: list[GGUFInfo] = []
-    for path in sorted(p for p in directory.glob("*.gguf") if not p.name.startswith("adapter-")):
+    for model in output.models:
         try:
-            infos.append(validate_gguf(path, expect_type="model"))
+            infos.append(validate_gguf(model.path, expect_type="model"))
         except InputError:
             continue  # an adapter or a damaged file in a directory is skipped; named directly it errors
     return infos
@@ -284,8 +282,6 @@ def _directory_models(directory: Path) -> list[GGUFInfo]:
 
 def _manifest_klds(files: Iterable[Path]) -> dict[Path, float]:
     """KLD per file from the manifest.json beside it, when measured (``edge-lora ppl --kld-base``)."""
-    from edge_lora.core.manifest import Manifest
-
     klds: dict[Path, float] = {}
     by_directory: dict[Path, list[Path]] = {}
     for f in files:
@@ -301,10 +297,6 @@ def _manifest_klds(files: Iterable[Path]) -> dict[Path, float]:
             if row is not None and row.kld is not None:
                 klds[f] = float(row.kld)
     return klds
-
-
-def _quality_rank(fmt: str) -> int:
-    return FORMAT_QUALITY_ORDER.index(fmt) if fmt in FORMAT_QUALITY_ORDER else len(FORMAT_QUALITY_ORDER)
 
 
 def verdict_for(total_bytes: int, available_bytes: int) -> str:
@@ -336,7 +328,7 @@ def fit_report(paths_or_dirs: Sequence[ModelSource] | ModelSource, ctx: int | No
         rows.append(ModelFit(path=str(info.path), format=format_of(info), ctx=ctx, estimate=estimate,
                              verdict=verdict_for(estimate.total_bytes, available), recommended=False,
                              kld=klds.get(info.path), calibrated=calibration_of(info)))
-    rows.sort(key=lambda r: (_quality_rank(r.format), r.path))  # best quality first, as users read tables
+    rows.sort(key=lambda r: (quality_rank(r.format), r.path))  # best quality first, as users read tables
     choice = _choose(rows)
     models = [ModelFit(**{**_fields(r), "recommended": r is choice}) for r in rows]
     return FitReport(total_bytes=int(memory.total), available_bytes=available, ctx=ctx, models=models)
@@ -354,7 +346,7 @@ def _choose(rows: list[ModelFit]) -> ModelFit | None:
             continue
         if all(r.kld is not None for r in candidates):
             return min(candidates, key=lambda r: (r.kld, -r.total_bytes))
-        return min(candidates, key=lambda r: (_quality_rank(r.format), -r.total_bytes))
+        return min(candidates, key=lambda r: (quality_rank(r.format), -r.total_bytes))
     return None
 
 
@@ -378,11 +370,8 @@ print(int(status[0]) * 1024)
 def measure_peak_rss(gguf_path: Path | str, ctx: int, n_batch: int = 512, fill: bool = False) -> int:
     """Peak RSS (bytes) of a fresh Python process that loads the file, creates a context and
     decodes one batch (``fill``: the whole context). Linux only (/proc/self/status VmHWM)."""
-    import subprocess
-    import sys
-
-    out = subprocess.run([sys.executable, "-c", _MEASURE_SCRIPT, str(gguf_path), str(ctx), str(n_batch),
-                          "1" if fill else "0"], capture_output=True, text=True, check=False)
+    out = subprocess.run(isolated_python(_MEASURE_SCRIPT, str(gguf_path), str(ctx), str(n_batch), "1" if fill else "0"),
+                         capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise InputError(f"measuring {gguf_path} failed: {out.stderr.strip().splitlines()[-1:]}")
     return int(out.stdout.strip().splitlines()[-1])

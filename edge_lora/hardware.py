@@ -8,6 +8,7 @@ import os
 import platform
 import re
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import psutil
 
@@ -18,12 +19,49 @@ _INTERESTING_FEATURES = ("AVX", "AVX2", "AVX512", "AVX512_VNNI", "AVX512_BF16", 
 
 
 @dataclass(frozen=True)
+class CpuIdentity:
+    """What the kernel says the CPU is: its model name and the feature flags it advertises
+    (which, on some VMs, include instructions that trap: REFERENCE.md)."""
+
+    model: str
+    flags: tuple[str, ...]
+
+    @property
+    def amx_flags(self) -> tuple[str, ...]:
+        return tuple(f for f in self.flags if f.startswith("amx"))
+
+
+_CPUINFO_MODEL_KEYS = ("model name", "cpu model", "hardware", "processor")  # x86, mips/s390, arm, fallback
+_CPUINFO_FLAG_KEYS = ("flags", "features")  # x86, arm
+
+
+def cpu_identity(cpuinfo: str | None = None) -> CpuIdentity:
+    """From /proc/cpuinfo (first processor) where there is one, else what ``platform`` knows."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        key = key.strip().lower()
+        if sep and key not in fields:
+            fields[key] = value.strip()
+    model = next((fields[k] for k in _CPUINFO_MODEL_KEYS if fields.get(k) and not fields[k].isdigit()), "")
+    flags = next((fields[k].split() for k in _CPUINFO_FLAG_KEYS if fields.get(k)), [])
+    return CpuIdentity(model=model or platform.processor() or platform.machine(), flags=tuple(sorted(set(flags))))
+
+
+@dataclass(frozen=True)
 class Hardware:
     total_ram_bytes: int
     available_ram_bytes: int
     physical_cores: int
     logical_cores: int
     cpu_features: tuple[str, ...]  # features the llama.cpp build uses on this CPU
+    cpu_model: str
+    cpu_amx_flags: tuple[str, ...]  # AMX as the kernel advertises it (whether or not it runs)
     gpu_offload: bool
     llama_build: str  # llama-cpp-python version, which pins the vendored llama.cpp
     llama_cpp_system_info: str
@@ -83,9 +121,11 @@ def detect_hardware() -> Hardware:
         "numpy": _package_version("numpy"),
         "psutil": _package_version("psutil"),
     }
+    cpu = cpu_identity()
     return Hardware(
         total_ram_bytes=int(memory.total), available_ram_bytes=int(memory.available),
         physical_cores=int(physical), logical_cores=int(logical), cpu_features=features,
+        cpu_model=cpu.model, cpu_amx_flags=cpu.amx_flags,
         gpu_offload=gpu, llama_build=f"llama-cpp-python {llama_version}" if llama_version else "unavailable",
         llama_cpp_system_info=system_info, os=f"{platform.system()} {platform.release()}",
         machine=platform.machine(), python=platform.python_version(), versions=versions)

@@ -18,7 +18,8 @@ from typing import Literal
 
 from edge_lora.core import constants
 from edge_lora.core.atomic import atomic_write_text
-from edge_lora.core.errors import InputError, InputNotFoundError, InvalidCheckpointError, OutputError
+from edge_lora.core.bounded_json import JsonKind, read_json_object
+from edge_lora.core.errors import EdgeLoraError, InputError, InputNotFoundError, InvalidCheckpointError, OutputError
 
 RefKind = Literal["model", "adapter"]
 
@@ -90,10 +91,9 @@ def _verified_path() -> Path:
 
 def _load_verified() -> dict[str, list[int]]:
     try:
-        record = json.loads(_verified_path().read_text())
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
+        return read_json_object(_verified_path(), JsonKind.CACHE_RECORD, missing_ok=True) or {}
+    except EdgeLoraError:
+        return {}  # only a cache: the blobs are hashed again
 
 
 def resolve_local_or_hub(ref: str | os.PathLike[str], kind: RefKind = "model") -> Path:

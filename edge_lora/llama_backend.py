@@ -2,16 +2,19 @@
 
 Why low-level rather than ``llama_cpp.Llama``: we need per-request LoRA sets on one loaded
 base (``llama_set_adapters_lora``), logits views without copies for perplexity, and
-deterministic freeing. Every file is pre-parsed by ``gguf_check`` before llama.cpp sees it,
-and every index we hand to llama.cpp is checked here first, so bad input becomes a typed
-error instead of a crash inside C.
+deterministic freeing. Every file is pre-parsed by ``gguf_check`` before llama.cpp sees it, a
+model file this machine has not loaded before is loaded in a child process first (an abort in
+llama.cpp's loader ends the child, not us), and every index we hand to llama.cpp is checked
+here first, so bad input becomes a typed error instead of a crash inside C.
 """
 
 from __future__ import annotations
 
 import collections
+import collections.abc
 import contextlib
 import ctypes
+import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -20,9 +23,11 @@ from typing import Literal, TypeVar
 
 import numpy as np
 
+from edge_lora.converters.load_check import check_loads, proc_fd_path
 from edge_lora.core import constants
 from edge_lora.core.errors import AdapterError, InternalError, InvalidGGUFError, RequestError
-from edge_lora.core.gguf_check import GGUFInfo, check_adapter_fits, validate_gguf
+from edge_lora.core.gguf_check import FileIdentity, GGUFInfo, check_adapter_fits, validate_gguf
+from edge_lora.extra_buffers import use_extra_buffers
 
 import llama_cpp.llama_cpp as llama  # noqa: E402  (heavy: imported only by modules that run models)
 
@@ -96,23 +101,80 @@ class _NativeHandle:
             self.close()
 
 
+def model_params(*, extra_buffers: bool | None = None) -> llama.llama_model_params:
+    """The parameters every model is loaded with: CPU, mmap, and ggml's extra buffer types
+    only where the probe showed they run (``extra_buffers`` overrides, for benchmarks)."""
+    params = llama.llama_model_default_params()
+    params.n_gpu_layers = 0  # CPU: the machines this is for
+    params.load_mode = llama.LLAMA_LOAD_MODE_MMAP  # pages shared, loaded once
+    params.use_extra_bufts = use_extra_buffers() if extra_buffers is None else extra_buffers
+    return params
+
+
+def _changed(path: Path) -> InvalidGGUFError:
+    return InvalidGGUFError(f"{path} was replaced or modified while it was being loaded",
+                            fix="wait until whatever writes the file has finished, then run again")
+
+
+@contextlib.contextmanager
+def _pinned(path: Path, validated: FileIdentity | None) -> collections.abc.Iterator[tuple[int, FileIdentity, str]]:
+    """Open ``path`` once and yield (descriptor, identity, the name llama.cpp should open): the
+    descriptor's /proc/self/fd name, so llama.cpp reads the very file that was validated, whatever
+    the path names meanwhile. Refuses a file that is not the validated one, before and after."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise InvalidGGUFError(f"cannot open {path}: {exc.strerror or exc}",
+                               fix="check the path and its permissions") from exc
+    try:
+        identity = FileIdentity.of(os.fstat(fd))
+        if validated is not None and identity != validated:
+            raise _changed(path)
+        yield fd, identity, proc_fd_path(fd) or str(path)
+        try:
+            unchanged = FileIdentity.of(os.stat(path)) == identity
+        except OSError:
+            unchanged = False
+        if not unchanged:
+            raise _changed(path)
+    finally:
+        os.close(fd)
+
+
+def load_model_file(path: Path, info: GGUFInfo, *, extra_buffers: bool | None = None) -> llama.llama_model_p:
+    """The one way a model file reaches llama.cpp in this process: the file validated (``info``)
+    is the file loaded — it is opened once, compared with what was validated, proven to load in
+    a child process unless this very file (same inode, size, mtime) already was, loaded through
+    its descriptor, and the path is checked again afterwards, so a file swapped at any point
+    between the check and the load is refused."""
+    _ensure_backend()
+    ptr = None
+    try:
+        with _pinned(path, info.identity) as (fd, identity, name):
+            check_loads(path, depth="model", fd=fd, identity=identity,
+                        fix="the file is corrupt or not a model llama.cpp supports; re-convert or re-download it")
+            params = model_params(extra_buffers=extra_buffers)
+            _clear_log()
+            ptr = llama.llama_model_load_from_file(name.encode(), params)
+            if not ptr:
+                detail = _last_log_lines()
+                raise InvalidGGUFError(f"llama.cpp could not load {path}" + (f": {detail}" if detail else ""),
+                                       fix="check that the file is a complete model GGUF for a supported architecture")
+    except BaseException:
+        if ptr:
+            llama.llama_model_free(ptr)
+        raise
+    return ptr
+
+
 class LlamaModel(_NativeHandle):
     """A GGUF model loaded with mmap. Owns contexts and adapters made from it: closing the
     model closes them first, so no native object outlives its model."""
 
-    def __init__(self, path: Path | str, *, info: GGUFInfo | None = None) -> None:
-        _ensure_backend()
+    def __init__(self, path: Path | str, *, info: GGUFInfo | None = None, extra_buffers: bool | None = None) -> None:
         self.path = Path(path)
         self.info = info or validate_gguf(self.path, expect_type="model")
-        params = llama.llama_model_default_params()
-        params.n_gpu_layers = 0  # CPU: the machines this is for
-        params.load_mode = llama.LLAMA_LOAD_MODE_MMAP  # pages shared, loaded once
-        _clear_log()
-        self._ptr = llama.llama_model_load_from_file(str(self.path).encode(), params)
-        if not self._ptr:
-            detail = _last_log_lines()
-            raise InvalidGGUFError(f"llama.cpp could not load {self.path}" + (f": {detail}" if detail else ""),
-                                   fix="check that the file is a complete model GGUF for a supported architecture")
+        self._ptr = load_model_file(self.path, self.info, extra_buffers=extra_buffers)
         self._vocab = llama.llama_model_get_vocab(self._ptr)
         self.n_vocab: int = llama.llama_vocab_n_tokens(self._vocab)
         self.n_ctx_train: int = llama.llama_model_n_ctx_train(self._ptr)
@@ -238,8 +300,15 @@ class LoraAdapter(_NativeHandle):
         self.info = validate_gguf(self.path, expect_type="adapter")
         check_adapter_fits(model.info, self.info)
         _clear_log()
-        with model._lock:
-            self._ptr = llama.llama_adapter_lora_init(model.ptr, str(self.path).encode())
+        self._ptr = None
+        try:
+            with _pinned(self.path, self.info.identity) as (_fd, _identity, name), model._lock:
+                self._ptr = llama.llama_adapter_lora_init(model.ptr, name.encode())
+        except InvalidGGUFError as exc:
+            if self._ptr:
+                llama.llama_adapter_lora_free(self._ptr)
+                self._ptr = None
+            raise AdapterError(exc.message, fix=exc.fix) from None
         if not self._ptr:
             detail = _last_log_lines()
             raise AdapterError(f"llama.cpp could not load adapter {self.path}" + (f": {detail}" if detail else ""),

@@ -17,10 +17,12 @@ from pathlib import Path
 
 from edge_lora import __version__
 from edge_lora.core.atomic import atomic_write_text, check_not_an_input, ensure_writable_dir
+from edge_lora.core.chat_template import family_for
 from edge_lora.core.errors import InputError
-from edge_lora.fit import adapter_info, default_ctx, fit_report, model_info
 from edge_lora.core.gguf_check import GGUFInfo, check_adapter_fits, validate_gguf
 from edge_lora.core.imatrix_file import calibration_of
+from edge_lora.core.output_dir import OutputDir
+from edge_lora.fit import adapter_info, default_ctx, fit_report, model_info
 from edge_lora.go_template import GoFamily, family_for_jinja, go_family
 
 MODELFILE_NAME = "Modelfile"
@@ -111,8 +113,6 @@ def _format_param(name: str, value: object) -> str:
 def _chat_family(model_path: Path, info: GGUFInfo) -> GoFamily:
     """From the embedded Jinja template when there is one, else the fallback family the runtime
     uses (edge_lora.core.chat_template.family_for) — which may need the vocabulary."""
-    from edge_lora.core.chat_template import family_for
-
     embedded = info.metadata.get("tokenizer.chat_template")
     if isinstance(embedded, str) and embedded.strip():
         return family_for_jinja(embedded)
@@ -121,7 +121,7 @@ def _chat_family(model_path: Path, info: GGUFInfo) -> GoFamily:
 
     def has_token(text: str) -> bool:
         if not loaded:  # only non-Gemma models without a template need the vocabulary loaded
-            from edge_lora.llama_backend import LlamaModel
+            from edge_lora.llama_backend import LlamaModel  # llama.cpp: loaded only when needed
 
             loaded.append(LlamaModel(model_path, info=info))
         return loaded[0].token_id(text) is not None
@@ -240,20 +240,13 @@ def write_modelfile(out_path: Path | str, model_path: Path | str | GGUFInfo, *, 
                            notes=result.notes, path=out_path)
 
 
-def write_modelfiles_for_output(out_dir: Path | str, manifest: object) -> list[Path]:
-    """Pipeline hook: a ``Modelfile`` beside a convert output set, FROM the format the fit
-    estimator recommends among its model files (merged ones preferred: Ollama's ADAPTER path is
-    unreliable). Returns the paths written (none when the set holds no model file)."""
-
-    out_dir = Path(out_dir)
-    files = list(getattr(manifest, "files", []))
-    merged = [out_dir / f.path for f in files if f.kind == "merged"]
-    candidates = merged or [out_dir / f.path for f in files if f.kind == "model"]
+def write_modelfile_for_output(output: OutputDir) -> Path | None:
+    """Convert's hand-off: a ``Modelfile`` beside an output set, FROM the format the fit estimator
+    recommends among its model files (merged ones when there are: Ollama's ADAPTER path is
+    unreliable). Returns the path written (None when the set holds no model file)."""
     # Each header parsed once: the estimate and the Modelfile both read the chosen one.
-    infos = {p: validate_gguf(p, expect_type="model") for p in candidates if p.is_file()}
+    infos = {m.path: validate_gguf(m.path, expect_type="model") for m in output.models if m.kind == output.kind}
     if not infos:
-        return []
-    choice = fit_report(list(infos.values())).recommended
-    model = Path(choice.path) if choice is not None else min(infos, key=lambda p: p.stat().st_size)
-    result = write_modelfile(out_dir / MODELFILE_NAME, infos[model])
-    return [result.path] if result.path is not None else []
+        return None
+    choice = Path(fit_report(list(infos.values())).choice.path)
+    return write_modelfile(output.directory / MODELFILE_NAME, infos[choice]).path

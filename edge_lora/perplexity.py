@@ -28,6 +28,7 @@ import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from importlib.resources import files
 from pathlib import Path
 from time import perf_counter
 
@@ -37,6 +38,7 @@ from edge_lora.core import constants
 from edge_lora.core.atomic import atomic_open, ensure_writable_dir
 from edge_lora.core.errors import InputError, InputNotFoundError, InvalidGGUFError
 from edge_lora.core.progress import NullProgress, ProgressSink
+from edge_lora.llama_backend import LlamaContext, LlamaModel, LoraAdapter
 
 CACHE_TOP_K = 1024
 CACHE_FORMAT = 2
@@ -80,8 +82,6 @@ class PerplexityResult:
 
 def default_eval_text() -> str:
     """The shipped evaluation text (Apache-2.0 + MPL-2.0 licence texts; see data/eval/README.md)."""
-    from importlib.resources import files
-
     return files("edge_lora.data").joinpath("eval/apache-2.0-mpl-2.0.txt").read_text(encoding="utf-8")
 
 
@@ -192,8 +192,6 @@ def measure_perplexity(model_path: Path | str, text: str, ctx: int = 512, adapte
                        max_windows: int | None = None, use_cache: bool = True) -> PerplexityResult:
     """Perplexity of ``model_path`` (with ``adapters`` hot-applied) on ``text``; with ``kld_base``
     also KL(base || model) and top-1 agreement. ``max_windows`` limits the work (tests)."""
-    from edge_lora.llama_backend import LlamaContext, LlamaModel, LoraAdapter
-
     model_path = Path(model_path)
     base_path = Path(kld_base) if kld_base is not None else None
     _check_inputs(model_path, base_path)

@@ -4,17 +4,21 @@ a file that disappeared is reported by ``list`` (not a crash) and refused by ``r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
 import threading
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edge_lora.core import constants
-from edge_lora.core.atomic import atomic_write_text, ensure_writable_dir
+from edge_lora.core.atomic import atomic_write_text, ensure_writable_dir, file_lock
+from edge_lora.core.bounded_json import JsonKind, read_json_object
 from edge_lora.core.errors import InputNotFoundError, RegistryError
 from edge_lora.core.gguf_check import validate_gguf
+from edge_lora.core.output_dir import adapter_name
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 REGISTRY_FILE = "adapters.json"
@@ -57,11 +61,23 @@ class AdapterRegistry:
         self.home = Path(home) if home is not None else constants.EDGE_LORA_HOME
         self.file = self.home / REGISTRY_FILE
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Around a read-modify-write: other threads (the lock) and other processes (a file
+        lock beside the registry) wait, so concurrent adds and removes all land."""
+        with self._lock:
+            ensure_writable_dir(self.home)
+            with file_lock(self.file):
+                yield
+
     def _load(self) -> dict[str, RegisteredAdapter]:
-        if not self.file.exists():
+        try:
+            data = read_json_object(self.file, JsonKind.REGISTRY, missing_ok=True)
+        except RegistryError as exc:
+            raise RegistryError(f"the adapter registry is unreadable: {exc.message}", fix=exc.fix) from exc
+        if data is None:
             return {}
         try:
-            data = json.loads(self.file.read_text(encoding="utf-8"))
             entries = data["adapters"]
             if not isinstance(entries, dict):
                 raise TypeError("adapters is not an object")
@@ -71,7 +87,7 @@ class AdapterRegistry:
                                               scale=float(entry.get("scale", 1.0)),
                                               architecture=entry.get("architecture"))
             return out
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise RegistryError(f"the adapter registry {self.file} is unreadable ({exc})",
                                 fix=f"fix or delete {self.file} and register the adapters again") from exc
 
@@ -88,7 +104,7 @@ class AdapterRegistry:
         path = Path(path).expanduser().resolve()
         info = validate_gguf(path, expect_type="adapter")  # missing file, directory, not an adapter
         entry = RegisteredAdapter(name, path, scale, info.architecture)
-        with self._lock:
+        with self._locked():
             entries = self._load()
             if name in entries and not replace and entries[name].path != path:
                 raise RegistryError(f"an adapter named {name!r} is already registered ({entries[name].path})",
@@ -106,7 +122,7 @@ class AdapterRegistry:
             return self._load().get(name)
 
     def remove(self, name: str) -> RegisteredAdapter:
-        with self._lock:
+        with self._locked():
             entries = self._load()
             entry = entries.pop(name, None)
             if entry is None:
@@ -128,7 +144,7 @@ class AdapterRegistry:
         path = Path(text).expanduser()
         if path.is_file():
             info = validate_gguf(path, expect_type="adapter")
-            stem = path.name.removesuffix(".gguf").removeprefix("adapter-") or "adapter"
+            stem = adapter_name(path) or path.name.removesuffix(".gguf")
             name = stem if NAME_PATTERN.fullmatch(stem) else "adapter"
             return RegisteredAdapter(name, path.resolve(), 1.0, info.architecture)
         raise InputNotFoundError(f"{text!r} is neither a registered adapter nor an adapter file",

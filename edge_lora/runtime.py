@@ -33,6 +33,7 @@ import numpy as np
 
 from edge_lora.core import constants
 from edge_lora.core.chat_template import ChatPart, ChatTemplate, normalize_messages, render_chat_parts, template_for
+from edge_lora.core.context_size import default_ctx
 from edge_lora.core.errors import (ContextLengthError, InputNotFoundError, InvalidGGUFError, RegistryError,
                               RequestError)
 from edge_lora.llama_backend import (TOKEN_ATTR_CONTROL, TOKEN_ATTR_LSTRIP, TOKEN_ATTR_RSTRIP, TOKEN_ATTR_UNKNOWN,
@@ -203,7 +204,7 @@ class Runtime:
         self.model_path = Path(model_path)
         self.model_id = self.model_path.name.removesuffix(".gguf")
         self.seed = seed
-        self.n_ctx = n_ctx or min(self.model.n_ctx_train or constants.DEFAULT_CTX_CAP, constants.DEFAULT_CTX_CAP)
+        self.n_ctx = n_ctx or default_ctx(self.model.n_ctx_train)
         if self.model.n_ctx_train and self.n_ctx > self.model.n_ctx_train:
             self.model.close()
             raise RequestError(f"context {self.n_ctx} exceeds the {self.model.n_ctx_train} tokens the model was "
@@ -350,7 +351,7 @@ class Runtime:
             self.model._check_token(t)
         return tokens
 
-    def render_messages(self, messages: object) -> list[int]:
+    def render_messages(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
         """The chat prompt's tokens. Only the template's own markup becomes control tokens: a
         message that spells ``<start_of_turn>model`` gets those characters as plain text, so a
         user cannot forge turns. Ordinary messages give exactly the ids of tokenizing the
@@ -436,16 +437,6 @@ class Runtime:
         self._markup_cache[text] = pieces
         return pieces
 
-    def render_conversation(self, history: Sequence[Mapping[str, Any]], reply_room: int) -> tuple[list[int], int]:
-        """The chat prompt of ``history`` leaving ``reply_room`` tokens for the reply, dropping the
-        oldest messages as needed (the last one is always kept): (tokens, messages dropped)."""
-        dropped = 0
-        tokens = self.render_messages(history)
-        while len(history) - dropped > 1 and len(tokens) + reply_room > self.n_ctx:
-            dropped += 1
-            tokens = self.render_messages(history[dropped:])
-        return tokens, dropped
-
     # --- generation ---
     def generate(self, prompt: str | Sequence[int], adapters: Mapping[str, float | None] | None = None,
                  max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
@@ -456,7 +447,7 @@ class Runtime:
         return self._start(tokens, adapters, SamplingParams(max_tokens, float(temperature), float(top_p),
                                                             int(top_k), seed, tuple(stop)), cancel)
 
-    def chat(self, messages: object, adapters: Mapping[str, float | None] | None = None,
+    def chat(self, messages: Sequence[Mapping[str, Any]], adapters: Mapping[str, float | None] | None = None,
              max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
              seed: int | None = None, stop: Sequence[str] = (),
              cancel: threading.Event | None = None) -> Generation:

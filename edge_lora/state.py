@@ -7,7 +7,9 @@ import json
 from pathlib import Path
 
 from edge_lora.core import constants
-from edge_lora.core.atomic import atomic_write_text, ensure_writable_dir
+from edge_lora.core.atomic import atomic_write_text, ensure_writable_dir, file_lock
+from edge_lora.core.bounded_json import JsonKind, read_json_object
+from edge_lora.core.errors import EdgeLoraError
 
 STATE_FILE = "state.json"
 
@@ -18,17 +20,17 @@ def _state_path() -> Path:
 
 def _read() -> dict:
     try:
-        data = json.loads(_state_path().read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}  # missing or damaged state only means "nothing remembered"
-    return data if isinstance(data, dict) else {}
+        return read_json_object(_state_path(), JsonKind.STATE, missing_ok=True) or {}
+    except EdgeLoraError:
+        return {}  # damaged state only means "nothing remembered"
 
 
 def remember_output_dir(path: Path | str) -> None:
-    state = _read()
-    state["last_output_dir"] = str(Path(path).expanduser().resolve())
     ensure_writable_dir(constants.EDGE_LORA_HOME)
-    atomic_write_text(_state_path(), json.dumps(state, indent=2) + "\n")
+    with file_lock(_state_path()):  # other keys another process writes meanwhile are kept
+        state = _read()
+        state["last_output_dir"] = str(Path(path).expanduser().resolve())
+        atomic_write_text(_state_path(), json.dumps(state, indent=2) + "\n")
 
 
 def last_output_dir() -> Path | None:

@@ -13,19 +13,32 @@ from edge_lora.core import constants
 from tests.support.paths import LEGAL_ADAPTER_DIR, LICENSES
 
 
+@pytest.fixture(scope="session")
+def shared_native_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Verdicts about this machine's llama.cpp (the extra-buffer probe, files proven to load by
+    identity) are facts about the machine and the file, not about a test: every test's cache
+    links here, so the probe runs once per session and a fixture file is checked once."""
+    return tmp_path_factory.mktemp("native-cache")
+
+
 @pytest.fixture(autouse=True)
-def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared_native_cache: Path,
+                  tmp_path_factory: pytest.TempPathFactory) -> Path:
     home = tmp_path / "edge-lora-home"
-    cache = tmp_path / "edge-lora-cache"
+    # Outside tmp_path, which some tests list: the cache must exist to hold the shared link.
+    cache = tmp_path_factory.mktemp("edge-lora-cache")
+    (cache / constants.NATIVE_CACHE_DIR).symlink_to(shared_native_cache, target_is_directory=True)
     monkeypatch.setenv("EDGE_LORA_HOME", str(home))
     monkeypatch.setenv("EDGE_LORA_CACHE", str(cache))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("EDGE_LORA_API_KEY", raising=False)
+    monkeypatch.delenv(constants.NO_EXTRA_BUFFERS_ENV, raising=False)
     monkeypatch.setattr(constants, "EDGE_LORA_HOME", home)
     monkeypatch.setattr(constants, "EDGE_LORA_CACHE", cache)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "EDGE_LORA_API_KEY", None)
+    monkeypatch.setattr(constants, "NO_EXTRA_BUFFERS", False)
     return home
 
 

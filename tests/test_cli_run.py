@@ -18,8 +18,9 @@ import pytest
 
 from edge_lora import state
 from edge_lora.cli import main
-from edge_lora.cli.run import parse_adapter_arg, resolve_model_path
+from edge_lora.core.context_size import MAX_CTX, MIN_CTX
 from edge_lora.core.errors import InputError, InputNotFoundError
+from edge_lora.model_choice import AdapterChoice, parse_adapter_arg, resolve_model_path
 from edge_lora.runtime import Runtime
 
 PROMPT = "The Apache License, Version 2.0, grants"
@@ -84,7 +85,7 @@ def test_interactive_chat_forgets_oldest_turns_to_fit(capsys, monkeypatch, gemma
     code, out, err = run_cli(capsys, "run", "--model", str(gemma_q4_gguf), "--max-tokens", "16",
                              "--temperature", "0", "--ctx", "128")
     assert code == 0 and len(out.splitlines()) >= 12
-    assert "oldest messages to fit the context" in err and "error" not in err
+    assert "oldest messages are left out of the prompt to fit the context" in err and "error" not in err
 
 
 def test_model_directory_resolution(tmp_path: Path, gemma_q4_gguf: Path) -> None:
@@ -117,10 +118,19 @@ def test_model_directory_resolution(tmp_path: Path, gemma_q4_gguf: Path) -> None
 
 
 def test_parse_adapter_arg() -> None:
-    assert parse_adapter_arg("legal") == parse_adapter_arg("legal")
+    assert parse_adapter_arg("legal") == AdapterChoice("legal", None)
     assert parse_adapter_arg("legal:0.5").scale == 0.5 and parse_adapter_arg("legal:0.5").name_or_path == "legal"
     assert parse_adapter_arg("/x/a.gguf").scale is None
     assert parse_adapter_arg("/x/a.gguf:-1").scale == -1.0
+
+
+@pytest.mark.parametrize("command", [["run", "--prompt", "x"], ["serve"], ["fit"], ["tui"],
+                                     ["modelfile", "--model", "m.gguf"]])
+def test_one_ctx_range_for_every_command(capsys, command: list[str]) -> None:
+    for ctx in (MIN_CTX - 1, MAX_CTX + 1):
+        code, out, err = run_cli(capsys, *command, "--ctx", str(ctx))
+        assert code == 2 and out == ""
+        assert err == f"edge-lora: error: --ctx {ctx} is out of range — use a context between {MIN_CTX} and {MAX_CTX}\n"
 
 
 def test_adapters_cli(capsys, tmp_path: Path, random_gemma_loras) -> None:

@@ -394,3 +394,76 @@ def test_random_header_corruption_only_raises_invalid_gguf(tmp_path: Path) -> No
         except InvalidGGUFError:
             pass
     assert time.perf_counter() - start < 20
+
+
+# --- hyperparameters llama.cpp's loader or graph builder asserts on (llama-model.cpp, src/models) ---
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"llama.nextn_predict_layers": 1}, "nextn_predict_layers 1 for 1 blocks"),
+    ({"llama.expert_count": 2000, "llama.expert_used_count": 2}, "up to 1024"),
+    ({"llama.expert_count": 4, "llama.expert_used_count": 5}, "more used than exist"),
+    ({"llama.expert_count": 4, "llama.expert_used_count": [0]}, "at least one"),
+    ({"llama.expert_used_count": 2}, "0 experts .* with 2 used per token; more used than exist"),
+    ({"llama.expert_group_count": 2}, "without experts both must be 0"),
+    ({"llama.expert_count": 8, "llama.expert_used_count": 2, "llama.expert_group_count": 8}, "fewer groups"),
+    ({"llama.expert_count": 8, "llama.expert_used_count": 2, "llama.expert_group_count": 3,
+      "llama.expert_group_used_count": 1}, "groups must divide"),
+    ({"llama.expert_count": 8, "llama.expert_used_count": 2, "llama.expert_group_count": 4,
+      "llama.expert_group_used_count": 4}, "fewer than all groups"),
+    ({"llama.expert_used_count": [2, 2]}, "2 entries for 1 layers"),
+    ({"llama.rope.scaling.type": "dynamic"}, "rope.scaling.type 'dynamic'"),
+    ({"llama.attention.head_count": [4, 4]}, "head_count 2 entries for 1 layers"),
+    ({"llama.attention.head_count": [-4]}, "not a count"),
+    ({"llama.attention.head_count_kv": 3}, "multiple of the key/value heads"),
+    ({"llama.attention.head_count_kv": 8}, "multiple of the key/value heads"),
+    ({"llama.attention.key_length": 32}, "key head size 32, value head size 16"),
+    ({"llama.rope.dimension_count": 8}, "rope dimensions 8"),
+    ({"llama.embedding_length": 66}, "not a multiple of its 4 heads"),
+], ids=["nextn", "experts-max", "experts-used", "experts-none-used", "used-without-experts",
+        "groups-without-experts", "groups-too-many",
+        "groups-divide", "groups-used", "used-array-length", "rope-scaling", "heads-array-length",
+        "heads-negative", "kv-heads-divide", "kv-heads-more", "key-length", "rope-dims", "embd-not-divisible"])
+def test_hparams_llama_cpp_aborts_on_are_refused_before_it_sees_them(tmp_path: Path, overrides: dict,
+                                                                      match: str) -> None:
+    from tests.support.tiny_gguf import write_tiny_llama
+
+    path = write_tiny_llama(tmp_path / "bad.gguf", overrides)
+    start = time.perf_counter()
+    with pytest.raises(InvalidGGUFError, match=match):
+        validate_gguf(path, expect_type="model")
+    assert time.perf_counter() - start < 1.0
+
+
+@pytest.mark.parametrize("overrides", [
+    {}, {"llama.expert_count": 8, "llama.expert_used_count": 2},
+    {"llama.expert_count": 8, "llama.expert_used_count": 2, "llama.expert_group_count": 4,
+     "llama.expert_group_used_count": 2},
+    {"llama.attention.head_count_kv": 2}, {"llama.attention.head_count_kv": [1]},
+    {"llama.rope.scaling.type": "yarn"}, {"llama.nextn_predict_layers": 0},
+    {"llama.attention.key_length": 16, "llama.attention.value_length": 16},
+], ids=["plain", "moe", "moe-groups", "gqa", "gqa-array", "yarn", "no-nextn", "explicit-head-size"])
+def test_valid_hparams_pass(tmp_path: Path, overrides: dict) -> None:
+    from tests.support.tiny_gguf import write_tiny_llama
+
+    validate_gguf(write_tiny_llama(tmp_path / "ok.gguf", overrides), expect_type="model")
+
+
+def test_head_sizes_are_checked_only_for_architectures_that_assert_them(tmp_path: Path) -> None:
+    def kvs(arch: str) -> list[bytes]:
+        return [_kv("general.architecture", VT.STRING, _str(arch)),
+                _kv(f"{arch}.block_count", VT.UINT32, struct.pack("<I", 1)),
+                _kv(f"{arch}.embedding_length", VT.UINT32, struct.pack("<I", 64)),
+                _kv(f"{arch}.attention.head_count", VT.UINT32, struct.pack("<I", 4)),
+                _kv(f"{arch}.rope.dimension_count", VT.UINT32, struct.pack("<I", 8))]
+
+    with pytest.raises(InvalidGGUFError, match="qwen2 needs them equal"):
+        validate_gguf(write(tmp_path, build_gguf(kvs=kvs("qwen2")), "qwen2.gguf"), expect_type="model")
+    # gemma3's graph uses n_rot separately from the head size: a partial rotary is its business.
+    validate_gguf(write(tmp_path, build_gguf(kvs=kvs("gemma3")), "gemma3.gguf"), expect_type="model")
+
+
+def test_integer_tensors_in_a_model_are_refused(tmp_path: Path) -> None:
+    tensors = [_tensor_info("blk.0.attn_q.weight", [8, 2], gguf.GGMLQuantizationType.I32, 0)]
+    path = write(tmp_path, build_gguf(tensors=tensors))
+    with pytest.raises(InvalidGGUFError, match="as I32"):
+        validate_gguf(path, expect_type="model")

@@ -3,11 +3,11 @@ the Jinja chat templates, paths relative to the Modelfile, and typed errors for 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import gguf
 import numpy as np
@@ -18,8 +18,10 @@ from tests.support.modelfile_grammar import ModelfileSyntaxError, parse_modelfil
 from edge_lora.core.chat_template import FAMILY_TEMPLATES, render_chat
 from edge_lora.core.errors import InputError, InputNotFoundError, InvalidGGUFError
 from edge_lora.go_template import GO_FAMILIES, detect_family
+from edge_lora.core.manifest import Manifest
+from edge_lora.core.output_dir import OutputDir
 from edge_lora.modelfile import (ADAPTER_CAVEAT, render_modelfile, render_modelfile_result, write_modelfile,
-                                 write_modelfiles_for_output)
+                                 write_modelfile_for_output)
 
 CONVERSATION = [
     {"role": "system", "content": "You answer in one short sentence."},
@@ -239,13 +241,20 @@ def test_bad_values_are_typed_errors(gemma_q4_gguf: Path) -> None:
     assert parsed.parameter("temperature") == [0.2] and parsed.parameter("seed") == [7]
 
 
-def test_pipeline_hook_writes_modelfile_for_the_merged_model(gemma_beside: Path) -> None:
-    manifest = SimpleNamespace(files=[SimpleNamespace(path=gemma_beside.name, kind="merged", format="Q4_K_M")])
-    written = write_modelfiles_for_output(gemma_beside.parent, manifest)
-    assert written == [gemma_beside.parent / "Modelfile"]
-    assert parse_modelfile(written[0].read_text()).from_ == f"./{gemma_beside.name}"
-    assert write_modelfiles_for_output(gemma_beside.parent, SimpleNamespace(files=[])) == []
+def _listing(directory: Path, merged: list[Path]) -> None:
+    """A manifest.json listing ``merged`` as merged model files (sizes are not what these tests check)."""
+    rows = [{"path": p.name, "format": "Q4_K_M", "kind": "merged", "bytes": 1, "bpw": 4.0, "sha256": ""}
+            for p in merged]
+    (directory / "manifest.json").write_text(json.dumps({"name": "gemma", "files": rows}))
 
+
+def test_pipeline_hook_writes_modelfile_for_the_merged_model(gemma_beside: Path) -> None:
+    _listing(gemma_beside.parent, [gemma_beside])
+    written = write_modelfile_for_output(OutputDir.read(gemma_beside.parent))
+    assert written == gemma_beside.parent / "Modelfile"
+    assert parse_modelfile(written.read_text()).from_ == f"./{gemma_beside.name}"
+    nothing = OutputDir(gemma_beside.parent, Manifest(gemma_beside.parent), models=(), adapters=())
+    assert write_modelfile_for_output(nothing) is None
 
 
 def test_pipeline_hook_and_default_num_ctx_parse_each_file_once(gemma_beside: Path, gemma_q4_gguf: Path,
@@ -256,10 +265,10 @@ def test_pipeline_hook_and_default_num_ctx_parse_each_file_once(gemma_beside: Pa
 
     second = gemma_beside.parent / "gemma-3-270m-copy-Q4_K_M.gguf"
     os.symlink(gemma_q4_gguf, second)
-    manifest = SimpleNamespace(files=[SimpleNamespace(path=p.name, kind="merged", format="Q4_K_M")
-                                      for p in (gemma_beside, second)])
+    _listing(gemma_beside.parent, [gemma_beside, second])
+    output = OutputDir.read(gemma_beside.parent)
     parsed = count_parses(monkeypatch)
-    assert write_modelfiles_for_output(gemma_beside.parent, manifest) == [gemma_beside.parent / "Modelfile"]
+    assert write_modelfile_for_output(output) == gemma_beside.parent / "Modelfile"
     assert sorted(p.name for p in parsed) == sorted([gemma_beside.name, second.name])
     parsed.clear()
     render_modelfile_result(gemma_beside, adapter_path=random_gemma_loras[0])  # num_ctx from the estimator

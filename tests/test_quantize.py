@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_lora.converters.hf_to_gguf import convert_checkpoint
-from edge_lora.core.manifest import Manifest, sha256_file
-from edge_lora.converters.quantize import QUANT_TYPES, parse_quant_list, quantize_ladder
 from edge_lora.cli import main
-from edge_lora.core.errors import InputError
+from edge_lora.converters.hf_to_gguf import convert_checkpoint
+from edge_lora.converters.quantize import quantize_ladder
+from edge_lora.core.formats import LADDER
 from edge_lora.core.gguf_check import validate_gguf
+from edge_lora.core.manifest import Manifest, sha256_file
 from tests.support.model_fixtures import make_checkpoint
 
 
@@ -39,13 +39,8 @@ def ladder(f16_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
     return out, json.loads(stdout.getvalue())
 
 
-def test_parse_quant_list() -> None:
-    assert parse_quant_list("all") == list(QUANT_TYPES)
-    assert parse_quant_list("none") == [] and parse_quant_list("") == []
-    assert parse_quant_list("q8_0, Q4_K_M,Q8_0") == ["Q8_0", "Q4_K_M"]
-    with pytest.raises(InputError) as caught:
-        parse_quant_list("Q4_K_M,Q4_X")
-    assert "Q4_X" in caught.value.message and all(n in caught.value.one_line() for n in QUANT_TYPES)
+# --quant all: name -> llama_ftype, in llama.cpp's order
+QUANT_TYPES = {f.name: f.file_type for f in LADDER}
 
 
 @pytest.mark.slow

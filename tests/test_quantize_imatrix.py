@@ -17,8 +17,9 @@ import pytest
 
 from edge_lora.cli import main
 from edge_lora.converters.hf_to_gguf import convert_checkpoint
-from edge_lora.converters.quantize import QUANT_TYPES, quantize_ladder, record_in_manifest
+from edge_lora.converters.quantize import quantize_ladder, record_in_manifest
 from edge_lora.core.errors import ImatrixError
+from edge_lora.core.formats import BY_NAME, LADDERS, Ladder
 from edge_lora.core.imatrix_file import ImatrixEntry, read_imatrix, write_imatrix
 from edge_lora.core.manifest import Manifest, sha256_file
 from tests.support.model_fixtures import make_checkpoint
@@ -41,7 +42,8 @@ def calibrated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _direct_quantize(src: Path, dst: Path, ftype: int, imatrix: Path | None) -> None:
-    """llama.cpp's quantizer called the way llama-quantize calls it, the imatrix read with gguf-py."""
+    """llama.cpp's quantizer called the way llama-quantize calls it (tools/quantize: the mean
+    squares per weight, and its four ``quantize.imatrix.*`` keys), the imatrix read with gguf-py."""
     import llama_cpp.llama_cpp as llama
 
     llama.llama_backend_init()
@@ -63,6 +65,18 @@ def _direct_quantize(src: Path, dst: Path, ftype: int, imatrix: Path | None) -> 
             slot.name, slot.size = name.encode(), values.size
             slot.data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
         params.imatrix = ctypes.cast(data, ctypes.POINTER(llama.llama_model_imatrix_data))
+        fields = gguf.GGUFReader(imatrix).fields
+        overrides = (llama.llama_model_kv_override * 5)()
+        for slot, (key, value) in zip(overrides, [
+                ("quantize.imatrix.file", imatrix.name), ("quantize.imatrix.dataset", fields["imatrix.datasets"].contents()[0]),
+                ("quantize.imatrix.entries_count", len(names)),
+                ("quantize.imatrix.chunks_count", fields["imatrix.chunk_count"].contents())]):
+            slot.key = key.encode()
+            if isinstance(value, str):
+                slot.tag, slot.value.val_str = llama.LLAMA_KV_OVERRIDE_TYPE_STR, value.encode()
+            else:
+                slot.tag, slot.value.val_i64 = llama.LLAMA_KV_OVERRIDE_TYPE_INT, value
+        params.kv_overrides = ctypes.cast(overrides, ctypes.POINTER(llama.llama_model_kv_override))
     assert llama.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
 
 
@@ -76,9 +90,10 @@ def test_calibrated_quantization_equals_llama_cpps_own(calibrated: dict[str, Pat
     [result] = quantize_ladder(calibrated["f16"], tmp_path / "ours", [fmt], imatrix=calibrated["imatrix"])
     assert result.ok, result.error
     direct = tmp_path / f"direct-{fmt}.gguf"
-    _direct_quantize(calibrated["f16"], direct, QUANT_TYPES[fmt], calibrated["imatrix"])
+    _direct_quantize(calibrated["f16"], direct, BY_NAME[fmt].file_type, calibrated["imatrix"])
     plain = tmp_path / f"plain-{fmt}.gguf"
-    _direct_quantize(calibrated["f16"], plain, QUANT_TYPES[fmt], None)
+    _direct_quantize(calibrated["f16"], plain, BY_NAME[fmt].file_type, None)
+    assert result.path.read_bytes() == direct.read_bytes()  # the whole file, metadata included
     ours, theirs, without = _tensors(result.path), _tensors(direct), _tensors(plain)
     assert list(ours) == list(theirs)
     for name in ours:
@@ -205,16 +220,6 @@ def test_fit_and_modelfile_say_which_files_are_calibrated(calibrated: dict[str, 
     assert "importance matrix" not in render_modelfile(out / "tiny-Q8_0.gguf")
 
 
-def test_quant_words_name_the_ladders() -> None:
-    from edge_lora.converters.quantize import IQ_TYPES, parse_quant_list
-
-    assert parse_quant_list("all") == list(QUANT_TYPES)  # `all` stays the K-quant ladder
-    assert parse_quant_list("iq") == list(IQ_TYPES) == ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S",
-                                                        "IQ4_XS", "IQ4_NL"]
-    assert parse_quant_list("all,iq") == list(QUANT_TYPES) + list(IQ_TYPES)
-    assert parse_quant_list("q4_k_m, iq4_xs,IQ4_XS") == ["Q4_K_M", "IQ4_XS"]
-
-
 def test_iq_formats_needing_an_imatrix_are_refused_without_one(calibrated: dict[str, Path], tmp_path: Path) -> None:
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
@@ -231,15 +236,15 @@ def test_iq_formats_needing_an_imatrix_are_refused_without_one(calibrated: dict[
 
 @pytest.mark.slow
 def test_iq_ladder_with_an_imatrix_loads_and_runs(calibrated: dict[str, Path], tmp_path: Path) -> None:
-    from edge_lora.converters.quantize import IQ_TYPES
     from edge_lora.core.gguf_check import validate_gguf
     from edge_lora.llama_backend import LlamaContext, LlamaModel
 
-    results = quantize_ladder(calibrated["f16"], tmp_path, list(IQ_TYPES), imatrix=calibrated["imatrix"])
+    iq_ladder = {f.name: f.file_type for f in LADDERS[Ladder.IQ]}
+    results = quantize_ladder(calibrated["f16"], tmp_path, list(iq_ladder), imatrix=calibrated["imatrix"])
     assert all(r.ok for r in results), [r.error for r in results if not r.ok]
     for result in results:
         info = validate_gguf(result.path, expect_type="model")
-        assert info.file_type == IQ_TYPES[result.name]
+        assert info.file_type == iq_ladder[result.name]
         # Rows of 256 take the file type's default tensor type (IQ2_S's is IQ2_XS; llama.cpp's mix
         # gives some tensors, e.g. attn_v and attn_output, more bits).
         assert info.tensor("blk.1.ffn_up.weight").type_name == {"IQ2_S": "IQ2_XS"}.get(result.name, result.name)

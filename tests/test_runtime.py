@@ -348,18 +348,6 @@ def test_cancel_and_unload(runtime: Runtime, random_gemma_loras: tuple[Path, Pat
         runtime.generate(PROMPT, adapters={"tmp": 1.0})
 
 
-
-
-def test_render_conversation_drops_the_oldest_messages_to_leave_room(runtime: Runtime) -> None:
-    turn = "Licensed under the Apache License, Version 2.0. " * 3
-    history = [{"role": role, "content": f"{i}: {turn}"} for i in range(12) for role in ("user", "assistant")]
-    history.append({"role": "user", "content": "last question"})
-    tokens, dropped = runtime.render_conversation(history, reply_room=64)
-    assert 0 < dropped < len(history) and len(tokens) + 64 <= runtime.n_ctx
-    assert tokens == runtime.render_messages(history[dropped:])  # the newest messages, whole
-    assert runtime.render_conversation(history[-1:], reply_room=64) == (runtime.render_messages(history[-1:]), 0)
-
-
 def test_two_unloads_waiting_on_busy_contexts_do_not_deadlock(gemma_q4_gguf: Path,
                                                                random_gemma_loras: tuple[Path, Path]) -> None:
     rt = Runtime(gemma_q4_gguf, n_ctx=128, n_contexts=2)

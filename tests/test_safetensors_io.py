@@ -67,7 +67,7 @@ def test_row_read_touches_only_its_rows(tmp_path: Path) -> None:
 @pytest.mark.parametrize("case, message", [
     ("header_past_eof", "runs past the end"),
     ("header_too_big", "100 MB"),
-    ("not_json", "not JSON"),
+    ("not_json", "header is not valid JSON"),
     ("not_object", "not a JSON object"),
     ("unknown_dtype", "dtype I64"),
     ("size_mismatch", "does not match"),

@@ -3,6 +3,7 @@ hot-swapped adapters, modals, welcome screen, snapshots at 80x24 and 160x50."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -33,13 +34,13 @@ def model_dir(tmp_path: Path) -> Path:
 
 
 async def settle(pilot) -> None:  # type: ignore[no-untyped-def]
-    """Let thread workers finish and their call_from_thread callbacks land. A worker whose
-    screen was dismissed by its own last callback is cancelled with it (the result has landed)."""
+    """Let thread workers finish and their call_from_thread callbacks land. A cancelled worker
+    is finished too: an exclusive worker replaced by a newer one (a re-fit), or one whose screen
+    it dismissed (the welcome screen's) is cancelled by Textual, and wait_for_complete raises."""
     for _ in range(3):
-        try:
-            await pilot.app.workers.wait_for_complete()
-        except WorkerCancelled:
-            pass
+        for worker in list(pilot.app.workers):
+            with contextlib.suppress(WorkerCancelled):
+                await worker.wait()
         await pilot.pause()
 
 
@@ -192,8 +193,12 @@ async def test_chat_switches_adapters_on_one_runtime(model_dir: Path) -> None:
         assert chat.replies == [("base", "[base] echo hello"), ("legal", "[legal] echo hello")]
         assert runtime.requests == [{}, {"legal": None}]
         assert len(FakeRuntime.instances) == 1  # switched per message, never reloaded
-        # each prompt is fitted to the context, leaving room for a reply
-        assert runtime.reply_rooms == [min(chat.max_tokens, 2048 // 4)] * 2
+        # one conversation across the adapter switch: the second prompt carries the first exchange
+        first = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "[base] echo hello"}]
+        assert runtime.prompts == [first[:1], first + first[:1]]
+        assert runtime.max_tokens == [chat.max_tokens] * 2
+        assert chat.conversation is not None
+        assert chat.conversation.messages == first + [first[0], {"role": "assistant", "content": "[legal] echo hello"}]
         await pilot.press("escape")
         await settle(pilot)
         assert isinstance(app.screen, MainScreen)

@@ -29,12 +29,13 @@ def adapter_convert_command(args: argparse.Namespace) -> int:
     from edge_lora.converters.adapter_gguf import convert_adapter_to_gguf
     from edge_lora.converters.hf_to_gguf import model_name_for
     from edge_lora.core.manifest import sha256_file
-    from edge_lora.hub import resolve_local_or_hub
+    from edge_lora.core.output_dir import adapter_file_name
     from edge_lora.core.progress import cli_progress
+    from edge_lora.hub import resolve_local_or_hub
 
     peft_dir = resolve_local_or_hub(args.peft, "adapter")
     base_dir = resolve_local_or_hub(args.base, "model")
-    out: Path = args.out if args.out is not None else Path.cwd() / f"adapter-{model_name_for(args.peft, peft_dir)}.gguf"
+    out: Path = args.out if args.out is not None else Path.cwd() / adapter_file_name(model_name_for(args.peft, peft_dir))
     with cli_progress(quiet=args.json) as progress:
         path = convert_adapter_to_gguf(peft_dir, base_dir, out, outtype=args.outtype, progress=progress)
     if args.json:

@@ -6,6 +6,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the workflow loads llama.cpp: imported by the handler, not at CLI start
+    from edge_lora.workflows.demo import DemoSummary
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -24,13 +28,10 @@ def _mb(n: int | None) -> str:
     return "-" if n is None else f"{n / 1e6:,.0f} MB"
 
 
-def print_summary(summary: object) -> None:
+def print_summary(summary: DemoSummary) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from edge_lora.workflows.demo import DemoSummary
-
-    assert isinstance(summary, DemoSummary)
     console = Console()
     files = Table(title=f"Outputs in {summary.out_dir} (fit at context {summary.fit_ctx}, "
                         f"{summary.available_ram_bytes / 1e9:.1f} GB RAM available)")
@@ -61,8 +62,8 @@ def print_summary(summary: object) -> None:
 
 
 def demo_command(args: argparse.Namespace) -> int:
-    from edge_lora.workflows.demo import run_demo
     from edge_lora.core.progress import cli_progress
+    from edge_lora.workflows.demo import run_demo
 
     def announce(line: str) -> None:
         if not args.json:

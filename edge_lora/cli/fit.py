@@ -7,6 +7,10 @@ import json
 import sys
 from pathlib import Path
 
+from edge_lora.cli._model_args import add_ctx_arg
+from edge_lora.core.context_size import check_ctx
+from edge_lora.core.errors import InputError
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = subparsers.add_parser("fit", help="predict RAM use of each format and recommend one",
@@ -14,8 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                                                "and recommend the best format that fits.")
     parser.add_argument("paths", nargs="*", type=Path, metavar="DIR|FILE",
                         help="converted output directories or .gguf files (default: the last converted directory)")
-    parser.add_argument("--ctx", type=int, default=None,
-                        help="context size (default: the model's, capped at 4096)")
+    add_ctx_arg(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.set_defaults(handler=fit_command)
 
@@ -25,21 +28,18 @@ def _gb(n: int) -> str:
 
 
 def fit_command(args: argparse.Namespace) -> int:
-    from edge_lora.core.errors import InputError
+    check_ctx(args.ctx)
     from edge_lora.fit import fit_report
+    from edge_lora.state import last_output_dir
 
     paths = list(args.paths)
     if not paths:
-        from edge_lora.state import last_output_dir
-
         last = last_output_dir()
         if last is None:
             raise InputError("no model given and no converted output directory remembered",
                              fix="pass a DIR or FILE.gguf, or run `edge-lora convert` / `edge-lora demo` first")
         print(f"using the last converted directory {last}", file=sys.stderr)
         paths = [last]
-    if args.ctx is not None and args.ctx < 1:
-        raise InputError(f"--ctx {args.ctx} must be positive", fix="use --ctx 512 or more")
     report = fit_report(paths, ctx=args.ctx)
     if args.json:
         print(json.dumps(report.to_json()))

@@ -7,6 +7,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from edge_lora.cli._model_args import add_ctx_arg
+from edge_lora.core.context_size import check_ctx
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = subparsers.add_parser("modelfile", help="write an Ollama Modelfile for a GGUF model",
@@ -16,14 +19,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.add_argument("--adapter", default=None, metavar="NAME|FILE.gguf",
                         help="a registered adapter or GGUF LoRA file for Ollama's ADAPTER (see the caveat printed)")
     parser.add_argument("--system", default=None, metavar="TEXT", help="a SYSTEM prompt")
-    parser.add_argument("--ctx", type=int, default=None, metavar="N",
-                        help="PARAMETER num_ctx (default: the largest context, up to 4096, that fits RAM)")
+    add_ctx_arg(parser, help="PARAMETER num_ctx", default="the largest, up to 4096, that fits RAM")
     parser.add_argument("--out", type=Path, default=None, metavar="PATH",
                         help="write here (a directory gets ./Modelfile); default: print on stdout")
     parser.set_defaults(handler=modelfile_command)
 
 
 def modelfile_command(args: argparse.Namespace) -> int:
+    check_ctx(args.ctx)
     from edge_lora.modelfile import render_modelfile_result, write_modelfile
 
     adapter_path = None

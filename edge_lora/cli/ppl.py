@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from edge_lora.core.errors import InputError, InputNotFoundError
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = subparsers.add_parser("ppl", help="measure perplexity (and KL divergence against a baseline)",
@@ -25,8 +27,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 
 def _read_text(path: Path) -> str:
-    from edge_lora.core.errors import InputError, InputNotFoundError
-
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
@@ -38,7 +38,6 @@ def _read_text(path: Path) -> str:
 def _record_in_manifest(model: Path, ppl: float, kld: float | None) -> bool:
     """Store the figures in manifest.json when the file lives in a converted output directory."""
     from edge_lora.core.manifest import record_quality_beside
-    from edge_lora.core.errors import InputError
 
     try:
         return record_quality_beside(model.parent, model, ppl=ppl, kld=kld)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+from edge_lora.core.errors import InputError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = subparsers.add_parser(
-        "quantize", help="quantize an F16/BF16/F32 GGUF into K-quants with llama.cpp",
+        "quantize", help="quantize an F16/BF16/F32 GGUF into K-quants / IQ formats with llama.cpp",
         description="Quantize FILE.gguf (F16/BF16/F32) into each requested format, written as "
                     "<name>-<TYPE>.gguf in DIR and recorded in DIR/manifest.json.")
     parser.add_argument("file", metavar="FILE.gguf", type=Path, help="full-precision GGUF model")
@@ -29,8 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 
 def quantize_command(args: argparse.Namespace) -> int:
+    from edge_lora.converters.quantize import record_in_manifest
+    from edge_lora.core.formats import parse_quant_list
     from edge_lora.core.manifest import Manifest
-    from edge_lora.converters.quantize import parse_quant_list, record_in_manifest
     from edge_lora.core.progress import cli_progress
     from edge_lora.workflows.calibrate import quantize_calibrated
 
@@ -38,8 +42,6 @@ def quantize_command(args: argparse.Namespace) -> int:
     src: Path = args.file
     out_dir: Path = args.out if args.out is not None else src.resolve().parent
     if not names:
-        from edge_lora.core.errors import InputError
-
         raise InputError("--quant none leaves nothing to do", fix="give --quant all or a list such as Q4_K_M")
     with cli_progress(quiet=args.json) as progress:
         results, imatrix = quantize_calibrated(src, out_dir, names, imatrix=args.imatrix,
@@ -66,7 +68,5 @@ def quantize_command(args: argparse.Namespace) -> int:
         if imatrix is not None:
             print(f"importance matrix: {imatrix}")
     for r in failed:
-        import sys
-
         print(f"edge-lora: error: {r.error}", file=sys.stderr)
     return 1 if failed else 0

@@ -10,120 +10,23 @@ from __future__ import annotations
 import argparse
 import secrets
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from edge_lora.cli._model_args import add_model_args
 from edge_lora.core.constants import MAX_TEMPERATURE
-from edge_lora.core.errors import EdgeLoraError, InputError, InputNotFoundError
+from edge_lora.core.context_size import check_ctx
+from edge_lora.core.errors import EdgeLoraError, InputError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # imported by the handler: llama.cpp loads only when a command needs it
+    from edge_lora.conversation import Conversation
     from edge_lora.registry import AdapterRegistry
     from edge_lora.runtime import Runtime
-
-# When no --quant is given and no fit estimate is available: the usual best size/quality
-# trade-off first (llama.cpp's own recommendation), then larger, then smaller formats.
-QUANT_PREFERENCE = ("Q4_K_M", "Q5_K_M", "Q4_K_S", "Q5_K_S", "Q6_K", "Q8_0", "Q3_K_L", "Q3_K_M",
-                    "Q3_K_S", "Q2_K", "F16", "BF16", "F32")
-
-
-@dataclass(frozen=True)
-class AdapterChoice:
-    name_or_path: str
-    scale: float | None  # None: the registered scale
-
-
-def parse_adapter_arg(text: str) -> AdapterChoice:
-    """``NAME``, ``NAME:SCALE``, ``PATH`` or ``PATH:SCALE``."""
-    head, sep, tail = text.rpartition(":")
-    if sep and head:
-        try:
-            return AdapterChoice(head, float(tail))
-        except ValueError:
-            pass
-    if not text:
-        raise InputError("empty --adapter value", fix="use --adapter NAME or NAME:SCALE")
-    return AdapterChoice(text, None)
-
-
-def _model_files_in(directory: Path) -> dict[str, Path]:
-    """format -> model file in a converted output dir, from manifest.json when present."""
-    from edge_lora.core.manifest import Manifest
-
-    found: dict[str, Path] = {}
-    for row in Manifest.load(directory).files:
-        if row.kind in ("model", "merged") and isinstance(row.format, str) and (directory / row.path).is_file():
-            found[row.format.upper()] = directory / row.path
-    if found:
-        return found
-    for path in sorted(directory.glob("*.gguf")):
-        if path.name.startswith("adapter-"):
-            continue
-        fmt = path.name.removesuffix(".gguf").rsplit("-", 1)[-1].upper()
-        if fmt in QUANT_PREFERENCE:
-            found[fmt] = path
-    return found
-
-
-def _recommended(files: dict[str, Path], ctx: int | None) -> Path | None:
-    """The fit estimator's recommendation among ``files``."""
-    from edge_lora.fit import fit_report
-
-    chosen = fit_report(list(files.values()), ctx).recommended
-    return None if chosen is None else Path(chosen.path)
-
-
-def resolve_model_path(model: Path | None, quant: str | None, ctx: int | None = None) -> Path:
-    if model is None:
-        from edge_lora.state import last_output_dir
-
-        model = last_output_dir()
-        if model is None:
-            raise InputError("no --model given and no converted model remembered",
-                             fix="pass --model FILE.gguf or DIR, or run `edge-lora convert` / `edge-lora demo` first")
-    model = Path(model).expanduser()
-    if model.is_file():
-        return model
-    if not model.is_dir():
-        raise InputNotFoundError(f"model {model} does not exist", fix="pass a .gguf file or a converted directory")
-    files = _model_files_in(model)
-    if not files:
-        raise InputNotFoundError(f"no model GGUF files in {model}", fix="run `edge-lora convert` into it first")
-    if quant:
-        path = files.get(quant.upper())
-        if path is None:
-            raise InputNotFoundError(f"no {quant.upper()} file in {model}",
-                                     fix=f"available: {', '.join(sorted(files))}")
-        return path
-    recommended = _recommended(files, ctx)
-    if recommended is not None:
-        return recommended
-    for fmt in QUANT_PREFERENCE:
-        if fmt in files:
-            return files[fmt]
-    return next(iter(files.values()))
-
-
-def load_adapters(runtime: Runtime, registry: AdapterRegistry, choices: Sequence[AdapterChoice]) -> dict[str, float]:
-    """Load each chosen adapter into the runtime; returns {name: scale} to activate."""
-    active: dict[str, float] = {}
-    for choice in choices:
-        entry = registry.resolve(choice.name_or_path)
-        name = entry.name
-        if name in active:
-            raise InputError(f"adapter {name!r} given twice", fix="pass each adapter once")
-        scale = entry.scale if choice.scale is None else choice.scale
-        runtime.load_adapter(name, entry.path, scale)
-        active[name] = scale
-    return active
 
 
 def _check_args(args: argparse.Namespace) -> None:
     if args.max_tokens < 0:
         raise InputError(f"--max-tokens {args.max_tokens} is negative", fix="use 0 or more")
-    if args.ctx is not None and not 64 <= args.ctx <= 1 << 20:
-        raise InputError(f"--ctx {args.ctx} is out of range", fix="use a context between 64 and 1048576")
+    check_ctx(args.ctx)
     if not 0.0 <= args.temperature <= MAX_TEMPERATURE:
         raise InputError(f"--temperature {args.temperature} is out of range", fix=f"use 0 to {MAX_TEMPERATURE:g}")
     if not 0.0 < args.top_p <= 1.0:
@@ -149,41 +52,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.set_defaults(handler=run_command, mode=None)
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=Path, default=None,
-                        help="a .gguf file or a converted directory (default: the last converted one)")
-    parser.add_argument("--quant", default=None, help="format to pick from a directory, e.g. Q4_K_M")
-    parser.add_argument("--adapter", action="append", default=[], metavar="NAME[:SCALE]",
-                        help="registered adapter name or adapter .gguf path, optional scale; repeatable")
-    parser.add_argument("--ctx", type=int, default=None, help="context length (default: min(model, 4096))")
-
-
 def run_command(args: argparse.Namespace) -> int:
     _check_args(args)
-    choices = [parse_adapter_arg(a) for a in args.adapter]
-    model_path = resolve_model_path(args.model, args.quant, args.ctx)
+    from edge_lora.conversation import Conversation
+    from edge_lora.model_choice import load_adapters, parse_adapter_arg, resolve_model_path
     from edge_lora.registry import AdapterRegistry
     from edge_lora.runtime import Runtime
 
+    choices = [parse_adapter_arg(a) for a in args.adapter]
+    model_path = resolve_model_path(args.model, args.quant, args.ctx)
     registry = AdapterRegistry()
     # Without --seed every run samples differently; with it, runs repeat exactly.
     base_seed = args.seed if args.seed is not None else secrets.randbits(31)
     with Runtime(model_path, n_ctx=args.ctx, seed=base_seed) as runtime:
         active = load_adapters(runtime, registry, choices)
-        sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
-                    "seed": args.seed}
+        sampling = {"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
         if args.prompt is not None:
             use_chat = args.mode == "chat" or (args.mode is None and runtime.template.family == "gguf")
             if use_chat:
-                generation = runtime.chat([{"role": "user", "content": args.prompt}], adapters=active, **sampling)
+                generation = runtime.chat([{"role": "user", "content": args.prompt}], adapters=active,
+                                          max_tokens=args.max_tokens, **sampling)
             else:
-                generation = runtime.generate(args.prompt, adapters=active, **sampling)
+                generation = runtime.generate(args.prompt, adapters=active, max_tokens=args.max_tokens, **sampling)
             for piece in generation:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             sys.stdout.write("\n")
             return 0
-        return ChatSession(runtime, registry, active, sampling).loop(sys.stdin, sys.stdout, sys.stderr)
+        conversation = Conversation(runtime, max_reply_tokens=args.max_tokens)
+        return ChatSession(conversation, runtime, registry, active, sampling).loop(sys.stdin, sys.stdout, sys.stderr)
 
 
 HELP = ("commands: /adapter NAME[:SCALE] (switch to one adapter), /adapter none, /scale NAME S, "
@@ -191,10 +88,13 @@ HELP = ("commands: /adapter NAME[:SCALE] (switch to one adapter), /adapter none,
 
 
 class ChatSession:
-    def __init__(self, runtime: Runtime, registry: AdapterRegistry, active: dict[str, float],
-                 sampling: dict) -> None:
-        self.runtime, self.registry, self.active, self.sampling = runtime, registry, active, sampling
-        self.history: list[dict[str, str]] = []
+    """The interactive chat on stdin: lines are messages, /commands switch adapters."""
+
+    def __init__(self, conversation: Conversation, runtime: Runtime, registry: AdapterRegistry,
+                 active: dict[str, float], sampling: dict) -> None:
+        self.conversation, self.runtime, self.registry = conversation, runtime, registry
+        self.active, self.sampling = active, sampling
+        self.left_out = 0  # oldest messages the prompt leaves out, as last reported
 
     def _status(self) -> str:
         if not self.active:
@@ -203,22 +103,21 @@ class ChatSession:
 
     def command(self, line: str, err: TextIO) -> bool:
         """Handle a /command; returns False to quit."""
+        from edge_lora.model_choice import parse_adapter_arg, use_adapter
+
         parts = line.split()
         head = parts[0].lower()
         if head in ("/quit", "/exit", "/bye"):
             return False
         if head == "/reset":
-            self.history.clear()
+            self.conversation.reset()
+            self.left_out = 0
             print("conversation cleared", file=err)
         elif head == "/adapter" and len(parts) == 2:
             if parts[1].lower() == "none":
                 self.active = {}
             else:
-                choice = parse_adapter_arg(parts[1])
-                entry = self.registry.resolve(choice.name_or_path)
-                if entry.name not in self.runtime.adapters:
-                    self.runtime.load_adapter(entry.name, entry.path, entry.scale)
-                self.active = {entry.name: entry.scale if choice.scale is None else choice.scale}
+                self.active = use_adapter(self.runtime, self.registry, parse_adapter_arg(parts[1]))
             print(self._status(), file=err)
         elif head == "/scale" and len(parts) == 3:
             name = parts[1]
@@ -234,14 +133,18 @@ class ChatSession:
             print(HELP, file=err)
         return True
 
-    def _prompt_that_fits(self, err: TextIO) -> list[int]:
-        """The conversation's prompt, forgetting the oldest exchanges to leave room for a reply."""
-        room = min(self.sampling["max_tokens"], self.runtime.n_ctx // 4)
-        tokens, dropped = self.runtime.render_conversation(self.history, room)
-        if dropped:
-            del self.history[:dropped]
-            print(f"(forgot the {dropped} oldest messages to fit the context)", file=err)
-        return tokens
+    def say(self, line: str, out: TextIO, err: TextIO) -> None:
+        """One turn: the reply streams to ``out``; an error leaves the conversation as it was."""
+        reply = self.conversation.send(line, adapters=self.active, **self.sampling)
+        if reply.left_out > self.left_out:
+            self.left_out = reply.left_out
+            print(f"(the {reply.left_out} oldest messages are left out of the prompt to fit the context; "
+                  "/reset starts afresh)", file=err)
+        for piece in reply:
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        out.flush()
 
     def loop(self, inp: TextIO, out: TextIO, err: TextIO) -> int:
         interactive = inp.isatty()
@@ -262,18 +165,6 @@ class ChatSession:
                     if not self.command(line, err):
                         return 0
                     continue
-                self.history.append({"role": "user", "content": line})
-                generation = self.runtime.generate(self._prompt_that_fits(err), adapters=self.active,
-                                                   **self.sampling)
-                pieces = []
-                for piece in generation:
-                    pieces.append(piece)
-                    out.write(piece)
-                    out.flush()
-                out.write("\n")
-                out.flush()
-                self.history.append({"role": "assistant", "content": "".join(pieces)})
+                self.say(line, out, err)
             except EdgeLoraError as exc:
-                if self.history and self.history[-1]["role"] == "user":
-                    self.history.pop()
                 print(f"edge-lora: error: {exc.one_line()}", file=err)

@@ -9,8 +9,9 @@ import stat
 import sys
 from pathlib import Path
 
+from edge_lora.cli._model_args import add_model_args
 from edge_lora.core import constants
-from edge_lora.cli.run import add_model_args, load_adapters, parse_adapter_arg, resolve_model_path
+from edge_lora.core.context_size import check_ctx
 from edge_lora.core.errors import InputError, InputNotFoundError
 
 # Wildcard binds: the address a client uses is not known, so only --allowed-host names it.
@@ -129,25 +130,24 @@ def serve_command(args: argparse.Namespace) -> int:
         raise InputError(f"--queue {args.queue} is out of range", fix="use 0-4096")
     if not 1 <= args.max_adapters <= 256:
         raise InputError(f"--max-adapters {args.max_adapters} is out of range", fix="use 1-256")
-    if args.ctx is not None and not 64 <= args.ctx <= 1 << 20:
-        raise InputError(f"--ctx {args.ctx} is out of range", fix="use a context between 64 and 1048576")
+    check_ctx(args.ctx)
     if args.adapter_dir is not None and not args.adapter_dir.expanduser().is_dir():
         raise InputNotFoundError(f"--adapter-dir {args.adapter_dir} is not a directory", fix="give an existing directory")
     api_key = api_key_from(args)
     allowed_hosts = allowed_hosts_for(args.host, args.port, args.allowed_host)
+    import uvicorn
+
+    from edge_lora.model_choice import load_adapters, parse_adapter_arg, resolve_model_path
+    from edge_lora.registry import AdapterRegistry
+    from edge_lora.runtime import Runtime
+    from edge_lora.server import ServerLimits, make_app, uvicorn_config
+
     choices = [parse_adapter_arg(a) for a in args.adapter]
     if len(choices) > args.max_adapters:
         raise InputError(f"{len(choices)} adapters given, more than --max-adapters {args.max_adapters}",
                          fix="raise --max-adapters")
     model_path = resolve_model_path(args.model, args.quant, args.ctx)
     _check_port_free(args.host, args.port)
-
-    import uvicorn
-
-    from edge_lora.registry import AdapterRegistry
-    from edge_lora.runtime import Runtime
-    from edge_lora.server import ServerLimits, make_app, uvicorn_config
-
     registry = AdapterRegistry()
     limits = ServerLimits(queue=args.queue, max_adapters=args.max_adapters)
     with Runtime(model_path, n_ctx=args.ctx, n_contexts=args.contexts) as runtime:

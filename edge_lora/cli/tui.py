@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from edge_lora.core.errors import InputError
+from edge_lora.cli._model_args import add_ctx_arg
+from edge_lora.core.context_size import check_ctx
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -14,13 +15,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         description="Open the Textual UI on DIR (written by `edge-lora convert`) or one GGUF file; "
                     "without DIR, a welcome screen offers the built-in demo model.")
     parser.add_argument("dir", nargs="?", type=Path, help="converted output directory or a .gguf file")
-    parser.add_argument("--ctx", type=int, default=None, help="context length to predict memory for")
+    add_ctx_arg(parser, help="context length to predict memory for and chat at")
     parser.set_defaults(handler=run_tui)
 
 
 def run_tui(args: argparse.Namespace) -> int:
-    if args.ctx is not None and not 16 <= args.ctx <= 1 << 20:
-        raise InputError(f"--ctx {args.ctx} is out of range", fix="use a context between 16 and 1048576")
+    check_ctx(args.ctx)
     from edge_lora.tui.app import make_app  # textual loads only for this command
 
     make_app(args.dir, ctx=args.ctx).run()

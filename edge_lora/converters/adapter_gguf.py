@@ -28,6 +28,7 @@ from edge_lora.converters.gguf_output import GGMLType, PlannedTensor, StreamingG
 from edge_lora.converters.peft import LoraDelta, PeftAdapter
 from edge_lora.core.atomic import check_not_an_input, ensure_writable_dir
 from edge_lora.core.errors import AdapterError, AdapterMismatchError, InputError
+from edge_lora.core.output_dir import ADAPTER_PREFIX
 from edge_lora.core.progress import NullProgress, ProgressSink
 
 MERGE_INSTEAD = "merge it with `edge-lora convert BASE --adapter PEFT` instead"
@@ -104,7 +105,7 @@ def write_adapter_gguf(adapter: PeftAdapter, spec: ArchSpec, out_path: Path | st
     writer = StreamingGGUFWriter(spec.gguf_arch_name)
     kv = writer.kv
     kv.add_type(gguf.GGUFType.ADAPTER)
-    kv.add_name(f"adapter-{adapter.name}")
+    kv.add_name(f"{ADAPTER_PREFIX}{adapter.name}")  # named as its file is (adapter-<name>.gguf)
     kv.add_string(gguf.Keys.Adapter.TYPE, "lora")
     kv.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
     # Base order (the order llama.cpp lists the model's tensors), then anything left.

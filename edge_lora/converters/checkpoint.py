@@ -6,7 +6,6 @@ checkpoint reads like one file; shards are opened (mmapped, header-validated) on
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -15,6 +14,7 @@ import numpy as np
 
 from edge_lora.converters.architectures import text_only_view
 from edge_lora.converters.safetensors_io import SafetensorsFile, TensorInfo
+from edge_lora.core.bounded_json import JsonKind, read_json_object
 from edge_lora.core.errors import InputNotFoundError, InvalidCheckpointError, UnsafeFormatError
 
 CONFIG_FILE = "config.json"
@@ -23,17 +23,11 @@ INDEX_FILE = "model.safetensors.index.json"
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
-def _read_json_object(path: Path, what: str) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
+def _read_json_object(path: Path, what: str, kind: JsonKind) -> dict[str, Any]:
+    value = read_json_object(path, kind, missing_ok=True)
+    if value is None:
         raise InvalidCheckpointError(f"{path.parent} has no {path.name}",
-                                     fix=f"point at a Hugging Face checkpoint directory with {what}") from exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidCheckpointError(f"{path} is not valid JSON ({exc})",
-                                     fix="re-download the checkpoint") from exc
-    if not isinstance(value, dict):
-        raise InvalidCheckpointError(f"{path} is not a JSON object", fix="re-download the checkpoint")
+                                     fix=f"point at a Hugging Face checkpoint directory with {what}")
     return value
 
 
@@ -86,7 +80,7 @@ class HFCheckpoint:
         if not path.is_dir():
             raise InputNotFoundError(f"checkpoint directory {path} does not exist",
                                      fix="give a local Hugging Face checkpoint directory or a repo id")
-        config = _read_json_object(path / CONFIG_FILE, "config.json")
+        config = _read_json_object(path / CONFIG_FILE, "config.json", JsonKind.CONFIG)
         architectures = config.get("architectures")
         if (not isinstance(architectures, list) or not architectures
                 or not all(isinstance(a, str) for a in architectures)):
@@ -115,7 +109,7 @@ class HFCheckpoint:
         file is, and its parsed header is kept rather than parsed again)."""
         index_path = path / INDEX_FILE
         if index_path.exists():
-            index = _read_json_object(index_path, "a shard index")
+            index = _read_json_object(index_path, "a shard index", JsonKind.SHARD_INDEX)
             weight_map = index.get("weight_map")
             if not isinstance(weight_map, dict) or not all(
                     isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):

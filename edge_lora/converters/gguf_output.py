@@ -16,11 +16,12 @@ from typing import Any, BinaryIO
 
 import gguf
 import numpy as np
+from gguf.gguf_writer import WriterState
 
 from edge_lora.converters.safetensors_io import f32_to_bf16_bits
-from edge_lora.core.atomic import atomic_path, check_free_space
+from edge_lora.core.atomic import atomic_file, check_free_space
 from edge_lora.core.errors import InternalError, InvalidCheckpointError
-from edge_lora.core.gguf_check import validate_gguf
+from edge_lora.core.gguf_check import FileIdentity, validate_gguf
 from edge_lora.core.progress import NullProgress, ProgressSink
 
 GGMLType = gguf.GGMLQuantizationType
@@ -138,23 +139,33 @@ class StreamingGGUFWriter:
         align = self.kv.data_alignment
         return sum(-(-t.n_bytes // align) * align for t in self.tensors)
 
-    def write(self, final: Path, progress: ProgressSink = NullProgress()) -> Path:
+    def write(self, final: Path, progress: ProgressSink = NullProgress(), *, prove_loads: bool = False) -> Path:
+        """Write atomically. ``prove_loads``: before publishing, load the written model in
+        llama.cpp (in a child process); a file llama.cpp refuses or aborts on never reaches
+        ``final``."""
         final = Path(final)
         check_free_space(final.parent, self.tensor_data_bytes)
         expected = {t.name: t.n_bytes for t in self.tensors}
-        with atomic_path(final, validate=lambda p: _validate_written(p, expected)) as tmp:
-            self._write_to(tmp, progress)
+
+        def validate(path: Path) -> None:
+            _validate_written(path, expected)
+            if prove_loads:
+                _prove_loads(path, final, progress)
+
+        with atomic_file(final, validate=validate) as fh:
+            self._write_to(fh, progress)
         return final
 
-    def _write_to(self, tmp: Path, progress: ProgressSink) -> None:
+    def _write_to(self, fh: BinaryIO, progress: ProgressSink) -> None:
         writer = self.kv
-        writer.open_output_file(tmp)
+        # gguf-py would open the path itself (following a symlink planted there); it writes to
+        # the descriptor atomic_file created exclusively instead, and never closes it.
+        writer.fout = [fh]
+        writer.state = WriterState.EMPTY
         try:
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
-            assert writer.fout is not None
-            fh = writer.fout[0]
             align = writer.data_alignment
             fh.write(b"\0" * (-fh.tell() % align))
             progress.start("writing GGUF", total=sum(t.n_bytes for t in self.tensors))
@@ -170,7 +181,26 @@ class StreamingGGUFWriter:
             progress.finish()
             fh.flush()
         finally:
-            writer.close()
+            writer.fout = None
+
+
+def _prove_loads(path: Path, final: Path, progress: ProgressSink) -> None:
+    """The whole model (hyperparameters, vocabulary, tensors, a context) rather than
+    ``vocab_only``: the hyperparameter asserts are skipped by a vocabulary-only load, and the
+    whole load costs little more (mmap; measured in README). The pass is remembered by the
+    file's identity, which os.replace keeps, so the first `run` of it does not load it again."""
+    from edge_lora.converters.load_check import check_loads
+    from edge_lora.core.errors import InvalidGGUFError
+
+    progress.start("checking that llama.cpp loads it", total=None)
+    try:
+        check_loads(path, depth="model", identity=FileIdentity.of(path.stat()),
+                    fix="nothing was written; the checkpoint (config.json or tokenizer) converts to a file "
+                        "llama.cpp cannot use — fix it, or report the conversion as a bug")
+    except InvalidGGUFError as exc:
+        raise InvalidGGUFError(exc.message.replace(str(path), final.name + " (as converted)"), fix=exc.fix) from None
+    finally:
+        progress.finish()
 
 
 def _validate_written(path: Path, expected: dict[str, int]) -> None:

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import struct
 import tempfile
 from collections.abc import Iterator
@@ -26,7 +27,8 @@ import numpy as np
 from edge_lora.converters.architectures import GEMMA3_LOCAL_ROPE_BASE, GEMMA3_SWA_PERIOD
 from edge_lora.converters.safetensors_io import f32_to_bf16_bits
 from edge_lora.converters.sentencepiece_model import ModelType, Piece, PieceType, SentencePieceModel, serialize_model
-from edge_lora.core.atomic import check_free_space, ensure_writable_dir, os_error_to_output_error
+from edge_lora.core.atomic import check_free_space, ensure_writable_dir, os_error_to_output_error, pid_alive
+from edge_lora.core.bounded_json import JsonKind, loads_json
 from edge_lora.core.chat_template import GEMMA_TEMPLATE
 from edge_lora.core.errors import InputError, InvalidGGUFError, UnsupportedArchitectureError
 from edge_lora.core.gguf_check import validate_gguf
@@ -264,21 +266,16 @@ def _tokenizer_files(reader: gguf.GGUFReader, path: Path, out: Path, config: dic
 
 def _remove_abandoned_builds(out_dir: Path) -> None:
     """Delete staging directories of builds whose process is gone (killed mid-build): their
-    names carry the builder's pid, and a live builder's directory is left alone."""
+    names carry the builder's pid; a live builder's directory, and anything that is not a
+    directory of this user's (a symlink planted under such a name), is left alone."""
     for staging in out_dir.parent.glob(f"{out_dir.name}.partial-*"):
         pid = staging.name.removeprefix(f"{out_dir.name}.partial-").split("-", 1)[0]
-        if pid.isdigit() and not _process_alive(int(pid)):
-            shutil.rmtree(staging, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's live process
-    return True
+        if not pid.isdigit() or int(pid) == os.getpid() or pid_alive(int(pid)):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            info = staging.lstat()
+            if stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid():
+                shutil.rmtree(staging, ignore_errors=True)
 
 
 def build_hf_checkpoint_from_gguf(gguf_path: Path | str, out_dir: Path | str, dtype: str = "bfloat16", *,
@@ -343,5 +340,5 @@ def iter_hf_tensors(out_dir: Path) -> Iterator[str]:
     """Names in a built checkpoint's model.safetensors header (for quick checks)."""
     with open(out_dir / "model.safetensors", "rb") as fh:
         (length,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(length))
+        header = loads_json(fh.read(length), JsonKind.SAFETENSORS_HEADER, out_dir / "model.safetensors")
     yield from (name for name in header if name != "__metadata__")

@@ -12,20 +12,20 @@ import gguf
 import numpy as np
 
 from edge_lora.converters.architectures import LM_HEAD, ArchSpec, arch_spec_for
-from edge_lora.converters.checkpoint import HFCheckpoint
+from edge_lora.converters.checkpoint import HFCheckpoint, checkpoint_name
 from edge_lora.converters.gguf_output import GGMLType, PlannedTensor, StreamingGGUFWriter, encode_rows
+from edge_lora.converters.tokenizer_export import add_tokenizer, read_tokenizer
 from edge_lora.core.atomic import ensure_writable_dir
 from edge_lora.core.errors import InputError, InternalError, InvalidCheckpointError
+from edge_lora.core.formats import BY_NAME, Format
 from edge_lora.core.progress import NullProgress, ProgressSink
 
 # Rows per block are chosen so a float32 block stays near this size: small enough that peak
 # RSS does not depend on the model, large enough that numpy overhead is negligible.
 BLOCK_ELEMENTS = 1024 * 1024
 
+# outtype -> how tensors are stored; the file's format is the row of the same name (f16 -> F16).
 OUTTYPES: dict[str, GGMLType] = {"f16": GGMLType.F16, "bf16": GGMLType.BF16, "f32": GGMLType.F32}
-# llama_ftype values for general.file_type (llama.h): ALL_F32 = 0, MOSTLY_F16 = 1, MOSTLY_BF16 = 32.
-FILE_TYPES: dict[str, int] = {"f32": 0, "f16": 1, "bf16": 32}
-FORMAT_LABELS: dict[str, str] = {"f16": "F16", "bf16": "BF16", "f32": "F32"}
 
 
 class TensorMerger(Protocol):
@@ -138,21 +138,20 @@ def convert_checkpoint(ckpt_dir: Path | str, out_path: Path | str, *, outtype: s
                                      progress=progress)
 
 
-def check_outtype(outtype: str) -> None:
-    """Refuse an outtype convert cannot write (before anything is read)."""
+def check_outtype(outtype: str) -> Format:
+    """Refuse an outtype convert cannot write (before anything is read); its format otherwise."""
     if outtype not in OUTTYPES:
         raise InputError(f"unknown outtype {outtype!r}", fix=f"use one of {', '.join(OUTTYPES)}")
+    return BY_NAME[outtype.upper()]
 
 
 def write_checkpoint_gguf(ckpt: HFCheckpoint, out_path: Path | str, *, outtype: str = "f16",
                           adapter: TensorMerger | None = None, name: str | None = None,
                           progress: ProgressSink = NullProgress()) -> Path:
     """``convert_checkpoint`` for a checkpoint the caller already holds open."""
-    check_outtype(outtype)
+    file_format = check_outtype(outtype)
     out_path = Path(out_path)
     ensure_writable_dir(out_path.parent)
-    from edge_lora.converters.tokenizer_export import add_tokenizer, read_tokenizer
-
     spec = arch_spec_for(ckpt.config)
     if adapter is not None:
         adapter.check_fits(ckpt)
@@ -167,7 +166,7 @@ def write_checkpoint_gguf(ckpt: HFCheckpoint, out_path: Path | str, *, outtype: 
     kv.add_type(gguf.GGUFType.MODEL)
     kv.add_name(display_name)
     kv.add_basename(display_name)
-    kv.add_file_type(FILE_TYPES[outtype])
+    kv.add_file_type(int(file_format.file_type))
     kv.add_quantization_version(gguf.GGML_QUANT_VERSION)
     metadata, extra_gguf_tensors = spec.metadata()
     writer.add_metadata(metadata)
@@ -178,19 +177,17 @@ def write_checkpoint_gguf(ckpt: HFCheckpoint, out_path: Path | str, *, outtype: 
     for gguf_name, values in extra_gguf_tensors.items():
         writer.add_tensor(PlannedTensor(name=gguf_name, shape=values.shape, ggml_type=GGMLType.F32,
                                         blocks=lambda v=values: [np.ascontiguousarray(v, dtype=np.float32)]))
-    return writer.write(out_path, progress)
+    return writer.write(out_path, progress, prove_loads=True)
 
 
 def output_file_name(name: str, outtype: str) -> str:
     """``<name>-F16.gguf`` (``-BF16`` / ``-F32`` for other outtypes), per DESIGN.md."""
-    return f"{name}-{FORMAT_LABELS[outtype]}.gguf"
+    return check_outtype(outtype).file_name(name)
 
 
 def model_name_for(ref: str, ckpt_dir: Path) -> str:
     """The output name: the repo's name for a repo id ("google/gemma-3-270m" -> "gemma-3-270m"),
     else the checkpoint directory's name."""
-    from edge_lora.converters.checkpoint import checkpoint_name
-
     if not Path(ref).expanduser().exists() and ref.count("/") <= 1:
         return ref.rstrip("/").split("/")[-1]
     return checkpoint_name(ckpt_dir)

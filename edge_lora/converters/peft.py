@@ -10,7 +10,6 @@ is computed once here; merge and GGUF export only read ``LoraDelta.scale``.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -24,6 +23,7 @@ import numpy as np
 from edge_lora.converters.architectures import LM_HEAD, TEXT_ONLY_VIEWS, ArchSpec, arch_spec_for
 from edge_lora.converters.checkpoint import HFCheckpoint
 from edge_lora.converters.safetensors_io import SafetensorsFile
+from edge_lora.core.bounded_json import JsonKind, read_json_object
 from edge_lora.core.errors import (AdapterError, AdapterMismatchError, EdgeLoraError, InputNotFoundError,
                               UnsafeFormatError)
 
@@ -236,14 +236,9 @@ class PeftAdapter:
                                      fix="give a PEFT adapter directory (adapter_config.json + "
                                          "adapter_model.safetensors) or a Hub repo id")
         config_path = path / CONFIG_FILE
-        try:
-            raw = json.loads(config_path.read_text(encoding="utf-8"))
-        except FileNotFoundError as exc:
-            raise _err(path, f"has no {CONFIG_FILE}", fix="give a PEFT adapter directory") from exc
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise _err(path, f"{CONFIG_FILE} is not valid JSON ({exc})") from exc
-        if not isinstance(raw, dict):
-            raise _err(path, f"{CONFIG_FILE} is not a JSON object")
+        raw = read_json_object(config_path, JsonKind.ADAPTER_CONFIG, missing_ok=True)
+        if raw is None:
+            raise _err(path, f"has no {CONFIG_FILE}", fix="give a PEFT adapter directory")
         config = _parse_config(path, raw)
         weights = path / WEIGHTS_FILE
         if not weights.is_file():

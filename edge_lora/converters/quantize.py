@@ -1,9 +1,14 @@
 """Quantization through llama.cpp's own quantizer (``llama_model_quantize``).
 
 Each format runs in a child process: an abort inside llama.cpp (GGML_ABORT on something we
-failed to foresee) then costs that one format, not the whole ladder or the CLI. The child
-writes ``<name>.partial``; the parent validates the header and the file type, then
-``os.replace``s it. Formats run one after another by default, each with every core. Measured
+failed to foresee) then costs that one format, not the whole ladder or the CLI. The parent
+creates the partial file exclusively (core.atomic) and the child writes into that very file
+(``/proc/self/fd/N`` on Linux); the parent validates the header and the file type, then
+``os.replace``s it. Children die with the parent (PR_SET_PDEATHSIG; an interrupted or
+terminated parent kills them and removes their partials) and start isolated (``python -I``)
+with the parent's import path minus the working directory, so an ``edge_lora`` or
+``llama_cpp`` package in the directory the user runs from (a cloned model repo) is never
+imported. Formats run one after another by default, each with every core. Measured
 (bench/quantize.py, Gemma 3 270M, whole ladder, 2 cores): in-process llama.cpp 27.8 s; ours
 sequential 31.2 s (1.12x: interpreter start + validation per format); two at once 22.2 s
 (0.80x) but two quantizers' memory at the same time, so ``workers=2`` is opt-in.
@@ -11,75 +16,46 @@ sequential 31.2 s (1.12x: interpreter start + validation per format); two at onc
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from edge_lora.converters.load_check import check_loads
 from edge_lora.core import constants
-from edge_lora.core.atomic import check_free_space, ensure_writable_dir, partial_path, publish
+from edge_lora.core.atomic import check_free_space, create_partial, ensure_writable_dir, publish
+from edge_lora.core.child_process import isolated_python
 from edge_lora.core.errors import EdgeLoraError, InputError, OutputError, QuantizeError
+from edge_lora.core.formats import format_of_file_type, quant_format, split_file_name
 from edge_lora.core.gguf_check import validate_gguf
 from edge_lora.core.imatrix_file import (QUANTIZE_IMATRIX_CHUNKS, QUANTIZE_IMATRIX_DATASET, QUANTIZE_IMATRIX_ENTRIES,
                                          QUANTIZE_IMATRIX_FILE, check_imatrix_fits, read_imatrix)
+from edge_lora.core.manifest import FileKind, Manifest, imatrix_record
 from edge_lora.core.progress import NullProgress, ProgressSink
 
-# llama_ftype (llama.h), in llama.cpp's size order: smallest file first.
-QUANT_TYPES: dict[str, int] = {
-    "Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15,
-    "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18, "Q8_0": 7,
-}
-# The IQ ladder (``--quant iq``), smallest file first. llama.cpp's quantizer refuses the
-# IQ2 / IQ3_XXS file types without an importance matrix (tensor_requires_imatrix). Rows whose
-# length is not a multiple of 256 (Gemma 3 270M's 640) fall back to IQ4_NL (block 32).
-IQ_TYPES: dict[str, int] = {
-    "IQ2_XXS": 19, "IQ2_XS": 20, "IQ2_S": 28, "IQ3_XXS": 23, "IQ3_S": 26, "IQ4_XS": 30, "IQ4_NL": 25,
-}
-NEEDS_IMATRIX = frozenset({"IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS"})
-ALL_TYPES: dict[str, int] = {**QUANT_TYPES, **IQ_TYPES}
-# Bits per weight llama.cpp's quantize README reports (Llama-3.1-8B): for the free-space check.
-EXPECTED_BPW: dict[str, float] = {
-    "Q2_K": 3.16, "Q3_K_S": 3.64, "Q3_K_M": 4.00, "Q3_K_L": 4.30, "Q4_K_S": 4.67, "Q4_K_M": 4.89,
-    "Q5_K_S": 5.57, "Q5_K_M": 5.70, "Q6_K": 6.56, "Q8_0": 8.50,
-    "IQ2_XXS": 2.38, "IQ2_XS": 2.59, "IQ2_S": 2.74, "IQ3_XXS": 3.25, "IQ3_S": 3.66, "IQ4_XS": 4.46, "IQ4_NL": 4.68,
-}
-# --quant words for whole ladders: `all` (K-quants + Q8_0), `iq`; `all,iq` asks for both.
-LADDERS: dict[str, tuple[str, ...]] = {"all": tuple(QUANT_TYPES), "iq": tuple(IQ_TYPES)}
-# Source file types we quantize from (llama_ftype): ALL_F32, MOSTLY_F16, MOSTLY_BF16.
-UNQUANTIZED_FILE_TYPES: dict[int, str] = {0: "F32", 1: "F16", 32: "BF16"}
 CHILD_FAILED = 3  # the child's exit code when llama_model_quantize returned an error
-FULL_PRECISION_SUFFIXES = ("-F16", "-BF16", "-F32")
+CHILD_ORPHANED = 4  # the parent was gone before the child started work
 
 
-def parse_quant_list(spec: str | Iterable[str]) -> list[str]:
-    """``all`` | ``iq`` | ``none`` | ``Q4_K_M,IQ4_XS`` | ``all,iq`` (case-insensitive) -> ordered,
-    de-duplicated names."""
-    items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s).strip() for s in spec]
-    items = [s for s in items if s]
-    if not items or [s.lower() for s in items] == ["none"]:
-        return []
-    names: list[str] = []
-    for item in items:
-        expanded = LADDERS.get(item.lower(), (item.upper(),))
-        for name in expanded:
-            if name not in ALL_TYPES:
-                raise InputError(f"unknown quantization type {item!r}",
-                                 fix=f"use all (K-quants), iq (IQ formats), none, or a comma list of "
-                                     f"{', '.join(ALL_TYPES)}")
-            if name not in names:
-                names.append(name)
-    return names
+def model_stem(src: Path) -> str:
+    """``gemma-F16.gguf`` -> ``gemma``: quant files are named ``<stem>-<TYPE>.gguf``."""
+    stem, fmt = split_file_name(src)
+    return stem if fmt is not None and fmt.full_precision and stem else src.name.removesuffix(".gguf")
 
 
-def check_imatrix_given(names: Sequence[str], imatrix: object | None) -> None:
-    """llama.cpp refuses the very-low-bit IQ file types without an importance matrix: say so
-    before any work, with the fix."""
-    needing = [n for n in names if n in NEEDS_IMATRIX]
+def check_imatrix_given(names: Sequence[str], imatrix: Path | str | None) -> None:
+    """llama.cpp refuses the very-low-bit IQ file types without an importance matrix (the
+    table's ``needs_imatrix``): say so before any work, with the fix."""
+    needing = [name for name in names if quant_format(name).needs_imatrix]
     if needing and imatrix is None:
         raise InputError(f"{', '.join(needing)} need{'s' if len(needing) == 1 else ''} an importance matrix "
                          f"(llama.cpp refuses to make {'it' if len(needing) == 1 else 'them'} without one)",
@@ -87,28 +63,35 @@ def check_imatrix_given(names: Sequence[str], imatrix: object | None) -> None:
                              "--imatrix FILE from `edge-lora imatrix`")
 
 
-def model_stem(src: Path) -> str:
-    """``gemma-F16.gguf`` -> ``gemma``: quant files are named ``<stem>-<TYPE>.gguf``."""
-    stem = src.name.removesuffix(".gguf")
-    for suffix in FULL_PRECISION_SUFFIXES:
-        if stem.upper().endswith(suffix):
-            return stem[:-len(suffix)]
-    return stem
-
-
 def check_quantizable(src: Path) -> int:
-    """Validate the source header; refuse adapters and already-quantized files. Returns its
-    tensor data size in bytes."""
+    """Validate the source header; refuse adapters and already-quantized files; prove the source
+    loads in llama.cpp (a child process; free when `convert` just proved it): every output copies
+    its metadata, so this one check covers the ladder. Returns its tensor data size in bytes."""
     info = validate_gguf(src, expect_type="model")
-    if info.file_type not in UNQUANTIZED_FILE_TYPES:
+    source = format_of_file_type(info.file_type)
+    if source is None or not source.full_precision:
         label = f"file type {info.file_type}" if info.file_type is not None else "no general.file_type"
         raise InputError(
             f"{src} is already quantized ({label}); re-quantizing loses quality twice",
             fix="quantize from the F16/BF16/F32 file written by `edge-lora convert`")
+    check_loads(src, depth="model", identity=info.identity,
+                fix="re-convert the source with `edge-lora convert`; llama.cpp cannot quantize a file it cannot load")
     return info.tensor_data_bytes
 
 
-def _imatrix_params(path: str) -> tuple[object, object, list[object]]:
+def _die_with_parent(parent_pid: int) -> None:
+    """In the child: be killed when the parent dies, even by SIGKILL (Linux; elsewhere the
+    parent's own cleanup is all there is). Applies to the thread that started us, which
+    waits for us (quantize_ladder). If the parent died before this took effect, exit now."""
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(CHILD_ORPHANED)
+
+
+def _imatrix_params(path: str) -> tuple[ctypes.Array[ctypes.Structure], ctypes.Array[ctypes.Structure], list[object]]:
     """``params.imatrix`` and ``params.kv_overrides`` for the importance matrix at ``path``, as
     llama-quantize builds them: {name, mean squares, size} entries ended by a NULL name, and
     ``quantize.imatrix.*`` keys recorded in the output file. The third item keeps the buffers alive."""
@@ -140,9 +123,7 @@ def _imatrix_params(path: str) -> tuple[object, object, list[object]]:
 
 
 def _child_quantize(src: str, dst: str, ftype: int, nthread: int, imatrix: str | None = None) -> int:
-    """Runs in the child process (``python -m edge_lora.converters.quantize``)."""
-    import sys
-
+    """Runs in the child process (see _child_command)."""
     import llama_cpp.llama_cpp as llama
 
     @llama.llama_log_callback
@@ -176,6 +157,7 @@ class QuantJob:
 
     name: str
     dst: Path
+    partial: Path
     process: subprocess.Popen[bytes]
     log: IO[bytes]
     started: float
@@ -190,15 +172,40 @@ class QuantResult:
     error: str | None = None
 
 
-def _start(src: Path, dst: Path, name: str, nthread: int, imatrix: Path | None) -> QuantJob:
+def _child_command(src: Path, dst: str, ftype: int, nthread: int, imatrix: Path | None = None) -> list[str]:
+    return isolated_python("from edge_lora.converters.quantize import _child_main; sys.exit(_child_main(sys.argv[1:]))",
+                           str(os.getpid()), str(src), dst, str(ftype), str(nthread),
+                           *([str(imatrix)] if imatrix is not None else []))
+
+
+def _start(src: Path, dst: Path, name: str, nthread: int, imatrix: Path | None = None) -> QuantJob:
     # A fresh interpreter (not fork, not multiprocessing's spawn, which re-runs the caller's
     # __main__): an abort inside llama.cpp kills only this child.
+    partial, fd = create_partial(dst)
     log = tempfile.TemporaryFile()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "edge_lora.converters.quantize", str(src), str(partial_path(dst)),
-         str(ALL_TYPES[name]), str(nthread), *([str(imatrix)] if imatrix is not None else [])],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
-    return QuantJob(name, dst, process, log, time.perf_counter())
+    try:
+        # The child reopens the descriptor we created, never a name someone could swap.
+        target = f"/proc/self/fd/{fd}" if os.path.isdir("/proc/self/fd") else str(partial)
+        process = subprocess.Popen(_child_command(src.absolute(), target, int(quant_format(name).file_type), nthread,
+                                                   imatrix),
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
+                                   pass_fds=(fd,))
+    except BaseException:
+        log.close()
+        partial.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)
+    return QuantJob(name, dst, partial, process, log, time.perf_counter())
+
+
+def _stop(job: QuantJob) -> None:
+    """Kill a running child and remove its partial file."""
+    with contextlib.suppress(ProcessLookupError):
+        job.process.kill()
+    job.process.wait()
+    job.log.close()
+    job.partial.unlink(missing_ok=True)
 
 
 def _log_tail(log: IO[bytes], lines: int = 2) -> str:
@@ -209,17 +216,17 @@ def _log_tail(log: IO[bytes], lines: int = 2) -> str:
 
 
 def _finish(job: QuantJob) -> QuantResult:
-    tmp = partial_path(job.dst)
+    tmp = job.partial
     try:
         rc = job.process.wait()
         detail = _log_tail(job.log)
         if rc != 0:
-            what = "failed" if rc == CHILD_FAILED else f"crashed (exit code {rc})"
+            what = "failed" if rc == CHILD_FAILED else f"crashed ({_exit_description(rc)})"
             raise QuantizeError(f"llama.cpp's quantizer {what} making {job.name}" + (f": {detail}" if detail else ""),
                                 fix="check the input file and free disk space")
         if not tmp.is_file():
             raise QuantizeError(f"llama.cpp reported success for {job.name} but wrote no file")
-        publish(tmp, job.dst, _validator(ALL_TYPES[job.name]))
+        publish(tmp, job.dst, _validator(quant_format(job.name).file_type))
         return QuantResult(job.name, job.dst, True, time.perf_counter() - job.started)
     except EdgeLoraError as exc:
         tmp.unlink(missing_ok=True)
@@ -237,53 +244,75 @@ def quantize_ladder(src: Path | str, out_dir: Path | str, names: Sequence[str], 
     Bad input raises before any work; a failing format is reported in its result while the
     others still finish."""
     src, out_dir = Path(src), Path(out_dir)
-    for name in names:
-        if name not in ALL_TYPES:
-            raise InputError(f"unknown quantization type {name!r}", fix=f"use one of {', '.join(ALL_TYPES)}")
+    formats = [quant_format(name) for name in names]
+    names = [f.name for f in formats]
     check_imatrix_given(names, imatrix)
     data_bytes = check_quantizable(src)
     if imatrix is not None:
         imatrix = Path(imatrix).absolute()  # the child resolves nothing
         check_imatrix_fits(read_imatrix(imatrix), validate_gguf(src), source=str(imatrix))
     ensure_writable_dir(out_dir)
-    check_free_space(out_dir, sum(int(data_bytes * EXPECTED_BPW[n] / 16) for n in names))
+    check_free_space(out_dir, sum(int(data_bytes * f.bits_per_weight / 16) for f in formats))
     threads = nthread or max(1, constants.N_THREADS // max(1, workers))
     stem = model_stem(src)
-    for name in names:  # an output path taken by a directory is bad input, not a failed format
-        if (out_dir / f"{stem}-{name}.gguf").is_dir():
-            raise OutputError(f"{out_dir / f'{stem}-{name}.gguf'} is a directory",
-                              fix="remove it or choose another --out directory")
+    destinations = {f.name: out_dir / f.file_name(stem) for f in formats}
+    for dst in destinations.values():  # an output path taken by a directory is bad input, not a failed format
+        if dst.is_dir():
+            raise OutputError(f"{dst} is a directory", fix="remove it or choose another --out directory")
     pending = list(names)
     running: list[QuantJob] = []
     results: dict[str, QuantResult] = {}
     progress.start("quantizing", total=len(names))
     try:
-        while pending or running:
-            while pending and len(running) < max(1, workers):
-                name = pending.pop(0)
-                running.append(_start(src, out_dir / f"{stem}-{name}.gguf", name, threads, imatrix))
-            job = running.pop(0)
-            results[job.name] = _finish(job)
-            progress.advance(1, description=f"{job.name} {'done' if results[job.name].ok else 'FAILED'}")
-    except BaseException:
-        for job in running:  # interrupted: stop children, leave no partial files
-            job.process.kill()
-            job.process.wait()
-            partial_path(job.dst).unlink(missing_ok=True)
-        raise
+        with _terminate_as_exit():
+            while pending or running:
+                while pending and len(running) < max(1, workers):
+                    name = pending.pop(0)
+                    running.append(_start(src, destinations[name], name, threads, imatrix))
+                job = running[0]
+                results[job.name] = _finish(job)
+                running.pop(0)
+                progress.advance(1, description=f"{job.name} {'done' if results[job.name].ok else 'FAILED'}")
     finally:
+        for job in running:  # interrupted (Ctrl-C, SIGTERM, an error): stop children, leave no partials
+            _stop(job)
         progress.finish()
     return [results[n] for n in names]
+
+
+def _exit_description(rc: int) -> str:
+    if rc < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-rc).name}"
+        return f"killed by signal {-rc}"
+    return f"exit code {rc}"
+
+
+@contextlib.contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    """While children run, SIGTERM to this process raises SystemExit (so the ladder kills its
+    children and removes their partials) instead of ending the process on the spot — only in
+    the main thread and when nobody installed their own SIGTERM handler."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def terminate(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def record_in_manifest(out_dir: Path, src: Path, results: Sequence[QuantResult],
                        imatrix: Path | str | None = None) -> None:
     """Add each successful quant to ``out_dir``'s manifest with the kind of its source
     (a quant of a merged model is merged) and, when quantized with one, its importance matrix."""
-    from edge_lora.core.manifest import Manifest, imatrix_record
-
     manifest = Manifest.load(out_dir)
-    kind = "model"
+    kind: FileKind = "model"
     try:
         # ``src`` is a path as given (relative to the working directory), not a name in out_dir.
         row = manifest.file(Path(src).absolute())
@@ -294,8 +323,7 @@ def record_in_manifest(out_dir: Path, src: Path, results: Sequence[QuantResult],
     calibration = imatrix_record(Path(imatrix), out_dir) if imatrix is not None else None
     for result in results:
         if result.ok and result.path is not None:
-            manifest.add_file(result.path.name, format=result.name, kind=kind,  # type: ignore[arg-type]
-                              imatrix=calibration)
+            manifest.add_file(result.path.name, format=result.name, kind=kind, imatrix=calibration)
     if not manifest.name:
         manifest.name = model_stem(src)
     if not manifest.architecture:
@@ -304,9 +332,6 @@ def record_in_manifest(out_dir: Path, src: Path, results: Sequence[QuantResult],
 
 
 def _child_main(argv: Sequence[str]) -> int:
-    src, dst, ftype, nthread, *imatrix = argv
+    parent_pid, src, dst, ftype, nthread, *imatrix = argv
+    _die_with_parent(int(parent_pid))
     return 0 if _child_quantize(src, dst, int(ftype), int(nthread), *imatrix) == 0 else CHILD_FAILED
-
-
-if __name__ == "__main__":
-    sys.exit(_child_main(sys.argv[1:]))

@@ -20,6 +20,7 @@ from types import TracebackType
 
 import numpy as np
 
+from edge_lora.core.bounded_json import JsonKind, loads_json
 from edge_lora.core.errors import InputNotFoundError, InvalidCheckpointError
 
 MAX_HEADER_BYTES = 100 * 1000 * 1000  # the official parser's cap
@@ -63,9 +64,9 @@ def _bad(path: Path, what: str) -> InvalidCheckpointError:
 
 def _parse_header(path: Path, raw: bytes, data_bytes: int) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _bad(path, f"header is not JSON ({exc})") from exc
+        header = loads_json(raw, JsonKind.SAFETENSORS_HEADER, "the header")
+    except InvalidCheckpointError as exc:
+        raise _bad(path, exc.message) from exc
     if not isinstance(header, dict):
         raise _bad(path, "header is not a JSON object")
     metadata: dict[str, str] = {}

@@ -10,9 +10,12 @@ Field numbers follow sentencepiece's ``sentencepiece_model.proto``.
 from __future__ import annotations
 
 import struct
+from array import array
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
+from typing import overload
 
 from edge_lora.core.errors import InvalidCheckpointError
 
@@ -52,7 +55,7 @@ class Piece:
 
 @dataclass
 class SentencePieceModel:
-    pieces: list[Piece] = field(default_factory=list)
+    pieces: Sequence[Piece] = field(default_factory=list)  # a PieceTable when parsed
     model_type: ModelType = ModelType.UNIGRAM
     byte_fallback: bool = False
     # Defaults are the proto's defaults (pad disabled = -1).
@@ -146,48 +149,134 @@ _PIECE_TYPES = {t.value: t for t in PieceType}
 _unpack_f32 = struct.Struct("<f").unpack_from
 
 
-def _parse_piece(raw: bytes) -> Piece:
+class PieceTable(Sequence[Piece]):
+    """The pieces of a parsed model, stored compactly: every text's UTF-8 bytes in one buffer
+    plus offset, score and type arrays — 9 bytes a piece beyond its text, where a list of
+    ``Piece`` objects costs ~250 (a 1 MB model parsed into 17-36 MB). Indexing builds the
+    ``Piece`` on demand; equal to any sequence of equal pieces."""
+
+    __slots__ = ("_text", "_ends", "_scores", "_types")
+
+    def __init__(self) -> None:
+        self._text = bytearray()
+        self._ends = array("I")   # end offset of piece i in _text (MAX_MODEL_BYTES < 4 GiB)
+        self._scores = array("f")  # the file's float32 scores, exactly
+        self._types = array("B")
+
+    def _append(self, raw: bytes, score: float, piece_type: int) -> None:
+        try:
+            raw.decode("utf-8")  # each piece on its own: two halves of a character are invalid
+        except UnicodeDecodeError as exc:
+            raise _Malformed("a piece is not valid UTF-8") from exc
+        self._text += raw
+        self._ends.append(len(self._text))
+        self._scores.append(score)
+        self._types.append(piece_type)
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    @overload
+    def __getitem__(self, index: int) -> Piece: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Piece]: ...
+
+    def __getitem__(self, index: int | slice) -> Piece | list[Piece]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        i = range(len(self))[index]  # IndexError and negative indices as a list has them
+        start = self._ends[i - 1] if i else 0
+        return Piece(self._text[start:self._ends[i]].decode("utf-8"), self._scores[i],
+                     _PIECE_TYPES[self._types[i]])
+
+    def __iter__(self) -> Iterator[Piece]:
+        start, text = 0, self._text
+        for end, score, piece_type in zip(self._ends, self._scores, self._types):
+            yield Piece(text[start:end].decode("utf-8"), score, _PIECE_TYPES[piece_type])
+            start = end
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or len(other) != len(self):
+            return False
+        return all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like a list
+
+    def __repr__(self) -> str:
+        return f"PieceTable({len(self)} pieces, {len(self._text)} text bytes)"
+
+
+def _parse_piece(buf: bytes, start: int, end: int, table: PieceTable) -> None:
+    """Append the ``SentencePiece`` message ``buf[start:end]`` to ``table``."""
     # Fast path for the layout SentencePiece itself writes (text < 128 bytes, then score, then
     # type, each optional after the text): a 262k vocabulary parses in a fraction of the time.
     # Anything else takes the general field walk below, with the same checks.
-    n = len(raw)
-    if n >= 2 and raw[0] == 0x0A and raw[1] < 0x80 and 2 + raw[1] <= n:
-        pos = 2 + raw[1]
-        score, piece_type = 0.0, PieceType.NORMAL
-        if pos + 5 <= n and raw[pos] == 0x15:
-            score = _unpack_f32(raw, pos + 1)[0]
+    if end - start >= 2 and buf[start] == 0x0A and buf[start + 1] < 0x80 and start + 2 + buf[start + 1] <= end:
+        text_end = start + 2 + buf[start + 1]
+        pos, score, piece_type = text_end, 0.0, PieceType.NORMAL
+        if pos + 5 <= end and buf[pos] == 0x15:
+            score = _unpack_f32(buf, pos + 1)[0]
             pos += 5
-        if pos + 2 <= n and raw[pos] == 0x18 and raw[pos + 1] < 0x80 and raw[pos + 1] in _PIECE_TYPES:
-            piece_type = _PIECE_TYPES[raw[pos + 1]]
+        if pos + 2 <= end and buf[pos] == 0x18 and buf[pos + 1] < 0x80 and buf[pos + 1] in _PIECE_TYPES:
+            piece_type = _PIECE_TYPES[buf[pos + 1]]
             pos += 2
-        if pos == n:
-            return Piece(_text(raw[2:2 + raw[1]]), score, piece_type)
-    piece = Piece(piece="")
-    for number, wire, value in _fields(raw, 0, len(raw)):
+        if pos == end:
+            table._append(buf[start + 2:text_end], score, piece_type)
+            return
+    text, score, piece_type = b"", 0.0, PieceType.NORMAL
+    for number, wire, value in _fields(buf, start, end):
         if number == 1:
-            piece.piece = _text(value)
+            if not isinstance(value, bytes):
+                raise _Malformed("expected a string field")
+            text = value
         elif number == 2:
-            piece.score = _float(value, wire)
+            score = _float(value, wire)
         elif number == 3:
             code = _int32(value)
             try:
-                piece.type = PieceType(code)
+                piece_type = PieceType(code)
             except ValueError as exc:
                 raise _Malformed(f"unknown piece type {code}") from exc
-    return piece
+    table._append(text, score, piece_type)
+
+
+def _top_level_fields(buf: bytes) -> Iterator[tuple[int, int, int]]:
+    """(field number, start, end) of each length-delimited field of the ``ModelProto`` in
+    ``buf``, one at a time: the pieces are never all held as separate objects."""
+    pos, end = 0, len(buf)
+    while pos < end:
+        key, pos = _read_varint(buf, pos, end)
+        number, wire = key >> 3, key & 7
+        if number == 0:
+            raise _Malformed("field number 0")
+        if wire == _LENGTH:
+            length, pos = _read_varint(buf, pos, end)
+            if length > end - pos:
+                raise _Malformed(f"field {number} declares {length} bytes, {end - pos} remain")
+            yield number, pos, pos + length
+            pos += length
+        elif wire == _VARINT:
+            _value, pos = _read_varint(buf, pos, end)
+        elif wire in (_FIXED64, _FIXED32):
+            pos += 8 if wire == _FIXED64 else 4
+            if pos > end:
+                raise _Malformed(f"truncated {64 if wire == _FIXED64 else 32}-bit field")
+        else:
+            raise _Malformed(f"unsupported wire type {wire} (field {number})")
 
 
 def parse_model(data: bytes) -> SentencePieceModel:
-    model = SentencePieceModel()
-    for number, _wire, value in _fields(data, 0, len(data)):
-        if not isinstance(value, bytes):
-            continue  # ModelProto's fields we read are all sub-messages
+    """Parse a ``ModelProto``. Peak memory is about twice ``data`` (measured in
+    tests/test_tokenizer_export.py): ``data`` itself plus the compact ``PieceTable``."""
+    pieces = PieceTable()
+    model = SentencePieceModel(pieces=pieces)
+    for number, start, end in _top_level_fields(data):
         if number == 1:
-            if len(model.pieces) >= MAX_PIECES:
+            if len(pieces) >= MAX_PIECES:
                 raise _Malformed(f"more than {MAX_PIECES} pieces")
-            model.pieces.append(_parse_piece(value))
+            _parse_piece(data, start, end, pieces)
         elif number == 2:
-            for sub, _w, v in _fields(value, 0, len(value)):
+            for sub, _w, v in _fields(data, start, end):
                 if sub == 3:
                     code = _int32(v)
                     try:
@@ -205,16 +294,16 @@ def parse_model(data: bytes) -> SentencePieceModel:
                 elif sub == 43:
                     model.pad_id = _int32(v)
         elif number == 3:
-            for sub, _w, v in _fields(value, 0, len(value)):
+            for sub, _w, v in _fields(data, start, end):
                 if sub == 1:
                     model.normalizer_name = _text(v)
                 elif sub == 3:
                     model.add_dummy_prefix = bool(_int32(v))
                 elif sub == 4:
                     model.remove_extra_whitespaces = bool(_int32(v))
-    if not model.pieces:
+    if not pieces:
         raise _Malformed("no pieces")
-    n = len(model.pieces)
+    n = len(pieces)
     for name in ("unk_id", "bos_id", "eos_id", "pad_id"):
         token_id = getattr(model, name)
         if token_id >= n or token_id < -1:

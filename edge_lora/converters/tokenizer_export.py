@@ -11,7 +11,6 @@ special_tokens_map.json, generation_config.json and config.json.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +19,9 @@ from typing import Any
 import gguf
 
 from edge_lora.converters.sentencepiece_model import read_model
+from edge_lora.core.bounded_json import JsonKind, read_json
 from edge_lora.core.errors import EdgeLoraError, InvalidCheckpointError
 
-MAX_JSON_BYTES = 256 * 1024 * 1024
 MAX_VOCAB = 4_000_000
 BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 SPM_SPACE = "\u2581"
@@ -63,17 +62,12 @@ def _bad(path: Path, what: str) -> InvalidCheckpointError:
     return InvalidCheckpointError(f"{path}: {what}", fix="re-download the checkpoint's tokenizer files")
 
 
+_JSON_KINDS = {"tokenizer.json": JsonKind.TOKENIZER, "generation_config.json": JsonKind.GENERATION_CONFIG}
+
+
 def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        return None
-    try:
-        if path.stat().st_size > MAX_JSON_BYTES:
-            raise _bad(path, "file is too large")
-        return json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise _bad(path, f"cannot read: {exc.strerror or exc}") from exc
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _bad(path, f"not valid JSON ({exc})") from exc
+    """None when the file is absent; size, nesting and integers bounded (core.bounded_json)."""
+    return read_json(path, _JSON_KINDS.get(path.name, JsonKind.TOKENIZER_CONFIG), missing_ok=True)
 
 
 def _obj(value: Any, path: Path) -> dict[str, Any]:

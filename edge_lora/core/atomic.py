@@ -1,8 +1,13 @@
 """Write files so that a final path only ever holds a complete file.
 
-Write ``<name>.partial`` in the destination directory, fsync, optionally validate, then
-``os.replace``. An interrupted run leaves at most a ``.partial`` file, never a half-written
-final file. Free space is checked before large writes.
+A writer creates its own partial file beside the final path — ``<name>.<pid>-<random>.partial``,
+with ``O_CREAT | O_EXCL | O_NOFOLLOW``, so two writers never share one and a symlink planted
+under that name is never followed — writes it through the descriptor it created, fsyncs,
+optionally validates, then ``os.replace``s it (a rename replaces a symlink at the final path
+instead of writing through it). An interrupted run leaves at most its partial file, never a
+half-written final file; a killed run's partial carries its dead pid, and the next writer of
+the same final name removes it (only regular files of ours whose writer is gone). Free space
+is checked before large writes.
 """
 
 from __future__ import annotations
@@ -10,18 +15,87 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
+import secrets
 import shutil
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, Any
 
 from edge_lora.core.errors import OutputError
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; updates there are not serialized
+    fcntl = None  # type: ignore[assignment]
+
 PARTIAL_SUFFIX = ".partial"
+_CREATE_FLAGS = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+                 | getattr(os, "O_CLOEXEC", 0))
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (a zombie counts until its parent reaps it)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
 
 
 def partial_path(final: Path) -> Path:
-    return final.with_name(final.name + PARTIAL_SUFFIX)
+    """A fresh partial name for ``final``, carrying this process's pid (not yet created)."""
+    final = Path(final)
+    return final.with_name(f"{final.name}.{os.getpid()}-{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
+
+
+def _partial_pattern(final: Path) -> re.Pattern[str]:
+    return re.compile(rf"{re.escape(final.name)}\.(\d+)-[0-9a-f]{{8}}{re.escape(PARTIAL_SUFFIX)}")
+
+
+def remove_stale_partials(final: Path) -> list[Path]:
+    """Delete partial files of ``final`` whose writer is no longer running (a killed run's):
+    only names of our scheme, only regular files this user owns, never this process's own."""
+    final = Path(final)
+    pattern = _partial_pattern(final)
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(final.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match is None:
+            continue
+        pid = int(match.group(1))
+        if pid == os.getpid() or pid_alive(pid):
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+            if stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid():
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except FileNotFoundError:
+            continue  # another writer cleaned it up first
+    return removed
+
+
+def create_partial(final: Path) -> tuple[Path, int]:
+    """Remove ``final``'s stale partials, then create a new empty partial exclusively
+    (``O_CREAT | O_EXCL | O_NOFOLLOW``): (its path, a descriptor open for writing)."""
+    final = Path(final)
+    remove_stale_partials(final)
+    while True:
+        tmp = partial_path(final)
+        try:
+            return tmp, os.open(tmp, _CREATE_FLAGS, 0o666)
+        except FileExistsError:
+            continue  # a name taken (or planted) already: draw another
 
 
 def ensure_writable_dir(directory: Path) -> None:
@@ -91,8 +165,11 @@ def os_error_to_output_error(exc: OSError, target: Path) -> OutputError:
 def publish(tmp: Path, final: Path, validate: Callable[[Path], None] | None = None) -> None:
     """fsync ``tmp``, validate it, and move it to ``final`` atomically (removing it on failure)."""
     try:
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+        fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         if validate is not None:
             validate(tmp)
         os.replace(tmp, final)
@@ -103,11 +180,43 @@ def publish(tmp: Path, final: Path, validate: Callable[[Path], None] | None = No
 
 
 @contextlib.contextmanager
-def atomic_path(final: Path, validate: Callable[[Path], None] | None = None) -> Iterator[Path]:
-    """Yield a temporary path beside ``final``; on success publish it, on any failure
-    (including KeyboardInterrupt) delete it."""
+def atomic_file(final: Path, validate: Callable[[Path], None] | None = None, mode: str = "wb"
+                ) -> Iterator[IO[Any]]:
+    """A file object on a new partial beside ``final`` (the descriptor that created it: no
+    reopening by name); on success published at ``final``, on any failure (including
+    KeyboardInterrupt) deleted."""
     final = Path(final)
-    tmp = partial_path(final)
+    try:
+        tmp, fd = create_partial(final)
+    except OSError as exc:
+        raise os_error_to_output_error(exc, final) from exc
+    try:
+        with os.fdopen(fd, mode, encoding="utf-8" if "b" not in mode else None) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise os_error_to_output_error(exc, final) from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:
+        publish(tmp, final, validate)
+    except OSError as exc:
+        raise os_error_to_output_error(exc, final) from exc
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path, validate: Callable[[Path], None] | None = None) -> Iterator[Path]:
+    """For writers that only take a path: a new, empty partial beside ``final``, created
+    exclusively; published on success, deleted on any failure. Prefer ``atomic_file``."""
+    final = Path(final)
+    try:
+        tmp, fd = create_partial(final)
+        os.close(fd)
+    except OSError as exc:
+        raise os_error_to_output_error(exc, final) from exc
     try:
         yield tmp
     except OSError as exc:
@@ -122,12 +231,33 @@ def atomic_path(final: Path, validate: Callable[[Path], None] | None = None) -> 
         raise os_error_to_output_error(exc, final) from exc
 
 
+LOCK_SUFFIX = ".lock"
+
+
 @contextlib.contextmanager
-def atomic_open(final: Path, mode: str = "wb") -> Iterator[BinaryIO]:
-    with atomic_path(final) as tmp, open(tmp, mode) as fh:
-        yield fh  # type: ignore[misc]
+def file_lock(target: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``.<target>.lock`` (created beside ``target``, kept for the
+    next user: deleting a lock file races with its next locker) around a read-modify-write of
+    ``target``, so two processes — or two threads — updating it at once lose nothing. Readers
+    need no lock: ``target`` is only ever replaced whole."""
+    target = Path(target)
+    lock = target.with_name(f".{target.name}{LOCK_SUFFIX}")  # hidden: not an output users look for
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o666)
+    except OSError as exc:
+        raise os_error_to_output_error(exc, lock) from exc
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def atomic_open(final: Path, mode: str = "wb") -> contextlib.AbstractContextManager[IO[Any]]:
+    return atomic_file(final, mode=mode)
 
 
 def atomic_write_text(final: Path, text: str) -> None:
-    with atomic_path(Path(final)) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    with atomic_file(Path(final), mode="w") as fh:
+        fh.write(text)

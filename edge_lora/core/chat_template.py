@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from edge_lora.core.errors import RequestError
+from edge_lora.core.bounded_jinja import (MAX_RENDERED_CHARS, RENDER_SECONDS, BoundedSandboxEnvironment,
+                                         RenderBudget, active_budget)
+from edge_lora.core.errors import EdgeLoraError, RequestError, TemplateLimitError
 
 GEMMA_TEMPLATE = (
     "{{ bos_token }}"
@@ -146,9 +147,10 @@ def _strftime_now(fmt: str) -> str:
 
 
 # The same settings Hugging Face transformers renders chat templates with, so templates written
-# for it (HF tokenizer_config.json -> GGUF tokenizer.chat_template) render identically.
-_environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                             extensions=["jinja2.ext.loopcontrols"])
+# for it (HF tokenizer_config.json -> GGUF tokenizer.chat_template) render identically; bounded
+# in time, output and memory (core.bounded_jinja).
+_environment = BoundedSandboxEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                         extensions=["jinja2.ext.loopcontrols"])
 _environment.globals["raise_exception"] = _raise_exception
 _environment.globals["strftime_now"] = _strftime_now
 
@@ -160,17 +162,39 @@ def _compiled(template: str) -> jinja2.Template:
 
 
 def render_chat(template: str, messages: Any, add_generation_prompt: bool = True,
-                bos_token: str = "", eos_token: str = "") -> str:
-    return _render(template, normalize_messages(messages), add_generation_prompt, bos_token, eos_token)
+                bos_token: str = "", eos_token: str = "", *, max_chars: int = MAX_RENDERED_CHARS,
+                seconds: float = RENDER_SECONDS) -> str:
+    """Render ``messages`` with ``template`` in the sandbox: at most ``max_chars`` characters
+    of output, ``seconds`` of time (TemplateLimitError past either); any failure of the
+    template is a RequestError."""
+    return _render(template, normalize_messages(messages), add_generation_prompt, bos_token, eos_token,
+                   max_chars=max_chars, seconds=seconds)
 
 
 def _render(template: str, checked: list[dict[str, str]], add_generation_prompt: bool,
-            bos_token: str, eos_token: str) -> str:
+            bos_token: str, eos_token: str, *, max_chars: int = MAX_RENDERED_CHARS,
+            seconds: float = RENDER_SECONDS) -> str:
+    budget = RenderBudget.start(max_chars, seconds)
+    token = active_budget().set(budget)
     try:
         compiled = _compiled(template)
-        return compiled.render(messages=checked, add_generation_prompt=add_generation_prompt,
-                               bos_token=bos_token, eos_token=eos_token)
-    except RequestError:
+        parts: list[str] = []
+        produced = 0
+        stream = compiled.generate(messages=checked, add_generation_prompt=add_generation_prompt,
+                                   bos_token=bos_token, eos_token=eos_token)
+        try:
+            for part in stream:  # streamed, so a runaway template stops at the cap
+                produced += len(part)
+                if produced > max_chars:
+                    raise TemplateLimitError(
+                        f"the chat template rendered more than {max_chars:,} characters and was stopped",
+                        fix="use a model whose chat template is trustworthy, or a shorter conversation")
+                budget.tick()
+                parts.append(part)
+        finally:
+            stream.close()
+        return "".join(parts)
+    except EdgeLoraError:
         raise
     except jinja2.exceptions.SecurityError as exc:
         raise RequestError(f"the chat template tried an unsafe operation and was stopped: {exc}",
@@ -178,6 +202,14 @@ def _render(template: str, checked: list[dict[str, str]], add_generation_prompt:
     except jinja2.TemplateError as exc:
         raise RequestError(f"the chat template could not be rendered: {exc}",
                            fix="check the messages, or use a model with a working chat template") from exc
+    except (MemoryError, RecursionError) as exc:
+        raise TemplateLimitError(f"the chat template ran out of {'memory' if isinstance(exc, MemoryError) else 'stack'}"
+                                 " and was stopped", fix="use a model whose chat template is trustworthy") from exc
+    except Exception as exc:  # the template is untrusted code: any failure is its failure, not ours
+        raise RequestError(f"the chat template failed: {type(exc).__name__}: {exc}",
+                           fix="use a model with a working chat template") from exc
+    finally:
+        active_budget().reset(token)
 
 
 # A message's content, as the template wrote it into the prompt (is_content=True), or the

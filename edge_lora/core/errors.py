@@ -76,6 +76,11 @@ class ContextLengthError(RequestError):
     """The prompt does not fit the context."""
 
 
+class TemplateLimitError(RequestError):
+    """A chat template (untrusted: it comes from the model file) ran past its time, output or
+    memory budget and was stopped."""
+
+
 class OutputError(EdgeLoraError, OSError):
     """An output could not be written (not writable, disk full)."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,12 +26,15 @@ SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
 LLAMA_MAX_LAYERS = 512
+LLAMA_MAX_EXPERTS = 1024
 INT32_MAX = 2**31 - 1
 GGML_MAX_NAME = 64  # ggml tensor names are char[64], NUL included
 # No real tensor comes near 2**48 elements; a larger product is a hostile header.
 MAX_TENSOR_ELEMENTS = 1 << 48
-# Arrays up to this length are kept in GGUFInfo.metadata; longer ones are summarised.
+# Arrays up to this length are kept in GGUFInfo.metadata; longer ones are summarised. Numeric
+# arrays are kept up to one entry per layer, so per-layer hyperparameters can be checked.
 MAX_KEPT_ARRAY_LEN = 64
+MAX_KEPT_NUMERIC_ARRAY_LEN = LLAMA_MAX_LAYERS
 BYTE_TOKEN_LEN = len("<0x0A>")
 # Smallest possible records, used to bound counts against the bytes left.
 MIN_KV_BYTES = 8 + 1 + 4 + 1  # key length, 1-byte key, value type, 1-byte value
@@ -70,6 +74,20 @@ class TensorRecord(NamedTuple):
     offset: int  # absolute byte offset of the data in the file
 
 
+class FileIdentity(NamedTuple):
+    """What names one version of one file: a file replaced (os.replace, a new download) or
+    rewritten in place has another identity."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileIdentity:
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 @dataclass(frozen=True)
 class GGUFInfo:
     path: Path
@@ -82,6 +100,7 @@ class GGUFInfo:
     tensor_data_bytes: int
     file_bytes: int
     alignment: int = DEFAULT_ALIGNMENT
+    identity: FileIdentity | None = None  # of the file as it was parsed
     _by_name: dict[str, TensorRecord] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -174,7 +193,7 @@ def _read_array(cur: _Cursor, key: str) -> MetadataValue:
         fmt, size = _SCALAR_FORMATS[element_type]
         # Bound before multiplying into an allocation: the bytes must be in the file.
         cur.need(count * size, f"array {key!r} of {count} {_type_name(element_type)}")
-        if count <= MAX_KEPT_ARRAY_LEN:
+        if count <= MAX_KEPT_NUMERIC_ARRAY_LEN:
             values = list(struct.unpack_from(f"<{count}{fmt[1]}", cur.buf, cur.pos))
             cur.pos += count * size
             return values
@@ -229,7 +248,7 @@ def _tensor_bytes(cur: _Cursor, name: str, shape: tuple[int, ...], type_id: int)
     return qtype.name, n_elements // block_size * type_size
 
 
-def _parse(cur: _Cursor) -> GGUFInfo:
+def _parse(cur: _Cursor, identity: FileIdentity | None = None) -> GGUFInfo:
     cur.need(4, "magic")
     magic = bytes(cur.buf[0:4])
     cur.pos = 4
@@ -311,7 +330,7 @@ def _parse(cur: _Cursor) -> GGUFInfo:
         general_type=text("general.type"),
         file_type=file_type if isinstance(file_type, int) and not isinstance(file_type, bool) else None,
         metadata=metadata, tensors=tensors, tensor_data_bytes=sum(t.n_bytes for t in tensors),
-        file_bytes=file_bytes, alignment=alignment)
+        file_bytes=file_bytes, alignment=alignment, identity=identity)
 
 
 def validate_gguf(path: Path | str, *, expect_type: GGUFKind | None = None) -> GGUFInfo:
@@ -327,12 +346,12 @@ def validate_gguf(path: Path | str, *, expect_type: GGUFKind | None = None) -> G
         raise InputNotFoundError(f"GGUF file {path} does not exist", fix="check the path")
     try:
         with open(path, "rb") as fh:
-            size = path.stat().st_size
-            if size < 24:
-                raise InvalidGGUFError(f"{path} is not a valid GGUF file: only {size} bytes",
+            identity = FileIdentity.of(os.fstat(fh.fileno()))
+            if identity.size < 24:
+                raise InvalidGGUFError(f"{path} is not a valid GGUF file: only {identity.size} bytes",
                                        fix="re-download or re-convert the file")
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-                info = _parse(_Cursor(buf, path))
+                info = _parse(_Cursor(buf, path), identity)
     except OSError as exc:
         raise InvalidGGUFError(f"cannot read {path}: {exc.strerror or exc}",
                                fix="check the file's permissions") from exc
@@ -374,9 +393,19 @@ def _check_byte_tokens(info: GGUFInfo) -> None:
                                fix="re-convert the model with its complete tokenizer")
 
 
+def _refuse(info: GGUFInfo, what: str) -> InvalidGGUFError:
+    return InvalidGGUFError(f"{info.path} {what}; llama.cpp would abort the process loading it",
+                            fix="re-convert the model; the file is corrupt or was written by a broken tool")
+
+
 def _check_model_hparams(info: GGUFInfo) -> None:
-    """Values llama.cpp does not refuse but aborts the whole process on (GGML_ASSERT): a block
-    count outside 1..LLAMA_MAX_LAYERS at load, a NaN or negative norm epsilon at the first decode."""
+    """Values llama.cpp does not refuse but aborts the whole process on (GGML_ASSERT / a C++
+    exception through the C API), read from llama.cpp 0.3.36's loader (llama-model.cpp
+    load_hparams, llama-hparams.cpp, the graph builders in src/models/): a block count outside
+    1..LLAMA_MAX_LAYERS, bad expert counts, nextn layers, an unknown rope scaling type, head
+    counts that do not divide, unequal head sizes, a NaN or negative norm epsilon. Whatever else
+    the loader asserts on is caught by loading the file in a child process first
+    (llama_backend's preflight)."""
     arch = info.architecture
     blocks = info.metadata.get(f"{arch}.block_count")
     if blocks is not None and (isinstance(blocks, bool) or not isinstance(blocks, int)
@@ -394,6 +423,150 @@ def _check_model_hparams(info: GGUFInfo) -> None:
                                 or not math.isfinite(eps) or eps < 0):
             raise InvalidGGUFError(f"{info.path} declares {key} {eps!r}, not a finite non-negative number",
                                    fix="re-convert the model")
+    _check_rope_scaling(info)
+    _check_tensor_types(info)
+    if isinstance(blocks, int):
+        _check_layers(info, blocks)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _per_layer(info: GGUFInfo, key: str, n_layers: int) -> list[int] | None:
+    """A hyperparameter given as one value for every layer or as an array with one entry per
+    layer (llama_model_loader::get_key_or_arr), as a list of n_layers ints; None when absent.
+    llama.cpp reads int32 arrays as uint32, so a negative entry is a huge count there."""
+    value = info.metadata.get(key)
+    if value is None:
+        return None
+    if _is_int(value):
+        values = [value] * n_layers
+    elif isinstance(value, list):
+        if len(value) != n_layers:
+            raise _refuse(info, f"gives {key} {len(value)} entries for {n_layers} layers")
+        values = value
+    elif isinstance(value, ArraySummary):
+        raise _refuse(info, f"gives {key} {value.count} entries for {n_layers} layers")
+    else:
+        return None  # a string or float: llama.cpp refuses the type itself
+    if not all(_is_int(v) and 0 <= v < 2**32 for v in values):
+        raise _refuse(info, f"gives {key} a value that is not a count: {values[:4]!r}")
+    return values
+
+
+def _scalar(info: GGUFInfo, key: str) -> int | None:
+    value = info.metadata.get(key)
+    return value if _is_int(value) else None
+
+
+def _check_layers(info: GGUFInfo, n_layers: int) -> None:
+    arch = info.architecture
+    nextn = _scalar(info, f"{arch}.nextn_predict_layers")
+    if nextn is not None and nextn >= n_layers:  # GGML_ASSERT(n_layer_nextn <= n_layer_all); equal leaves no layer
+        raise _refuse(info, f"declares {arch}.nextn_predict_layers {nextn} for {n_layers} blocks")
+    for part in ("posnet", "convnext"):  # wavtokenizer-dec: GGML_ASSERT(<part>.n_layer <= n_layer_all)
+        count = _scalar(info, f"{arch}.{part}.block_count")
+        if count is not None and count > n_layers:
+            raise _refuse(info, f"declares {arch}.{part}.block_count {count} for {n_layers} blocks")
+    _check_experts(info, n_layers)
+    _per_layer(info, f"{arch}.feed_forward_length", n_layers)  # length and values
+    heads = _per_layer(info, f"{arch}.attention.head_count", n_layers)
+    heads_kv = _per_layer(info, f"{arch}.attention.head_count_kv", n_layers) or heads
+    if heads is None or heads_kv is None:
+        return
+    for layer, (n_head, n_head_kv) in enumerate(zip(heads, heads_kv)):
+        # Grouped-query attention broadcasts K/V heads over query heads: ggml_mul_mat asserts
+        # that they divide when the graph is built.
+        if n_head_kv > n_head or (n_head_kv and n_head % n_head_kv):
+            raise _refuse(info, f"declares {n_head} attention heads and {n_head_kv} key/value heads in layer "
+                                f"{layer} (the query heads must be a multiple of the key/value heads)")
+    _check_head_sizes(info, heads[0])
+
+
+def _check_experts(info: GGUFInfo, n_layers: int) -> None:
+    """llama-model.cpp load_hparams' expert asserts, in its order."""
+    arch = info.architecture
+    n_expert = _scalar(info, f"{arch}.expert_count") or 0
+    used = _per_layer(info, f"{arch}.expert_used_count", n_layers) or [0]
+    groups = _scalar(info, f"{arch}.expert_group_count") or 0
+    group_used = _scalar(info, f"{arch}.expert_group_used_count") or 0
+    if arch in ("hunyuan-dense", "hunyuan_vl") and n_expert <= 1:
+        return  # llama.cpp turns the experts off for these
+    used_max = max(used)
+    what = f"declares {n_expert} experts ({arch}.expert_count) with {used_max} used per token"
+    if n_expert > LLAMA_MAX_EXPERTS:
+        raise _refuse(info, f"{what}; llama.cpp supports up to {LLAMA_MAX_EXPERTS}")
+    if used_max > n_expert:
+        raise _refuse(info, f"{what}; more used than exist")
+    if n_expert > 0:
+        if used_max == 0:
+            raise _refuse(info, f"{what}; a mixture of experts must use at least one")
+        if groups >= n_expert:
+            raise _refuse(info, f"{what} in {groups} groups; there must be fewer groups than experts")
+        if groups > 1 and (n_expert % groups or not 0 < group_used < groups):
+            raise _refuse(info, f"{what} in {groups} groups, {group_used} used; the groups must divide the "
+                                f"experts and fewer than all groups (at least one) be used")
+    elif used_max or groups:
+        raise _refuse(info, f"{what} in {groups} groups; without experts both must be 0")
+
+
+# llama-model.cpp LLAMA_ROPE_SCALING_TYPES; any other name is GGML_ASSERT(... != UNSPECIFIED).
+ROPE_SCALING_TYPES = frozenset({"none", "linear", "yarn", "longrope"})
+
+
+def _check_rope_scaling(info: GGUFInfo) -> None:
+    key = f"{info.architecture}.rope.scaling.type"
+    value = info.metadata.get(key)
+    if isinstance(value, str) and value not in ROPE_SCALING_TYPES:
+        raise _refuse(info, f"declares {key} {value!r} (llama.cpp knows {', '.join(sorted(ROPE_SCALING_TYPES))})")
+
+
+# Architectures whose graph builder asserts n_embd_head_v == n_embd_head_k == n_rot when a
+# context is created (GGML_ASSERT in each src/models/<arch>.cpp of llama.cpp 0.3.36; listed by
+# reading llama_model_mapping for the classes whose graph has both asserts).
+HEAD_SIZES_MUST_MATCH = frozenset({
+    "apertus", "arcee", "arctic", "baichuan", "chameleon", "codeshell", "cogvlm", "cohere2moe", "dbrx", "deci",
+    "deepseek", "dots1", "dream", "ernie4_5", "ernie4_5-moe", "exaone", "falcon", "granite", "granite_swa",
+    "graniteswitch", "grok", "grovemoe", "hunyuan-moe", "hunyuan_vl", "hy_v3", "internlm2", "jais2", "llada",
+    "llada-moe", "llama", "llama4", "maincoder", "mellum", "minimax-01", "minimax-m2", "mistral3", "nemotron",
+    "olmo", "olmo2", "olmoe", "orion", "paddleocr", "pangu-embedded", "plamo", "pockettts", "qwen2", "qwen2moe",
+    "qwen2vl", "qwen3", "qwen3moe", "qwen3vl", "qwen3vlmoe", "rnd1", "seed_oss", "smallthinker", "smollm3",
+    "starcoder2", "xverse",
+})
+
+
+def _check_head_sizes(info: GGUFInfo, n_head: int) -> None:
+    arch = info.architecture or ""
+    if arch not in HEAD_SIZES_MUST_MATCH or n_head <= 0:
+        return
+    if any(key.startswith(f"{arch}.") and key.endswith("_swa") for key in info.metadata):
+        return  # sliding-window layers may have their own sizes; the preflight load covers them
+    n_embd = _scalar(info, f"{arch}.embedding_length")
+    key_length = _scalar(info, f"{arch}.attention.key_length")
+    value_length = _scalar(info, f"{arch}.attention.value_length")
+    if n_embd is None:
+        return  # llama.cpp refuses a missing embedding length itself
+    if (key_length is None or value_length is None) and n_embd % n_head:
+        raise _refuse(info, f"declares {arch}.embedding_length {n_embd}, not a multiple of its {n_head} heads, "
+                            f"and no head size")
+    k = key_length if key_length is not None else n_embd // n_head
+    v = value_length if value_length is not None else n_embd // n_head
+    rot = _scalar(info, f"{arch}.rope.dimension_count")
+    rot = k if rot is None else rot
+    if not k == v == rot:
+        raise _refuse(info, f"declares key head size {k}, value head size {v} and rope dimensions {rot}; "
+                            f"{arch} needs them equal")
+
+
+# Integer and F64 tensors have no matrix-multiplication kernel in ggml; no model stores weights so.
+MODEL_REFUSED_TYPES = frozenset({"I8", "I16", "I32", "I64", "F64"})
+
+
+def _check_tensor_types(info: GGUFInfo) -> None:
+    for tensor in info.tensors:
+        if tensor.type_name in MODEL_REFUSED_TYPES:
+            raise _refuse(info, f"stores tensor {tensor.name} as {tensor.type_name}, which llama.cpp cannot compute with")
 
 
 def _check_lora_alpha(info: GGUFInfo) -> None:
@@ -410,7 +583,7 @@ LORA_A_SUFFIX = ".lora_a"
 LORA_B_SUFFIX = ".lora_b"
 # ggml_mul_mat has no integer or F64 kernels: an adapter stored so crashed the process (SIGSEGV)
 # at the first decode.
-LORA_REFUSED_TYPES = frozenset({"I8", "I16", "I32", "I64", "F64"})
+LORA_REFUSED_TYPES = MODEL_REFUSED_TYPES
 
 
 def check_adapter_fits(base: GGUFInfo, adapter: GGUFInfo) -> None:

@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from edge_lora.core.atomic import atomic_write_text
+from edge_lora.core.atomic import atomic_write_text, file_lock
+from edge_lora.core.bounded_json import JsonKind, read_json_object
 from edge_lora.core.errors import InputError, InvalidGGUFError
 from edge_lora.core.gguf_check import GGUFInfo, validate_gguf
 from edge_lora.core.imatrix_file import read_imatrix
@@ -88,10 +89,10 @@ class Manifest:
         """The manifest in ``directory``, or an empty one when there is none yet."""
         directory = Path(directory)
         path = directory / MANIFEST_FILE
-        if not path.exists():
+        raw = read_json_object(path, JsonKind.MANIFEST, missing_ok=True)
+        if raw is None:
             return cls(directory, _loaded_paths=frozenset())
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
             files = [ManifestFile(**{k: f[k] for k in ManifestFile.__dataclass_fields__ if k in f})
                      for f in raw.get("files", [])]
             if any(row.imatrix is not None and not isinstance(row.imatrix, dict) for row in files):
@@ -99,7 +100,7 @@ class Manifest:
             manifest = cls(directory, name=str(raw.get("name", "")), architecture=str(raw.get("architecture", "")),
                            base=str(raw.get("base", "")), adapter=raw.get("adapter"), files=files,
                            _loaded_paths=frozenset(f.path for f in files))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, AttributeError, KeyError) as exc:
+        except (TypeError, AttributeError, KeyError) as exc:
             raise InputError(f"{path} is not a valid edge-lora manifest ({exc})",
                              fix="delete it and re-run `edge-lora convert`") from exc
         for row in files:
@@ -160,7 +161,12 @@ class Manifest:
 
     def save(self) -> Path:
         """Merge with the manifest on disk (rows another tool added since we loaded are kept,
-        rows we loaded and dropped stay dropped; our rows win), then write atomically."""
+        rows we loaded and dropped stay dropped; our rows win), then write atomically — under a
+        file lock, so two processes saving at once both keep their rows."""
+        with file_lock(self.directory / MANIFEST_FILE):
+            return self._merge_and_write()
+
+    def _merge_and_write(self) -> Path:
         on_disk = Manifest.load(self.directory)
         ours = {f.path for f in self.files}
         loaded = self._loaded_paths or frozenset()

@@ -10,7 +10,7 @@ from typing import Any
 from textual.app import App
 from textual.binding import Binding
 
-from edge_lora.core import constants
+from edge_lora.core.context_size import default_ctx
 from edge_lora.tui.screens.main_screen import MainScreen
 from edge_lora.tui.screens.welcome_screen import WelcomeScreen
 from edge_lora.tui.real_services import default_services
@@ -36,7 +36,7 @@ class EdgeLoraApp(App[None]):
         if self.initial_view is not None:
             self.push_screen(self.main_screen(self.initial_view))
         else:
-            self.push_screen(WelcomeScreen(), self._open)
+            self.push_screen(WelcomeScreen(self.services), self._open)
 
     def main_screen(self, view: ModelDirView) -> MainScreen:
         return MainScreen(view, self.services, ctx=self.ctx, ppl_ctx=self.ppl_ctx,
@@ -55,5 +55,6 @@ def make_app(directory: Path | str | None = None, *, ctx: int | None = None, ppl
     here, before the app starts, so a bad path is a typed error at the CLI, not a broken screen."""
     services = default_services().with_overrides(**deps)
     view = services.load_model_dir(Path(directory)) if directory is not None else None
-    return EdgeLoraApp(services, view, ctx=ctx or constants.DEFAULT_CTX_CAP, ppl_ctx=ppl_ctx,
+    # Without --ctx: the cap (the screen lists several files and reads no header to start).
+    return EdgeLoraApp(services, view, ctx=ctx or default_ctx(None), ppl_ctx=ppl_ctx,
                        refresh_seconds=refresh_seconds, chat_max_tokens=chat_max_tokens)

@@ -121,24 +121,38 @@ def default_eval_text() -> str:
 
 def load_model_dir(path: Path) -> ModelDirView:
     """A converted output dir (manifest.json + GGUF files) or a single GGUF file."""
+    from edge_lora.core.output_dir import OutputDir
+
     path = Path(path)
     if path.is_file():
         return _single_gguf_view(path)
     if not path.is_dir():
         raise InputNotFoundError(f"{path} does not exist", fix="give a directory written by `edge-lora convert`")
-    manifest_path = path / "manifest.json"
-    if not manifest_path.is_file():
-        raise InputNotFoundError(f"{path} has no manifest.json",
-                                 fix="give a directory written by `edge-lora convert`")
-    return _manifest_view(path, manifest_path)
+    output = OutputDir.read(path)
+    if not output.has_manifest:
+        raise InputNotFoundError(f"{path} has no manifest.json", fix="give a directory written by `edge-lora convert`")
+    if output.missing:
+        raise InputNotFoundError(f"{path / 'manifest.json'} lists missing file(s): {', '.join(output.missing)}",
+                                 fix="re-run `edge-lora convert` for this directory")
+    formats = tuple(FormatEntry(path=m.path, format=m.format_name or "unknown", kind=m.kind, file_bytes=int(m.row.bytes),
+                                bpw=_opt_float(m.row.bpw), ppl=_opt_float(m.row.ppl), kld=_opt_float(m.row.kld),
+                                calibrated=m.row.imatrix is not None)
+                    for m in output.models if m.row is not None)
+    if not formats:
+        raise InputError(f"{path / 'manifest.json'} lists no model files", fix="re-run `edge-lora convert`")
+    reference = output.reference
+    return ModelDirView(directory=path, name=output.name, formats=formats,
+                        adapters=tuple(AdapterEntry(name=a.name, path=a.path) for a in output.adapters),
+                        reference=reference.path if reference is not None else None)
 
 
 def _single_gguf_view(path: Path) -> ModelDirView:
-    from edge_lora.core.manifest import info_bits_per_weight
     from edge_lora.core.errors import InvalidGGUFError
-    from edge_lora.fit import format_of
+    from edge_lora.core.formats import format_named
     from edge_lora.core.gguf_check import validate_gguf
     from edge_lora.core.imatrix_file import calibration_of
+    from edge_lora.core.manifest import info_bits_per_weight
+    from edge_lora.fit import format_of
 
     info = validate_gguf(path, expect_type="model")
     try:
@@ -147,39 +161,21 @@ def _single_gguf_view(path: Path) -> ModelDirView:
         bpw = None
     entry = FormatEntry(path=path, format=format_of(info), file_bytes=info.file_bytes, bpw=bpw,
                         calibrated=calibration_of(info) is not None)
-    return ModelDirView(directory=path.parent, name=path.stem, formats=(entry,))
-
-
-def _manifest_view(directory: Path, manifest_path: Path) -> ModelDirView:
-    from edge_lora.core.manifest import Manifest
-
-    manifest = Manifest.load(directory)
-    formats: list[FormatEntry] = []
-    adapters: list[AdapterEntry] = []
-    for item in manifest.files:
-        file_path = directory / item.path  # Manifest.load refused rows outside the directory
-        if item.kind == "adapter":
-            adapters.append(AdapterEntry(name=file_path.stem.removeprefix("adapter-"), path=file_path))
-            continue
-        formats.append(FormatEntry(path=file_path, format=str(item.format), kind=str(item.kind),
-                                   file_bytes=int(item.bytes), bpw=_opt_float(item.bpw),
-                                   ppl=_opt_float(item.ppl), kld=_opt_float(item.kld),
-                                   calibrated=item.imatrix is not None))
-    missing = [p.name for p in [*(e.path for e in formats), *(a.path for a in adapters)] if not p.is_file()]
-    if missing:
-        raise InputNotFoundError(f"{manifest_path} lists missing file(s): {', '.join(missing)}",
-                                 fix="re-run `edge-lora convert` for this directory")
-    if not formats:
-        raise InputError(f"{manifest_path} lists no model files", fix="re-run `edge-lora convert`")
-    return ModelDirView(directory=directory, name=manifest.name or directory.name,
-                        formats=tuple(formats), adapters=tuple(adapters))
+    fmt = format_named(entry.format)
+    return ModelDirView(directory=path.parent, name=path.stem, formats=(entry,),
+                        reference=path if fmt is not None and fmt.full_precision else None)
 
 
 def _opt_float(value: object) -> float | None:
-    try:
-        return None if value is None else float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"manifest value {value!r} is not a number", fix="re-run `edge-lora convert`") from exc
+    """A manifest figure (untrusted JSON) as a float."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float, str)):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise InputError(f"manifest value {value!r} is not a number", fix="re-run `edge-lora convert`")
 
 
 def default_services() -> TuiServices:

@@ -9,22 +9,21 @@ library's.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from edge_lora.conversation import ChatModel
 from edge_lora.core.progress import ProgressSink
 from edge_lora.tui.view_model import AdapterEntry, FitPrediction, HardwareView, ModelDirView, QualityResult
 
 
-class ChatRuntime(Protocol):
-    """The part of edge_lora.runtime.Runtime the chat pane uses."""
+class ChatRuntime(ChatModel, Protocol):
+    """The part of edge_lora.runtime.Runtime the chat pane uses: a conversation's model, plus
+    adapters loaded once and closing."""
 
     def load_adapter(self, name: str, path: Path | str, scale: float = 1.0) -> Any: ...
-    def render_conversation(self, history: Sequence[Mapping[str, Any]], reply_room: int) -> tuple[Any, int]: ...
-    def generate(self, prompt: Any, adapters: Mapping[str, float | None] | None = None,
-                 max_tokens: int = 128, **kwargs: Any) -> Iterable[str]: ...
     def close(self) -> None: ...
 
 

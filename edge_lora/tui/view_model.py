@@ -7,9 +7,6 @@ import enum
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-# Full-precision formats serve as the KLD baseline for the quantized ones.
-REFERENCE_FORMATS = ("F32", "F16", "BF16")
-
 
 @dataclass(frozen=True)
 class HardwareView:
@@ -47,14 +44,10 @@ class ModelDirView:
     name: str
     formats: tuple[FormatEntry, ...]
     adapters: tuple[AdapterEntry, ...] = ()
+    reference: Path | None = None  # the full-precision file KLD is measured against
 
     def reference_format(self) -> FormatEntry | None:
-        """The full-precision file KLD is measured against, if the directory has one."""
-        for wanted in REFERENCE_FORMATS:
-            for entry in self.formats:
-                if entry.format.upper() == wanted:
-                    return entry
-        return None
+        return None if self.reference is None else self.entry(self.reference)
 
     def entry(self, path: Path) -> FormatEntry | None:
         return next((e for e in self.formats if e.path == path), None)

@@ -19,22 +19,31 @@ was) makes manifest.json describe the new conversion only: the other model's row
 from __future__ import annotations
 
 import logging
-
 from collections.abc import Iterable
 from pathlib import Path
 
 from edge_lora.converters.adapter_gguf import check_expressible, write_adapter_gguf
 from edge_lora.converters.architectures import arch_spec_for
 from edge_lora.converters.checkpoint import HFCheckpoint
-from edge_lora.converters.hf_to_gguf import FORMAT_LABELS, check_outtype, model_name_for, output_file_name, write_checkpoint_gguf
-from edge_lora.core.manifest import FileKind, Manifest, ManifestFile
-from edge_lora.converters.quantize import QuantResult, check_imatrix_given, parse_quant_list, record_in_manifest
+from edge_lora.converters.hf_to_gguf import check_outtype, model_name_for, output_file_name, write_checkpoint_gguf
+from edge_lora.converters.merge import PeftMerger
+from edge_lora.converters.peft import PeftAdapter
+from edge_lora.converters.quantize import QuantResult, check_imatrix_given, record_in_manifest
 from edge_lora.core.atomic import ensure_writable_dir
 from edge_lora.core.errors import EdgeLoraError, InputError, QuantizeError
+from edge_lora.core.formats import format_named, parse_quant_list
+from edge_lora.core.manifest import FileKind, Manifest, ManifestFile
+from edge_lora.core.output_dir import OutputDir, adapter_file_name
 from edge_lora.core.progress import NullProgress, ProgressSink
+from edge_lora.hub import resolve_local_or_hub
+from edge_lora.imatrix import check_calibration_text
+from edge_lora.modelfile import write_modelfile_for_output
+from edge_lora.state import remember_output_dir
+from edge_lora.workflows.calibrate import quantize_calibrated
 
 
 logger = logging.getLogger(__name__)
+
 
 class PartialConversionError(QuantizeError):
     """Some quant formats failed; the others (and the manifest) were written."""
@@ -50,13 +59,7 @@ def convert_model(base: str | Path, out_dir: str | Path, *, adapter: str | Path 
                   calibrate: str | Path | None = None, progress: ProgressSink = NullProgress()) -> Manifest:
     """``calibrate``: a text file to compute an importance matrix on (on the written full-precision
     file: the merged model when an adapter is given) before quantizing with it."""
-    from edge_lora.converters.merge import PeftMerger
-    from edge_lora.converters.peft import PeftAdapter
-    from edge_lora.hub import resolve_local_or_hub
-    from edge_lora.imatrix import check_calibration_text
-    from edge_lora.workflows.calibrate import quantize_calibrated
-
-    check_outtype(outtype)
+    full_format = check_outtype(outtype)
     names = parse_quant_list(quants)
     check_imatrix_given(names, calibrate)
     if calibrate is not None:
@@ -87,7 +90,7 @@ def convert_model(base: str | Path, out_dir: str | Path, *, adapter: str | Path 
     kind: FileKind = "merged" if peft is not None else "model"
     manifest = _manifest_for_conversion(out_dir, name=name, architecture=spec.gguf_arch_name, base=base_ref,
                                         adapter=str(adapter) if adapter is not None else None, kind=kind)
-    manifest.add_file(full_path.name, format=FORMAT_LABELS[outtype], kind=kind)
+    manifest.add_file(full_path.name, format=full_format.name, kind=kind)
     if peft is not None and adapter_name is not None:
         try:
             check_expressible(peft)
@@ -95,7 +98,7 @@ def convert_model(base: str | Path, out_dir: str | Path, *, adapter: str | Path 
             # DoRA / modules_to_save: only the merged model can carry it.
             logger.warning("no GGUF adapter written (the merged model has it): %s", exc.one_line())
         else:
-            adapter_path = write_adapter_gguf(peft, spec, out_dir / f"adapter-{adapter_name}.gguf",
+            adapter_path = write_adapter_gguf(peft, spec, out_dir / adapter_file_name(adapter_name),
                                               progress=progress)
             manifest.add_file(adapter_path.name, format="F32", kind="adapter")
     manifest.save()
@@ -107,7 +110,7 @@ def convert_model(base: str | Path, out_dir: str | Path, *, adapter: str | Path 
         record_in_manifest(out_dir, full_path, results, imatrix=imatrix)
         manifest = Manifest.load(out_dir)
         failed = [r for r in results if not r.ok]
-    _hand_off(out_dir, manifest)
+    _hand_off(out_dir)
     if names:
         if failed:
             raise PartialConversionError(
@@ -131,7 +134,8 @@ def _manifest_for_conversion(out_dir: Path, *, name: str, architecture: str, bas
     def kept(row: ManifestFile) -> bool:
         if row.kind == "adapter":
             return same_base and adapter is None
-        return same_model and row.kind == kind and row.path == f"{name}-{row.format}.gguf"
+        row_format = format_named(row.format)
+        return same_model and row.kind == kind and row_format is not None and row.path == row_format.file_name(name)
 
     dropped = [row.path for row in manifest.files if not kept(row)]
     if dropped:
@@ -142,15 +146,12 @@ def _manifest_for_conversion(out_dir: Path, *, name: str, architecture: str, bas
     return manifest
 
 
-def _hand_off(out_dir: Path, manifest: Manifest) -> None:
+def _hand_off(out_dir: Path) -> None:
     """Make the output set usable right away: an Ollama Modelfile beside it, and `run`/`fit`
     without arguments pointing at it. A model whose chat template no Ollama family matches still
     converts: the Modelfile is skipped with a warning, not the conversion failed."""
-    from edge_lora.modelfile import write_modelfiles_for_output
-    from edge_lora.state import remember_output_dir
-
     remember_output_dir(out_dir)
     try:
-        write_modelfiles_for_output(out_dir, manifest)
+        write_modelfile_for_output(OutputDir.read(out_dir))
     except EdgeLoraError as exc:
         logger.warning("no Modelfile written: %s", exc.one_line())

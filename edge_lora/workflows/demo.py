@@ -24,9 +24,20 @@ from dataclasses import asdict, dataclass, field
 from importlib.resources import files
 from pathlib import Path
 
+from edge_lora.converters.gguf_to_hf import build_hf_checkpoint_from_gguf
 from edge_lora.core import constants
+from edge_lora.core.atomic import ensure_writable_dir
 from edge_lora.core.errors import InputError, InternalError
+from edge_lora.core.gguf_check import validate_gguf
+from edge_lora.core.manifest import Manifest
+from edge_lora.core.output_dir import OutputDir
 from edge_lora.core.progress import NullProgress, ProgressSink
+from edge_lora.fit import fit_report
+from edge_lora.imatrix import default_calibration_text
+from edge_lora.modelfile import MODELFILE_NAME
+from edge_lora.perplexity import default_eval_text, measure_perplexity
+from edge_lora.runtime import Runtime
+from edge_lora.workflows.convert_model import convert_model
 
 DEFAULT_OUT_DIR_NAME = "edge-lora-demo"
 HF_BASE_CACHE_NAME = "gemma-3-270m-hf"  # shared with tests/conftest.py's gemma_hf_dir
@@ -105,8 +116,6 @@ def demo_base_gguf() -> Path:
 
 def hf_base_dir(base_gguf: Path) -> Path:
     """The HF-layout base, built once per machine (the builder publishes the directory atomically)."""
-    from edge_lora.converters.gguf_to_hf import build_hf_checkpoint_from_gguf
-
     out = constants.EDGE_LORA_CACHE / HF_BASE_CACHE_NAME
     if not (out / "config.json").is_file():
         build_hf_checkpoint_from_gguf(base_gguf, out)
@@ -130,24 +139,12 @@ class _Stages:
         self.announce(f"      {name} done in {self.seconds[name]:.1f} s")
 
 
-def _generate(runtime: object, adapters: dict[str, float] | None) -> str:
-    generation = runtime.generate(SAMPLE_PROMPT, adapters=adapters, max_tokens=SAMPLE_TOKENS,  # type: ignore[attr-defined]
-                                  temperature=0.0)
-    return "".join(generation)
+def _generate(runtime: Runtime, adapters: dict[str, float] | None) -> str:
+    return runtime.generate(SAMPLE_PROMPT, adapters=adapters, max_tokens=SAMPLE_TOKENS, temperature=0.0).text()
 
 
 def run_demo(out_dir: Path | str | None = None, progress: ProgressSink = NullProgress(),
              announce: Callable[[str], None] = lambda _line: None) -> DemoSummary:
-    from edge_lora.core.manifest import Manifest
-    from edge_lora.core.atomic import ensure_writable_dir
-    from edge_lora.workflows.convert_model import convert_model
-    from edge_lora.fit import fit_report
-    from edge_lora.core.gguf_check import validate_gguf
-    from edge_lora.imatrix import default_calibration_text
-    from edge_lora.modelfile import MODELFILE_NAME
-    from edge_lora.perplexity import default_eval_text, measure_perplexity
-    from edge_lora.runtime import Runtime
-
     started = time.perf_counter()
     out = Path(out_dir) if out_dir is not None else default_out_dir()
     # Refuse an unusable --out now, not after a minute of rebuilding the base model.
@@ -166,22 +163,20 @@ def run_demo(out_dir: Path | str | None = None, progress: ProgressSink = NullPro
         # convert_model's hand-off writes the Modelfile and remembers `out` for `run` / `fit`; a
         # Modelfile left by an earlier run must not be reported if this one could not write it.
         modelfile.unlink(missing_ok=True)
-        manifest: Manifest = convert_model(ckpt_dir, out, adapter=adapter_dir, quants="all",
-                                           calibrate=default_calibration_text(), progress=progress)
-    adapter_rows = [f for f in manifest.files if f.kind == "adapter"]
-    if not adapter_rows:
+        manifest = convert_model(ckpt_dir, out, adapter=adapter_dir, quants="all",
+                                 calibrate=default_calibration_text(), progress=progress)
+    output = OutputDir.read(out)
+    if not output.adapters:
         raise InternalError("the conversion wrote no GGUF adapter for the legal LoRA")
-    adapter_gguf = out / adapter_rows[0].path
+    adapter_gguf = output.adapters[0].path
 
     with stages.stage("fit", "predicting RAM for each format on this machine"):
-        model_paths = [out / f.path for f in manifest.files if f.kind in ("merged", "model")]
         # Parsed once: the estimate reads these headers, and they vouch for the files in the summary.
-        infos = [validate_gguf(p, expect_type="model") for p in model_paths]
+        infos = [validate_gguf(m.path, expect_type="model") for m in output.models]
         report = fit_report(infos)
         rows = {Path(m.path).name: m for m in report.models}
         recommended = report.recommended
-        merged_choice = Path(recommended.path) if recommended is not None else min(
-            model_paths, key=lambda p: p.stat().st_size)
+        merged_choice = Path(report.choice.path)  # the merged format a user would run
 
     with stages.stage("quality", "measuring perplexity on held-out licence text (base, +adapter, merged)"):
         text = default_eval_text()
@@ -213,8 +208,7 @@ def run_demo(out_dir: Path | str | None = None, progress: ProgressSink = NullPro
         files=files_out, fit_ctx=report.ctx, available_ram_bytes=report.available_bytes,
         recommended=recommended.path if recommended is not None else None,
         perplexity=DemoPerplexity(ctx=PPL_CTX, tokens=base_ppl.tokens, base=base_ppl.ppl, adapter=adapter_ppl.ppl,
-                                  merged=merged_ppl.ppl, merged_format=rows[merged_choice.name].format
-                                  if merged_choice.name in rows else "unknown"),
+                                  merged=merged_ppl.ppl, merged_format=report.choice.format),
         sample_prompt=SAMPLE_PROMPT, sample_base=sample_base, sample_adapter=sample_adapter,
         modelfile=str(modelfile) if modelfile.is_file() else None,
         stage_seconds=stages.seconds, seconds=round(time.perf_counter() - started, 2))

@@ -90,21 +90,23 @@ class FakeRuntime:
         self.model, self.n_ctx = model, n_ctx
         self.loaded: dict[str, Path] = {}
         self.requests: list[dict[str, float | None]] = []
-        self.reply_rooms: list[int] = []
+        self.prompts: list[list[Mapping[str, Any]]] = []
+        self.max_tokens: list[int] = []
         self.closed = False
         FakeRuntime.instances.append(self)
 
     def load_adapter(self, name: str, path: Path | str, scale: float = 1.0) -> None:
         self.loaded[name] = Path(path)
 
-    def render_conversation(self, history: Sequence[Mapping[str, Any]], reply_room: int) -> tuple[Any, int]:
-        self.reply_rooms.append(reply_room)
-        return list(history), 0  # the fake's "prompt" is the messages themselves
+    def render_messages(self, messages: Sequence[Mapping[str, Any]]) -> list[Any]:
+        return list(messages)  # the fake's "tokens" are the messages themselves: one each
 
     def generate(self, prompt: Any, adapters: Mapping[str, float | None] | None = None,
                  max_tokens: int = 128, **kwargs: Any) -> Iterator[str]:
         active = dict(adapters or {})
         self.requests.append(active)
+        self.prompts.append(list(prompt))
+        self.max_tokens.append(max_tokens)
         last = prompt[-1]["content"]
         tag = "+".join(sorted(active)) or "base"
         yield from [f"[{tag}] ", "echo ", last]

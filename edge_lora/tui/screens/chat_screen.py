@@ -15,6 +15,7 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Label, RadioButton, RadioSet, Static
 
+from edge_lora.conversation import Conversation
 from edge_lora.core.errors import EdgeLoraError
 from edge_lora.tui.services import ChatRuntime, RuntimeFactory
 from edge_lora.tui.view_model import AdapterEntry
@@ -49,8 +50,8 @@ class ChatScreen(Screen[None]):
         self.runtime_factory = runtime_factory
         self.max_tokens = max_tokens
         self.runtime: ChatRuntime | None = None
+        self.conversation: Conversation | None = None  # set with the runtime
         self.loaded: list[str] = []  # adapter names the runtime accepted
-        self.history: list[dict[str, str]] = []
         self.replies: list[tuple[str, str]] = []  # (adapter label, reply text), for tests and the transcript
         self.generating = False
         self._streaming: Static | None = None  # the reply widget tokens are still arriving for
@@ -98,6 +99,7 @@ class ChatScreen(Screen[None]):
                 runtime.close()
                 return
             self.runtime = runtime
+            self.conversation = Conversation(runtime, max_reply_tokens=self.max_tokens)
         self.app.call_from_thread(self._ready, loaded, failures)
 
     def _ready(self, loaded: list[str], failures: list[str]) -> None:
@@ -139,29 +141,26 @@ class ChatScreen(Screen[None]):
         adapter = self.selected_adapter
         self.generating = True
         self._cancel = threading.Event()
-        self.history.append({"role": "user", "content": text})
         self._append(Text.assemble(("you: ", "bold"), text))
         reply = Static(Text(f"{adapter or 'base'}: ", style="bold green"), classes="reply")
         self.query_one("#transcript", VerticalScroll).mount(reply)
         self._streaming = reply
-        self._generate(list(self.history), adapter, reply)
+        self._generate(text, adapter, reply)
 
     @work(thread=True, exclusive=True, group="chat-generate")
-    def _generate(self, messages: list[dict[str, str]], adapter: str | None, reply: Static) -> None:
+    def _generate(self, message: str, adapter: str | None, reply: Static) -> None:
         label = adapter or "base"
         text = ""  # grows by one piece per token; each post carries it whole
         error: str | None = None
         with self._runtime_lock:
-            runtime = self.runtime
+            conversation = self.conversation if self.runtime is not None else None
         try:
-            if runtime is None:
+            if conversation is None:
                 raise RuntimeError("the model is not loaded")
             # One runtime; the adapter set is chosen per request (scale None = its registered scale).
             # Once the context fills, the oldest exchanges leave the prompt (they stay on screen).
-            prompt, _ = runtime.render_conversation(messages, min(self.max_tokens, self.n_ctx // 4))
-            stream = runtime.generate(prompt, adapters={adapter: None} if adapter else {},
-                                      max_tokens=self.max_tokens, cancel=self._cancel)
-            for piece in stream:
+            for piece in conversation.send(message, adapters={adapter: None} if adapter else {},
+                                           cancel=self._cancel):
                 text += piece
                 self.post_message(self.ReplyGrew(reply, label, text))
         except Exception as exc:
@@ -186,11 +185,9 @@ class ChatScreen(Screen[None]):
         if self._chat_closing:
             self._close_runtime()
             return
-        if error is not None:
-            self.history.pop()  # the failed turn is not part of the conversation
+        if error is not None:  # the conversation left the failed turn out
             reply.update(Text.assemble((f"{label}: ", "bold red"), error))
         else:
-            self.history.append({"role": "assistant", "content": text})
             self.replies.append((label, text))
             self._update_reply(reply, label, text)
 
@@ -210,7 +207,8 @@ class ChatScreen(Screen[None]):
 
     def action_reset(self) -> None:
         if not self.generating:
-            self.history.clear()
+            if self.conversation is not None:
+                self.conversation.reset()
             self.query_one("#transcript", VerticalScroll).remove_children()
             self._note("new conversation", "dim")
 

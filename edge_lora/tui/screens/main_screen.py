@@ -22,7 +22,7 @@ from edge_lora.tui.screens.adapter_modal import AdapterModal
 from edge_lora.tui.screens.chat_screen import ChatScreen
 from edge_lora.tui.screens.convert_modal import ConvertModal, ConvertRequest
 from edge_lora.tui.services import TuiServices
-from edge_lora.tui.view_model import FitPrediction, HardwareView, ModelDirView, human_ctx
+from edge_lora.tui.view_model import AdapterEntry, FitPrediction, HardwareView, ModelDirView, human_ctx
 from edge_lora.tui.widgets.formats_table import FormatsTable
 from edge_lora.tui.widgets.hardware_panel import HardwarePanel
 from edge_lora.tui.widgets.size_kld_chart import SizeKldChart
@@ -273,9 +273,9 @@ class MainScreen(Screen[None]):
     def action_add_adapter(self) -> None:
         self.app.push_screen(AdapterModal(self.services.register_adapter), self._adapter_added)
 
-    def _adapter_added(self, entry: object) -> None:
+    def _adapter_added(self, entry: AdapterEntry | None) -> None:
         if entry is not None:
-            self.set_status(f"registered adapter {getattr(entry, 'name', entry)}", "green")
+            self.set_status(f"registered adapter {entry.name}", "green")
 
     @on(DataTable.RowSelected, "#formats")
     def _row_chosen(self, event: DataTable.RowSelected) -> None:

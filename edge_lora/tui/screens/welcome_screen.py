@@ -10,6 +10,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, Markdown, Static
 
 from edge_lora.core.errors import EdgeLoraError
+from edge_lora.tui.services import TuiServices
 from edge_lora.tui.view_model import ModelDirView
 
 WELCOME = """\
@@ -34,6 +35,10 @@ class WelcomeScreen(Screen[ModelDirView]):
     CSS_PATH = "welcome_screen.tcss"
     BINDINGS = [Binding("d", "open_demo", "Demo model")]
 
+    def __init__(self, services: TuiServices) -> None:
+        super().__init__()
+        self.services = services
+
     def compose(self) -> ComposeResult:
         yield Header(show_clock=False)
         with VerticalScroll(id="welcome"):
@@ -50,9 +55,8 @@ class WelcomeScreen(Screen[ModelDirView]):
 
     @work(thread=True, exclusive=True, group="demo")
     def _open_demo(self) -> None:
-        services = self.app.services  # type: ignore[attr-defined]
         try:
-            view = services.load_model_dir(services.demo_model())
+            view = self.services.load_model_dir(self.services.demo_model())
         except Exception as exc:
             message = exc.one_line() if isinstance(exc, EdgeLoraError) else f"{type(exc).__name__}: {exc}"
             self.app.call_from_thread(self.query_one("#welcome-status", Static).update, f"[red]{message}[/]")
