@@ -45,12 +45,11 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_lora.core import constants
+from edge_lora.core.context_size import check_ctx
 from edge_lora.core.errors import InputError, InputNotFoundError, InternalError, InvalidGGUFError
 from edge_lora.core.imatrix_file import Imatrix, ImatrixEntry
 from edge_lora.core.progress import NullProgress, ProgressSink
 
-MIN_CTX = 32  # every micro-batch keeps >= 16 rows, llama-imatrix's threshold
 MIN_ROWS = 16  # llama-imatrix ignores matrix products over fewer activation rows
 MIN_CHUNKS = 2  # llama-imatrix refuses texts shorter than two chunks
 MAX_BATCH = 512
@@ -490,8 +489,7 @@ def compute_imatrix(model_path: Path | str, text_path: Path | str, *, ctx: int =
 
     started = time.perf_counter()
     model_path, text_path = Path(model_path), Path(text_path)
-    if ctx < MIN_CTX:
-        raise InputError(f"context {ctx} is too small for an importance matrix", fix="use --ctx 512")
+    check_ctx(ctx)  # the one --ctx range; from 64, every micro-batch keeps >= MIN_ROWS rows
     specs = _resolve_adapters(adapters)
     check_calibration_text(text_path, evaluation_text, evaluation_name)
     text_sha = sha256_of_file(text_path)

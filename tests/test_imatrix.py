@@ -272,8 +272,8 @@ def test_short_text_and_small_context_are_refused(tiny: dict[str, Path], tmp_pat
     short.write_text("Only a few words here.", encoding="utf-8")
     with pytest.raises(InputError, match="needs at least"):
         compute_imatrix(tiny["f32"], short, ctx=64)
-    with pytest.raises(InputError, match="too small"):
-        compute_imatrix(tiny["f32"], tiny["text"], ctx=8)
+    with pytest.raises(InputError, match="out of range"):
+        compute_imatrix(tiny["f32"], tiny["text"], ctx=32)
     binary = tmp_path / "binary.txt"
     binary.write_bytes(b"\xff\xfe" * 100)
     with pytest.raises(InputError, match="not UTF-8"):
@@ -323,3 +323,47 @@ def test_memory_is_flat_in_text_length(tiny: dict[str, Path], tmp_path: Path,
         # too, which a random synthetic model's attention amplifies.
         limit = 0.01 if name in ("blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.attn_v.weight") else 0.15
         assert difference < limit, (name, difference)
+
+
+def test_cli_hot_applies_a_registered_adapter_and_shows_progress(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """``edge-lora imatrix BASE --adapter NAME``: the base's statistics with the registered adapter
+    hot-applied (the same as the library run with that adapter), one progress step per chunk."""
+    import contextlib
+    import io
+    import json
+
+    from edge_lora.cli import main
+    from edge_lora.imatrix import compute_imatrix
+    from edge_lora.registry import AdapterRegistry
+
+    AdapterRegistry().add("tiny", tiny["adapter"], 1.0)
+    out = tmp_path / "base+tiny.imatrix.gguf"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(["imatrix", str(tiny["f32"]), "--text", str(tiny["text"]), "--ctx", "64", "--adapter", "tiny",
+                     "--out", str(out), "--json"]) == 0
+    report = json.loads(stdout.getvalue())
+    assert report["adapters"] == [str(tiny["adapter"].resolve())] and report["tokens"] == 64 * report["chunks"]
+    written = read_imatrix(out)
+    assert written.adapters == ["adapter-tiny.gguf"] and written.model == "tiny-F32.gguf"
+
+    events: list[tuple[str, float | None]] = []
+
+    class Recording:
+        def start(self, task: str, total: float | None) -> None:
+            events.append(("start", total))
+
+        def advance(self, amount: float = 1.0, *, description: str | None = None) -> None:
+            events.append(("advance", amount))
+
+        def finish(self) -> None:
+            events.append(("finish", None))
+
+    library = compute_imatrix(tiny["f32"], tiny["text"], ctx=64, adapters=[tiny["adapter"]], progress=Recording())
+    assert events == [("start", library.chunks)] + [("advance", 1)] * library.chunks + [("finish", None)]
+    assert library.chunks == report["chunks"] >= 2
+    for name, entry in library.imatrix.entries.items():
+        np.testing.assert_allclose(written.entries[name].sums, entry.sums, rtol=1e-5)
+    plain = compute_imatrix(tiny["f32"], tiny["text"], ctx=64, max_chunks=library.chunks).imatrix
+    assert not np.allclose(plain.entries["blk.1.ffn_down.weight"].sums, written.entries["blk.1.ffn_down.weight"].sums,
+                           rtol=1e-3)

@@ -33,6 +33,9 @@ IMATRIX_TYPE = gguf.GGUFType.IMATRIX  # "imatrix"
 KEY_DATASETS = gguf.Keys.IMatrix.DATASETS
 KEY_CHUNK_COUNT = gguf.Keys.IMatrix.CHUNK_COUNT
 KEY_CHUNK_SIZE = gguf.Keys.IMatrix.CHUNK_SIZE
+# File names: edge-lora writes ``<stem>.imatrix.gguf``; llama-imatrix's default is ``imatrix.gguf``.
+IMATRIX_SUFFIX = ".imatrix.gguf"
+LLAMA_IMATRIX_DEFAULT_NAME = "imatrix.gguf"
 SUMS_SUFFIX = ".in_sum2"
 COUNTS_SUFFIX = ".counts"
 # Keys llama-quantize (and edge-lora's quantizer) write into a file quantized with a matrix.
@@ -45,6 +48,12 @@ KEY_TEXT_SHA256 = "edge_lora.imatrix.text_sha256"
 KEY_TOKENS = "edge_lora.imatrix.tokens"
 KEY_MODEL = "edge_lora.imatrix.model"
 KEY_ADAPTERS = "edge_lora.imatrix.adapters"
+
+
+def is_imatrix_file_name(path: Path | str) -> bool:
+    """An importance matrix by its name (``x.imatrix.gguf``, ``imatrix.gguf``): not a model file."""
+    name = Path(path).name.lower()
+    return name == LLAMA_IMATRIX_DEFAULT_NAME or name.endswith(IMATRIX_SUFFIX)
 
 
 @dataclass

@@ -10,11 +10,9 @@ from pathlib import Path
 from edge_lora.converters.quantize import QuantResult, check_quantizable, model_stem, quantize_ladder
 from edge_lora.core.atomic import check_not_an_input, ensure_writable_dir
 from edge_lora.core.errors import InputError
-from edge_lora.core.imatrix_file import write_imatrix
+from edge_lora.core.imatrix_file import IMATRIX_SUFFIX, write_imatrix
 from edge_lora.core.progress import NullProgress, ProgressSink
 from edge_lora.imatrix import AdapterSpec, ImatrixRun, compute_imatrix
-
-IMATRIX_SUFFIX = ".imatrix.gguf"
 
 
 def imatrix_path_for(model: Path, out_dir: Path) -> Path:
