@@ -251,3 +251,35 @@ def test_iq_ladder_with_an_imatrix_loads_and_runs(calibrated: dict[str, Path], t
         with LlamaModel(result.path) as model, LlamaContext(model, n_ctx=64) as context:
             context.decode(model.tokenize("The licensee may copy and distribute"), logits="last")
             assert np.isfinite(context.logits()).all(), result.name
+
+
+def test_convert_calibrates_or_takes_an_imatrix(calibrated: dict[str, Path], tmp_path: Path) -> None:
+    """``convert --calibrate TEXT`` computes the matrix on the written F16 and quantizes with it;
+    ``convert --imatrix FILE`` quantizes with a given one (the same bytes for the same matrix);
+    without either, the formats that need one are refused before anything is written."""
+    ckpt = calibrated["root"] / "llama"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(["convert", str(ckpt), "--out", str(tmp_path / "a"), "--quant", "Q4_K_M,IQ2_XXS",
+                     "--calibrate", str(calibrated["text"]), "--json"]) == 0
+    rows = {f["format"]: f for f in json.loads(stdout.getvalue())["files"]}
+    imatrix = tmp_path / "a" / "llama.imatrix.gguf"
+    assert rows["F16"].get("imatrix") is None
+    for fmt in ("Q4_K_M", "IQ2_XXS"):
+        assert rows[fmt]["imatrix"]["sha256"] == sha256_file(imatrix)
+        assert rows[fmt]["imatrix"]["text_sha256"] == sha256_file(calibrated["text"])
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["convert", str(ckpt), "--out", str(tmp_path / "b"), "--quant", "Q4_K_M",
+                     "--imatrix", str(imatrix)]) == 0
+    assert (tmp_path / "b" / "llama-Q4_K_M.gguf").read_bytes() == (tmp_path / "a" / "llama-Q4_K_M.gguf").read_bytes()
+    assert Manifest.load(tmp_path / "b").file("llama-Q4_K_M.gguf").imatrix["sha256"] == sha256_file(imatrix)
+
+    broken = tmp_path / "broken.imatrix.gguf"
+    broken.write_bytes(b"GGUF" + b"\0" * 20)
+    for extra in ([], ["--imatrix", str(broken)]):
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            code = main(["convert", str(ckpt), "--out", str(tmp_path / "c"), "--quant", "IQ2_XXS", *extra])
+        assert code == 2 and len(stderr.getvalue().strip().splitlines()) == 1, stderr.getvalue()
+        assert not (tmp_path / "c").exists()

@@ -1,4 +1,4 @@
-"""``edge-lora convert BASE [--adapter PEFT] [--out DIR] [--quant ...] [--outtype ...] [--calibrate TEXT] [--json]``.
+"""``edge-lora convert BASE [--adapter PEFT] [--out DIR] [--quant ...] [--outtype ...] [--calibrate TEXT | --imatrix FILE] [--json]``.
 
 A thin layer over ``edge_lora.workflows.convert_model.convert_model``.
 """
@@ -25,9 +25,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                              "K-quant and Q8_0; iq: the IQ formats, IQ2_* and IQ3_XXS need --calibrate; all,iq: both)")
     parser.add_argument("--outtype", choices=("f16", "bf16", "f32"), default="f16",
                         help="type of the full-precision file (default: f16)")
-    parser.add_argument("--calibrate", metavar="TEXT", type=Path, default=None,
-                        help="compute an importance matrix from this text on the full-precision file "
-                             "(<name>.imatrix.gguf) and quantize with it")
+    calibration = parser.add_mutually_exclusive_group()
+    calibration.add_argument("--calibrate", metavar="TEXT", type=Path, default=None,
+                             help="compute an importance matrix from this text on the full-precision file "
+                                  "(<name>.imatrix.gguf) and quantize with it")
+    calibration.add_argument("--imatrix", metavar="FILE", type=Path, default=None,
+                             help="quantize with this importance matrix (from `edge-lora imatrix` or llama-imatrix, "
+                                  "computed on this same model)")
     parser.add_argument("--json", action="store_true", help="print one JSON document (the manifest) on stdout")
     parser.set_defaults(handler=convert_command)
 
@@ -45,7 +49,8 @@ def convert_command(args: argparse.Namespace) -> int:
         from edge_lora.workflows.convert_model import convert_model
 
         manifest = convert_model(args.base, out_dir, adapter=args.adapter, quants=quant,
-                                 outtype=args.outtype, calibrate=args.calibrate, progress=progress)
+                                 outtype=args.outtype, calibrate=args.calibrate, imatrix=args.imatrix,
+                                 progress=progress)
     if args.json:
         print(json.dumps({"directory": str(out_dir), **manifest.to_json()}))
         return 0

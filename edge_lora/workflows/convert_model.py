@@ -32,6 +32,7 @@ from edge_lora.converters.quantize import QuantResult, check_imatrix_given, reco
 from edge_lora.core.atomic import ensure_writable_dir
 from edge_lora.core.errors import EdgeLoraError, InputError, QuantizeError
 from edge_lora.core.formats import format_named, parse_quant_list
+from edge_lora.core.imatrix_file import read_imatrix
 from edge_lora.core.manifest import FileKind, Manifest, ManifestFile
 from edge_lora.core.output_dir import OutputDir, adapter_file_name
 from edge_lora.core.progress import NullProgress, ProgressSink
@@ -56,17 +57,26 @@ class PartialConversionError(QuantizeError):
 
 def convert_model(base: str | Path, out_dir: str | Path, *, adapter: str | Path | None = None,
                   quants: str | Iterable[str] = "all", outtype: str = "f16",
-                  calibrate: str | Path | None = None, progress: ProgressSink = NullProgress()) -> Manifest:
+                  calibrate: str | Path | None = None, imatrix: str | Path | None = None,
+                  progress: ProgressSink = NullProgress()) -> Manifest:
     """``calibrate``: a text file to compute an importance matrix on (on the written full-precision
-    file: the merged model when an adapter is given) before quantizing with it."""
+    file: the merged model when an adapter is given) before quantizing with it; or ``imatrix``, an
+    importance matrix file made for this model (read now; checked against the full-precision
+    file once written, before any quantization)."""
     full_format = check_outtype(outtype)
     names = parse_quant_list(quants)
-    check_imatrix_given(names, calibrate)
+    if calibrate is not None and imatrix is not None:
+        raise InputError("both a calibration text and an importance matrix were given",
+                         fix="pass --calibrate TEXT or --imatrix FILE, not both")
+    check_imatrix_given(names, calibrate if calibrate is not None else imatrix)
+    if (calibrate is not None or imatrix is not None) and not names:
+        raise InputError(f"--{'calibrate' if calibrate is not None else 'imatrix'} with --quant none: "
+                         "there is nothing to quantize with it",
+                         fix="give --quant all (or a list of formats), or leave it out")
     if calibrate is not None:
-        if not names:
-            raise InputError("--calibrate with --quant none: there is nothing to quantize with it",
-                             fix="give --quant all (or a list of formats), or leave out --calibrate")
         check_calibration_text(calibrate)
+    if imatrix is not None:
+        read_imatrix(imatrix)  # a malformed file is refused before any work
     out_dir = Path(out_dir)
     base_ref = str(base)
     ckpt_dir = resolve_local_or_hub(base_ref, "model")
@@ -105,9 +115,9 @@ def convert_model(base: str | Path, out_dir: str | Path, *, adapter: str | Path 
 
     failed: list[QuantResult] = []
     if names:
-        results, imatrix = quantize_calibrated(full_path, out_dir, names, calibrate_text=calibrate,
-                                               progress=progress)
-        record_in_manifest(out_dir, full_path, results, imatrix=imatrix)
+        results, used = quantize_calibrated(full_path, out_dir, names, imatrix=imatrix, calibrate_text=calibrate,
+                                            progress=progress)
+        record_in_manifest(out_dir, full_path, results, imatrix=used)
         manifest = Manifest.load(out_dir)
         failed = [r for r in results if not r.ok]
     _hand_off(out_dir)
