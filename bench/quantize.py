@@ -21,9 +21,9 @@ model; the same for every row, so the side-by-side comparison is like for like).
     /work/venv/bin/python bench/quantize.py [F16.gguf] [--formats Q4_K_M,IQ4_XS] [--windows N]
         [--hot-formats Q2_K,Q4_K_M] [--chunks N] [--threads N] [--skip-timing]
 
-The default (every K-quant and IQ format, every window, the whole calibration text) takes about
-an hour on 2 quiet cores (IQ2_* with a matrix are llama.cpp's slowest quantizations); run with
-``python -u`` to see each row as it is measured.
+The default (every K-quant and IQ format, every window, the whole calibration text) is long: the
+IQ2_* formats with a matrix are llama.cpp's slowest quantizations (~10 minutes each measured
+under load on 2 cores). Run with ``python -u`` to see each row as it is measured.
 """
 
 from __future__ import annotations
