@@ -364,6 +364,3 @@ def test_cli_hot_applies_a_registered_adapter_and_shows_progress(tiny: dict[str,
     assert library.chunks == report["chunks"] >= 2
     for name, entry in library.imatrix.entries.items():
         np.testing.assert_allclose(written.entries[name].sums, entry.sums, rtol=1e-5)
-    plain = compute_imatrix(tiny["f32"], tiny["text"], ctx=64, max_chunks=library.chunks).imatrix
-    assert not np.allclose(plain.entries["blk.1.ffn_down.weight"].sums, written.entries["blk.1.ffn_down.weight"].sums,
-                           rtol=1e-3)
