@@ -358,7 +358,8 @@ def _metadata_for(config: dict) -> dict:
 
 
 _TINY = {"hidden_size": 64, "num_hidden_layers": 6, "intermediate_size": 128, "num_attention_heads": 4,
-         "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 100, "max_position_embeddings": 4096}
+         "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 100, "max_position_embeddings": 4096,
+         "rope_theta": 10000.0}
 
 
 def test_config_to_metadata_rules() -> None:
@@ -372,11 +373,16 @@ def test_config_to_metadata_rules() -> None:
     assert md["qwen2.rope.scaling.type"] == "yarn" and md["qwen2.rope.scaling.factor"] == 4.0
     assert md["qwen2.rope.scaling.original_context_length"] == 1024
     md = _metadata_for({"architectures": ["Gemma3ForCausalLM"], **_TINY, "sliding_window": 512,
-                        "final_logit_softcapping": 30.0, "rope_scaling": {"rope_type": "linear", "factor": 8.0}})
+                        "final_logit_softcapping": 30.0, "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+                        "rope_local_base_freq": 20000.0})
     assert md["gemma3.final_logit_softcapping"] == 30.0 and md["gemma3.rope.scaling.factor"] == 8.0
+    assert md["gemma3.rope.freq_base_swa"] == 20000.0  # llama.cpp reads it (its default is 10000)
     # What llama.cpp hard-codes for Gemma 3 must match, or the file would compute something else.
-    for bad in ({"query_pre_attn_scalar": 32}, {"rope_local_base_freq": 20000.0}, {"sliding_window_pattern": 4},
-                {"attn_logit_softcapping": 50.0}):
+    sliding_scaled = {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                          "sliding_attention": {"rope_type": "linear", "factor": 2.0,
+                                                                "rope_theta": 1e4}}}
+    for bad in ({"query_pre_attn_scalar": 32}, {"sliding_window_pattern": 4}, {"attn_logit_softcapping": 50.0},
+                sliding_scaled):
         with pytest.raises(UnsupportedArchitectureError):
             _metadata_for({"architectures": ["Gemma3ForCausalLM"], **_TINY, **bad})
     with pytest.raises(UnsupportedArchitectureError, match="dynamic"):

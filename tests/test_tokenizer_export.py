@@ -15,7 +15,8 @@ from edge_lora.converters.sentencepiece_model import (ModelType, Piece, PieceTyp
                                             read_model, serialize_model)
 from edge_lora.converters.tokenizer_export import add_tokenizer, read_tokenizer
 from edge_lora.core.errors import InvalidCheckpointError
-from tests.support.model_fixtures import STORAGE_DTYPE, _write_weights, make_checkpoint, make_weights
+from tests.support.model_fixtures import (BYTE_LEVEL_FLAVOURS, STORAGE_DTYPE, _write_weights, make_checkpoint,
+                                          make_weights)
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -295,3 +296,126 @@ def test_vocab_larger_than_config_is_refused(tmp_path: Path) -> None:
     config["vocab_size"] = 100
     with pytest.raises(InvalidCheckpointError, match="vocab_size is 100"):
         read_tokenizer(ckpt, config)
+
+
+# --- byte-level BPE pre-tokenizers: every name we write, checked by llama.cpp on real text -------------
+
+# Code, numbers, accents, CJK, emoji, whitespace runs, upper-case contractions.
+MIXED_TEXT = (
+    "def parse(x):\n    return {'a': x[0], \"b\": 3.14159 * 2**10}  # naïve café\n"
+    "\tIndentation\t\twith tabs and    four spaces\n\n\n"
+    "Prices: $1,234,567.89 — 42% off; 2024-06-30T12:00:00Z, 0x1F600.\n"
+    "Ünïcödé: résumé, Straße, façade, ÉCOLE, Ñandú; Ελληνικά; русский текст.\n"
+    "中文文本和日本語のテキスト、한국어 문장。\n"
+    "Emoji: 🙂🚀👩‍💻 🇫🇷  mixed🙂text\n"
+    "It's we'll they've I'M YOU'LL HE'D\n"
+    "   trailing spaces   \n")
+REAL_TEXT = (Path("/usr/share/common-licenses/Apache-2.0").read_text()[:6000]
+             if Path("/usr/share/common-licenses/Apache-2.0").exists() else "")
+
+
+@pytest.fixture(scope="module")
+def byte_level(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    """Each byte-level flavour (a tokenizer as a model family ships it), converted once."""
+    root = tmp_path_factory.mktemp("byte-level")
+    return {flavour: (ckpt := make_checkpoint("llama", root / flavour, tokenizer=flavour, n_layers=1),
+                      convert_checkpoint(ckpt, root / f"{flavour}-F16.gguf"))
+            for flavour in BYTE_LEVEL_FLAVOURS}
+
+
+def _vocab_gguf(spec: object, path: Path) -> Path:
+    """A vocabulary-only GGUF written from a TokenizerSpec (what llama.cpp's vocab_only loads)."""
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_block_count(1)
+    add_tokenizer(writer, spec)  # type: ignore[arg-type]
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    return path
+
+
+def _ids_differ(hf: Tokenizer, gguf_path: Path, text: str) -> bool:
+    got = _llama(gguf_path).tokenize(text.encode("utf-8"), add_bos=False, special=False)
+    return got != hf.encode(text, add_special_tokens=False).ids
+
+
+@pytest.mark.parametrize("flavour", list(BYTE_LEVEL_FLAVOURS))
+def test_byte_level_pre_tokenizer_names_tokenize_like_hf(byte_level: dict, flavour: str, tmp_path: Path) -> None:
+    """The converted file names the llama.cpp pre-tokenizer that splits as the tokenizer.json
+    does (GPT-2's bare ByteLevel is "gpt-2", which llama.cpp knows; "gpt2" it refuses), and
+    llama.cpp's ids equal `tokenizers`' on mixed and real text."""
+    ckpt, gguf_path = byte_level[flavour]
+    pre = gguf.GGUFReader(gguf_path).fields["tokenizer.ggml.pre"].contents()
+    assert pre == BYTE_LEVEL_FLAVOURS[flavour].pre
+    hf = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    llm = _llama(gguf_path)
+    for text in (MIXED_TEXT, REAL_TEXT, *TEXTS):
+        expected = hf.encode(text, add_special_tokens=False).ids
+        assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=False) == expected, (flavour, text[:60])
+    assert len(hf.encode(MIXED_TEXT).ids) > 300 and not _ids_differ(hf, gguf_path, MIXED_TEXT)
+
+
+# A name whose split differs from each flavour's (the nearest one whose difference these small
+# vocabularies can show): written instead, llama.cpp's ids differ from tokenizers', so the
+# comparison above fails for a wrong name. Names that differ only in clean_spaces (qwen2 /
+# stablelm2, smollm / refact) tokenize alike by design.
+WRONG_NAME = {"gpt2": "smollm", "smollm2": "gpt-2", "granite": "gpt-2", "llama3": "qwen2", "smaug": "qwen2",
+              "qwen2": "smollm", "stablelm2": "refact", "gpt4o": "tekken", "tekken": "smollm", "smollm3": "qwen2",
+              "deepseek_r1_qwen": "smollm"}
+
+
+@pytest.mark.parametrize("flavour", list(BYTE_LEVEL_FLAVOURS))
+def test_a_wrong_pre_tokenizer_name_is_caught(byte_level: dict, flavour: str, tmp_path: Path) -> None:
+    ckpt, _ = byte_level[flavour]
+    spec = read_tokenizer(ckpt, json.loads((ckpt / "config.json").read_text()))
+    spec.pre = WRONG_NAME[flavour]
+    hf = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    assert _ids_differ(hf, _vocab_gguf(spec, tmp_path / "wrong.gguf"), MIXED_TEXT + REAL_TEXT)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda tj: tj["pre_tokenizer"].update(add_prefix_space=True), "add_prefix_space"),
+    (lambda tj: tj["pre_tokenizer"].update(use_regex=False), r"regex '\(none\)'"),
+    (lambda tj: tj.update(pre_tokenizer={"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": False}, tj["pre_tokenizer"]]}), "Digits"),
+    (lambda tj: tj.update(pre_tokenizer={"type": "Sequence", "pretokenizers": [
+        {"type": "Whitespace"}, tj["pre_tokenizer"]]}), "Whitespace"),
+], ids=["prefix-space", "no-regex", "grouped-digits", "unknown-step"])
+def test_byte_level_without_a_llama_cpp_pre_tokenizer_is_refused(byte_level: dict, change: object,
+                                                                   message: str, tmp_path: Path) -> None:
+    ckpt, _ = byte_level["gpt2"]
+    tj = json.loads((ckpt / "tokenizer.json").read_text())
+    change(tj)  # type: ignore[operator]
+    edited = tmp_path / "ckpt"
+    edited.mkdir()
+    for item in ckpt.iterdir():
+        (edited / item.name).write_bytes(item.read_bytes())
+    (edited / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(InvalidCheckpointError, match=message) as err:
+        read_tokenizer(edited, json.loads((edited / "config.json").read_text()))
+    assert err.value.fix and "gpt-2" in err.value.fix and "smollm" in err.value.fix
+
+
+def test_split_behaviour_and_ignore_merges_pick_the_name(byte_level: dict, tmp_path: Path) -> None:
+    """Llama 3's regex names "llama-bpe" only with ignore_merges (llama.cpp then looks whole words
+    up first), else "smaug-bpe"; Tekken's regex without ignore_merges has no llama.cpp name; a
+    Split that removes its matches is not a pre-tokenizer llama.cpp has."""
+    for flavour, edit, expected in (
+            ("llama3", lambda tj: tj["model"].update(ignore_merges=False), "smaug-bpe"),
+            ("smaug", lambda tj: tj["model"].update(ignore_merges=True), "llama-bpe"),
+            ("tekken", lambda tj: tj["model"].update(ignore_merges=False), "ignore_merges=false"),
+            ("qwen2", lambda tj: tj["pre_tokenizer"]["pretokenizers"][0].update(behavior="Removed"), "Removed")):
+        ckpt, _ = byte_level[flavour]
+        tj = json.loads((ckpt / "tokenizer.json").read_text())
+        edit(tj)
+        edited = tmp_path / flavour
+        edited.mkdir()
+        for item in ckpt.iterdir():
+            (edited / item.name).write_bytes(item.read_bytes())
+        (edited / "tokenizer.json").write_text(json.dumps(tj))
+        config = json.loads((edited / "config.json").read_text())
+        if expected.endswith("-bpe"):
+            assert read_tokenizer(edited, config).pre == expected
+        else:
+            with pytest.raises(InvalidCheckpointError, match=expected):
+                read_tokenizer(edited, config)

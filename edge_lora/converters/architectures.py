@@ -97,41 +97,119 @@ def permute_qk_rows(weights: np.ndarray, n_head: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weights.shape))
 
 
-# --- rope scaling (as convert_hf_to_gguf.py writes it) --------------------------------------
+# --- RoPE settings, from either config generation ------------------------------------------------
+# transformers 4 writes top-level ``rope_theta`` (Gemma 3: also ``rope_local_base_freq``) and a
+# ``rope_scaling`` object; transformers 5 writes ``rope_parameters`` holding rope_theta, rope_type
+# and the scaling fields, per layer type when the model's layers differ
+# (``{"sliding_attention": {...}, "full_attention": {...}}``). A config whose RoPE base cannot be
+# read is refused: a default base converts without error and drifts from the model as positions grow.
 
-def _rope_scaling(arch: str, config: Config, dims: Dims, allowed: tuple[str, ...]) -> tuple[list[MetadataItem], dict[str, np.ndarray]]:
-    scaling = config.get("rope_scaling")
-    if scaling is None:
-        return [], {}
-    if not isinstance(scaling, dict):
-        raise InvalidCheckpointError(f"config.json rope_scaling must be an object, got {scaling!r}",
-                                     fix="fix config.json")
-    kind = str(scaling.get("rope_type") or scaling.get("type") or "").lower()
-    if kind == "default":
-        return [], {}
-    if kind not in allowed:
+ROPE_LAYER_TYPES = ("full_attention", "sliding_attention")
+# Scaling kinds that extend the pretraining context (transformers moves the pretraining length,
+# original_max_position_embeddings, into their parameters).
+ROPE_KINDS_WITH_ORIGINAL_CONTEXT = ("llama3", "yarn", "longrope")
+
+
+@dataclass(frozen=True)
+class Rope:
+    """The rotary embedding of one layer type."""
+
+    theta: float
+    kind: str  # "default", "linear", "yarn", "llama3", "longrope"
+    params: Config  # the scaling fields as written (factor, low_freq_factor, long_factor, ...)
+    rotary_dims: int  # rotated dimensions per head (head_dim * partial_rotary_factor)
+    original_context: int | None  # pretraining context of the context-extending kinds
+
+
+def _rope_error(what: str) -> InvalidCheckpointError:
+    return InvalidCheckpointError(f"config.json {what}", fix="fix or re-download config.json (RoPE settings)")
+
+
+def read_rope(config: Config, dims: Dims, layer_type: str = "full_attention", *,
+              legacy_theta_key: str = "rope_theta", legacy_scaling: bool = True) -> Rope:
+    """The RoPE of ``layer_type`` layers, as transformers 4 and 5 both read it.
+    ``legacy_theta_key``: the transformers 4 key holding this layer type's base;
+    ``legacy_scaling``: whether transformers 4's ``rope_scaling`` applies to these layers."""
+    parameters = config.get("rope_parameters")
+    if parameters is not None and not isinstance(parameters, dict):
+        raise _rope_error(f"rope_parameters must be an object, got {str(parameters)[:80]}")
+    if parameters:
+        nested = [k for k in parameters if k in ROPE_LAYER_TYPES]
+        entry = parameters.get(layer_type) if nested else parameters
+        if nested and entry is None:
+            raise _rope_error(f"rope_parameters has no {layer_type!r} entry (it has {', '.join(nested)})")
+        where = f"rope_parameters[{layer_type!r}]" if nested else "rope_parameters"
+    else:
+        scaling = config.get("rope_scaling") if legacy_scaling else None
+        entry = scaling if scaling is not None else {}
+        where = "rope_scaling"
+    if not isinstance(entry, dict):
+        raise _rope_error(f"{where} must be an object, got {str(entry)[:80]}")
+    # transformers 5 fills a missing rope_theta in rope_parameters from a top-level key.
+    theta = entry.get("rope_theta", config.get(legacy_theta_key))
+    if theta is None:
+        raise _rope_error(f"states no RoPE base for its {layer_type.replace('_', ' ')} layers (neither "
+                          f"{legacy_theta_key} nor rope_parameters.rope_theta)")
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not math.isfinite(theta) or theta <= 1:
+        raise _rope_error(f"RoPE base (rope_theta) must be a number above 1, got {theta!r}")
+    kind = entry.get("rope_type", entry.get("type")) or "default"
+    if not isinstance(kind, str):
+        raise _rope_error(f"{where}.rope_type must be a string, got {kind!r}")
+    partial = entry.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    if not isinstance(partial, (int, float)) or isinstance(partial, bool) or not 0 < partial <= 1:
+        raise _rope_error(f"partial_rotary_factor must be in (0, 1], got {partial!r}")
+    rotary_dims = int(dims.head_dim * partial)
+    if rotary_dims < 2 or rotary_dims % 2:
+        raise _rope_error(f"rotates {rotary_dims} dimensions per head, not an even number >= 2")
+    kind = kind.lower()
+    original = None
+    if kind in ROPE_KINDS_WITH_ORIGINAL_CONTEXT:
+        # Phi-3 keeps its pretraining length at the top level; transformers prefers it there.
+        value = config.get("original_max_position_embeddings", entry.get("original_max_position_embeddings"))
+        value = value if value is not None else config.get("max_position_embeddings")
+        original = _int({"original_max_position_embeddings": value}, "original_max_position_embeddings") \
+            if value is not None else None
+    return Rope(theta=float(theta), kind=kind, params=entry, rotary_dims=rotary_dims, original_context=original)
+
+
+def _positive(params: Config, key: str, what: str, default: float | None = None) -> float:
+    value = params.get(key, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise _rope_error(f"{what} {key} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _rope_metadata(arch: str, rope: Rope, config: Config, allowed: tuple[str, ...]
+                   ) -> tuple[list[MetadataItem], dict[str, np.ndarray]]:
+    """freq_base, the rotated dimensions and the scaling of ``rope``, written as llama.cpp reads
+    them (and as convert_hf_to_gguf.py writes them), or a refusal for a kind ``arch`` cannot run."""
+    items: list[MetadataItem] = [(K.Rope.FREQ_BASE.format(arch=arch), rope.theta, VT.FLOAT32),
+                                 (K.Rope.DIMENSION_COUNT.format(arch=arch), rope.rotary_dims, VT.UINT32)]
+    if rope.kind == "default":
+        return items, {}
+    if rope.kind not in allowed:
         raise UnsupportedArchitectureError(
-            f"rope_scaling type {kind!r} is not supported for {arch} (supported: {', '.join(allowed)})",
-            fix="remove rope_scaling from config.json if the model does not need a long context")
-    factor = _float(scaling, "factor")
-    if kind == "linear":
-        return [(K.Rope.SCALING_TYPE.format(arch=arch), gguf.RopeScalingType.LINEAR.value, VT.STRING),
-                (K.Rope.SCALING_FACTOR.format(arch=arch), factor, VT.FLOAT32)], {}
-    if kind == "yarn":
-        orig = _int(scaling, "original_max_position_embeddings")
-        return [(K.Rope.SCALING_TYPE.format(arch=arch), gguf.RopeScalingType.YARN.value, VT.STRING),
-                (K.Rope.SCALING_FACTOR.format(arch=arch), factor, VT.FLOAT32),
-                (K.Rope.SCALING_ORIG_CTX_LEN.format(arch=arch), orig, VT.UINT32)], {}
-    # llama3: no scaling keys; per-frequency factors go into a rope_freqs tensor.
-    base = _float(config, "rope_theta", 10000.0)
-    low = _float(scaling, "low_freq_factor", 1.0)
-    high = _float(scaling, "high_freq_factor", 4.0)
-    old_ctx = _int(scaling, "original_max_position_embeddings", 8192)
+            f"RoPE scaling {rope.kind!r} is not supported for {arch} (supported: {', '.join(allowed) or 'none'})",
+            fix="remove the RoPE scaling from config.json if the model does not need a long context")
+    what = f"{rope.kind} RoPE scaling"
+    if rope.kind != "linear" and rope.original_context is None:
+        raise _rope_error(f"{what} needs original_max_position_embeddings (or max_position_embeddings)")
+    if rope.kind == "linear":
+        return items + [(K.Rope.SCALING_TYPE.format(arch=arch), gguf.RopeScalingType.LINEAR.value, VT.STRING),
+                        (K.Rope.SCALING_FACTOR.format(arch=arch), _positive(rope.params, "factor", what), VT.FLOAT32)], {}
+    if rope.kind == "yarn":
+        return items + _yarn_metadata(arch, rope, config), {}
+    if rope.kind == "longrope":
+        return items + _longrope_metadata(arch, rope, config), _longrope_factors(rope)
+    # llama3: no scaling keys; per-frequency divisors go into a rope_freqs tensor.
+    factor = _positive(rope.params, "factor", what)
+    low = _positive(rope.params, "low_freq_factor", what)
+    high = _positive(rope.params, "high_freq_factor", what)
+    old_ctx = rope.original_context
     if high == low:
-        raise InvalidCheckpointError("llama3 rope_scaling has high_freq_factor == low_freq_factor",
-                                     fix="fix config.json")
-    dim = dims.head_dim
-    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+        raise _rope_error("llama3 RoPE scaling has high_freq_factor == low_freq_factor")
+    dim = rope.rotary_dims
+    freqs = 1.0 / (rope.theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
     factors = []
     for freq in freqs:
         wavelen = 2 * math.pi / float(freq)
@@ -143,7 +221,77 @@ def _rope_scaling(arch: str, config: Config, dims: Dims, allowed: tuple[str, ...
             smooth = (old_ctx / wavelen - low) / (high - low)
             factors.append(1.0 / ((1 - smooth) / factor + smooth))
     name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
-    return [], {name: np.asarray(factors, dtype=np.float32)}
+    return items, {name: np.asarray(factors, dtype=np.float32)}
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn_metadata(arch: str, rope: Rope, config: Config) -> list[MetadataItem]:
+    """YaRN as transformers computes it. llama.cpp multiplies cos/sin by
+    rope.scaling.attn_factor * (1 + 0.1 ln factor); transformers by its attention_factor (given,
+    or from mscale / mscale_all_dim, or 1 + 0.1 ln factor), so attn_factor carries the ratio."""
+    assert rope.original_context is not None
+    params = rope.params
+    if params.get("factor") is None:  # transformers 5: the context extension ratio
+        factor = _int(config, "max_position_embeddings") / rope.original_context
+    else:
+        factor = _positive(params, "factor", "yarn RoPE scaling")
+    if params.get("truncate", True) is not True:
+        raise UnsupportedArchitectureError("yarn RoPE scaling with truncate=false is not supported by llama.cpp "
+                                           "(it always rounds the correction range)",
+                                           fix="use a checkpoint with the default yarn settings")
+    attention = params.get("attention_factor")
+    if attention is None:
+        mscale, mscale_all = params.get("mscale"), params.get("mscale_all_dim")
+        attention = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all) if mscale and mscale_all
+                     else _yarn_mscale(factor))
+    attention = _positive({"attention_factor": attention}, "attention_factor", "yarn RoPE scaling")
+    items: list[MetadataItem] = [
+        (K.Rope.SCALING_TYPE.format(arch=arch), gguf.RopeScalingType.YARN.value, VT.STRING),
+        (K.Rope.SCALING_FACTOR.format(arch=arch), float(factor), VT.FLOAT32),
+        (K.Rope.SCALING_ORIG_CTX_LEN.format(arch=arch), rope.original_context, VT.UINT32),
+        (K.Rope.SCALING_ATTN_FACTOR.format(arch=arch), attention / _yarn_mscale(factor), VT.FLOAT32),
+    ]
+    for key, gguf_key in (("beta_fast", K.Rope.SCALING_YARN_BETA_FAST), ("beta_slow", K.Rope.SCALING_YARN_BETA_SLOW)):
+        if params.get(key):
+            items.append((gguf_key.format(arch=arch), _positive(params, key, "yarn RoPE scaling"), VT.FLOAT32))
+    return items
+
+
+def _longrope_metadata(arch: str, rope: Rope, config: Config) -> list[MetadataItem]:
+    """LongRoPE (Phi-3 "su"/"longrope"): per-dimension divisors for short and long contexts, and
+    a cos/sin factor from the context extension. transformers 4 derives the extension from
+    max_position_embeddings / original_max_position_embeddings, 5 prefers a given ``factor``:
+    a factor that disagrees with the ratio is refused, as the two would compute different models."""
+    assert rope.original_context is not None
+    ratio = _int(config, "max_position_embeddings") / rope.original_context
+    factor = rope.params.get("factor")
+    if factor is not None and not math.isclose(_positive(rope.params, "factor", "longrope"), ratio, rel_tol=1e-6):
+        raise UnsupportedArchitectureError(
+            f"longrope factor {factor} differs from max_position_embeddings / original_max_position_embeddings "
+            f"({ratio:g}); transformers 4 and 5 disagree on which applies", fix="remove factor from the RoPE scaling")
+    attention = rope.params.get("attention_factor")
+    if attention is None:
+        attention = math.sqrt(1 + math.log(ratio) / math.log(rope.original_context)) if ratio > 1 else 1.0
+    return [(K.Rope.SCALING_ATTN_FACTOR.format(arch=arch),
+             _positive({"attention_factor": attention}, "attention_factor", "longrope"), VT.FLOAT32),
+            (K.Rope.SCALING_ORIG_CTX_LEN.format(arch=arch), rope.original_context, VT.UINT32)]
+
+
+def _longrope_factors(rope: Rope) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for key, tensor in (("long_factor", gguf.MODEL_TENSOR.ROPE_FACTORS_LONG),
+                        ("short_factor", gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT)):
+        values = rope.params.get(key)
+        if (not isinstance(values, list) or len(values) != rope.rotary_dims // 2
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                           for v in values)):
+            raise _rope_error(f"longrope {key} must be {rope.rotary_dims // 2} positive numbers (one per rotated "
+                              f"dimension pair), got {str(values)[:80]}")
+        out[gguf.TENSOR_NAMES[tensor] + ".weight"] = np.asarray(values, dtype=np.float32)
+    return out
 
 
 # --- per-architecture metadata -----------------------------------------------------------------
@@ -158,31 +306,30 @@ def _common_metadata(arch: str, config: Config, dims: Dims, context_length: int)
         (K.Attention.HEAD_COUNT_KV.format(arch=arch), dims.kv_heads, VT.UINT32),
         (K.Attention.KEY_LENGTH.format(arch=arch), dims.head_dim, VT.UINT32),
         (K.Attention.VALUE_LENGTH.format(arch=arch), dims.head_dim, VT.UINT32),
+        (K.Attention.LAYERNORM_RMS_EPS.format(arch=arch), _float(config, "rms_norm_eps", 1e-6), VT.FLOAT32),
     ]
 
 
 def _llama_like_metadata(arch: str, config: Config, dims: Dims, allowed_scaling: tuple[str, ...],
                          context_length: int) -> tuple[list[MetadataItem], dict[str, np.ndarray]]:
-    items = _common_metadata(arch, config, dims, context_length) + [
-        (K.Rope.FREQ_BASE.format(arch=arch), _float(config, "rope_theta", 10000.0), VT.FLOAT32),
-        (K.Rope.DIMENSION_COUNT.format(arch=arch), dims.head_dim, VT.UINT32),
-        (K.Attention.LAYERNORM_RMS_EPS.format(arch=arch), _float(config, "rms_norm_eps", 1e-6), VT.FLOAT32),
-        (K.LLM.VOCAB_SIZE.format(arch=arch), dims.vocab, VT.UINT32),
-    ]
-    scaling, tensors = _rope_scaling(arch, config, dims, allowed_scaling)
-    return items + scaling, tensors
+    rope, tensors = _rope_metadata(arch, read_rope(config, dims), config, allowed_scaling)
+    return (_common_metadata(arch, config, dims, context_length) + rope
+            + [(K.LLM.VOCAB_SIZE.format(arch=arch), dims.vocab, VT.UINT32)]), tensors
+
+
+def _window_capped_context(config: Config, context: int) -> int:
+    """llama.cpp runs these architectures without a sliding window. Attention over at most
+    ``sliding_window`` tokens equals full attention, so the context is capped there (exact)."""
+    if config.get("sliding_window") is not None and config.get("use_sliding_window", True) is not False:
+        return min(context, _int(config, "sliding_window"))
+    return context
 
 
 def _llama_metadata(arch: str, config: Config, dims: Dims) -> tuple[list[MetadataItem], dict[str, np.ndarray]]:
     if config.get("mlp_bias"):
         raise UnsupportedArchitectureError("Llama checkpoints with mlp_bias are not supported",
                                            fix="use a checkpoint without MLP biases")
-    context = _int(config, "max_position_embeddings", 4096)
-    window = config.get("sliding_window")
-    if window is not None:
-        # llama.cpp's llama architecture has no sliding window. Attention over at most
-        # `window` tokens is identical to full attention, so cap the context there (exact).
-        context = min(context, _int(config, "sliding_window"))
+    context = _window_capped_context(config, _int(config, "max_position_embeddings", 4096))
     return _llama_like_metadata(arch, config, dims, ("linear", "yarn", "llama3"), context)
 
 
@@ -195,8 +342,21 @@ def _qwen_metadata(arch: str, config: Config, dims: Dims) -> tuple[list[Metadata
     return _llama_like_metadata(arch, config, dims, ("linear", "yarn"), context)
 
 
+def _alternating_layer_types(config: Config, dims: Dims, period: int, arch_name: str) -> None:
+    """llama.cpp fixes the sliding/full pattern (every ``period``-th layer full): a config whose
+    layer_types (or sliding_window_pattern) says otherwise is refused."""
+    expected = ["full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(dims.layers)]
+    layer_types = config.get("layer_types")
+    pattern = config.get("sliding_window_pattern")
+    if (layer_types is not None and layer_types != expected) or (
+            layer_types is None and pattern is not None and pattern != period):
+        raise UnsupportedArchitectureError(
+            f"{arch_name} layer pattern differs from llama.cpp's ({period - 1} sliding layer(s), then 1 global)",
+            fix=f"use a checkpoint with the standard {arch_name} layer pattern")
+
+
 GEMMA3_SWA_PERIOD = 6  # llama.cpp hard-codes: every 6th layer global, the rest sliding
-GEMMA3_LOCAL_ROPE_BASE = 10000.0  # llama.cpp hard-codes the sliding layers' rope base
+GEMMA3_LOCAL_ROPE_BASE = 10000.0  # llama.cpp's sliding-layer base when a file has no freq_base_swa
 
 
 def _gemma3_metadata(arch: str, config: Config, dims: Dims) -> tuple[list[MetadataItem], dict[str, np.ndarray]]:
@@ -210,32 +370,114 @@ def _gemma3_metadata(arch: str, config: Config, dims: Dims) -> tuple[list[Metada
         raise UnsupportedArchitectureError(
             f"Gemma 3 query_pre_attn_scalar {scalar} differs from head_dim {dims.head_dim}; llama.cpp "
             "scales attention by 1/sqrt(head_dim)", fix="use a checkpoint with query_pre_attn_scalar = head_dim")
-    local_base = config.get("rope_local_base_freq", GEMMA3_LOCAL_ROPE_BASE)
-    if local_base != GEMMA3_LOCAL_ROPE_BASE:
+    _alternating_layer_types(config, dims, GEMMA3_SWA_PERIOD, "Gemma 3")
+    # Sliding layers: their own base (gemma3.rope.freq_base_swa) and never scaled in llama.cpp.
+    local = read_rope(config, dims, "sliding_attention", legacy_theta_key="rope_local_base_freq",
+                      legacy_scaling=False)
+    if local.kind != "default":
         raise UnsupportedArchitectureError(
-            f"Gemma 3 rope_local_base_freq {local_base} is not 10000, which llama.cpp assumes",
-            fix="use a checkpoint with rope_local_base_freq 10000")
-    expected_types = ["full_attention" if (i + 1) % GEMMA3_SWA_PERIOD == 0 else "sliding_attention"
-                      for i in range(dims.layers)]
-    layer_types = config.get("layer_types")
-    pattern = config.get("sliding_window_pattern")
-    if (layer_types is not None and layer_types != expected_types) or (
-            layer_types is None and pattern is not None and pattern != GEMMA3_SWA_PERIOD):
-        raise UnsupportedArchitectureError(
-            "Gemma 3 layer pattern differs from llama.cpp's (5 sliding layers, then 1 global)",
-            fix="use a checkpoint with the standard Gemma 3 layer pattern")
+            f"Gemma 3 with {local.kind} RoPE scaling on its sliding-window layers is not supported (llama.cpp "
+            "scales only the global layers)", fix="scale only the full-attention layers' RoPE")
     items = _common_metadata(arch, config, dims, _int(config, "max_position_embeddings", 131072)) + [
-        (K.Attention.LAYERNORM_RMS_EPS.format(arch=arch), _float(config, "rms_norm_eps", 1e-6), VT.FLOAT32),
-        (K.Rope.FREQ_BASE.format(arch=arch), _float(config, "rope_theta", 1_000_000.0), VT.FLOAT32),
         (K.Attention.SLIDING_WINDOW.format(arch=arch), _int(config, "sliding_window", 4096), VT.UINT32),
+        (K.Rope.FREQ_BASE_SWA.format(arch=arch), local.theta, VT.FLOAT32),
     ]
     softcap = config.get("final_logit_softcapping")
     if softcap is not None:
         items.append((K.LLM.FINAL_LOGIT_SOFTCAPPING.format(arch=arch), _float(config, "final_logit_softcapping"),
                       VT.FLOAT32))
     # Gemma 3 applies linear rope scaling to its global layers only, as llama.cpp does.
-    scaling, tensors = _rope_scaling(arch, config, dims, ("linear",))
-    return items + scaling, tensors
+    rope, tensors = _rope_metadata(arch, read_rope(config, dims, legacy_theta_key="rope_theta"), config, ("linear",))
+    if local.rotary_dims != dims.head_dim:
+        raise UnsupportedArchitectureError("Gemma 3 with partial rotary embeddings is not supported",
+                                           fix="use a checkpoint that rotates whole heads")
+    return items + rope, tensors
+
+
+def _gemma2_metadata(arch: str, config: Config, dims: Dims) -> tuple[list[MetadataItem], dict[str, np.ndarray]]:
+    """Gemma 2: llama.cpp always soft-caps attention and final logits (50 and 30 when a file
+    does not say) and scales queries by 1/sqrt(head_dim), or by 1/sqrt(hidden/heads) for its
+    46-layer 27B; sliding and global layers alternate, sharing one RoPE."""
+    caps = []
+    for key, gguf_key in (("attn_logit_softcapping", K.LLM.ATTN_LOGIT_SOFTCAPPING),
+                          ("final_logit_softcapping", K.LLM.FINAL_LOGIT_SOFTCAPPING)):
+        if config.get(key) is None:
+            raise UnsupportedArchitectureError(
+                f"Gemma 2 without {key} is not supported: llama.cpp's gemma2 always soft-caps",
+                fix=f"use a checkpoint with {key} set (Gemma 2 releases use 50 and 30)")
+        caps.append((gguf_key.format(arch=arch), _float(config, key), VT.FLOAT32))
+    llama_cpp_scalar = dims.hidden // dims.heads if dims.layers == 46 else dims.head_dim
+    scalar = config.get("query_pre_attn_scalar", 256)
+    if scalar != llama_cpp_scalar:
+        raise UnsupportedArchitectureError(
+            f"Gemma 2 query_pre_attn_scalar {scalar} differs from the {llama_cpp_scalar} llama.cpp scales "
+            f"queries by for a {dims.layers}-layer model", fix="use a checkpoint of a released Gemma 2 shape")
+    _alternating_layer_types(config, dims, 2, "Gemma 2")
+    rope, tensors = _rope_metadata(arch, read_rope(config, dims), config, ("linear",))
+    if int(rope[1][1]) != dims.head_dim:
+        raise UnsupportedArchitectureError("Gemma 2 with partial rotary embeddings is not supported",
+                                           fix="use a checkpoint that rotates whole heads")
+    return (_common_metadata(arch, config, dims, _int(config, "max_position_embeddings", 8192)) + rope + caps
+            + [(K.Attention.SLIDING_WINDOW.format(arch=arch), _int(config, "sliding_window", 4096), VT.UINT32)]), tensors
+
+
+def _phi3_metadata(arch: str, config: Config, dims: Dims) -> tuple[list[MetadataItem], dict[str, np.ndarray]]:
+    """Phi-3 / 3.5 / Phi-4-mini: fused projections, partial rotary, LongRoPE. llama.cpp's phi3
+    runs without a sliding window, so the context is capped at it (exact, as for Mistral)."""
+    if dims.heads * dims.head_dim != dims.hidden:
+        raise UnsupportedArchitectureError(
+            f"Phi-3 with heads x head_dim ({dims.heads} x {dims.head_dim}) != hidden_size ({dims.hidden}) is not "
+            "supported by llama.cpp", fix="use a checkpoint of a released Phi-3 shape")
+    context = _window_capped_context(config, _int(config, "max_position_embeddings", 4096))
+    rope = read_rope(config, dims)
+    if rope.kind in ("su", "yarn"):  # transformers reads Phi-3's older names as longrope
+        rope = replace(rope, kind="longrope", original_context=rope.original_context or _int(
+            config, "original_max_position_embeddings", _int(config, "max_position_embeddings", 4096)))
+    items, tensors = _rope_metadata(arch, rope, config, ("longrope",))
+    return _common_metadata(arch, config, dims, context) + items, tensors
+
+
+def _granite_metadata(arch: str, config: Config, dims: Dims) -> tuple[list[MetadataItem], dict[str, np.ndarray]]:
+    """Granite 3.x dense: Llama with four multipliers. llama.cpp skips a residual or attention
+    scale of 0 (and has no head_dim), so those are refused rather than run differently."""
+    if config.get("mlp_bias"):
+        raise UnsupportedArchitectureError("Granite checkpoints with mlp_bias are not supported",
+                                           fix="use a checkpoint without MLP biases")
+    if config.get("head_dim") not in (None, dims.hidden // dims.heads):
+        raise UnsupportedArchitectureError(
+            f"Granite head_dim {config.get('head_dim')} differs from hidden_size / num_attention_heads; llama.cpp's "
+            "granite has no separate head size", fix="use a checkpoint of a released Granite shape")
+    items, tensors = _llama_like_metadata(arch, config, dims, ("linear", "yarn", "llama3"),
+                                          _int(config, "max_position_embeddings", 4096))
+    for key, gguf_key in (("embedding_multiplier", K.LLM.EMBEDDING_SCALE),
+                          ("residual_multiplier", K.LLM.RESIDUAL_SCALE),
+                          ("attention_multiplier", K.Attention.SCALE),
+                          ("logits_scaling", K.LLM.LOGIT_SCALE)):
+        items.append((gguf_key.format(arch=arch), _float(config, key, 1.0), VT.FLOAT32))
+    return items, tensors
+
+
+SMOLLM3_NO_ROPE_STEP = 4  # llama.cpp hard-codes: every 4th layer has no RoPE
+
+
+def _smollm3_metadata(arch: str, config: Config, dims: Dims) -> tuple[list[MetadataItem], dict[str, np.ndarray]]:
+    """SmolLM3: Llama whose every 4th layer is NoPE, a pattern llama.cpp fixes; the config's
+    no_rope_layers must say the same."""
+    expected = [int((i + 1) % SMOLLM3_NO_ROPE_STEP != 0) for i in range(dims.layers)]
+    flags = config.get("no_rope_layers")
+    interval = config.get("no_rope_layer_interval", SMOLLM3_NO_ROPE_STEP)
+    if (flags is not None and flags != expected) or (flags is None and interval != SMOLLM3_NO_ROPE_STEP):
+        raise UnsupportedArchitectureError(
+            "SmolLM3 NoPE layers differ from llama.cpp's (every 4th layer without RoPE)",
+            fix="use a checkpoint with the standard SmolLM3 no_rope_layers")
+    if config.get("use_sliding_window"):
+        raise UnsupportedArchitectureError("SmolLM3 with use_sliding_window=true is not supported by llama.cpp",
+                                           fix="set use_sliding_window to false in config.json")
+    for key in ("attention_bias", "mlp_bias"):
+        if config.get(key):
+            raise UnsupportedArchitectureError(f"SmolLM3 checkpoints with {key} are not supported",
+                                               fix=f"use a checkpoint without {key}")
+    return _llama_like_metadata(arch, config, dims, ("linear", "yarn"), _int(config, "max_position_embeddings", 65536))
 
 
 # --- the table ----------------------------------------------------------------------------------
@@ -246,6 +488,10 @@ LLAMA_LAYER = ("input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k
 QKV_BIAS = ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")
 QK_NORM = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
 GEMMA_FFN_NORMS = ("pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight")
+# Phi-3 fuses q/k/v ([q | k | v] rows, llama.cpp's attn_qkv splits the same way) and gate/up
+# ([gate | up] rows: llama.cpp's ffn_up of 2 x n_ff feeds a swiglu taking its first half as gate).
+PHI3_LAYER = ("input_layernorm.weight", "self_attn.qkv_proj.weight", "self_attn.o_proj.weight",
+              "post_attention_layernorm.weight", "mlp.gate_up_proj.weight", "mlp.down_proj.weight")
 
 
 @dataclass(frozen=True)
@@ -299,6 +545,7 @@ class ArchEntry:
     tied_default: bool = False  # tie_word_embeddings when config.json does not say
     default_head_dim: int | None = None
     text_only: TextOnlyView | None = None  # a multimodal checkpoint converted as its text model
+    tied_only: bool = False  # llama.cpp always reuses token_embd as the output (no output.weight)
 
 
 def _llama_layer(config: Config) -> tuple[str, ...]:
@@ -308,13 +555,15 @@ def _llama_layer(config: Config) -> tuple[str, ...]:
 GEMMA3_TEXT_ONLY = TextOnlyView(
     text_architecture="Gemma3ForCausalLM",
     text_config_key="text_config",
-    # Gemma3TextConfig defaults the released configs rely on (the 4B text_config has no
-    # vocab_size). The other defaults (head_dim, rope_theta, ...) are the Gemma3ForCausalLM
-    # entry's. llama.cpp trims token_embd to the tokenizer's size when vocab_size is absent
-    # (262144 of 262208 rows: the rest are never produced by the tokenizer); we keep all rows
-    # and pad the GGUF vocab to vocab_size with [PAD] tokens instead, which loads and computes
-    # the same logits for every real token.
-    text_config_defaults={"vocab_size": 262208, "hidden_activation": "gelu_pytorch_tanh"},
+    # Gemma3TextConfig defaults the released configs rely on: transformers writes a nested
+    # config's fields only where they differ from its class defaults, so the 4B text_config has
+    # no vocab_size and no RoPE bases (these, in both generations). The other defaults
+    # (head_dim, ...) are the Gemma3ForCausalLM entry's. llama.cpp trims token_embd to the
+    # tokenizer's size when vocab_size is absent (262144 of 262208 rows: the rest are never
+    # produced by the tokenizer); we keep all rows and pad the GGUF vocab to vocab_size with
+    # [PAD] tokens instead, which loads and computes the same logits for every real token.
+    text_config_defaults={"vocab_size": 262208, "hidden_activation": "gelu_pytorch_tanh",
+                          "rope_theta": 1_000_000.0, "rope_local_base_freq": GEMMA3_LOCAL_ROPE_BASE},
     prefix_renames=(("language_model.model.", "model."),  # transformers < 4.52
                     ("language_model.lm_head.", "lm_head."),
                     ("model.language_model.", "model.")),  # transformers >= 4.52
@@ -335,6 +584,18 @@ ARCH_TABLE: dict[str, ArchEntry] = {
     "Gemma3ForCausalLM": ArchEntry("Gemma3ForCausalLM", gguf.MODEL_ARCH.GEMMA3,
                                    lambda c: LLAMA_LAYER + QK_NORM + GEMMA_FFN_NORMS, _gemma3_metadata,
                                    norm_plus_one=True, tied_default=True, default_head_dim=256),
+    # Gemma 2 2B/9B/27B: sandwich norms, soft-capping; rotate-half RoPE (no permutation)
+    "Gemma2ForCausalLM": ArchEntry("Gemma2ForCausalLM", gguf.MODEL_ARCH.GEMMA2,
+                                   lambda c: LLAMA_LAYER + GEMMA_FFN_NORMS, _gemma2_metadata,
+                                   norm_plus_one=True, tied_default=True, default_head_dim=256, tied_only=True),
+    # Phi-3, Phi-3.5-mini, Phi-4-mini: fused projections written fused, rotate-half RoPE
+    "Phi3ForCausalLM": ArchEntry("Phi3ForCausalLM", gguf.MODEL_ARCH.PHI3, lambda c: PHI3_LAYER, _phi3_metadata),
+    # Granite 3.x dense: Llama layout (q/k permuted) with multipliers
+    "GraniteForCausalLM": ArchEntry("GraniteForCausalLM", gguf.MODEL_ARCH.GRANITE, _llama_layer,
+                                    _granite_metadata, permute_qk=True),
+    # SmolLM3: Llama layout (q/k permuted) with NoPE layers
+    "SmolLM3ForCausalLM": ArchEntry("SmolLM3ForCausalLM", gguf.MODEL_ARCH.SMOLLM3, lambda c: LLAMA_LAYER,
+                                    _smollm3_metadata, permute_qk=True, tied_default=True),
 }
 # Gemma 3 4B/12B/27B: llama.cpp converts the language model as plain gemma3 (Gemma3ForCausalLM).
 ARCH_TABLE["Gemma3ForConditionalGeneration"] = replace(
@@ -390,13 +651,14 @@ class ArchSpec:
             "self_attn.q_norm.weight": (d.head_dim,), "self_attn.k_norm.weight": (d.head_dim,),
             "mlp.gate_proj.weight": (d.ffn, d.hidden), "mlp.up_proj.weight": (d.ffn, d.hidden),
             "mlp.down_proj.weight": (d.hidden, d.ffn),
+            "self_attn.qkv_proj.weight": (q_rows + 2 * kv_rows, d.hidden), "mlp.gate_up_proj.weight": (2 * d.ffn, d.hidden),
         }
         shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (d.vocab, d.hidden),
                                               "model.norm.weight": (d.hidden,)}
         for layer in range(d.layers):
             for suffix in self.entry.layer_tensors(self.config):
                 shapes[f"model.layers.{layer}.{suffix}"] = per_layer[suffix]
-        if not self.tied or separate_head:
+        if not self.tied or (separate_head and not self.entry.tied_only):
             shapes[LM_HEAD] = (d.vocab, d.hidden)
         return shapes
 
@@ -459,6 +721,11 @@ def arch_spec_for(config: Config) -> ArchSpec:
     if not isinstance(tied, bool):  # bool("false") is True: lm_head would be dropped silently
         raise InvalidCheckpointError(f"config.json field 'tie_word_embeddings' must be true or false, got {tied!r}",
                                      fix="fix or re-download config.json")
+    if entry.tied_only and not tied:
+        raise UnsupportedArchitectureError(
+            f"{entry.hf_architecture} with an untied lm_head is not supported: llama.cpp's "
+            f"{gguf.MODEL_ARCH_NAMES[entry.gguf_arch]} always reuses the input embeddings as the output",
+            fix="use a checkpoint with tie_word_embeddings true")
     return ArchSpec(entry=entry, config=config, dims=dims,
                     gguf_arch_name=gguf.MODEL_ARCH_NAMES[entry.gguf_arch], tied=bool(tied),
                     _name_map=gguf.get_tensor_name_map(entry.gguf_arch, dims.layers))

@@ -93,7 +93,10 @@ def gemma3_config_from_gguf(reader: gguf.GGUFReader, path: Path) -> dict[str, An
     vocab = len(tokens.data)
     eps = get(gguf.Keys.Attention.LAYERNORM_RMS_EPS)
     theta = get(gguf.Keys.Rope.FREQ_BASE)
-    for key, value in (("rms_norm_eps", eps), ("rope_theta", theta)):
+    local_theta = get(gguf.Keys.Rope.FREQ_BASE_SWA, False)
+    if local_theta is None:  # llama.cpp's default for the sliding layers
+        local_theta = GEMMA3_LOCAL_ROPE_BASE
+    for key, value in (("rms_norm_eps", eps), ("rope_theta", theta), ("rope_local_base_freq", local_theta)):
         if not isinstance(value, float) or not math.isfinite(value) or value <= 0:
             raise InvalidGGUFError(f"{path}: {key} is {value!r}", fix="use an unmodified Gemma 3 GGUF")
     special = {role: get(f"tokenizer.ggml.{role}_token_id", False) for role in ("bos", "eos", "padding")}
@@ -113,7 +116,7 @@ def gemma3_config_from_gguf(reader: gguf.GGUFReader, path: Path) -> dict[str, An
         "max_position_embeddings": _positive_int(get(gguf.Keys.LLM.CONTEXT_LENGTH), "context_length", path),
         "rms_norm_eps": _short_float(eps),
         "rope_theta": _short_float(theta),
-        "rope_local_base_freq": GEMMA3_LOCAL_ROPE_BASE,
+        "rope_local_base_freq": _short_float(local_theta),
         "rope_scaling": None,
         "sliding_window": _positive_int(get(gguf.Keys.Attention.SLIDING_WINDOW), "sliding_window", path),
         "sliding_window_pattern": GEMMA3_SWA_PERIOD,

@@ -14,7 +14,7 @@ import numpy as np
 from edge_lora.converters.architectures import LM_HEAD, ArchSpec, arch_spec_for
 from edge_lora.converters.checkpoint import HFCheckpoint, checkpoint_name
 from edge_lora.converters.gguf_output import GGMLType, PlannedTensor, StreamingGGUFWriter, encode_rows
-from edge_lora.converters.tokenizer_export import add_tokenizer, read_tokenizer
+from edge_lora.converters.tokenizer_export import add_tokenizer, check_name_rules, read_tokenizer
 from edge_lora.core.atomic import ensure_writable_dir
 from edge_lora.core.errors import InputError, InternalError, InvalidCheckpointError
 from edge_lora.core.formats import BY_NAME, Format
@@ -160,6 +160,7 @@ def write_checkpoint_gguf(ckpt: HFCheckpoint, out_path: Path | str, *, outtype: 
     ordered = _check_tensors(spec, source, ckpt, extras)
     tokenizer = read_tokenizer(ckpt.path, ckpt.config)
     display_name = name or ckpt.name
+    check_name_rules(display_name, tokenizer)
 
     writer = StreamingGGUFWriter(spec.gguf_arch_name)
     kv = writer.kv

@@ -4,13 +4,14 @@ Two GGUF tokenizer families:
 - ``llama`` (SentencePiece-style): from ``tokenizer.model``, or from a ``tokenizer.json`` BPE
   with byte fallback / ``▁`` spaces, or a Unigram ``tokenizer.json``. Tokens carry scores.
 - ``gpt2`` (byte-level BPE): tokens + merges, and ``tokenizer.ggml.pre`` naming llama.cpp's
-  pre-tokenizer, derived from the ``Split`` regex in ``tokenizer.json``.
+  pre-tokenizer, derived from the pre-tokenizer steps in ``tokenizer.json`` (``PRE_TOKENIZERS``).
 Special ids, add_bos/add_eos and the chat template come from tokenizer_config.json,
 special_tokens_map.json, generation_config.json and config.json.
 """
 
 from __future__ import annotations
 
+import enum
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,14 +27,67 @@ MAX_VOCAB = 4_000_000
 BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 SPM_SPACE = "\u2581"
 
-# Split regexes of known byte-level BPE tokenizers -> llama.cpp pre-tokenizer names
-# (src/llama-vocab.cpp implements each name with the same regexes).
-KNOWN_PRE_TOKENIZER_REGEXES: dict[str, str] = {
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
-        "llama-bpe",
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
-        "qwen2",
-    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)": "gpt2",
+# --- byte-level BPE pre-tokenizers --------------------------------------------------------------
+# llama.cpp does not read a pre-tokenizer from the file: ``tokenizer.ggml.pre`` names one of its
+# built-in implementations (src/llama-vocab.cpp). We recognise a tokenizer.json by what decides
+# its split (the regex, a Digits step) and by the two flags a name also fixes: whether BPE merges
+# are skipped for words already in the vocabulary (tokenizer.json ``model.ignore_merges``) and
+# whether decoding removes spaces before punctuation (``clean_up_tokenization_spaces``).
+
+GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+GPT4O_REGEX = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+               r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+               r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+TEKKEN_REGEX = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+                r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+class Split(enum.Enum):
+    """What splits the text before byte-level BPE."""
+
+    GPT2 = "GPT-2's regex (ByteLevel's built-in, or the same regex in a Split)"
+    DIGITS_GPT2 = "single digits (Digits), then GPT-2's regex"
+    LLAMA3 = "Llama 3's regex"
+    QWEN2 = "Qwen2's regex"
+    GPT4O = "GPT-4o's (o200k) regex"
+    TEKKEN = "Mistral Tekken's regex"
+
+
+# tokenizer.json Split regex -> what it is (GPT-2's regex also appears without the final \s+,
+# which changes nothing: an unmatched whitespace run becomes its own piece in both libraries).
+SPLIT_REGEXES: dict[str, Split] = {
+    GPT2_REGEX: Split.GPT2, GPT2_REGEX.removesuffix(r"|\s+"): Split.GPT2,
+    LLAMA3_REGEX: Split.LLAMA3, QWEN2_REGEX: Split.QWEN2, GPT4O_REGEX: Split.GPT4O, TEKKEN_REGEX: Split.TEKKEN,
+}
+
+
+@dataclass(frozen=True)
+class PreTokenizer:
+    """One llama.cpp pre-tokenizer name and the tokenizer.json behaviour it reproduces."""
+
+    split: Split
+    ignore_merges: bool  # llama.cpp sets ignore_merges for this name
+    clean_spaces: bool  # llama.cpp's clean_spaces for this name (detokenization only)
+
+
+# Every name llama.cpp 0.3.36 implements with one of these splits (aliases that behave the
+# same, e.g. "deepseek-r1-qwen" = "qwen2", "olmo" = "gpt-2", "starcoder" = "refact", are not
+# listed: the canonical name is written).
+PRE_TOKENIZERS: dict[str, PreTokenizer] = {
+    "gpt-2": PreTokenizer(Split.GPT2, ignore_merges=False, clean_spaces=True),
+    "refact": PreTokenizer(Split.DIGITS_GPT2, ignore_merges=False, clean_spaces=True),
+    "smollm": PreTokenizer(Split.DIGITS_GPT2, ignore_merges=False, clean_spaces=False),
+    "llama-bpe": PreTokenizer(Split.LLAMA3, ignore_merges=True, clean_spaces=True),
+    "smaug-bpe": PreTokenizer(Split.LLAMA3, ignore_merges=False, clean_spaces=True),
+    "qwen2": PreTokenizer(Split.QWEN2, ignore_merges=False, clean_spaces=False),
+    "stablelm2": PreTokenizer(Split.QWEN2, ignore_merges=False, clean_spaces=True),
+    "gpt-4o": PreTokenizer(Split.GPT4O, ignore_merges=False, clean_spaces=False),
+    "tekken": PreTokenizer(Split.TEKKEN, ignore_merges=True, clean_spaces=False),
 }
 
 
@@ -312,34 +366,67 @@ def _spm_from_tokenizer_json(tj: dict[str, Any], files: _Files, vocab_size: int,
 
 # --- byte-level BPE -------------------------------------------------------------------------------
 
-def _pre_tokenizer_name(tj: dict[str, Any], path: Path) -> str:
-    comps = _components(tj.get("pre_tokenizer"))
+def _unknown_pre_tokenizer(path: Path, shown: str) -> InvalidCheckpointError:
+    return InvalidCheckpointError(
+        f"{path}: unknown pre-tokenizer {shown[:300]}; llama.cpp would split text differently "
+        "than the model was trained on",
+        fix="supported pre-tokenizers: " + ", ".join(sorted(PRE_TOKENIZERS)))
+
+
+def _split_of(tj: dict[str, Any], path: Path) -> Split:
+    """What splits text before BPE in this tokenizer.json (refused when llama.cpp has no match)."""
     regexes: list[str] = []
-    for comp in comps:
-        if comp.get("type") == "Split":
+    digits = False
+    byte_levels: list[dict[str, Any]] = []
+    for comp in _components(tj.get("pre_tokenizer")):
+        kind = comp.get("type")
+        if kind == "Split":
             pattern = comp.get("pattern") or {}
             regex = pattern.get("Regex") if isinstance(pattern, dict) else None
-            if not isinstance(regex, str):
-                raise InvalidCheckpointError(
-                    f"{path}: pre-tokenizer Split without a regex ({str(pattern)[:80]}) is not supported",
-                    fix="convert a tokenizer whose pre-tokenizer llama.cpp implements")
+            if not isinstance(regex, str) or comp.get("behavior", "Isolated") != "Isolated" or comp.get("invert"):
+                raise _unknown_pre_tokenizer(path, f"step Split {str(pattern)[:200]!r} (behavior "
+                                                   f"{comp.get('behavior')}, invert {comp.get('invert')})")
+            if byte_levels or digits:
+                raise _unknown_pre_tokenizer(path, "a Split after ByteLevel or Digits")
             regexes.append(regex)
-    byte_level_regex = any(c.get("type") == "ByteLevel" and c.get("use_regex", True) for c in comps)
-    if not regexes and byte_level_regex:
-        return "gpt2"  # ByteLevel's built-in regex is GPT-2's
-    if len(regexes) == 1 and not byte_level_regex and regexes[0] in KNOWN_PRE_TOKENIZER_REGEXES:
-        return KNOWN_PRE_TOKENIZER_REGEXES[regexes[0]]
-    shown = " + ".join(regexes) if regexes else "(no Split regex)"
-    raise InvalidCheckpointError(
-        f"{path}: unknown pre-tokenizer regex {shown[:300]!r}; llama.cpp would split text differently "
-        "than the model was trained on",
-        fix="supported pre-tokenizers: " + ", ".join(sorted(set(KNOWN_PRE_TOKENIZER_REGEXES.values()))))
+        elif kind == "Digits" and comp.get("individual_digits") is True and not byte_levels and not regexes:
+            digits = True
+        elif kind == "ByteLevel":
+            byte_levels.append(comp)
+        else:
+            raise _unknown_pre_tokenizer(path, f"step {str(comp)[:200]!r}")
+    if len(byte_levels) != 1:
+        raise _unknown_pre_tokenizer(path, f"with {len(byte_levels)} ByteLevel steps (byte-level BPE has one)")
+    if byte_levels[0].get("add_prefix_space"):
+        raise _unknown_pre_tokenizer(path, "ByteLevel with add_prefix_space (it adds a space before the text)")
+    uses_own_regex = byte_levels[0].get("use_regex", True)
+    if not regexes and uses_own_regex:
+        return Split.DIGITS_GPT2 if digits else Split.GPT2
+    if len(regexes) == 1 and not uses_own_regex and not digits and regexes[0] in SPLIT_REGEXES:
+        return SPLIT_REGEXES[regexes[0]]
+    shown = " + ".join(regexes) + (" + ByteLevel's regex" if uses_own_regex else "") if regexes else "(none)"
+    raise _unknown_pre_tokenizer(path, f"regex {shown!r}")
+
+
+def _pre_tokenizer_name(tj: dict[str, Any], files: _Files, path: Path) -> str:
+    """The llama.cpp pre-tokenizer name that splits and merges exactly as this tokenizer.json."""
+    split = _split_of(tj, path)
+    ignore_merges = tj["model"].get("ignore_merges", False) is True
+    names = [n for n, p in PRE_TOKENIZERS.items() if p.split == split and p.ignore_merges == ignore_merges]
+    if not names:
+        raise InvalidCheckpointError(
+            f"{path}: {split.value} with model.ignore_merges={str(ignore_merges).lower()} has no llama.cpp "
+            "pre-tokenizer (llama.cpp fixes whether merges are skipped for whole words in the vocabulary)",
+            fix="supported pre-tokenizers: " + ", ".join(sorted(PRE_TOKENIZERS)))
+    # Same split: prefer the name that decodes like transformers (clean_up_tokenization_spaces).
+    clean = files.tokenizer_config.get("clean_up_tokenization_spaces")
+    return next((n for n in names if PRE_TOKENIZERS[n].clean_spaces == clean), names[0])
 
 
 def _gpt2_from_tokenizer_json(tj: dict[str, Any], files: _Files, vocab_size: int) -> TokenizerSpec:
     path = files.directory / "tokenizer.json"
     model = tj["model"]
-    pre = _pre_tokenizer_name(tj, path)
+    pre = _pre_tokenizer_name(tj, files, path)
     pieces = _model_vocab(model, path)
     merges = _merge_strings(model.get("merges", []), path)
     vocab = _Vocab()
@@ -467,6 +554,25 @@ def _read_tokenizer(ckpt_dir: Path, config: dict[str, Any]) -> TokenizerSpec:
     spec.add_eos = tc["add_eos_token"] if isinstance(tc.get("add_eos_token"), bool) else add_eos
     spec.chat_template = _chat_template(files)
     return spec
+
+
+# llama.cpp sets token attributes by general.name (llama-vocab.cpp): a name containing "phi-3" or
+# "phi3" makes every special token strip the whitespace after it, as Phi-3's tokenizer.json does,
+# and looks these tokens up without checking that they exist.
+PHI3_NAME_MARKERS = ("phi-3", "phi3")
+PHI3_NAME_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
+
+
+def check_name_rules(name: str, spec: TokenizerSpec) -> None:
+    """Refuse a model name that makes llama.cpp 0.3.36 fail to load this vocabulary."""
+    lowered = name.lower()
+    if any(marker in lowered for marker in PHI3_NAME_MARKERS):
+        missing = [t for t in PHI3_NAME_TOKENS if t not in spec.tokens]
+        if missing:
+            raise InvalidCheckpointError(
+                f"the model name {name!r} makes llama.cpp apply its Phi-3 tokenizer rule, which needs the tokens "
+                f"{', '.join(missing)} this vocabulary lacks (llama.cpp could not load the file)",
+                fix="convert it under a name without \"phi3\" / \"phi-3\" (rename the checkpoint directory)")
 
 
 def add_tokenizer(writer: gguf.GGUFWriter, spec: TokenizerSpec) -> None:

@@ -57,6 +57,26 @@ MISTRAL_TEMPLATE = (
     "{% endfor %}"
 )
 
+# Phi-3 / Phi-3.5: role markers on their own line; Phi-4-mini: the same markers without newlines.
+PHI3_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+PHI4_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+GRANITE_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|start_of_role|>{{ message['role'] }}<|end_of_role|>{{ message['content'] }}<|end_of_text|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|start_of_role|>assistant<|end_of_role|>{% endif %}"
+)
+
 # Last resort for an unknown family with no template: plain role-prefixed turns.
 PLAIN_TEMPLATE = (
     "{{ bos_token }}"
@@ -66,7 +86,8 @@ PLAIN_TEMPLATE = (
 
 FAMILY_TEMPLATES: dict[str, str] = {
     "gemma": GEMMA_TEMPLATE, "chatml": CHATML_TEMPLATE, "llama3": LLAMA3_TEMPLATE,
-    "mistral": MISTRAL_TEMPLATE, "plain": PLAIN_TEMPLATE,
+    "mistral": MISTRAL_TEMPLATE, "phi3": PHI3_TEMPLATE, "phi4": PHI4_TEMPLATE, "granite": GRANITE_TEMPLATE,
+    "plain": PLAIN_TEMPLATE,
 }
 
 ROLES = ("system", "user", "assistant")

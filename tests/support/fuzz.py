@@ -460,6 +460,7 @@ def mutate_gguf(path: Path, rng: random.Random) -> str:
     writer = gguf.GGUFWriter(str(path) + ".tmp", arch or "llama")
     for key, value, vtype, sub in kvs:
         try:
+            writer._pack_val(value, vtype, add_vtype=True, sub_type=sub)  # packs only at write time
             writer.add_key_value(key, value, vtype, sub_type=sub)
         except (ValueError, TypeError, struct.error, OverflowError):
             continue

@@ -13,18 +13,25 @@ from __future__ import annotations
 import functools
 import json
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
-DEFAULT_TOKENIZER = {"llama": "spm", "mistral": "spm", "qwen2": "bpe", "qwen3": "bpe", "gemma3": "spm"}
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "gemma2", "phi3", "granite", "smollm3")
+# Architectures whose fixture config is always one transformers saved (tests/data/configs).
+LIBRARY_CONFIG_ARCHS = ("gemma2", "phi3", "granite", "smollm3")
+DEFAULT_TOKENIZER = {"llama": "spm", "mistral": "spm", "qwen2": "bpe", "qwen3": "bpe", "gemma3": "spm",
+                     "gemma2": "spm", "phi3": "gpt4o", "granite": "granite", "smollm3": "smollm3"}
 # One dtype per arch so the suite covers all three safetensors float types.
 STORAGE_DTYPE = {"llama": "bfloat16", "mistral": "float16", "qwen2": "float32", "qwen3": "bfloat16",
-                 "gemma3": "bfloat16"}
-DEFAULT_TIED = {"llama": False, "mistral": False, "qwen2": True, "qwen3": True, "gemma3": True}
+                 "gemma3": "bfloat16", "gemma2": "float16", "phi3": "bfloat16", "granite": "bfloat16",
+                 "smollm3": "bfloat16"}
+DEFAULT_TIED = {"llama": False, "mistral": False, "qwen2": True, "qwen3": True, "gemma3": True, "gemma2": True,
+                "phi3": True, "granite": True, "smollm3": True}
+CONFIG_DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "configs"
 
 HIDDEN = 256
 INTERMEDIATE = 512
@@ -82,6 +89,56 @@ GEMMA_TEMPLATE = (
     "{% endif %}{{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') }}"
     "{{ message['content'] | trim }}{{ '<end_of_turn>\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}")
+# Gemma 2 refuses a system message (the Gemma 3 template folds it into the first user turn).
+GEMMA2_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}")
+# Phi-3 / Phi-3.5-mini-instruct
+PHI3_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' and message['content'] %}"
+    "{{'<|system|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}"
+    "{{'<|user|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'assistant' %}"
+    "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
+# Phi-4-mini-instruct: the role markers are built from the role name, no newlines
+PHI4_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' and 'tools' in message and "
+    "message['tools'] is not none %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|tool|>' + "
+    "message['tools'] + '<|/tool|>' + '<|end|>' }}{% else %}{{ '<|' + message['role'] + '|>' + message['content'] "
+    "+ '<|end|>' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}"
+    "{{ eos_token }}{% endif %}")
+# Granite 3.x (3.1+ add a dated default system prompt when the conversation has none)
+GRANITE_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set system_message = \"Knowledge Cutoff Date: April "
+    "2024.\nToday's Date: \" + strftime_now('%B %d, %Y') + \".\nYou are Granite, developed by IBM.\" %}"
+    "{%- set loop_messages = messages %}{%- endif %}"
+    "{{- '<|start_of_role|>system<|end_of_role|>' + system_message + '<|end_of_text|>\n' }}"
+    "{%- for message in loop_messages %}{{- '<|start_of_role|>' + message['role'] + '<|end_of_role|>' + "
+    "message['content'] + '<|end_of_text|>\n' }}{%- if loop.last and add_generation_prompt %}"
+    "{{- '<|start_of_role|>assistant<|end_of_role|>' }}{%- endif %}{%- endfor %}")
+# SmolLM3 (abridged): every conversation opens with a metadata system block (today's date,
+# reasoning mode) that wraps the user's system message.
+SMOLLM3_TEMPLATE = (
+    "{%- set reasoning_mode = '/think' %}{%- if messages[0]['role'] == 'system' %}"
+    "{%- set custom_instructions = messages[0]['content'] %}{%- set loop_messages = messages[1:] %}"
+    "{%- else %}{%- set custom_instructions = '' %}{%- set loop_messages = messages %}{%- endif %}"
+    "{{- '<|im_start|>system\n## Metadata\n\nKnowledge Cutoff Date: June 2025\nToday Date: ' + "
+    "strftime_now('%d %B %Y') + '\nReasoning Mode: ' + reasoning_mode + '\n\n## Custom Instructions\n\n' + "
+    "custom_instructions + '\n\n<|im_end|>\n' }}"
+    "{%- for message in loop_messages %}{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}")
+
+GPT4O_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+               r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+               r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+                r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -115,58 +172,131 @@ def _added_token(content: str, token_id: int, special: bool = True) -> dict[str,
             "normalized": not special, "special": special}
 
 
-def _train_byte_level(split_regex: str, specials: Sequence[str], vocab_size: int) -> Tokenizer:
+def _code_and_number_lines(n: int = 400) -> list[str]:
+    """Digit runs, camelCase, upper-case contractions and indentation, frequent enough that a
+    byte-level BPE learns merges inside the pieces its own split makes (so a tokenizer split
+    differently, e.g. digits one at a time vs up to three, tokenizes this text differently)."""
+    return [f"    def getValue{i % 17}(self, itemId={i * 37 % 1000}): return {i * 12345 % 99991} + 0x{i * 97 % 4096:X}"
+            f"  # it's {2000 + i % 30}-{i % 12 + 1:02d}-{i % 28 + 1:02d}; HTTPServer's JSONValue isn't "
+            f"WHAT'S EXPECTED, you'll SEE {i % 7 * 111}\t\tdone"
+            for i in range(n)]
+
+
+def _train_byte_level(split_regex: str | None, specials: Sequence[str], vocab_size: int, *,
+                      digits: bool = False, ignore_merges: bool = False) -> Tokenizer:
+    """A byte-level BPE trained on the license text. ``split_regex`` None: ByteLevel's own
+    (GPT-2) regex, optionally after single-digit splitting (StarCoder / SmolLM / Granite)."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(split_regex), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-    ])
+    if split_regex is None:
+        steps = [pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)]
+        if digits:
+            steps.insert(0, pre_tokenizers.Digits(individual_digits=True))
+        tok.pre_tokenizer = steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split_regex), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
-    tok.train_from_iterator(_training_lines(), trainer=trainer)
+    tok.train_from_iterator(_training_lines() + _code_and_number_lines(), trainer=trainer)
+    if ignore_merges:  # Llama 3 / Tekken: a word already in the vocabulary is one token
+        state = json.loads(tok.to_str())
+        state["model"]["ignore_merges"] = True
+        tok = Tokenizer.from_str(json.dumps(state))
     # Like Llama-3 and Qwen2, special tokens come after the BPE vocabulary.
     tok.add_special_tokens(list(specials))
     return tok
 
 
+@dataclass(frozen=True)
+class ByteLevelFlavour:
+    """A byte-level BPE tokenizer as a model family ships it; ``pre`` is the llama.cpp
+    pre-tokenizer name the converter must write for it."""
+
+    pre: str
+    split_regex: str | None
+    specials: tuple[str, ...]
+    bos: str | None  # the BOS the tokenizer adds (None: adds none)
+    eos: str
+    pad: str | None
+    chat_template: str
+    clean_up_tokenization_spaces: bool
+    digits: bool = False
+    ignore_merges: bool = False
+    nfc: bool = False
+    vocab_size: int = 640
+
+
+CHATML_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+BYTE_LEVEL_FLAVOURS: dict[str, ByteLevelFlavour] = {
+    # Llama 3 / 3.2 (and SmolLM3, which ships Llama 3's tokenizer)
+    "llama3": ByteLevelFlavour("llama-bpe", LLAMA3_SPLIT, ("<|begin_of_text|>", "<|end_of_text|>",
+                               "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"), "<|begin_of_text|>",
+                               "<|eot_id|>", None, LLAMA3_TEMPLATE, True, ignore_merges=True, vocab_size=700),
+    # Llama 3's regex without ignore_merges (Smaug, DBRX)
+    "smaug": ByteLevelFlavour("smaug-bpe", LLAMA3_SPLIT, ("<|begin_of_text|>", "<|eot_id|>"), "<|begin_of_text|>",
+                              "<|eot_id|>", None, LLAMA3_TEMPLATE, True),
+    "qwen2": ByteLevelFlavour("qwen2", QWEN2_SPLIT, CHATML_SPECIALS, None, "<|im_end|>", "<|endoftext|>",
+                              CHATML_TEMPLATE, False, nfc=True),
+    # DeepSeek-R1-Distill-Qwen: Qwen2.5's split with DeepSeek's specials and an added BOS. llama.cpp's
+    # "deepseek-r1-qwen" is "qwen2" under another name (same split, flags): "qwen2" is written.
+    "deepseek_r1_qwen": ByteLevelFlavour("qwen2", QWEN2_SPLIT, ("<｜begin▁of▁sentence｜>",
+                                         "<｜end▁of▁sentence｜>", "<｜User｜>",
+                                         "<｜Assistant｜>"), "<｜begin▁of▁sentence｜>",
+                                         "<｜end▁of▁sentence｜>", "<｜end▁of▁sentence｜>",
+                                         CHATML_TEMPLATE, False),
+    "stablelm2": ByteLevelFlavour("stablelm2", QWEN2_SPLIT, ("<|endoftext|>",), None, "<|endoftext|>", None,
+                                  CHATML_TEMPLATE, True),
+    # GPT-2 / OLMo: a bare ByteLevel pre-tokenizer, no Split
+    "gpt2": ByteLevelFlavour("gpt-2", None, ("<|endoftext|>",), None, "<|endoftext|>", None, CHATML_TEMPLATE, True),
+    # SmolLM / SmolLM2: single digits, then ByteLevel; decodes without clean-up
+    "smollm2": ByteLevelFlavour("smollm", None, CHATML_SPECIALS, None, "<|im_end|>", "<|im_end|>", CHATML_TEMPLATE,
+                                False, digits=True),
+    # Granite 3.x / StarCoder: the same split, decoding with clean-up
+    "granite": ByteLevelFlavour("refact", None, ("<|end_of_text|>", "<|start_of_role|>", "<|end_of_role|>",
+                                "<|tool_call|>"), None, "<|end_of_text|>", "<|end_of_text|>", GRANITE_TEMPLATE,
+                                True, digits=True),
+    # Phi-4-mini (o200k regex)
+    "gpt4o": ByteLevelFlavour("gpt-4o", GPT4O_SPLIT, ("<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>",
+                              "<|end|>"), None, "<|endoftext|>", "<|endoftext|>", PHI4_TEMPLATE, False),
+    # SmolLM3: Llama 3's tokenizer with ChatML turn markers
+    "smollm3": ByteLevelFlavour("llama-bpe", LLAMA3_SPLIT, ("<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>",
+                                "<|im_end|>"), None, "<|im_end|>", "<|end_of_text|>", SMOLLM3_TEMPLATE, True,
+                                ignore_merges=True, vocab_size=700),
+    # Mistral Nemo (Tekken)
+    "tekken": ByteLevelFlavour("tekken", TEKKEN_SPLIT, ("<unk>", "<s>", "</s>", "[INST]", "[/INST]"), "<s>", "</s>",
+                               None, MISTRAL_TEMPLATE, False, ignore_merges=True),
+}
+
+
 @functools.lru_cache(maxsize=None)
 def _bpe_tokenizer(flavour: str) -> TokenizerFiles:
-    """flavour "llama3" (Llama-3 split regex, <|begin_of_text|> BOS) or "qwen2" (ChatML, no BOS)."""
-    if flavour == "llama3":
-        specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                    "<|eot_id|>"]
-        tok = _train_byte_level(LLAMA3_SPLIT, specials, 700)
-        bos = tok.token_to_id("<|begin_of_text|>")
-        tok.post_processor = processors.TemplateProcessing(
-            single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B:1",
-            special_tokens=[("<|begin_of_text|>", bos)])
-        eos = tok.token_to_id("<|eot_id|>")
-        config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "pad_token": None,
-                  "chat_template": LLAMA3_TEMPLATE, "clean_up_tokenization_spaces": True,
-                  "model_max_length": 131072, "tokenizer_class": "PreTrainedTokenizerFast"}
-        files = TokenizerFiles("", config, bos, eos, None, tok.get_vocab_size(with_added_tokens=True))
-    elif flavour == "qwen2":
-        specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-        tok = _train_byte_level(QWEN2_SPLIT, specials, 640)
+    """A byte-level BPE of ``BYTE_LEVEL_FLAVOURS[flavour]``, special tokens after the vocabulary."""
+    spec = BYTE_LEVEL_FLAVOURS[flavour]
+    tok = _train_byte_level(spec.split_regex, spec.specials, spec.vocab_size, digits=spec.digits,
+                            ignore_merges=spec.ignore_merges)
+    if spec.nfc:
         tok.normalizer = normalizers.NFC()
-        tok.post_processor = processors.ByteLevel(trim_offsets=False)
-        eos = tok.token_to_id("<|im_end|>")
-        pad = tok.token_to_id("<|endoftext|>")
-        # As in Qwen2/2.5 releases: config.json names <|endoftext|> as bos_token_id, but the
-        # tokenizer never adds it (tokenizer_config bos_token null).
-        config = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-                  "chat_template": CHATML_TEMPLATE, "clean_up_tokenization_spaces": False,
-                  "errors": "replace", "model_max_length": 32768, "split_special_tokens": False,
-                  "tokenizer_class": "Qwen2Tokenizer", "unk_token": None}
-        files = TokenizerFiles("", config, pad, eos, pad, tok.get_vocab_size(with_added_tokens=True))
+    bos = tok.token_to_id(spec.bos) if spec.bos else None
+    if spec.bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{spec.bos} $A", pair=f"{spec.bos} $A {spec.bos} $B:1", special_tokens=[(spec.bos, bos)])
     else:
-        raise ValueError(f"unknown bpe flavour {flavour!r}")
-    files.tokenizer_json = tok.to_str()
-    files.config["added_tokens_decoder"] = {
-        str(tok.token_to_id(s)): _added_token(s, tok.token_to_id(s)) for s in specials}
-    files.config["add_bos_token"] = flavour == "llama3"
-    return files
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    eos = tok.token_to_id(spec.eos)
+    pad = tok.token_to_id(spec.pad) if spec.pad else None
+    config: dict[str, Any] = {
+        "bos_token": spec.bos, "eos_token": spec.eos, "pad_token": spec.pad, "chat_template": spec.chat_template,
+        "clean_up_tokenization_spaces": spec.clean_up_tokenization_spaces, "model_max_length": 131072,
+        "tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": spec.bos is not None,
+        "added_tokens_decoder": {str(tok.token_to_id(s)): _added_token(s, tok.token_to_id(s)) for s in spec.specials},
+    }
+    # As in Qwen2/2.5 releases: config.json names <|endoftext|> as bos_token_id, but the
+    # tokenizer never adds it (tokenizer_config bos_token null).
+    config_bos = bos if bos is not None else pad
+    return TokenizerFiles(tok.to_str(), config, config_bos, eos, pad, tok.get_vocab_size(with_added_tokens=True))
 
 
 def _train_spm_merges(vocab_budget: int, dummy_prefix: bool) -> tuple[list[str], list[tuple[str, str]]]:
@@ -231,13 +361,16 @@ def _spm_tokenizer(flavour: str) -> TokenizerFiles:
 
 
 def tokenizer_for(arch: str, kind: str) -> TokenizerFiles:
+    """kind "bpe" (the architecture's byte-level BPE), "spm", or a ``BYTE_LEVEL_FLAVOURS`` name."""
+    if kind in BYTE_LEVEL_FLAVOURS:
+        return _bpe_tokenizer(kind)
     if kind == "bpe":
         return _bpe_tokenizer("qwen2" if arch.startswith("qwen") else "llama3")
     if kind == "spm":
-        files = _spm_tokenizer("gemma" if arch == "gemma3" else "llama2")
+        files = _spm_tokenizer("gemma" if arch in ("gemma2", "gemma3") else "llama2")
         if arch == "gemma3":
             return files
-        template = MISTRAL_TEMPLATE if arch == "mistral" else LLAMA2_TEMPLATE
+        template = {"mistral": MISTRAL_TEMPLATE, "gemma2": GEMMA2_TEMPLATE, "phi3": PHI3_TEMPLATE}.get(arch, LLAMA2_TEMPLATE)
         config = dict(files.config, chat_template=template)
         return TokenizerFiles(files.tokenizer_json, config, files.bos_id, files.eos_id, files.pad_id,
                               files.vocab_size)
@@ -296,6 +429,24 @@ def _layer_types(arch: str, n_layers: int, pattern: int) -> list[str]:
     return ["full_attention"] * n_layers
 
 
+def library_config(arch: str, generation: str, tok: TokenizerFiles, *, n_layers: int | None = None,
+                   tied: bool | None = None) -> dict[str, Any]:
+    """The config.json transformers ``generation`` ("tf4" / "tf5") saved for ``arch``
+    (tests/support/make_config_data.py), with the tokenizer's vocabulary size and special ids;
+    ``n_layers`` keeps the first layers (and their per-layer lists)."""
+    config = json.loads((CONFIG_DATA_DIR / f"{arch}-{generation}.json").read_text())
+    config.update(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    config["torch_dtype" if generation == "tf4" else "dtype"] = STORAGE_DTYPE[arch]
+    if tied is not None:
+        config["tie_word_embeddings"] = tied
+    if n_layers is not None:
+        config["num_hidden_layers"] = n_layers
+        for key in ("layer_types", "no_rope_layers"):
+            if key in config:
+                config[key] = config[key][:n_layers]
+    return config
+
+
 def make_config(arch: str, tok: TokenizerFiles, *, n_layers: int, tied: bool, kind: str,
                 rope_scaling: dict[str, Any] | None = None) -> dict[str, Any]:
     dtype = STORAGE_DTYPE[arch]
@@ -345,9 +496,10 @@ def make_weights(arch: str, config: dict[str, Any], seed: int) -> dict[str, np.n
     logits with a standard deviation of a few units (a clear, non-degenerate distribution)."""
     rng = np.random.default_rng(seed)
     hidden, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    q_out = config["num_attention_heads"] * config["head_dim"]
-    kv_out = config["num_key_value_heads"] * config["head_dim"]
-    gemma = arch == "gemma3"
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
+    q_out = config["num_attention_heads"] * head_dim
+    kv_out = config["num_key_value_heads"] * head_dim
+    gemma = arch in ("gemma2", "gemma3")
 
     def linear(n_out: int, n_in: int) -> np.ndarray:
         return (rng.standard_normal((n_out, n_in)) / np.sqrt(n_in)).astype(np.float32)
@@ -357,24 +509,37 @@ def make_weights(arch: str, config: dict[str, Any], seed: int) -> dict[str, np.n
         offset = 0.1 * rng.standard_normal(n)
         return (offset + gain - 1.0 if gemma else gain + offset).astype(np.float32)
 
-    embed_std = 0.2 if config["tie_word_embeddings"] else 0.5
+    tied = config.get("tie_word_embeddings", DEFAULT_TIED[arch])  # transformers 4 omits a class default
+    embed_std = 0.2 if tied else 0.5
+    # Granite scales the embedding up and every block's output down (residual_multiplier): blocks
+    # this much stronger keep their share of the residual stream, as trained Granite weights do.
+    block_gain = (np.float32(10 * config.get("embedding_multiplier", 1.0) * embed_std / config.get("residual_multiplier", 1.0))
+                  if arch == "granite" else np.float32(1.0))
     weights: dict[str, np.ndarray] = {
         "model.embed_tokens.weight": (embed_std * rng.standard_normal((vocab, hidden))).astype(np.float32)}
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
+        if arch == "phi3":  # fused projections, as Phi-3 stores them: rows [q | k | v], [gate | up]
+            weights[p + "self_attn.qkv_proj.weight"] = linear(q_out + 2 * kv_out, hidden)
+            weights[p + "self_attn.o_proj.weight"] = linear(hidden, q_out)
+            weights[p + "mlp.gate_up_proj.weight"] = linear(2 * inter, hidden)
+            weights[p + "mlp.down_proj.weight"] = linear(hidden, inter)
+            weights[p + "input_layernorm.weight"] = norm(hidden)
+            weights[p + "post_attention_layernorm.weight"] = norm(hidden)
+            continue
         weights[p + "self_attn.q_proj.weight"] = linear(q_out, hidden)
         weights[p + "self_attn.k_proj.weight"] = linear(kv_out, hidden)
         weights[p + "self_attn.v_proj.weight"] = linear(kv_out, hidden)
-        weights[p + "self_attn.o_proj.weight"] = linear(hidden, q_out)
+        weights[p + "self_attn.o_proj.weight"] = linear(hidden, q_out) * block_gain
         if arch == "qwen2":  # Qwen2 always has q/k/v biases (not in config.json)
             for name, n in (("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)):
                 weights[p + f"self_attn.{name}.bias"] = (0.5 * rng.standard_normal(n)).astype(np.float32)
         if arch in ("qwen3", "gemma3"):
-            weights[p + "self_attn.q_norm.weight"] = norm(config["head_dim"])
-            weights[p + "self_attn.k_norm.weight"] = norm(config["head_dim"])
+            weights[p + "self_attn.q_norm.weight"] = norm(head_dim)
+            weights[p + "self_attn.k_norm.weight"] = norm(head_dim)
         weights[p + "mlp.gate_proj.weight"] = linear(inter, hidden)
         weights[p + "mlp.up_proj.weight"] = linear(inter, hidden)
-        weights[p + "mlp.down_proj.weight"] = linear(hidden, inter)
+        weights[p + "mlp.down_proj.weight"] = linear(hidden, inter) * block_gain
         weights[p + "input_layernorm.weight"] = norm(hidden)
         weights[p + "post_attention_layernorm.weight"] = norm(hidden, gain=12.0 if gemma else 1.0)
         if gemma:
@@ -383,8 +548,9 @@ def make_weights(arch: str, config: dict[str, Any], seed: int) -> dict[str, np.n
             # post-norms keep the blocks' outputs comparable, so the tied head does not just
             # echo the input token (as trained Gemma post-norm weights do).
             weights[p + "post_feedforward_layernorm.weight"] = norm(hidden, gain=12.0)
-    weights["model.norm.weight"] = norm(hidden)
-    if not config["tie_word_embeddings"]:
+    # Granite divides the logits by logits_scaling: a final-norm gain as large keeps their spread.
+    weights["model.norm.weight"] = norm(hidden, gain=config.get("logits_scaling", 1.0) if arch == "granite" else 1.0)
+    if not tied:
         weights["lm_head.weight"] = (0.2 * rng.standard_normal((vocab, hidden))).astype(np.float32)
     return weights
 
@@ -408,23 +574,33 @@ def _write_weights(out_dir: Path, weights: dict[str, np.ndarray], dtype: str, sh
 
 
 def make_checkpoint(arch: str, out_dir: Path, *, tokenizer: str | None = None, seed: int = 0,
-                    tie_embeddings: bool | None = None, n_layers: int = 2, sharded: bool = False,
-                    rope_scaling: dict[str, Any] | None = None) -> Path:
-    """Write a synthetic HF checkpoint directory for `arch` and return it."""
+                    tie_embeddings: bool | None = None, n_layers: int | None = None, sharded: bool = False,
+                    rope_scaling: dict[str, Any] | None = None, config_generation: str | None = None,
+                    config_changes: Mapping[str, Any] | None = None) -> Path:
+    """Write a synthetic HF checkpoint directory for `arch` and return it. ``config_generation``
+    "tf4" / "tf5": config.json as that transformers version saved it (with non-default RoPE; the
+    default for LIBRARY_CONFIG_ARCHS), else the hand-written one. ``config_changes`` are applied last."""
     if arch not in SUPPORTED_ARCHS:
         raise ValueError(f"arch must be one of {SUPPORTED_ARCHS}, not {arch!r}")
     kind = tokenizer or DEFAULT_TOKENIZER[arch]
     tok = tokenizer_for(arch, kind)
-    tied = DEFAULT_TIED[arch] if tie_embeddings is None else tie_embeddings
-    config = make_config(arch, tok, n_layers=n_layers, tied=tied, kind=kind, rope_scaling=rope_scaling)
+    generation = config_generation or ("tf4" if arch in LIBRARY_CONFIG_ARCHS else None)
+    if generation is not None:
+        if rope_scaling is not None:
+            raise ValueError("rope_scaling applies to hand-written configs; use config_changes")
+        config = library_config(arch, generation, tok, n_layers=n_layers, tied=tie_embeddings)
+    else:
+        tied = DEFAULT_TIED[arch] if tie_embeddings is None else tie_embeddings
+        config = make_config(arch, tok, n_layers=n_layers or 2, tied=tied, kind=kind, rope_scaling=rope_scaling)
+    config.update(config_changes or {})
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    generation = {"_from_model_config": True, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
-                  "transformers_version": config["transformers_version"]}
+    generation_config = {"_from_model_config": True, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
+                         "transformers_version": config["transformers_version"]}
     if tok.pad_id is not None:
-        generation["pad_token_id"] = tok.pad_id
-    (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        generation_config["pad_token_id"] = tok.pad_id
+    (out_dir / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
     (out_dir / "tokenizer.json").write_text(tok.tokenizer_json)
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tok.config, indent=2) + "\n")
     special_map = {k: tok.config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -504,7 +680,7 @@ def make_peft_adapter(ckpt_dir: Path, out_dir: Path, *, r: int = 8, alpha: float
     for module_key in modules_to_save or ():
         matches = [n for n in base if n.endswith(".weight") and
                    (n[: -len(".weight")] == module_key or n[: -len(".weight")].endswith("." + module_key))]
-        if not matches and module_key == "lm_head" and config.get("tie_word_embeddings"):
+        if not matches and module_key == "lm_head" and config.get("tie_word_embeddings", True):
             matches = ["lm_head.weight"]  # a tied head still is its own module in transformers
         if not matches:
             raise ValueError(f"modules_to_save entry {module_key!r} matches no module of {ckpt_dir}")

@@ -8,8 +8,10 @@ converter shows up as a logits mismatch. Arithmetic is float64 (reductions HF do
 are at least as exact here), weights keep their stored values.
 
 Sources of the semantics: transformers' modeling_llama / modeling_mistral / modeling_qwen2 /
-modeling_qwen3 / modeling_gemma3, masking_utils (sliding window: kv > q - window),
-modeling_rope_utils (default, linear, llama3); PEFT's lora layer (scale alpha/r, rsLoRA
+modeling_qwen3 / modeling_gemma3 / modeling_gemma2 / modeling_phi3 / modeling_granite /
+modeling_smollm3, masking_utils (sliding window: kv > q - window), modeling_rope_utils (default,
+linear, llama3, yarn, longrope) and configuration_utils' RoPE standardization (transformers 5
+``rope_parameters``, 4.x top-level keys); PEFT's lora layer (scale alpha/r, rsLoRA
 alpha/sqrt(r), get_pattern_key), dora.py (norm per output row) and save_and_load.py (key names).
 """
 
@@ -121,16 +123,57 @@ def gelu_tanh(x: np.ndarray) -> np.ndarray:
     return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
-def rope_inv_freq(head_dim: int, base: float, rope_scaling: Mapping[str, Any] | None) -> np.ndarray:
-    """modeling_rope_utils: default, linear (divide by factor) and llama3 (wavelength bands)."""
-    inv_freq = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+def _yarn(inv_freq_base: np.ndarray, dim: int, base: float, params: Mapping[str, Any],
+          config: Mapping[str, Any]) -> tuple[np.ndarray, float]:
+    """modeling_rope_utils._compute_yarn_parameters (transformers 5; 4 agrees when factor is given)."""
+    original = float(params.get("original_max_position_embeddings") or config["max_position_embeddings"])
+    factor = params.get("factor")
+    factor = float(config["max_position_embeddings"]) / original if factor is None else float(factor)
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention = params.get("attention_factor")
+    if attention is None:
+        m, m_all = params.get("mscale"), params.get("mscale_all_dim")
+        attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    beta_fast, beta_slow = params.get("beta_fast") or 32, params.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp
+    interpolation = inv_freq_base / factor
+    return interpolation * (1 - extrapolation) + inv_freq_base * extrapolation, float(attention)
+
+
+def rope_inv_freq(head_dim: int, base: float, rope_scaling: Mapping[str, Any] | None,
+                  config: Mapping[str, Any] | None = None, n_tokens: int = 0) -> np.ndarray:
+    """Inverse frequencies of RoPE (``head_dim`` = the rotated dimensions); see ``rope_tables``."""
+    return _rope_frequencies(head_dim, base, rope_scaling, config or {}, n_tokens)[0]
+
+
+def _rope_frequencies(dim: int, base: float, rope_scaling: Mapping[str, Any] | None,
+                      config: Mapping[str, Any], n_tokens: int) -> tuple[np.ndarray, float]:
+    """modeling_rope_utils: default, linear (divide by factor), llama3 (wavelength bands), yarn
+    (ramp between interpolation and extrapolation, attention factor) and longrope (per-dimension
+    divisors, short or long by the sequence length, attention factor). Returns (inv_freq,
+    attention_factor), the factor multiplying cos and sin."""
+    inv_freq = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
     if not rope_scaling:
-        return inv_freq
+        return inv_freq, 1.0
     kind = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
     if kind == "default":
-        return inv_freq
+        return inv_freq, 1.0
     if kind == "linear":
-        return inv_freq / float(rope_scaling["factor"])
+        return inv_freq / float(rope_scaling["factor"]), 1.0
     if kind == "llama3":
         factor = float(rope_scaling["factor"])
         low = float(rope_scaling["low_freq_factor"])
@@ -142,19 +185,66 @@ def rope_inv_freq(head_dim: int, base: float, rope_scaling: Mapping[str, Any] | 
         smooth = (old_ctx / wavelen - low) / (high - low)
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-        return np.where(is_medium, smoothed, scaled)
+        return np.where(is_medium, smoothed, scaled), 1.0
+    if kind == "yarn":
+        return _yarn(inv_freq, dim, base, rope_scaling, config)
+    if kind in ("longrope", "su"):
+        original = int(rope_scaling["original_max_position_embeddings"])
+        factor = rope_scaling.get("factor")
+        factor = float(config["max_position_embeddings"]) / original if factor is None else float(factor)
+        attention = rope_scaling.get("attention_factor")
+        if attention is None:
+            attention = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0
+        # transformers picks one set for the whole forward pass: long when it reaches past the
+        # pretraining length (dynamic_rope_update, seq_len = max position + 1).
+        ext = rope_scaling["long_factor"] if n_tokens > original else rope_scaling["short_factor"]
+        return inv_freq / np.asarray(ext, dtype=np.float64), float(attention)
     raise ValueError(f"reference: unsupported rope_scaling {rope_scaling!r}")
 
 
-def apply_rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
+def rope_settings(config: Mapping[str, Any], layer_type: str) -> dict[str, Any]:
+    """One layer type's RoPE parameters (rope_theta, rope_type and scaling fields) as transformers 5
+    standardizes them from either config generation: 5.x ``rope_parameters`` (per layer type or
+    global), else 4.x top-level ``rope_theta`` / ``rope_local_base_freq`` (Gemma 3's sliding
+    layers) with ``rope_scaling`` (Gemma 3: global layers only). No base at all is an error here
+    too: the reference never guesses one."""
+    gemma3_local = _family(config) == "gemma3" and layer_type == "sliding_attention"
+    parameters = config.get("rope_parameters")
+    if parameters:
+        nested = "full_attention" in parameters or "sliding_attention" in parameters
+        entry = dict(parameters[layer_type] if nested else parameters)
+    else:
+        entry = {} if gemma3_local else dict(config.get("rope_scaling") or {})
+    if "rope_theta" not in entry:
+        entry["rope_theta"] = config["rope_local_base_freq" if gemma3_local else "rope_theta"]
+    entry.setdefault("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    if entry.get("rope_type", entry.get("type")) in ("llama3", "yarn", "longrope", "su"):
+        # transformers 5 moves the pretraining length in; Phi-3's top-level value wins
+        if "original_max_position_embeddings" in config:
+            entry["original_max_position_embeddings"] = config["original_max_position_embeddings"]
+        entry.setdefault("original_max_position_embeddings", config["max_position_embeddings"])
+    return entry
+
+
+def rope_tables(config: Mapping[str, Any], layer_type: str, head_dim: int, n_tokens: int) -> tuple[np.ndarray, float]:
+    """(inv_freq over the rotated dimensions, attention factor) for one layer type."""
+    settings = rope_settings(config, layer_type)
+    dim = int(head_dim * float(settings["partial_rotary_factor"]))
+    return _rope_frequencies(dim, float(settings["rope_theta"]), settings, config, n_tokens)
+
+
+def apply_rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray, attention_factor: float = 1.0) -> np.ndarray:
     """HF rotate_half RoPE on [T, heads, head_dim]: x*cos + rotate_half(x)*sin with the
-    frequencies repeated over both halves."""
+    frequencies repeated over both halves, on the first 2 * len(inv_freq) dimensions (partial
+    rotary: the rest pass through); cos and sin carry the attention factor."""
+    rot = 2 * len(inv_freq)
     freqs = positions[:, None].astype(np.float64) * inv_freq[None, :]
     emb = np.concatenate([freqs, freqs], axis=-1)
-    cos, sin = np.cos(emb)[:, None, :], np.sin(emb)[:, None, :]
-    half = x.shape[-1] // 2
-    rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos + rotated * sin
+    cos, sin = (np.cos(emb) * attention_factor)[:, None, :], (np.sin(emb) * attention_factor)[:, None, :]
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    half = rot // 2
+    rotated = np.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+    return np.concatenate([x_rot * cos + rotated * sin, x_pass], axis=-1)
 
 
 def attention_mask(n_tokens: int, sliding_window: int | None) -> np.ndarray:
@@ -169,12 +259,15 @@ def attention_mask(n_tokens: int, sliding_window: int | None) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- architectures
 
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "gemma2", "phi3", "granite", "smollm3")
+GEMMA_FAMILIES = ("gemma2", "gemma3")
+
 
 def _family(config: Mapping[str, Any]) -> str:
     model_type = config.get("model_type", "")
-    if model_type in ("llama", "mistral", "qwen2", "qwen3"):
+    if model_type in FAMILIES:
         return model_type
-    if model_type in ("gemma3_text", "gemma3"):
+    if model_type == "gemma3_text":
         return "gemma3"
     raise ValueError(f"reference: unsupported model_type {model_type!r}")
 
@@ -184,31 +277,78 @@ def layer_types(config: Mapping[str, Any]) -> list[str]:
     if config.get("layer_types"):
         return list(config["layer_types"])
     family = _family(config)
-    if family == "gemma3":
-        pattern = int(config.get("sliding_window_pattern") or config.get("_sliding_window_pattern") or 6)
+    if family in GEMMA_FAMILIES:
+        default = 6 if family == "gemma3" else 2
+        pattern = int(config.get("sliding_window_pattern") or config.get("_sliding_window_pattern") or default)
         return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)]
-    if family == "mistral" and config.get("sliding_window"):
+    if family in ("mistral", "phi3") and config.get("sliding_window"):
         return ["sliding_attention"] * n_layers
-    if family in ("qwen2", "qwen3") and config.get("use_sliding_window") and config.get("sliding_window"):
+    if family in ("qwen2", "qwen3", "smollm3") and config.get("use_sliding_window") and config.get("sliding_window"):
         max_window_layers = int(config.get("max_window_layers", n_layers))
         return ["sliding_attention" if i >= max_window_layers else "full_attention" for i in range(n_layers)]
     return ["full_attention"] * n_layers
 
 
-def reference_logits(config: dict, weights: dict[str, np.ndarray], token_ids: list[int],
+def _rotary_layers(config: Mapping[str, Any]) -> list[bool]:
+    """SmolLM3's NoPE layers: no_rope_layers[i] == 0 means layer i uses no rotary embedding."""
+    n_layers = int(config["num_hidden_layers"])
+    if _family(config) != "smollm3":
+        return [True] * n_layers
+    flags = config.get("no_rope_layers")
+    if flags is None:
+        interval = int(config.get("no_rope_layer_interval", 4))
+        flags = [int((i + 1) % interval != 0) for i in range(n_layers)]
+    return [bool(f) for f in flags]
+
+
+def _qkv(h: np.ndarray, weights: Mapping[str, np.ndarray], p: str, q_rows: int, kv_rows: int
+         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if p + "self_attn.qkv_proj.weight" in weights:  # Phi-3: one projection, rows [q | k | v]
+        qkv = linear(h, weights[p + "self_attn.qkv_proj.weight"])
+        return qkv[:, :q_rows], qkv[:, q_rows:q_rows + kv_rows], qkv[:, q_rows + kv_rows:]
+    return tuple(linear(h, weights[p + f"self_attn.{n}_proj.weight"], weights.get(p + f"self_attn.{n}_proj.bias"))
+                 for n in "qkv")  # type: ignore[return-value]
+
+
+def gelu_f16_table(x: np.ndarray) -> np.ndarray:
+    """ggml's CPU GELU (GGML_GELU_FP16): the input rounded to F16 indexes a table of F16 results;
+    identity from 10 up, 0 from -10 down. Only for isolating that rounding in exactness checks."""
+    rounded = gelu_tanh(x.astype(np.float16).astype(np.float64)).astype(np.float16).astype(np.float64)
+    return np.where(x <= -10.0, 0.0, np.where(x >= 10.0, x, rounded))
+
+
+def _mlp(h: np.ndarray, weights: Mapping[str, np.ndarray], p: str, gemma: bool,
+         gelu: Any = gelu_tanh, record: Any = None) -> np.ndarray:
+    if p + "mlp.gate_up_proj.weight" in weights:  # Phi-3: gate_up.chunk(2) -> (gate, up)
+        gate_up = linear(h, weights[p + "mlp.gate_up_proj.weight"])
+        gate, up = np.split(gate_up, 2, axis=-1)
+    else:
+        gate = linear(h, weights[p + "mlp.gate_proj.weight"], weights.get(p + "mlp.gate_proj.bias"))
+        up = linear(h, weights[p + "mlp.up_proj.weight"], weights.get(p + "mlp.up_proj.bias"))
+    act = gelu(gate) if gemma else silu(gate)
+    if record is not None:
+        record(act * up, p + "mlp.down_proj.weight")
+    return linear(act * up, weights[p + "mlp.down_proj.weight"], weights.get(p + "mlp.down_proj.bias"))
+
+
+def reference_logits(config: dict, weights: dict[str, np.ndarray], token_ids: list[int], *,
+                     llama_cpp_gelu: bool = False,
                      linear_inputs: dict[str, list[np.ndarray]] | None = None) -> np.ndarray:
     """Logits [n_tokens, vocab] (float64) of a causal LM forward pass over `token_ids` at positions
-    0..n-1, with transformers' semantics for llama, mistral, qwen2, qwen3 and gemma3(_text).
+    0..n-1, with transformers' semantics for llama, mistral, qwen2, qwen3, gemma3(_text), gemma2,
+    phi3, granite and smollm3, from a config.json of either transformers generation.
 
-    `config["torch_dtype"]` is taken as the dtype the model was loaded in; it matters only for
-    Gemma's sqrt(hidden) normalizer, which HF casts to that dtype (bf16: sqrt(640) -> 25.25) while
-    llama.cpp uses sqrtf(n_embd) (25.298). Pass torch_dtype="float32" to compare with llama.cpp
-    on a model whose hidden size is not a power of 4.
+    `config["torch_dtype"]` (transformers 5: "dtype") is taken as the dtype the model was loaded
+    in; it matters only for Gemma's sqrt(hidden) normalizer, which HF casts to that dtype (bf16:
+    sqrt(640) -> 25.25) while llama.cpp uses sqrtf(n_embd) (25.298). Pass torch_dtype="float32" to
+    compare with llama.cpp on a model whose hidden size is not a power of 4. ``llama_cpp_gelu``:
+    GELU through ggml's F16 table (gelu_f16_table), the one rounding an F32 llama.cpp run keeps.
 
     ``linear_inputs``, when given, receives the input rows [n_tokens, in] of every projection,
     appended under the weight's HF name (what an importance matrix sums the squares of)."""
     family = _family(config)
-    gemma = family == "gemma3"
+    gemma = family in GEMMA_FAMILIES
+    granite = family == "granite"
     hidden = int(config["hidden_size"])
     n_heads = int(config["num_attention_heads"])
     n_kv = int(config.get("num_key_value_heads") or n_heads)
@@ -224,20 +364,23 @@ def reference_logits(config: dict, weights: dict[str, np.ndarray], token_ids: li
     positions = np.arange(n_tokens)
 
     x = embed[ids].astype(np.float64)
-    if gemma:  # Gemma3TextScaledWordEmbedding: sqrt(hidden) cast to the weights' dtype
-        x = x * _round_to_dtype(math.sqrt(hidden), config.get("torch_dtype"))
+    if gemma:  # Gemma*ScaledWordEmbedding: sqrt(hidden) cast to the weights' dtype
+        x = x * _round_to_dtype(math.sqrt(hidden), config.get("torch_dtype", config.get("dtype")))
+    if granite:
+        x = x * float(config.get("embedding_multiplier", 1.0))
+    residual_multiplier = float(config.get("residual_multiplier", 1.0)) if granite else 1.0
 
     if gemma:
         scaling = float(config.get("query_pre_attn_scalar") or head_dim) ** -0.5
+    elif granite:
+        scaling = float(config.get("attention_multiplier", 1.0))
     else:
         scaling = head_dim ** -0.5
     softcap = config.get("attn_logit_softcapping") if gemma else None
-    rope_scaling = config.get("rope_scaling")
-    global_inv_freq = rope_inv_freq(head_dim, float(config.get("rope_theta", 10000.0)), rope_scaling)
-    local_inv_freq = (rope_inv_freq(head_dim, float(config.get("rope_local_base_freq", 10000.0)), None)
-                      if gemma else global_inv_freq)
-    window = config.get("sliding_window")
     types = layer_types(config)
+    rope = {t: rope_tables(config, t, head_dim, n_tokens) for t in set(types)}
+    rotary = _rotary_layers(config)
+    window = config.get("sliding_window")
     masks = {"full_attention": attention_mask(n_tokens, None),
              "sliding_attention": attention_mask(n_tokens, int(window) if window else None)}
     group = n_heads // n_kv
@@ -249,23 +392,22 @@ def reference_logits(config: dict, weights: dict[str, np.ndarray], token_ids: li
 
     for i in range(int(config["num_hidden_layers"])):
         p = f"model.layers.{i}."
-        sliding = types[i] == "sliding_attention"
-        inv_freq = local_inv_freq if sliding else global_inv_freq
+        inv_freq, attention_factor = rope[types[i]]
 
         residual = x
         h = rms_norm(x, weights[p + "input_layernorm.weight"], eps, gemma=gemma)
-        record(h, *(p + f"self_attn.{m}_proj.weight" for m in "qkv"))
-        q = linear(h, weights[p + "self_attn.q_proj.weight"], weights.get(p + "self_attn.q_proj.bias"))
-        k = linear(h, weights[p + "self_attn.k_proj.weight"], weights.get(p + "self_attn.k_proj.bias"))
-        v = linear(h, weights[p + "self_attn.v_proj.weight"], weights.get(p + "self_attn.v_proj.bias"))
+        record(h, *(p + f"self_attn.{m}_proj.weight" for m in ("qkv",) if p + "self_attn.qkv_proj.weight" in weights),
+               *(p + f"self_attn.{m}_proj.weight" for m in "qkv" if p + f"self_attn.{m}_proj.weight" in weights))
+        q, k, v = _qkv(h, weights, p, n_heads * head_dim, n_kv * head_dim)
         q = q.reshape(n_tokens, n_heads, head_dim)
         k = k.reshape(n_tokens, n_kv, head_dim)
         v = v.reshape(n_tokens, n_kv, head_dim)
         if p + "self_attn.q_norm.weight" in weights:  # qwen3, gemma3: per-head RMSNorm before RoPE
             q = rms_norm(q, weights[p + "self_attn.q_norm.weight"], eps, gemma=gemma)
             k = rms_norm(k, weights[p + "self_attn.k_norm.weight"], eps, gemma=gemma)
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
+        if rotary[i]:
+            q = apply_rope(q, positions, inv_freq, attention_factor)
+            k = apply_rope(k, positions, inv_freq, attention_factor)
         k = np.repeat(k, group, axis=1)  # GQA: query head j reads KV head j // group
         v = np.repeat(v, group, axis=1)
         scores = np.einsum("qhd,khd->hqk", q, k) * scaling
@@ -280,20 +422,17 @@ def reference_logits(config: dict, weights: dict[str, np.ndarray], token_ids: li
         attn = linear(attn, weights[p + "self_attn.o_proj.weight"], weights.get(p + "self_attn.o_proj.bias"))
         if gemma:
             attn = rms_norm(attn, weights[p + "post_attention_layernorm.weight"], eps, gemma=True)
-        x = residual + attn
+        x = residual + attn * residual_multiplier
 
         residual = x
         norm_name = "pre_feedforward_layernorm" if gemma else "post_attention_layernorm"
         h = rms_norm(x, weights[p + norm_name + ".weight"], eps, gemma=gemma)
-        record(h, p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
-        gate = linear(h, weights[p + "mlp.gate_proj.weight"])
-        up = linear(h, weights[p + "mlp.up_proj.weight"])
-        act = gelu_tanh(gate) if gemma else silu(gate)
-        record(act * up, p + "mlp.down_proj.weight")
-        mlp = linear(act * up, weights[p + "mlp.down_proj.weight"])
+        record(h, *(p + f"mlp.{m}_proj.weight" for m in ("gate", "up", "gate_up") if p + f"mlp.{m}_proj.weight" in weights))
+        mlp = _mlp(h, weights, p, gemma, gelu_f16_table if llama_cpp_gelu else gelu_tanh,
+                   record if linear_inputs is not None else None)
         if gemma:
             mlp = rms_norm(mlp, weights[p + "post_feedforward_layernorm.weight"], eps, gemma=True)
-        x = residual + mlp
+        x = residual + mlp * residual_multiplier
 
     x = rms_norm(x, weights["model.norm.weight"], eps, gemma=gemma)
     head = weights.get("lm_head.weight")
@@ -302,6 +441,8 @@ def reference_logits(config: dict, weights: dict[str, np.ndarray], token_ids: li
             raise ValueError("untied model without lm_head.weight")
         head = embed
     logits = linear(x, head)
+    if granite:
+        logits = logits / float(config.get("logits_scaling", 1.0))
     final_cap = config.get("final_logit_softcapping")
     if final_cap:
         logits = np.tanh(logits / final_cap) * final_cap
