@@ -34,6 +34,7 @@ from edge_lora.core.child_process import isolated_python
 from edge_lora.core.errors import InputError, InputNotFoundError
 from edge_lora.core.formats import format_of_file, quality_rank
 from edge_lora.core.gguf_check import GGUFInfo, validate_gguf
+from edge_lora.core.imatrix_file import calibration_of
 from edge_lora.core.manifest import Manifest
 from edge_lora.core.output_dir import OutputDir
 from edge_lora.hardware import parse_system_info
@@ -75,6 +76,7 @@ class ModelFit:
     verdict: str  # "fits" | "tight" | "no"
     recommended: bool
     kld: float | None = None
+    calibrated: str | None = None  # the importance matrix it was quantized with (calibration_of)
 
     @property
     def fits(self) -> bool:
@@ -101,7 +103,7 @@ class ModelFit:
                 "kv_bytes": self.kv_bytes, "overhead_bytes": self.overhead_bytes, "total_bytes": self.total_bytes,
                 "fits": self.fits, "recommended": self.recommended, "verdict": self.verdict,
                 "weights_bytes": self.estimate.weights_bytes, "compute_bytes": self.estimate.compute_bytes,
-                "adapters_bytes": self.estimate.adapters_bytes}
+                "adapters_bytes": self.estimate.adapters_bytes, "calibrated": self.calibrated}
 
 
 @dataclass(frozen=True)
@@ -325,7 +327,7 @@ def fit_report(paths_or_dirs: Sequence[ModelSource] | ModelSource, ctx: int | No
         estimate = estimate_memory(info, ctx, adapter_infos, repack=repack)
         rows.append(ModelFit(path=str(info.path), format=format_of(info), ctx=ctx, estimate=estimate,
                              verdict=verdict_for(estimate.total_bytes, available), recommended=False,
-                             kld=klds.get(info.path)))
+                             kld=klds.get(info.path), calibrated=calibration_of(info)))
     rows.sort(key=lambda r: (quality_rank(r.format), r.path))  # best quality first, as users read tables
     choice = _choose(rows)
     models = [ModelFit(**{**_fields(r), "recommended": r is choice}) for r in rows]
@@ -334,7 +336,7 @@ def fit_report(paths_or_dirs: Sequence[ModelSource] | ModelSource, ctx: int | No
 
 def _fields(row: ModelFit) -> dict:
     return {"path": row.path, "format": row.format, "ctx": row.ctx, "estimate": row.estimate,
-            "verdict": row.verdict, "recommended": row.recommended, "kld": row.kld}
+            "verdict": row.verdict, "recommended": row.recommended, "kld": row.kld, "calibrated": row.calibrated}
 
 
 def _choose(rows: list[ModelFit]) -> ModelFit | None:

@@ -32,6 +32,7 @@ from edge_lora.extra_buffers import use_extra_buffers
 import llama_cpp.llama_cpp as llama  # noqa: E402  (heavy: imported only by modules that run models)
 
 LogitsRequest = Literal["last", "all"] | set[int] | frozenset[int]
+EvalCallback = llama.ggml_backend_sched_eval_callback  # bool (*)(ggml_tensor *, bool ask, void *)
 
 # llama.h's token attributes: tokenizing with special=True splits text at CONTROL and UNKNOWN
 # tokens (USER_DEFINED ones always); LSTRIP/RSTRIP tokens eat the whitespace beside them.
@@ -361,11 +362,14 @@ class LlamaContext(_NativeHandle):
     prefix it shares with them (``reusable_prefix``, ``keep_prefix``)."""
 
     def __init__(self, model: LlamaModel, n_ctx: int, n_batch: int = 512, n_threads: int | None = None,
-                 *, flash_attn: bool | None = None, swa_full: bool = True) -> None:
+                 *, flash_attn: bool | None = None, swa_full: bool = True,
+                 eval_callback: EvalCallback | None = None) -> None:
         """``flash_attn``: None lets llama.cpp choose (on for CPU). Its single-token kernel splits
         the KV cache across threads, so logits then depend on the thread count; off, they do not.
         ``swa_full``: sliding-window layers keep every position (llama.cpp's default), so the
-        cache can be cut anywhere; off, they keep ~n_swa + n_batch and a cut may be refused."""
+        cache can be cut anywhere; off, they keep ~n_swa + n_batch and a cut may be refused.
+        ``eval_callback`` (a ``llama.ggml_backend_sched_eval_callback``) observes graph nodes
+        as llama.cpp computes them (``edge_lora.imatrix``); the context keeps it alive."""
         if n_ctx < 8:
             raise RequestError(f"context size {n_ctx} is too small", fix="use --ctx 512 or more")
         if n_batch < 1:
@@ -385,6 +389,10 @@ class LlamaContext(_NativeHandle):
         if flash_attn is not None:
             params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama.LLAMA_FLASH_ATTN_TYPE_DISABLED
         params.swa_full = swa_full
+        self._eval_callback = eval_callback  # llama.cpp holds only the function pointer
+        if eval_callback is not None:
+            params.cb_eval = eval_callback
+            params.cb_eval_user_data = None
         _clear_log()
         self._ptr = llama.llama_init_from_model(model.ptr, params)
         if not self._ptr:

@@ -20,6 +20,7 @@ from edge_lora.core.atomic import atomic_write_text, check_not_an_input, ensure_
 from edge_lora.core.chat_template import family_for
 from edge_lora.core.errors import InputError
 from edge_lora.core.gguf_check import GGUFInfo, check_adapter_fits, validate_gguf
+from edge_lora.core.imatrix_file import calibration_of
 from edge_lora.core.output_dir import OutputDir
 from edge_lora.fit import adapter_info, default_ctx, fit_report, model_info
 from edge_lora.go_template import GoFamily, family_for_jinja, go_family
@@ -50,6 +51,11 @@ class ModelfileResult:
     num_ctx: int
     notes: list[str] = field(default_factory=list)  # caveats the CLI prints on stderr
     path: Path | None = None
+
+
+def _comment_text(text: str) -> str:
+    """Untrusted metadata on one comment line: no line breaks or control characters."""
+    return "".join(c if c.isprintable() else "?" for c in text)[:200]
 
 
 def _quote_path(path_text: str) -> str:
@@ -183,8 +189,11 @@ def render_modelfile_result(model_path: Path | str | GGUFInfo, *, adapter_path: 
                          fix=f"use {trained} or less")
 
     lines = [f"# Ollama Modelfile written by edge-lora {__version__} for {model_path.name}",
-             f"# chat format: {family.name}. Create the model with: ollama create NAME -f Modelfile",
-             f"FROM {modelfile_path_text(model_path, directory)}"]
+             f"# chat format: {family.name}. Create the model with: ollama create NAME -f Modelfile"]
+    calibration = calibration_of(info)
+    if calibration is not None:
+        lines.append(f"# quantized with the importance matrix {_comment_text(calibration)}")
+    lines.append(f"FROM {modelfile_path_text(model_path, directory)}")
     if adapters:
         lines.append("# " + ADAPTER_CAVEAT)
         lines.append(f"ADAPTER {modelfile_path_text(adapters[0].path, directory)}")

@@ -103,6 +103,21 @@ def legal_adapter_gguf(persistent_cache: Path, gemma_hf_dir: Path) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def gemma_legal_f16_gguf(persistent_cache: Path, gemma_hf_dir: Path) -> Path:
+    """Gemma 3 270M with the legal adapter merged, at F16. Unlike ``gemma_f16_gguf`` (the Q4_K_M
+    package dequantized, already on the Q4_K_M grid) the merge moves every weight off any quant
+    grid, so quantization losses are real."""
+    from edge_lora.converters.hf_to_gguf import convert_checkpoint
+    from edge_lora.converters.merge import PeftMerger
+    from edge_lora.converters.peft import PeftAdapter
+
+    out = persistent_cache / "gemma-3-270m-legal-F16.gguf"
+    if not out.exists():
+        convert_checkpoint(gemma_hf_dir, out, adapter=PeftMerger(PeftAdapter.open(LEGAL_ADAPTER_DIR)))
+    return out
+
+
 # --- Small random GGUF LoRA adapters for the real Gemma base (runtime/server/CLI tests) ---
 
 @pytest.fixture(scope="session")

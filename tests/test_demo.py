@@ -13,6 +13,7 @@ import pytest
 from tests.support.modelfile_grammar import parse_modelfile, resolve_modelfile_path
 
 from edge_lora.core.gguf_check import validate_gguf
+from edge_lora.core.imatrix_file import read_imatrix
 from edge_lora.perplexity import default_eval_text, measure_perplexity
 
 EXPECTED_FORMATS = {"F16", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K",
@@ -60,6 +61,10 @@ def test_demo_end_to_end(tmp_path: Path, persistent_cache: Path) -> None:
     sizes = {f["format"]: f["bytes"] for f in models}
     assert sizes["Q2_K"] < sizes["Q4_K_M"] < sizes["Q8_0"] < sizes["F16"]
     assert [f["kind"] for f in files].count("adapter") == 1
+    # Every quant was made with the importance matrix computed on the shipped calibration text.
+    assert all(f["calibrated"] == (f["format"] != "F16") for f in models)
+    [imatrix] = out.glob("*.imatrix.gguf")
+    assert read_imatrix(imatrix).datasets == ["gpl-3.0-lgpl-2.1.txt"]
     assert sum(f["recommended"] for f in files) == 1
     assert not list(out.glob("*.partial"))
 

@@ -7,7 +7,7 @@ import gguf
 import pytest
 
 from edge_lora.core.errors import InputError
-from edge_lora.core.formats import (BY_NAME, FORMATS, FULL_PRECISION, LADDER, UNRANKED, format_named,
+from edge_lora.core.formats import (BY_NAME, FORMATS, FULL_PRECISION, LADDER, LADDERS, UNRANKED, Ladder, format_named,
                                     format_of_file, format_of_file_type, parse_quant_list, quality_rank,
                                     split_file_name)
 
@@ -31,11 +31,12 @@ def test_the_ladder_is_every_k_quant_and_q8_0_smallest_first() -> None:
     assert all(f.quantizable and not f.full_precision and not f.needs_imatrix for f in LADDER)
 
 
-def test_iq_formats_are_one_row_each_not_yet_written() -> None:
+def test_iq_formats_are_one_row_each_the_iq_ladder_smallest_first() -> None:
     for name in IQ_FORMATS:
         row = BY_NAME[name]
         assert row.file_type is gguf.LlamaFileType[f"MOSTLY_{name}"]
-        assert not row.ladder and not row.quantizable and 2.0 < row.bits_per_weight < 5.0
+        assert row.ladder is Ladder.IQ and row.quantizable and 2.0 < row.bits_per_weight < 5.0
+    assert [f.name for f in LADDERS[Ladder.IQ]] == list(IQ_FORMATS) and LADDERS[Ladder.K] == LADDER
     # llama.cpp's tensor_requires_imatrix: IQ2_XXS / IQ2_XS / IQ2_S / IQ3_XXS tensors (REFERENCE.md)
     assert {f.name for f in FORMATS.values() if f.needs_imatrix} == {"IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS"}
 
@@ -84,8 +85,14 @@ def test_parse_quant_list() -> None:
     assert parse_quant_list("none") == [] and parse_quant_list("") == []
     assert parse_quant_list("q8_0, Q4_K_M,Q8_0") == ["Q8_0", "Q4_K_M"]
     assert parse_quant_list(["q6_k"]) == ["Q6_K"]
-    for bad in ("Q4_K_M,Q4_X", "F16", "IQ4_XS"):  # unknown, a source format, not wired yet
+    # `all` stays the K-quant ladder; `iq` is the IQ one; both at once, de-duplicated
+    assert parse_quant_list("iq") == list(IQ_FORMATS)
+    assert parse_quant_list("all,IQ") == [name for name, _, _ in LADDER_FACTS] + list(IQ_FORMATS)
+    assert parse_quant_list("q4_k_m, iq4_xs,IQ4_XS,all") == ["Q4_K_M", "IQ4_XS"] + [
+        name for name, _, _ in LADDER_FACTS if name != "Q4_K_M"]
+    for bad in ("Q4_K_M,Q4_X", "F16", "Q4_0"):  # unknown, a source format, legacy (read, not written)
         with pytest.raises(InputError) as caught:
             parse_quant_list(bad)
         assert bad.split(",")[-1] in caught.value.message
         assert all(name in caught.value.one_line() for name, _, _ in LADDER_FACTS)
+        assert all(name in caught.value.one_line() for name in IQ_FORMATS) and "iq" in caught.value.fix

@@ -47,7 +47,8 @@ def test_manifest_says_which_files_belong(tmp_path: Path) -> None:
 
 
 def test_without_a_manifest_file_names_say(tmp_path: Path) -> None:
-    for name in ("m-Q8_0.gguf", "m-BF16.gguf", "m-F32.gguf", "adapter-x.gguf", "notes.gguf"):
+    for name in ("m-Q8_0.gguf", "m-BF16.gguf", "m-F32.gguf", "adapter-x.gguf", "notes.gguf",
+                 "m.imatrix.gguf", "imatrix.gguf"):  # importance matrices are not models
         (tmp_path / name).write_bytes(b"GGUF")
     output = OutputDir.read(tmp_path)
     assert not output.has_manifest and output.kind == "model" and output.missing == ()

@@ -105,10 +105,10 @@ def test_failed_format_reported_others_finish(f16_model: Path, tmp_path: Path,
 
     real_start = q._start
 
-    def start(src: Path, dst: Path, name: str, nthread: int) -> q.QuantJob:
+    def start(src: Path, dst: Path, name: str, *rest: object) -> q.QuantJob:
         if name == "Q4_K_M":  # a source that makes llama.cpp fail for this format only
-            return real_start(tmp_path / "missing.gguf", dst, name, nthread)
-        return real_start(src, dst, name, nthread)
+            return real_start(tmp_path / "missing.gguf", dst, name, *rest)
+        return real_start(src, dst, name, *rest)
 
     monkeypatch.setattr(q, "_start", start)
     results = quantize_ladder(f16_model, tmp_path / "out", ["Q4_K_M", "Q8_0"])

@@ -78,6 +78,28 @@ async def test_table_lists_every_format_with_verdicts_for_mocked_ram(model_dir: 
         assert table.ordered_columns[4].label.plain == "RAM@4K"
 
 
+async def test_calibrated_formats_are_marked(model_dir: Path) -> None:
+    """An ``imatrix`` column appears once a file was quantized with an importance matrix."""
+    import json
+
+    app = make_app(model_dir, ctx=4096, refresh_seconds=0, **fake_services())
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(pilot)
+        assert all(len(r) == 8 for r in table_rows(app).values())  # no column when nothing is calibrated
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    for row in manifest["files"]:
+        if row["format"] in ("Q4_K_M", "Q2_K"):
+            row["imatrix"] = {"sha256": "1" * 64, "text_sha256": "2" * 64, "tokens": 13312,
+                              "dataset": "gpl-3.0-lgpl-2.1.txt"}
+    (model_dir / "manifest.json").write_text(json.dumps(manifest))
+    app = make_app(model_dir, ctx=4096, refresh_seconds=0, **fake_services())
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(pilot)
+        rows = table_rows(app)
+        assert {k: r[8] for k, r in rows.items()} == {"F16": "", "Q8_0": "", "Q4_K_M": "✓", "Q2_K": "✓"}
+        assert app.screen.query_one(FormatsTable).ordered_columns[8].label.plain == "imatrix"
+
+
 async def test_changing_context_changes_verdicts(model_dir: Path) -> None:
     fit = ScriptedFit()
     app = make_app(model_dir, ctx=4096, refresh_seconds=0, **fake_services(fit_fn=fit))

@@ -1,4 +1,4 @@
-"""``edge-lora convert BASE [--adapter PEFT] [--out DIR] [--quant ...] [--outtype ...] [--json]``.
+"""``edge-lora convert BASE [--adapter PEFT] [--out DIR] [--quant ...] [--outtype ...] [--calibrate TEXT | --imatrix FILE] [--json]``.
 
 A thin layer over ``edge_lora.workflows.convert_model.convert_model``.
 """
@@ -20,10 +20,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                         help="PEFT LoRA adapter (directory or repo id) to merge and export")
     parser.add_argument("--out", metavar="DIR", type=Path, default=None,
                         help="output directory (default: ./<name>-gguf)")
-    parser.add_argument("--quant", default="all", metavar="all|none|Q4_K_M,Q8_0,...",
-                        help="quantized formats to write besides the full-precision file (default: all: every K-quant and Q8_0)")
+    parser.add_argument("--quant", default="all", metavar="all|iq|none|Q4_K_M,IQ4_XS,...",
+                        help="quantized formats to write besides the full-precision file (default: all: every "
+                             "K-quant and Q8_0; iq: the IQ formats, IQ2_* and IQ3_XXS need --calibrate; all,iq: both)")
     parser.add_argument("--outtype", choices=("f16", "bf16", "f32"), default="f16",
                         help="type of the full-precision file (default: f16)")
+    calibration = parser.add_mutually_exclusive_group()
+    calibration.add_argument("--calibrate", metavar="TEXT", type=Path, default=None,
+                             help="compute an importance matrix from this text on the full-precision file "
+                                  "(<name>.imatrix.gguf) and quantize with it")
+    calibration.add_argument("--imatrix", metavar="FILE", type=Path, default=None,
+                             help="quantize with this importance matrix (from `edge-lora imatrix` or llama-imatrix, "
+                                  "computed on this same model)")
     parser.add_argument("--json", action="store_true", help="print one JSON document (the manifest) on stdout")
     parser.set_defaults(handler=convert_command)
 
@@ -41,11 +49,13 @@ def convert_command(args: argparse.Namespace) -> int:
         from edge_lora.workflows.convert_model import convert_model
 
         manifest = convert_model(args.base, out_dir, adapter=args.adapter, quants=quant,
-                                 outtype=args.outtype, progress=progress)
+                                 outtype=args.outtype, calibrate=args.calibrate, imatrix=args.imatrix,
+                                 progress=progress)
     if args.json:
         print(json.dumps({"directory": str(out_dir), **manifest.to_json()}))
         return 0
     for row in manifest.files:
-        print(f"{out_dir / row.path}  {row.format:<7} {row.bytes / 1e6:9.1f} MB  {row.bpw:.2f} bpw")
+        calibrated = "  calibrated" if row.imatrix else ""
+        print(f"{out_dir / row.path}  {row.format:<7} {row.bytes / 1e6:9.1f} MB  {row.bpw:.2f} bpw{calibrated}")
     print(f"wrote {out_dir / 'manifest.json'}")
     return 0

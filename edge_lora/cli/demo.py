@@ -39,8 +39,8 @@ def print_summary(summary: DemoSummary) -> None:
         files.add_column(column, justify="right" if column in ("size", "bits/weight", "predicted RAM") else "left")
     for f in summary.files:
         fit = "-" if f.fit_verdict is None else f.fit_verdict + ("  <- recommended" if f.recommended else "")
-        files.add_row(Path(f.path).name, f.format, f.kind, _mb(f.bytes), f"{f.bpw:.2f}",
-                      _mb(f.predicted_ram_bytes), fit)
+        files.add_row(Path(f.path).name, f.format + (" (imatrix)" if f.calibrated else ""), f.kind, _mb(f.bytes),
+                      f"{f.bpw:.2f}", _mb(f.predicted_ram_bytes), fit)
     console.print(files)
     ppl = summary.perplexity
     quality = Table(title=f"Perplexity on held-out Apache-2.0 + MPL-2.0 text (ctx {ppl.ctx}, {ppl.tokens} tokens scored)")

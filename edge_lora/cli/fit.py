@@ -47,8 +47,9 @@ def fit_command(args: argparse.Namespace) -> int:
     print(f"RAM {_gb(report.total_bytes)} total, {_gb(report.available_bytes)} available; context {report.ctx}")
     for m in report.models:
         mark = "  <- recommended" if m.recommended else ""
+        calibrated = f"  [imatrix {m.calibrated}]" if m.calibrated else ""
         print(f"{m.format:<8} {_gb(m.file_bytes):>9} file  {_gb(m.total_bytes):>9} predicted  {m.verdict:<5} "
-              f"{Path(m.path).name}{mark}")
+              f"{Path(m.path).name}{mark}{calibrated}")
     if report.recommended is None:
         print("nothing fits: try a smaller --ctx or a smaller format (edge-lora quantize --quant Q4_K_M)",
               file=sys.stderr)

@@ -37,7 +37,9 @@ from edge_lora.core.child_process import isolated_python
 from edge_lora.core.errors import EdgeLoraError, InputError, OutputError, QuantizeError
 from edge_lora.core.formats import format_of_file_type, quant_format, split_file_name
 from edge_lora.core.gguf_check import validate_gguf
-from edge_lora.core.manifest import FileKind, Manifest
+from edge_lora.core.imatrix_file import (QUANTIZE_IMATRIX_CHUNKS, QUANTIZE_IMATRIX_DATASET, QUANTIZE_IMATRIX_ENTRIES,
+                                         QUANTIZE_IMATRIX_FILE, check_imatrix_fits, read_imatrix)
+from edge_lora.core.manifest import FileKind, Manifest, imatrix_record
 from edge_lora.core.progress import NullProgress, ProgressSink
 
 CHILD_FAILED = 3  # the child's exit code when llama_model_quantize returned an error
@@ -48,6 +50,17 @@ def model_stem(src: Path) -> str:
     """``gemma-F16.gguf`` -> ``gemma``: quant files are named ``<stem>-<TYPE>.gguf``."""
     stem, fmt = split_file_name(src)
     return stem if fmt is not None and fmt.full_precision and stem else src.name.removesuffix(".gguf")
+
+
+def check_imatrix_given(names: Sequence[str], imatrix: Path | str | None) -> None:
+    """llama.cpp refuses the very-low-bit IQ file types without an importance matrix (the
+    table's ``needs_imatrix``): say so before any work, with the fix."""
+    needing = [name for name in names if quant_format(name).needs_imatrix]
+    if needing and imatrix is None:
+        raise InputError(f"{', '.join(needing)} need{'s' if len(needing) == 1 else ''} an importance matrix "
+                         f"(llama.cpp refuses to make {'it' if len(needing) == 1 else 'them'} without one)",
+                         fix="add --calibrate TEXT (e.g. the shipped edge_lora/data/calibration text) or "
+                             "--imatrix FILE from `edge-lora imatrix`")
 
 
 def check_quantizable(src: Path) -> int:
@@ -78,7 +91,38 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(CHILD_ORPHANED)
 
 
-def _child_quantize(src: str, dst: str, ftype: int, nthread: int) -> int:
+def _imatrix_params(path: str) -> tuple[ctypes.Array[ctypes.Structure], ctypes.Array[ctypes.Structure], list[object]]:
+    """``params.imatrix`` and ``params.kv_overrides`` for the importance matrix at ``path``, as
+    llama-quantize builds them: {name, mean squares, size} entries ended by a NULL name, and
+    ``quantize.imatrix.*`` keys recorded in the output file. The third item keeps the buffers alive."""
+    import numpy as np
+
+    import llama_cpp.llama_cpp as llama
+
+    imatrix = read_imatrix(path)
+    keep: list[object] = []
+    entries = (llama.llama_model_imatrix_data * (len(imatrix.entries) + 1))()  # zeroed: last name NULL
+    for slot, (name, entry) in zip(entries, imatrix.entries.items()):
+        values = np.ascontiguousarray(entry.mean_squares(), dtype=np.float32)
+        keep.append(values)
+        slot.name = name.encode()
+        slot.data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        slot.size = values.size
+    overrides = (llama.llama_model_kv_override * 5)()  # zeroed: the last key is empty
+    keys: list[tuple[str, str | int]] = [
+        (QUANTIZE_IMATRIX_FILE, Path(path).name),
+        (QUANTIZE_IMATRIX_DATASET, imatrix.datasets[0] if imatrix.datasets else ""),
+        (QUANTIZE_IMATRIX_ENTRIES, len(imatrix.entries)), (QUANTIZE_IMATRIX_CHUNKS, imatrix.chunk_count)]
+    for slot, (key, value) in zip(overrides, keys):
+        slot.key = key.encode()
+        if isinstance(value, str):
+            slot.tag, slot.value.val_str = llama.LLAMA_KV_OVERRIDE_TYPE_STR, value.encode()[:127]
+        else:
+            slot.tag, slot.value.val_i64 = llama.LLAMA_KV_OVERRIDE_TYPE_INT, value
+    return entries, overrides, keep
+
+
+def _child_quantize(src: str, dst: str, ftype: int, nthread: int, imatrix: str | None = None) -> int:
     """Runs in the child process (see _child_command)."""
     import llama_cpp.llama_cpp as llama
 
@@ -92,6 +136,10 @@ def _child_quantize(src: str, dst: str, ftype: int, nthread: int) -> int:
     params = llama.llama_model_quantize_default_params()
     params.nthread = nthread
     params.ftype = ftype
+    if imatrix is not None:
+        entries, overrides, _buffers = _imatrix_params(imatrix)
+        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama.llama_model_imatrix_data))
+        params.kv_overrides = ctypes.cast(overrides, ctypes.POINTER(llama.llama_model_kv_override))
     return int(llama.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params)))
 
 
@@ -124,12 +172,13 @@ class QuantResult:
     error: str | None = None
 
 
-def _child_command(src: Path, dst: str, ftype: int, nthread: int) -> list[str]:
+def _child_command(src: Path, dst: str, ftype: int, nthread: int, imatrix: Path | None = None) -> list[str]:
     return isolated_python("from edge_lora.converters.quantize import _child_main; sys.exit(_child_main(sys.argv[1:]))",
-                           str(os.getpid()), str(src), dst, str(ftype), str(nthread))
+                           str(os.getpid()), str(src), dst, str(ftype), str(nthread),
+                           *([str(imatrix)] if imatrix is not None else []))
 
 
-def _start(src: Path, dst: Path, name: str, nthread: int) -> QuantJob:
+def _start(src: Path, dst: Path, name: str, nthread: int, imatrix: Path | None = None) -> QuantJob:
     # A fresh interpreter (not fork, not multiprocessing's spawn, which re-runs the caller's
     # __main__): an abort inside llama.cpp kills only this child.
     partial, fd = create_partial(dst)
@@ -137,7 +186,8 @@ def _start(src: Path, dst: Path, name: str, nthread: int) -> QuantJob:
     try:
         # The child reopens the descriptor we created, never a name someone could swap.
         target = f"/proc/self/fd/{fd}" if os.path.isdir("/proc/self/fd") else str(partial)
-        process = subprocess.Popen(_child_command(src.absolute(), target, int(quant_format(name).file_type), nthread),
+        process = subprocess.Popen(_child_command(src.absolute(), target, int(quant_format(name).file_type), nthread,
+                                                   imatrix),
                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
                                    pass_fds=(fd,))
     except BaseException:
@@ -188,14 +238,19 @@ def _finish(job: QuantJob) -> QuantResult:
 
 def quantize_ladder(src: Path | str, out_dir: Path | str, names: Sequence[str], *,
                     progress: ProgressSink = NullProgress(), workers: int = 1,
-                    nthread: int | None = None) -> list[QuantResult]:
-    """Quantize ``src`` into every format in ``names`` (``<stem>-<TYPE>.gguf`` in ``out_dir``).
+                    nthread: int | None = None, imatrix: Path | str | None = None) -> list[QuantResult]:
+    """Quantize ``src`` into every format in ``names`` (``<stem>-<TYPE>.gguf`` in ``out_dir``),
+    with the importance matrix file ``imatrix`` when given (checked against ``src`` first).
     Bad input raises before any work; a failing format is reported in its result while the
     others still finish."""
     src, out_dir = Path(src), Path(out_dir)
     formats = [quant_format(name) for name in names]
     names = [f.name for f in formats]
+    check_imatrix_given(names, imatrix)
     data_bytes = check_quantizable(src)
+    if imatrix is not None:
+        imatrix = Path(imatrix).absolute()  # the child resolves nothing
+        check_imatrix_fits(read_imatrix(imatrix), validate_gguf(src), source=str(imatrix))
     ensure_writable_dir(out_dir)
     check_free_space(out_dir, sum(int(data_bytes * f.bits_per_weight / 16) for f in formats))
     threads = nthread or max(1, constants.N_THREADS // max(1, workers))
@@ -213,7 +268,7 @@ def quantize_ladder(src: Path | str, out_dir: Path | str, names: Sequence[str], 
             while pending or running:
                 while pending and len(running) < max(1, workers):
                     name = pending.pop(0)
-                    running.append(_start(src, destinations[name], name, threads))
+                    running.append(_start(src, destinations[name], name, threads, imatrix))
                 job = running[0]
                 results[job.name] = _finish(job)
                 running.pop(0)
@@ -252,9 +307,10 @@ def _terminate_as_exit() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def record_in_manifest(out_dir: Path, src: Path, results: Sequence[QuantResult]) -> None:
+def record_in_manifest(out_dir: Path, src: Path, results: Sequence[QuantResult],
+                       imatrix: Path | str | None = None) -> None:
     """Add each successful quant to ``out_dir``'s manifest with the kind of its source
-    (a quant of a merged model is merged)."""
+    (a quant of a merged model is merged) and, when quantized with one, its importance matrix."""
     manifest = Manifest.load(out_dir)
     kind: FileKind = "model"
     try:
@@ -264,9 +320,10 @@ def record_in_manifest(out_dir: Path, src: Path, results: Sequence[QuantResult])
         row = None  # the source lives outside out_dir
     if row is not None and row.kind == "merged":
         kind = "merged"
+    calibration = imatrix_record(Path(imatrix), out_dir) if imatrix is not None else None
     for result in results:
         if result.ok and result.path is not None:
-            manifest.add_file(result.path.name, format=result.name, kind=kind)
+            manifest.add_file(result.path.name, format=result.name, kind=kind, imatrix=calibration)
     if not manifest.name:
         manifest.name = model_stem(src)
     if not manifest.architecture:
@@ -275,6 +332,6 @@ def record_in_manifest(out_dir: Path, src: Path, results: Sequence[QuantResult])
 
 
 def _child_main(argv: Sequence[str]) -> int:
-    parent_pid, src, dst, ftype, nthread = argv
+    parent_pid, src, dst, ftype, nthread, *imatrix = argv
     _die_with_parent(int(parent_pid))
-    return 0 if _child_quantize(src, dst, int(ftype), int(nthread)) == 0 else CHILD_FAILED
+    return 0 if _child_quantize(src, dst, int(ftype), int(nthread), *imatrix) == 0 else CHILD_FAILED

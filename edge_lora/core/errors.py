@@ -51,6 +51,15 @@ class AdapterMismatchError(AdapterError):
     """An adapter does not fit the base model (architecture or tensor shapes)."""
 
 
+class ImatrixError(InputError):
+    """An importance matrix file is malformed, or does not fit the model it is used with.
+    ``tensor`` names the model weight concerned, when there is one."""
+
+    def __init__(self, message: str, *, fix: str | None = None, tensor: str | None = None) -> None:
+        super().__init__(message, fix=fix)
+        self.tensor = tensor
+
+
 class UnsafeFormatError(InputError):
     """A file format that can execute code on load (pickle) was refused."""
 

@@ -8,18 +8,27 @@ Bits per weight are llama.cpp's quantize README figures for Llama-3.1-8B (the wh
 the per-tensor mix each file type makes), used to predict output sizes; the legacy types it does
 not list are given their block size. ``needs_imatrix``: llama.cpp's quantizer refuses the file
 type without an importance matrix (``tensor_requires_imatrix`` in src/llama-quant.cpp: tensors
-it makes IQ1_*, IQ2_XXS/XS/S or IQ3_XXS).
+it makes IQ1_*, IQ2_XXS/XS/S or IQ3_XXS). ``ladder``: the ``--quant`` word that writes the row
+(``all``: every K-quant and Q8_0; ``iq``: the IQ formats; ``all,iq`` asks for both).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 from gguf import LlamaFileType
 
 from edge_lora.core.errors import InputError
+
+
+class Ladder(str, Enum):
+    """A ``--quant`` word that names a whole family of formats."""
+
+    K = "all"  # every K-quant and Q8_0: the default
+    IQ = "iq"  # the importance-matrix-aware formats
 
 
 @dataclass(frozen=True)
@@ -29,8 +38,8 @@ class Format:
     bits_per_weight: float
     full_precision: bool = False  # a conversion writes it; quantization starts from it
     needs_imatrix: bool = False
-    ladder: bool = False  # written by `--quant all`
-    quantizable: bool = False  # accepted by `--quant` (the ladder, for now)
+    ladder: Ladder | None = None  # the `--quant` word that writes it
+    quantizable: bool = False  # accepted by `--quant`
     rank: int = 0  # 0 = best quality; set from the table's order
 
     def file_name(self, stem: str) -> str:
@@ -45,28 +54,29 @@ _ROWS: tuple[Format, ...] = (
     Format(FT.MOSTLY_F16, "F16", 16.0, full_precision=True),
     Format(FT.MOSTLY_BF16, "BF16", 16.0, full_precision=True),
     # the ladder `--quant all` writes: every K-quant and Q8_0
-    Format(FT.MOSTLY_Q8_0, "Q8_0", 8.50, ladder=True, quantizable=True),
-    Format(FT.MOSTLY_Q6_K, "Q6_K", 6.56, ladder=True, quantizable=True),
-    Format(FT.MOSTLY_Q5_K_M, "Q5_K_M", 5.70, ladder=True, quantizable=True),
-    Format(FT.MOSTLY_Q5_K_S, "Q5_K_S", 5.57, ladder=True, quantizable=True),
+    Format(FT.MOSTLY_Q8_0, "Q8_0", 8.50, ladder=Ladder.K, quantizable=True),
+    Format(FT.MOSTLY_Q6_K, "Q6_K", 6.56, ladder=Ladder.K, quantizable=True),
+    Format(FT.MOSTLY_Q5_K_M, "Q5_K_M", 5.70, ladder=Ladder.K, quantizable=True),
+    Format(FT.MOSTLY_Q5_K_S, "Q5_K_S", 5.57, ladder=Ladder.K, quantizable=True),
     Format(FT.MOSTLY_Q5_1, "Q5_1", 6.0),  # legacy: read, not written
     Format(FT.MOSTLY_Q5_0, "Q5_0", 5.5),  # legacy
-    Format(FT.MOSTLY_Q4_K_M, "Q4_K_M", 4.89, ladder=True, quantizable=True),
-    Format(FT.MOSTLY_Q4_K_S, "Q4_K_S", 4.67, ladder=True, quantizable=True),
+    Format(FT.MOSTLY_Q4_K_M, "Q4_K_M", 4.89, ladder=Ladder.K, quantizable=True),
+    Format(FT.MOSTLY_Q4_K_S, "Q4_K_S", 4.67, ladder=Ladder.K, quantizable=True),
     Format(FT.MOSTLY_Q4_1, "Q4_1", 5.0),  # legacy
     Format(FT.MOSTLY_Q4_0, "Q4_0", 4.5),  # legacy
-    # non-linear 4-bit: no importance matrix needed
-    Format(FT.MOSTLY_IQ4_NL, "IQ4_NL", 4.68),
-    Format(FT.MOSTLY_IQ4_XS, "IQ4_XS", 4.46),
-    Format(FT.MOSTLY_Q3_K_L, "Q3_K_L", 4.30, ladder=True, quantizable=True),
-    Format(FT.MOSTLY_Q3_K_M, "Q3_K_M", 4.00, ladder=True, quantizable=True),
-    Format(FT.MOSTLY_IQ3_S, "IQ3_S", 3.66),
-    Format(FT.MOSTLY_Q3_K_S, "Q3_K_S", 3.64, ladder=True, quantizable=True),
-    Format(FT.MOSTLY_IQ3_XXS, "IQ3_XXS", 3.25, needs_imatrix=True),
-    Format(FT.MOSTLY_Q2_K, "Q2_K", 3.16, ladder=True, quantizable=True),
-    Format(FT.MOSTLY_IQ2_S, "IQ2_S", 2.74, needs_imatrix=True),
-    Format(FT.MOSTLY_IQ2_XS, "IQ2_XS", 2.59, needs_imatrix=True),
-    Format(FT.MOSTLY_IQ2_XXS, "IQ2_XXS", 2.38, needs_imatrix=True),
+    # non-linear 4-bit: no importance matrix needed. IQ formats whose 256-wide blocks do not fit a
+    # row (Gemma 3 270M's 640) fall back to IQ4_NL for that tensor, as llama.cpp decides.
+    Format(FT.MOSTLY_IQ4_NL, "IQ4_NL", 4.68, ladder=Ladder.IQ, quantizable=True),
+    Format(FT.MOSTLY_IQ4_XS, "IQ4_XS", 4.46, ladder=Ladder.IQ, quantizable=True),
+    Format(FT.MOSTLY_Q3_K_L, "Q3_K_L", 4.30, ladder=Ladder.K, quantizable=True),
+    Format(FT.MOSTLY_Q3_K_M, "Q3_K_M", 4.00, ladder=Ladder.K, quantizable=True),
+    Format(FT.MOSTLY_IQ3_S, "IQ3_S", 3.66, ladder=Ladder.IQ, quantizable=True),
+    Format(FT.MOSTLY_Q3_K_S, "Q3_K_S", 3.64, ladder=Ladder.K, quantizable=True),
+    Format(FT.MOSTLY_IQ3_XXS, "IQ3_XXS", 3.25, needs_imatrix=True, ladder=Ladder.IQ, quantizable=True),
+    Format(FT.MOSTLY_Q2_K, "Q2_K", 3.16, ladder=Ladder.K, quantizable=True),
+    Format(FT.MOSTLY_IQ2_S, "IQ2_S", 2.74, needs_imatrix=True, ladder=Ladder.IQ, quantizable=True),
+    Format(FT.MOSTLY_IQ2_XS, "IQ2_XS", 2.59, needs_imatrix=True, ladder=Ladder.IQ, quantizable=True),
+    Format(FT.MOSTLY_IQ2_XXS, "IQ2_XXS", 2.38, needs_imatrix=True, ladder=Ladder.IQ, quantizable=True),
 )
 del FT
 
@@ -79,8 +89,11 @@ _NAMES_LONGEST_FIRST = sorted(BY_NAME, key=len, reverse=True)
 # What may stand before the format in a file name: ``gemma-Q4_K_M``, ``llama.Q4_K_M``, ``x_Q8_0``.
 _SEPARATORS = "-._"
 
-# `--quant all`: smallest file first, the order llama.cpp lists them in.
-LADDER: tuple[Format, ...] = tuple(sorted((f for f in FORMATS.values() if f.ladder), key=lambda f: -f.rank))
+# `--quant all` / `--quant iq`: smallest file first, the order llama.cpp lists them in.
+LADDERS: dict[Ladder, tuple[Format, ...]] = {
+    ladder: tuple(sorted((f for f in FORMATS.values() if f.ladder is ladder), key=lambda f: -f.rank))
+    for ladder in Ladder}
+LADDER: tuple[Format, ...] = LADDERS[Ladder.K]
 QUANTIZABLE: tuple[Format, ...] = tuple(sorted((f for f in FORMATS.values() if f.quantizable), key=lambda f: -f.rank))
 FULL_PRECISION: tuple[Format, ...] = tuple(f for f in FORMATS.values() if f.full_precision)
 UNRANKED = len(FORMATS)  # the rank of a format the table does not know: after every known one
@@ -128,19 +141,19 @@ def quality_rank(name: str) -> int:
 
 
 def parse_quant_list(spec: str | Iterable[str]) -> list[str]:
-    """``all`` | ``none`` | ``Q4_K_M,Q8_0`` (case-insensitive) -> ordered, de-duplicated names of
-    formats to quantize into."""
+    """``all`` | ``iq`` | ``none`` | ``Q4_K_M,IQ4_XS`` | ``all,iq`` (case-insensitive) -> ordered,
+    de-duplicated names of formats to quantize into."""
     items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s).strip() for s in spec]
     items = [s for s in items if s]
-    if [s.lower() for s in items] == ["all"]:
-        return [f.name for f in LADDER]
     if not items or [s.lower() for s in items] == ["none"]:
         return []
+    ladders = {ladder.value: ladder for ladder in Ladder}
     names: list[str] = []
     for item in items:
-        name = quant_format(item).name
-        if name not in names:
-            names.append(name)
+        ladder = ladders.get(item.lower())
+        for name in ([f.name for f in LADDERS[ladder]] if ladder is not None else [quant_format(item).name]):
+            if name not in names:
+                names.append(name)
     return names
 
 
@@ -149,5 +162,6 @@ def quant_format(name: str) -> Format:
     row = format_named(name)
     if row is None or not row.quantizable:
         raise InputError(f"unknown quantization type {name!r}",
-                         fix=f"use all, none, or a comma list of {', '.join(f.name for f in QUANTIZABLE)}")
+                         fix=f"use all (K-quants), iq (IQ formats), none, or a comma list of "
+                             f"{', '.join(f.name for f in QUANTIZABLE)}")
     return row

@@ -1,7 +1,10 @@
 """``manifest.json`` in an output directory (DESIGN.md schema).
 
 ``{"name", "architecture", "base", "adapter", "files": [{"path", "format", "kind", "bytes",
-"bpw", "sha256", "ppl"?, "kld"?}]}``. Several tools update one manifest (convert adds the F16
+"bpw", "sha256", "ppl"?, "kld"?, "imatrix"?}]}``. ``imatrix`` (a file quantized with an importance
+matrix): ``{"sha256"`` of the imatrix file, ``"text_sha256"`` of the calibration text, ``"tokens"``
+evaluated, ``"dataset"`` (the text's name), ``"path"`` of the imatrix file when it is in the
+directory``}``. Several tools update one manifest (convert adds the F16
 row, quantize adds rows, ppl records quality), so ``save`` merges with what is on disk and is
 atomic. ``path`` is relative to the directory.
 
@@ -23,6 +26,7 @@ from edge_lora.core.atomic import atomic_write_text, file_lock
 from edge_lora.core.bounded_json import JsonKind, read_json_object
 from edge_lora.core.errors import InputError, InvalidGGUFError
 from edge_lora.core.gguf_check import GGUFInfo, validate_gguf
+from edge_lora.core.imatrix_file import read_imatrix
 
 MANIFEST_FILE = "manifest.json"
 FileKind = Literal["model", "merged", "adapter"]
@@ -62,9 +66,10 @@ class ManifestFile:
     sha256: str
     ppl: float | None = None
     kld: float | None = None
+    imatrix: dict[str, Any] | None = None  # see the module docstring; None: not calibrated
 
     def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None or k not in ("ppl", "kld")}
+        return {k: v for k, v in asdict(self).items() if v is not None or k not in ("ppl", "kld", "imatrix")}
 
 
 @dataclass
@@ -90,6 +95,8 @@ class Manifest:
         try:
             files = [ManifestFile(**{k: f[k] for k in ManifestFile.__dataclass_fields__ if k in f})
                      for f in raw.get("files", [])]
+            if any(row.imatrix is not None and not isinstance(row.imatrix, dict) for row in files):
+                raise TypeError("an imatrix entry is not an object")
             manifest = cls(directory, name=str(raw.get("name", "")), architecture=str(raw.get("architecture", "")),
                            base=str(raw.get("base", "")), adapter=raw.get("adapter"), files=files,
                            _loaded_paths=frozenset(f.path for f in files))
@@ -123,16 +130,18 @@ class Manifest:
                                  fix="write outputs into the manifest's directory") from exc
         return p.as_posix()
 
-    def add_file(self, path: Path | str, *, format: str, kind: FileKind) -> ManifestFile:
-        """Measure a GGUF in the directory (size, bpw, sha256) and add or replace its row.
-        Quality figures of a replaced row are dropped: they described the old file."""
+    def add_file(self, path: Path | str, *, format: str, kind: FileKind,
+                 imatrix: dict[str, Any] | None = None) -> ManifestFile:
+        """Measure a GGUF in the directory (size, bpw, sha256) and add or replace its row
+        (``imatrix``: ``imatrix_record`` of the matrix it was quantized with). Quality figures of
+        a replaced row are dropped: they described the old file."""
         if kind not in _KINDS:
             raise ValueError(f"kind must be one of {_KINDS}")
         rel = self._relative(path)
         full = self.directory / rel
         data_bytes, bpw = gguf_bits_per_weight(full)
         row = ManifestFile(path=rel, format=format, kind=kind, bytes=full.stat().st_size,
-                           bpw=round(bpw, 4), sha256=sha256_file(full))
+                           bpw=round(bpw, 4), sha256=sha256_file(full), imatrix=imatrix)
         self.files = [f for f in self.files if f.path != rel] + [row]
         return row
 
@@ -177,6 +186,20 @@ class Manifest:
         path = self.directory / MANIFEST_FILE
         atomic_write_text(path, json.dumps(self.to_json(), indent=2) + "\n")
         return path
+
+
+def imatrix_record(imatrix_path: Path, directory: Path) -> dict[str, Any]:
+    """What a manifest row records of the importance matrix a file was quantized with."""
+    imatrix = read_imatrix(imatrix_path)
+    record: dict[str, Any] = {"sha256": sha256_file(imatrix_path), "text_sha256": imatrix.text_sha256,
+                              "tokens": imatrix.tokens if imatrix.tokens is not None
+                              else imatrix.chunk_count * imatrix.chunk_size,
+                              "dataset": imatrix.datasets[0] if imatrix.datasets else None}
+    if imatrix.adapters:
+        record["adapters"] = list(imatrix.adapters)
+    if imatrix_path.absolute().parent.resolve() == directory.resolve():
+        record["path"] = imatrix_path.name
+    return record
 
 
 def record_quality_beside(directory: Path, model: Path, *, ppl: float, kld: float | None = None) -> bool:

@@ -4,7 +4,8 @@ layout; choosing a file for a context and RAM is the fit estimator's (``edge_lor
 
 ``manifest.json`` says which files belong to the conversion (another model's files may stay on
 disk beside them); a directory without one (GGUF files copied by hand) is read from the file
-names: ``<stem>-<FORMAT>.gguf`` for models, ``adapter-<name>.gguf`` for adapters. Nothing here
+names: ``<stem>-<FORMAT>.gguf`` for models, ``adapter-<name>.gguf`` for adapters (an importance
+matrix, ``<stem>.imatrix.gguf``, is neither). Nothing here
 opens a GGUF: headers are validated by whoever loads or estimates a file.
 """
 
@@ -16,6 +17,7 @@ from typing import Literal
 
 from edge_lora.core.errors import InputNotFoundError
 from edge_lora.core.formats import Format, format_named, split_file_name
+from edge_lora.core.imatrix_file import is_imatrix_file_name
 from edge_lora.core.manifest import MANIFEST_FILE, Manifest, ManifestFile
 
 ADAPTER_PREFIX = "adapter-"
@@ -93,7 +95,7 @@ class OutputDir:
         directory = Path(directory).expanduser()
         models: list[ModelFile] = []
         adapters: list[AdapterFile] = []
-        for path in sorted(p for p in directory.glob("*.gguf") if p.is_file()):
+        for path in sorted(p for p in directory.glob("*.gguf") if p.is_file() and not is_imatrix_file_name(p)):
             name = adapter_name(path)
             if name is not None:
                 adapters.append(AdapterFile(name, path))

@@ -135,7 +135,8 @@ def load_model_dir(path: Path) -> ModelDirView:
         raise InputNotFoundError(f"{path / 'manifest.json'} lists missing file(s): {', '.join(output.missing)}",
                                  fix="re-run `edge-lora convert` for this directory")
     formats = tuple(FormatEntry(path=m.path, format=m.format_name or "unknown", kind=m.kind, file_bytes=int(m.row.bytes),
-                                bpw=_opt_float(m.row.bpw), ppl=_opt_float(m.row.ppl), kld=_opt_float(m.row.kld))
+                                bpw=_opt_float(m.row.bpw), ppl=_opt_float(m.row.ppl), kld=_opt_float(m.row.kld),
+                                calibrated=m.row.imatrix is not None)
                     for m in output.models if m.row is not None)
     if not formats:
         raise InputError(f"{path / 'manifest.json'} lists no model files", fix="re-run `edge-lora convert`")
@@ -149,6 +150,7 @@ def _single_gguf_view(path: Path) -> ModelDirView:
     from edge_lora.core.errors import InvalidGGUFError
     from edge_lora.core.formats import format_named
     from edge_lora.core.gguf_check import validate_gguf
+    from edge_lora.core.imatrix_file import calibration_of
     from edge_lora.core.manifest import info_bits_per_weight
     from edge_lora.fit import format_of
 
@@ -157,7 +159,8 @@ def _single_gguf_view(path: Path) -> ModelDirView:
         bpw: float | None = info_bits_per_weight(info)[1]
     except InvalidGGUFError:  # no tensors: nothing to divide by; the table shows a blank
         bpw = None
-    entry = FormatEntry(path=path, format=format_of(info), file_bytes=info.file_bytes, bpw=bpw)
+    entry = FormatEntry(path=path, format=format_of(info), file_bytes=info.file_bytes, bpw=bpw,
+                        calibrated=calibration_of(info) is not None)
     fmt = format_named(entry.format)
     return ModelDirView(directory=path.parent, name=path.stem, formats=(entry,),
                         reference=path if fmt is not None and fmt.full_precision else None)

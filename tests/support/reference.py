@@ -318,7 +318,7 @@ def gelu_f16_table(x: np.ndarray) -> np.ndarray:
 
 
 def _mlp(h: np.ndarray, weights: Mapping[str, np.ndarray], p: str, gemma: bool,
-         gelu: Any = gelu_tanh) -> np.ndarray:
+         gelu: Any = gelu_tanh, record: Any = None) -> np.ndarray:
     if p + "mlp.gate_up_proj.weight" in weights:  # Phi-3: gate_up.chunk(2) -> (gate, up)
         gate_up = linear(h, weights[p + "mlp.gate_up_proj.weight"])
         gate, up = np.split(gate_up, 2, axis=-1)
@@ -326,11 +326,14 @@ def _mlp(h: np.ndarray, weights: Mapping[str, np.ndarray], p: str, gemma: bool,
         gate = linear(h, weights[p + "mlp.gate_proj.weight"], weights.get(p + "mlp.gate_proj.bias"))
         up = linear(h, weights[p + "mlp.up_proj.weight"], weights.get(p + "mlp.up_proj.bias"))
     act = gelu(gate) if gemma else silu(gate)
+    if record is not None:
+        record(act * up, p + "mlp.down_proj.weight")
     return linear(act * up, weights[p + "mlp.down_proj.weight"], weights.get(p + "mlp.down_proj.bias"))
 
 
 def reference_logits(config: dict, weights: dict[str, np.ndarray], token_ids: list[int], *,
-                     llama_cpp_gelu: bool = False) -> np.ndarray:
+                     llama_cpp_gelu: bool = False,
+                     linear_inputs: dict[str, list[np.ndarray]] | None = None) -> np.ndarray:
     """Logits [n_tokens, vocab] (float64) of a causal LM forward pass over `token_ids` at positions
     0..n-1, with transformers' semantics for llama, mistral, qwen2, qwen3, gemma3(_text), gemma2,
     phi3, granite and smollm3, from a config.json of either transformers generation.
@@ -339,7 +342,10 @@ def reference_logits(config: dict, weights: dict[str, np.ndarray], token_ids: li
     in; it matters only for Gemma's sqrt(hidden) normalizer, which HF casts to that dtype (bf16:
     sqrt(640) -> 25.25) while llama.cpp uses sqrtf(n_embd) (25.298). Pass torch_dtype="float32" to
     compare with llama.cpp on a model whose hidden size is not a power of 4. ``llama_cpp_gelu``:
-    GELU through ggml's F16 table (gelu_f16_table), the one rounding an F32 llama.cpp run keeps."""
+    GELU through ggml's F16 table (gelu_f16_table), the one rounding an F32 llama.cpp run keeps.
+
+    ``linear_inputs``, when given, receives the input rows [n_tokens, in] of every projection,
+    appended under the weight's HF name (what an importance matrix sums the squares of)."""
     family = _family(config)
     gemma = family in GEMMA_FAMILIES
     granite = family == "granite"
@@ -379,12 +385,19 @@ def reference_logits(config: dict, weights: dict[str, np.ndarray], token_ids: li
              "sliding_attention": attention_mask(n_tokens, int(window) if window else None)}
     group = n_heads // n_kv
 
+    def record(x_in: np.ndarray, *names: str) -> None:
+        if linear_inputs is not None:
+            for name in names:
+                linear_inputs.setdefault(name, []).append(x_in)
+
     for i in range(int(config["num_hidden_layers"])):
         p = f"model.layers.{i}."
         inv_freq, attention_factor = rope[types[i]]
 
         residual = x
         h = rms_norm(x, weights[p + "input_layernorm.weight"], eps, gemma=gemma)
+        record(h, *(p + f"self_attn.{m}_proj.weight" for m in ("qkv",) if p + "self_attn.qkv_proj.weight" in weights),
+               *(p + f"self_attn.{m}_proj.weight" for m in "qkv" if p + f"self_attn.{m}_proj.weight" in weights))
         q, k, v = _qkv(h, weights, p, n_heads * head_dim, n_kv * head_dim)
         q = q.reshape(n_tokens, n_heads, head_dim)
         k = k.reshape(n_tokens, n_kv, head_dim)
@@ -405,6 +418,7 @@ def reference_logits(config: dict, weights: dict[str, np.ndarray], token_ids: li
         probs = np.exp(scores)
         probs /= probs.sum(axis=-1, keepdims=True)
         attn = np.einsum("hqk,khd->qhd", probs, v).reshape(n_tokens, n_heads * head_dim)
+        record(attn, p + "self_attn.o_proj.weight")
         attn = linear(attn, weights[p + "self_attn.o_proj.weight"], weights.get(p + "self_attn.o_proj.bias"))
         if gemma:
             attn = rms_norm(attn, weights[p + "post_attention_layernorm.weight"], eps, gemma=True)
@@ -413,7 +427,9 @@ def reference_logits(config: dict, weights: dict[str, np.ndarray], token_ids: li
         residual = x
         norm_name = "pre_feedforward_layernorm" if gemma else "post_attention_layernorm"
         h = rms_norm(x, weights[p + norm_name + ".weight"], eps, gemma=gemma)
-        mlp = _mlp(h, weights, p, gemma, gelu_f16_table if llama_cpp_gelu else gelu_tanh)
+        record(h, *(p + f"mlp.{m}_proj.weight" for m in ("gate", "up", "gate_up") if p + f"mlp.{m}_proj.weight" in weights))
+        mlp = _mlp(h, weights, p, gemma, gelu_f16_table if llama_cpp_gelu else gelu_tanh,
+                   record if linear_inputs is not None else None)
         if gemma:
             mlp = rms_norm(mlp, weights[p + "post_feedforward_layernorm.weight"], eps, gemma=True)
         x = residual + mlp * residual_multiplier

@@ -1,5 +1,6 @@
 """The formats of a converted model: size, bpw, predicted RAM at the chosen context, fit verdict,
-quality against F16; the recommended row is starred."""
+quality against F16; the recommended row is starred. When any file was quantized with an
+importance matrix, an ``imatrix`` column marks the calibrated ones."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from edge_lora.tui.view_model import FitPrediction, FormatEntry, ModelDirView, V
 from edge_lora.tui.widgets._css import css_beside
 
 RECOMMENDED_MARK = "★"
+CALIBRATED_MARK = "✓"
 
 
 class FormatsTable(DataTable[Text]):
@@ -26,9 +28,12 @@ class FormatsTable(DataTable[Text]):
         """Redraw every row, keeping the cursor on the same file."""
         keep = self.selected_path()
         self.clear(columns=True)
-        for label, key, width in (("", "mark", 1), ("Format", "format", 7), ("Size", "size", 8), ("bpw", "bpw", 5),
-                                  (f"RAM@{human_ctx(ctx)}", "ram", 8), ("Fit", "fit", 5), ("PPL", "ppl", 7),
-                                  ("KLD", "kld", 7)):
+        calibrated = any(entry.calibrated for entry in view.formats)
+        columns = [("", "mark", 1), ("Format", "format", 7), ("Size", "size", 8), ("bpw", "bpw", 5),
+                   (f"RAM@{human_ctx(ctx)}", "ram", 8), ("Fit", "fit", 5), ("PPL", "ppl", 7), ("KLD", "kld", 7)]
+        if calibrated:
+            columns.append(("imatrix", "imatrix", 7))
+        for label, key, width in columns:
             self.add_column(label, key=key, width=width)
         self.verdicts = {}
         self.recommended = None
@@ -39,7 +44,10 @@ class FormatsTable(DataTable[Text]):
                 self.verdicts[entry.path] = verdict
             if prediction is not None and prediction.recommended:
                 self.recommended = entry.path
-            self.add_row(*self._cells(entry, prediction, verdict), key=str(entry.path))
+            cells = self._cells(entry, prediction, verdict)
+            if calibrated:
+                cells.append(Text(CALIBRATED_MARK if entry.calibrated else "", justify="center"))
+            self.add_row(*cells, key=str(entry.path))
         if keep is not None and str(keep) in self.rows:
             self.move_cursor(row=self.get_row_index(str(keep)))
         elif self.recommended is not None:
