@@ -63,7 +63,7 @@ MAX_JSON_INDENT = 64
 MAX_SLOW_FILTER_CHARS = 200_000
 _SLOW_FILTERS = frozenset({"wordwrap", "urlize", "pprint"})
 # A string inside a container, repr'd or JSON-encoded, can take 12 characters a character
-# (an astral character as two \uXXXX escapes).
+# (an astral character as a surrogate pair of \u escapes).
 _REPR_FACTOR = 12
 
 
