@@ -180,21 +180,15 @@ def publish(tmp: Path, final: Path, validate: Callable[[Path], None] | None = No
 
 
 @contextlib.contextmanager
-def atomic_file(final: Path, validate: Callable[[Path], None] | None = None, mode: str = "wb"
-                ) -> Iterator[IO[Any]]:
-    """A file object on a new partial beside ``final`` (the descriptor that created it: no
-    reopening by name); on success published at ``final``, on any failure (including
-    KeyboardInterrupt) deleted."""
-    final = Path(final)
+def _published_partial(final: Path, validate: Callable[[Path], None] | None) -> Iterator[tuple[Path, int]]:
+    """A new partial beside ``final`` and its descriptor: published at ``final`` when the block
+    ends normally, deleted on any failure (including KeyboardInterrupt)."""
     try:
         tmp, fd = create_partial(final)
     except OSError as exc:
         raise os_error_to_output_error(exc, final) from exc
     try:
-        with os.fdopen(fd, mode, encoding="utf-8" if "b" not in mode else None) as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
+        yield tmp, fd
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise os_error_to_output_error(exc, final) from exc
@@ -208,27 +202,24 @@ def atomic_file(final: Path, validate: Callable[[Path], None] | None = None, mod
 
 
 @contextlib.contextmanager
+def atomic_file(final: Path, validate: Callable[[Path], None] | None = None, mode: str = "wb"
+                ) -> Iterator[IO[Any]]:
+    """A file object on a new partial beside ``final`` (the descriptor that created it: no
+    reopening by name); on success published at ``final``, on any failure deleted."""
+    with _published_partial(Path(final), validate) as (_tmp, fd), \
+            os.fdopen(fd, mode, encoding="utf-8" if "b" not in mode else None) as fh:
+        yield fh
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+@contextlib.contextmanager
 def atomic_path(final: Path, validate: Callable[[Path], None] | None = None) -> Iterator[Path]:
     """For writers that only take a path: a new, empty partial beside ``final``, created
     exclusively; published on success, deleted on any failure. Prefer ``atomic_file``."""
-    final = Path(final)
-    try:
-        tmp, fd = create_partial(final)
+    with _published_partial(Path(final), validate) as (tmp, fd):
         os.close(fd)
-    except OSError as exc:
-        raise os_error_to_output_error(exc, final) from exc
-    try:
         yield tmp
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise os_error_to_output_error(exc, final) from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:
-        publish(tmp, final, validate)
-    except OSError as exc:
-        raise os_error_to_output_error(exc, final) from exc
 
 
 LOCK_SUFFIX = ".lock"
