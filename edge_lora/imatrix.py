@@ -37,7 +37,6 @@ from __future__ import annotations
 import codecs
 import ctypes
 import hashlib
-import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -49,14 +48,17 @@ from edge_lora.core.context_size import check_ctx
 from edge_lora.core.errors import InputError, InputNotFoundError, InternalError, InvalidGGUFError
 from edge_lora.core.imatrix_file import Imatrix, ImatrixEntry
 from edge_lora.core.progress import NullProgress, ProgressSink
+from edge_lora.core.text_sketch import NGRAM, Overlap, TextSketch, ngrams, stream_ngrams, words
 
 MIN_ROWS = 16  # llama-imatrix ignores matrix products over fewer activation rows
 MIN_CHUNKS = 2  # llama-imatrix refuses texts shorter than two chunks
 MAX_BATCH = 512
 OUTPUT_BUFFER_BYTES = 128 * 1024 * 1024  # logits kept per micro-batch (n_batch x n_vocab x 4)
 TEXT_BLOCK_CHARS = 1 << 20  # text read and tokenized per block (cut after a blank line)
-OVERLAP_NGRAM = 13  # words: a shared 13-word run is a shared passage, not a common phrase
 OVERLAP_LIMIT = 0.01  # share of the evaluation text's 13-grams the calibration text may contain
+# ``ppl`` warns from a sample (core/text_sketch) instead: at a share five times higher, seen in at
+# least two sampled n-grams, so licence boilerplate shared by unrelated texts does not trip it.
+OVERLAP_WARN, OVERLAP_WARN_HITS = 0.05, 2
 RESULT_NORM = b"result_norm"  # llama.cpp's name for the final norm, the output layer's input
 
 AdapterSpec = Path | str | tuple[Path | str, float]
@@ -346,38 +348,20 @@ def sha256_of_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-_WORD = re.compile(r"\w+")
-
-
-def _ngrams(words: Sequence[str], n: int) -> Iterator[tuple[str, ...]]:
-    for i in range(len(words) - n + 1):
-        yield tuple(words[i:i + n])
-
-
-@dataclass(frozen=True)
-class TextOverlap:
-    shared: int  # evaluation-text n-grams also in the calibration text
-    total: int  # distinct n-grams of the evaluation text
-
-    @property
-    def fraction(self) -> float:
-        return self.shared / self.total if self.total else 0.0
-
-
-def text_overlap(calibration: Path, evaluation: str, n: int = OVERLAP_NGRAM) -> TextOverlap:
+def text_overlap(calibration: Path, evaluation: str, n: int = NGRAM) -> Overlap:
     """How much of ``evaluation`` (its distinct lower-cased word n-grams) occurs in the
-    calibration file, streamed."""
-    wanted = set(_ngrams(_WORD.findall(evaluation.lower()), n))
-    found: set[tuple[str, ...]] = set()
-    tail: list[str] = []
-    for block in text_blocks(calibration):
-        words = tail + _WORD.findall(block.lower())
-        found.update(g for g in _ngrams(words, n) if g in wanted)
-        tail = words[-(n - 1):] if n > 1 else []
-    return TextOverlap(len(found), len(wanted))
+    calibration file, streamed; exact (``TextSketch`` estimates it once the file is gone)."""
+    wanted = set(ngrams(words(evaluation), n))
+    found = {g for g in stream_ngrams(text_blocks(calibration), n) if g in wanted}
+    return Overlap(len(found), len(wanted))
 
 
-def check_no_overlap(calibration: Path, evaluation: str, evaluation_name: str) -> TextOverlap:
+def sketch_of_file(path: Path) -> TextSketch:
+    """The n-gram sketch of a text file, streamed (kept with the matrix, see core/text_sketch)."""
+    return TextSketch.of_blocks(text_blocks(path))
+
+
+def check_no_overlap(calibration: Path, evaluation: str, evaluation_name: str) -> Overlap:
     """Refuse a calibration text holding passages of the evaluation text: an importance matrix
     tuned on the very text PPL/KLD are measured on makes the calibrated formats look better
     than they are."""
@@ -385,7 +369,7 @@ def check_no_overlap(calibration: Path, evaluation: str, evaluation_name: str) -
     if overlap.fraction >= OVERLAP_LIMIT:
         raise InputError(
             f"{calibration} contains {100 * overlap.fraction:.1f}% of the {evaluation_name} "
-            f"({overlap.shared} of its {overlap.total} {OVERLAP_NGRAM}-word runs): calibrating on the text "
+            f"({overlap.shared} of its {overlap.total} {NGRAM}-word runs): calibrating on the text "
             f"quality is measured on would overstate the result",
             fix="calibrate on other text (the shipped default: edge_lora/data/calibration)")
     return overlap
@@ -492,7 +476,7 @@ def compute_imatrix(model_path: Path | str, text_path: Path | str, *, ctx: int =
     check_ctx(ctx)  # the one --ctx range; from 64, every micro-batch keeps >= MIN_ROWS rows
     specs = _resolve_adapters(adapters)
     check_calibration_text(text_path, evaluation_text, evaluation_name)
-    text_sha = sha256_of_file(text_path)
+    text_sha, sketch = sha256_of_file(text_path), sketch_of_file(text_path)
     with LlamaModel(model_path) as model:
         if ctx > model.n_ctx_train:
             raise InputError(f"context {ctx} is larger than the model's training context {model.n_ctx_train}",
@@ -534,9 +518,41 @@ def compute_imatrix(model_path: Path | str, text_path: Path | str, *, ctx: int =
         raise InvalidGGUFError(f"{model_path} multiplied no block weights while evaluating",
                                fix="give a model GGUF of a supported architecture")
     imatrix = Imatrix(entries=entries, datasets=[text_path.name], chunk_count=n_chunks, chunk_size=ctx,
-                      text_sha256=text_sha, tokens=n_chunks * ctx, model=model_path.name,
+                      text_sha256=text_sha, text_sketch=sketch.encode(), tokens=n_chunks * ctx, model=model_path.name,
                       adapters=[p.name for p, _ in specs])
     return ImatrixRun(imatrix=imatrix, seconds=time.perf_counter() - started, eval_seconds=eval_seconds,
                       callback_seconds=collector.seconds, callback_calls=collector.calls, chunks=n_chunks,
                       text_tokens=n_text_tokens,
                       early_stop=collector.stop_at_result_norm)
+
+
+# --- after the fact: does an evaluation text overlap the calibration text of a quantized file? ---
+
+@dataclass(frozen=True)
+class CalibrationOverlap:
+    dataset: str  # the calibration text's name, as recorded
+    overlap: Overlap  # sampled n-grams of the evaluation text (see core/text_sketch)
+
+    @property
+    def overstated(self) -> bool:
+        return self.overlap.shared >= OVERLAP_WARN_HITS and self.overlap.fraction >= OVERLAP_WARN
+
+
+def calibration_overlap(model: Path, evaluation: str) -> CalibrationOverlap | None:
+    """How much of ``evaluation`` the calibration text of ``model``'s importance matrix holds,
+    from the sketch its manifest row keeps. None when that is unknown: no manifest beside the
+    file, no row, an uncalibrated file, or a matrix computed elsewhere (no sketch)."""
+    from edge_lora.core.manifest import MANIFEST_FILE, Manifest
+
+    model = model.absolute()
+    if not (model.parent / MANIFEST_FILE).is_file():
+        return None
+    try:
+        row = Manifest.load(model.parent).file(model)
+    except InputError:  # an unreadable manifest costs the warning, not the measurement
+        return None
+    record = row.imatrix if row is not None else None
+    sketch = TextSketch.decode(record.get("text_sketch")) if record else None
+    if record is None or sketch is None:
+        return None
+    return CalibrationOverlap(str(record.get("dataset") or "the calibration text"), sketch.overlap_of(evaluation))

@@ -15,6 +15,7 @@ from edge_lora.converters.adapter_gguf import convert_adapter_to_gguf
 from edge_lora.converters.hf_to_gguf import convert_checkpoint
 from edge_lora.core.errors import ImatrixError, InputError
 from edge_lora.core.gguf_check import validate_gguf
+from edge_lora.core.text_sketch import TextSketch
 from edge_lora.core.imatrix_file import (Imatrix, ImatrixEntry, check_imatrix_fits, imatrix_weight_names,
                                          read_imatrix, write_imatrix)
 from tests.support.model_fixtures import make_checkpoint, make_peft_adapter
@@ -37,7 +38,8 @@ def _sample_imatrix(rng: np.random.Generator) -> Imatrix:
         entries={"blk.0.attn_q.weight": ImatrixEntry(rng.random((1, 256)) * 100, np.array([1024])),
                  "blk.0.ffn_down_exps.weight": ImatrixEntry(rng.random((4, 512)), np.array([7, 0, 300, 21]))},
         datasets=["calibration.txt"], chunk_count=2, chunk_size=512, text_sha256="ab" * 32, tokens=1024,
-        model="tiny-F16.gguf", adapters=["adapter-legal.gguf"])
+        model="tiny-F16.gguf", adapters=["adapter-legal.gguf"],
+        text_sketch=TextSketch.of_blocks([(LICENSES / "LGPL-2.1").read_text()]).encode())
 
 
 def test_imatrix_file_round_trips_through_gguf_py(tmp_path: Path) -> None:
@@ -66,6 +68,7 @@ def test_imatrix_file_round_trips_through_gguf_py(tmp_path: Path) -> None:
     back = read_imatrix(path)
     assert (back.datasets, back.chunk_count, back.chunk_size, back.tokens, back.text_sha256, back.model,
             back.adapters) == (["calibration.txt"], 2, 512, 1024, "ab" * 32, "tiny-F16.gguf", ["adapter-legal.gguf"])
+    assert back.text_sketch == written.text_sketch and fields["edge_lora.imatrix.text_sketch"].contents() == back.text_sketch
     for name, entry in written.entries.items():
         np.testing.assert_array_equal(back.entries[name].sums, entry.sums.astype(np.float32))
         np.testing.assert_array_equal(back.entries[name].counts, entry.counts)

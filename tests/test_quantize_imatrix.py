@@ -148,7 +148,8 @@ def test_quantize_cli_calibrates_and_the_manifest_records_it(calibrated: dict[st
     assert report["imatrix"] == str(imatrix) and imatrix.is_file()
     written = read_imatrix(imatrix)
     expected = {"sha256": sha256_file(imatrix), "text_sha256": sha256_file(calibrated["text"]),
-                "tokens": written.chunk_count * 512, "dataset": "calibration.txt", "path": "tiny.imatrix.gguf"}
+                "tokens": written.chunk_count * 512, "dataset": "calibration.txt", "path": "tiny.imatrix.gguf",
+                "text_sketch": written.text_sketch}
     manifest = Manifest.load(out)
     for fmt in ("Q4_K_M", "Q8_0"):
         row = manifest.file(f"tiny-{fmt}.gguf")
@@ -283,3 +284,42 @@ def test_convert_calibrates_or_takes_an_imatrix(calibrated: dict[str, Path], tmp
             code = main(["convert", str(ckpt), "--out", str(tmp_path / "c"), "--quant", "IQ2_XXS", *extra])
         assert code == 2 and len(stderr.getvalue().strip().splitlines()) == 1, stderr.getvalue()
         assert not (tmp_path / "c").exists()
+
+
+def test_ppl_warns_when_the_text_is_the_calibration_text(calibrated: dict[str, Path], tmp_path: Path) -> None:
+    """The matrix carries a sketch of its calibration text into the manifest row of every file
+    quantized with it; ``ppl`` on that text (gone or not) warns, on other text it does not."""
+    from edge_lora.imatrix import sketch_of_file
+
+    sketch = read_imatrix(calibrated["imatrix"]).text_sketch
+    assert sketch == sketch_of_file(calibrated["text"]).encode()
+    out = tmp_path / "out"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["quantize", str(calibrated["f16"]), "--quant", "Q4_K_M", "--out", str(out),
+                     "--imatrix", str(calibrated["imatrix"])]) == 0
+        assert main(["quantize", str(calibrated["f16"]), "--quant", "Q8_0", "--out", str(out)]) == 0
+    calibrated_row = Manifest.load(out).file("tiny-Q4_K_M.gguf")
+    assert calibrated_row is not None and calibrated_row.imatrix is not None
+    assert calibrated_row.imatrix["text_sketch"] == sketch
+    moved = tmp_path / "gone.txt"  # the calibration text need not exist any more
+    moved.write_text(calibrated["text"].read_text(), encoding="utf-8")
+    other = tmp_path / "other.txt"
+    other.write_text((LICENSES / "MPL-2.0").read_text()[:8000], encoding="utf-8")
+
+    def ppl(text: Path) -> tuple[dict, str]:  # type: ignore[type-arg]
+        stdout, stderr = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            assert main(["ppl", str(out / "tiny-Q4_K_M.gguf"), "--text", str(text), "--ctx", "64", "--json"]) == 0
+        return json.loads(stdout.getvalue()), stderr.getvalue()
+
+    same, warning = ppl(moved)
+    assert same["calibration_overlap"] == 1.0
+    assert "warning" in warning and "calibration.txt" in warning and "evaluate on other text" in warning
+    assert len(warning.strip().splitlines()) == 1
+    unrelated, quiet = ppl(other)
+    assert unrelated["calibration_overlap"] is not None and unrelated["calibration_overlap"] < 0.05
+    assert "warning" not in quiet
+    stdout = io.StringIO()  # the uncalibrated file: nothing to say
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
+        assert main(["ppl", str(out / "tiny-Q8_0.gguf"), "--text", str(moved), "--ctx", "64", "--json"]) == 0
+    assert json.loads(stdout.getvalue())["calibration_overlap"] is None

@@ -46,11 +46,27 @@ def _record_in_manifest(model: Path, ppl: float, kld: float | None) -> bool:
         return False
 
 
+def _warn_if_calibrated_on(model: Path, text: str) -> float | None:
+    """Warn when the text is (partly) the calibration text of the file's importance matrix: the
+    calibrated format would look better than it is. Returns the estimated overlap (None: unknown)."""
+    from edge_lora.imatrix import calibration_overlap
+
+    found = calibration_overlap(model, text)
+    if found is None or not found.overlap.total:
+        return None
+    if found.overstated:
+        print(f"edge-lora: warning: {100 * found.overlap.fraction:.0f}% of this text's sampled 13-word runs are in "
+              f"{found.dataset}, the text {model.name}'s importance matrix was computed on: its PPL/KLD will look "
+              f"better than on unseen text; evaluate on other text", file=sys.stderr)
+    return found.overlap.fraction
+
+
 def ppl_command(args: argparse.Namespace) -> int:
     from edge_lora.perplexity import default_eval_text, measure_perplexity
     from edge_lora.core.progress import cli_progress
 
     text = _read_text(args.text) if args.text is not None else default_eval_text()
+    calibration_overlap = _warn_if_calibrated_on(args.file, text)
     adapters = []
     if args.adapter:
         from edge_lora.registry import AdapterRegistry
@@ -63,7 +79,7 @@ def ppl_command(args: argparse.Namespace) -> int:
     if not adapters:  # the manifest describes the file itself, not file + adapter
         _record_in_manifest(args.file.absolute(), result.ppl, result.kld)
     if args.json:
-        print(json.dumps(result.to_json()))
+        print(json.dumps({**result.to_json(), "calibration_overlap": calibration_overlap}))
         return 0
     print(f"{args.file.name}: PPL {result.ppl:.4f} ± {result.ppl_stderr:.4f} over {result.tokens} tokens "
           f"({result.windows} windows of {result.ctx}, {result.tokens_per_second:.0f} tokens/s)")

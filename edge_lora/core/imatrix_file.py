@@ -45,6 +45,7 @@ QUANTIZE_IMATRIX_ENTRIES = "quantize.imatrix.entries_count"
 QUANTIZE_IMATRIX_CHUNKS = "quantize.imatrix.chunks_count"
 # edge-lora's provenance keys: what the manifest records for a file quantized with this matrix.
 KEY_TEXT_SHA256 = "edge_lora.imatrix.text_sha256"
+KEY_TEXT_SKETCH = "edge_lora.imatrix.text_sketch"  # core/text_sketch: spots evaluation text it overlaps
 KEY_TOKENS = "edge_lora.imatrix.tokens"
 KEY_MODEL = "edge_lora.imatrix.model"
 KEY_ADAPTERS = "edge_lora.imatrix.adapters"
@@ -89,6 +90,7 @@ class Imatrix:
     chunk_count: int
     chunk_size: int
     text_sha256: str | None = None  # of the calibration text, when edge-lora computed it
+    text_sketch: str | None = None  # TextSketch.encode() of the calibration text's n-grams
     tokens: int | None = None  # calibration tokens evaluated (chunk_count x chunk_size)
     model: str | None = None  # file name of the model it was computed on
     adapters: list[str] = field(default_factory=list)  # adapter file names hot-applied meanwhile
@@ -107,6 +109,8 @@ def write_imatrix(path: Path | str, imatrix: Imatrix) -> Path:
         writer.add_uint32(KEY_CHUNK_SIZE, int(imatrix.chunk_size))
         if imatrix.text_sha256 is not None:
             writer.add_string(KEY_TEXT_SHA256, imatrix.text_sha256)
+        if imatrix.text_sketch is not None:
+            writer.add_string(KEY_TEXT_SKETCH, imatrix.text_sketch)
         if imatrix.tokens is not None:
             writer.add_uint64(KEY_TOKENS, int(imatrix.tokens))
         if imatrix.model is not None:
@@ -205,10 +209,12 @@ def read_imatrix(path: Path | str) -> Imatrix:
             raise ImatrixError(f"{path}: weight {name} has fractional counts", tensor=name,
                                fix="recompute the importance matrix")
     text_sha = info.metadata.get(KEY_TEXT_SHA256)
+    sketch = info.metadata.get(KEY_TEXT_SKETCH)
     tokens = info.metadata.get(KEY_TOKENS)
     model = info.metadata.get(KEY_MODEL)
     return Imatrix(entries=entries, datasets=datasets, chunk_count=chunk_count, chunk_size=chunk_size,
                    text_sha256=text_sha if isinstance(text_sha, str) else None,
+                   text_sketch=sketch if isinstance(sketch, str) else None,
                    tokens=tokens if isinstance(tokens, int) and not isinstance(tokens, bool) else None,
                    model=model if isinstance(model, str) else None,
                    adapters=_strings(info, KEY_ADAPTERS) if KEY_ADAPTERS in info.metadata else [])

@@ -3,7 +3,8 @@
 ``{"name", "architecture", "base", "adapter", "files": [{"path", "format", "kind", "bytes",
 "bpw", "sha256", "ppl"?, "kld"?, "imatrix"?}]}``. ``imatrix`` (a file quantized with an importance
 matrix): ``{"sha256"`` of the imatrix file, ``"text_sha256"`` of the calibration text, ``"tokens"``
-evaluated, ``"dataset"`` (the text's name), ``"path"`` of the imatrix file when it is in the
+evaluated, ``"dataset"`` (the text's name), ``"text_sketch"`` (core/text_sketch: lets ``ppl``
+warn about an evaluation text that overlaps it), ``"path"`` of the imatrix file when it is in the
 directory``}``. Several tools update one manifest (convert adds the F16
 row, quantize adds rows, ppl records quality), so ``save`` merges with what is on disk and is
 atomic. ``path`` is relative to the directory.
@@ -197,6 +198,8 @@ def imatrix_record(imatrix_path: Path, directory: Path) -> dict[str, Any]:
                               "dataset": imatrix.datasets[0] if imatrix.datasets else None}
     if imatrix.adapters:
         record["adapters"] = list(imatrix.adapters)
+    if imatrix.text_sketch is not None:
+        record["text_sketch"] = imatrix.text_sketch
     if imatrix_path.absolute().parent.resolve() == directory.resolve():
         record["path"] = imatrix_path.name
     return record
