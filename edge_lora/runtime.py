@@ -145,6 +145,9 @@ def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Gene
     window = 30.0 * (params.temperature or 1.0)
     candidates = np.flatnonzero(logits >= top - window)
     if allow is not None:
+        quick = _quick_allowed_draw(logits, candidates, params, rng, allow)
+        if quick is not None:
+            return quick
         candidates = _allowed(logits, candidates, top - window, window, allow, widen=params.temperature > 0)
     if params.temperature == 0.0:
         return int(candidates[np.argmax(logits[candidates])])
@@ -159,6 +162,41 @@ def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Gene
         keep = int(np.searchsorted(np.cumsum(weights), target)) + 1
         candidates, weights = candidates[:keep], weights[:keep]
     return _draw(candidates, weights, rng)
+
+
+GREEDY_PROBES = (1, 64)  # the best token, then the 64 best, before the whole window
+REJECTION_DRAWS = 8  # unconstrained draws tried before masking the whole window
+
+
+def _quick_allowed_draw(logits: np.ndarray, candidates: np.ndarray, params: SamplingParams,
+                        rng: np.random.Generator, allow: Callable[[np.ndarray], np.ndarray]) -> int | None:
+    """The grammar-constrained token without asking the grammar about the whole window (~70 ms a
+    token at temperature 1 on a 262k vocabulary, as long as a decode): None when it cannot tell.
+
+    Greedy: the best tokens in order; the first allowed one is the best allowed one. Sampling over
+    the whole distribution (no top-k/top-p): rejection sampling — a draw from the unconstrained
+    distribution that the grammar allows is a draw from the constrained one (the distribution
+    renormalised over the allowed tokens), exactly. top-k/top-p apply after the mask, so they need it."""
+    if params.temperature == 0.0:
+        for size in GREEDY_PROBES:
+            size = min(size, candidates.size)
+            best = candidates[np.argpartition(-logits[candidates], size - 1)[:size]]
+            best = best[np.lexsort((best, -logits[best]))]  # best first, ties by id (as argmax)
+            ok = best[allow(best)]
+            if ok.size:
+                return int(ok[0])
+            if size == candidates.size:
+                break
+        return None
+    if params.top_k or params.top_p < 1.0:
+        return None
+    scaled = (logits[candidates].astype(np.float64) - float(logits[candidates].max())) / params.temperature
+    cdf = np.cumsum(np.exp(scaled))
+    for _ in range(REJECTION_DRAWS):
+        token = candidates[min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), cdf.size - 1)]
+        if allow(np.array([token]))[0]:
+            return int(token)
+    return None
 
 
 def _allowed(logits: np.ndarray, candidates: np.ndarray, floor: float, window: float,

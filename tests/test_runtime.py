@@ -604,3 +604,51 @@ def test_logprobs_stop_where_the_text_stops(runtime: Runtime) -> None:
     assert runtime.generate(PROMPT, max_tokens=3).stats.logprobs == []  # only when asked
     with pytest.raises(RequestError, match="logprobs"):
         runtime.generate(PROMPT, logprobs=21)
+
+
+def test_grammar_constrained_draws_follow_the_masked_distribution_and_ask_little() -> None:
+    """With a grammar, a draw is from the distribution renormalised over the allowed tokens. The
+    sampler gets there by rejection (unconstrained draws until one is allowed) and falls back to
+    masking the whole window; greedy takes the best allowed token. Both must equal the masked
+    distribution exactly while asking the grammar about few tokens."""
+    vocab = 262_144
+    rng = np.random.default_rng(1)
+    logits = np.full(vocab, -40.0, dtype=np.float32)
+    logits[:6] = np.log([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
+    asked: list[int] = []
+
+    def allow_from(allowed: set[int]):  # type: ignore[no-untyped-def]
+        def allow(ids: np.ndarray) -> np.ndarray:
+            asked.append(ids.size)
+            return np.isin(ids, list(allowed))
+        return allow
+
+    def masked(allowed: set[int]) -> np.ndarray:
+        p = np.exp(logits[:6].astype(np.float64)) * np.isin(np.arange(6), list(allowed))
+        return p / p.sum()
+
+    # Likely tokens allowed: rejection mostly succeeds within a few one-token asks.
+    for allowed in ({1, 3, 4}, {0, 5}):
+        asked.clear()
+        n = 6000
+        draws = np.bincount([sample_token(logits, SamplingParams(temperature=1.0), rng, allow_from(allowed))
+                             for _ in range(n)], minlength=6)[:6] / n
+        np.testing.assert_allclose(draws, masked(allowed), atol=0.02)
+        # Half the mass is allowed: one ask of one token per draw on average, and the fallback
+        # (eight rejections in a row, ~1 in 100-250 draws) rarely.
+        assert sum(a > 1 for a in asked) < 0.02 * n and sum(asked) < 4 * n
+    # Only a token 30+ nats down is allowed: rejection gives up and the mask finds it.
+    asked.clear()
+    assert sample_token(logits, SamplingParams(temperature=1.0), rng, allow_from({vocab - 1})) == vocab - 1
+    assert max(asked) > 1000
+    # Greedy: the best allowed token, found by probing the best tokens first.
+    for allowed, best in (({0, 2}, 0), ({3, 5}, 3), ({5}, 5)):
+        asked.clear()
+        assert sample_token(logits, SamplingParams(temperature=0.0), rng, allow_from(allowed)) == best
+        assert sum(asked) <= 1 + 64 + 6
+    asked.clear()
+    assert sample_token(logits, SamplingParams(temperature=0.0), rng, allow_from({70_000})) == 70_000
+    # top-k / top-p apply after the mask: the exact path, so they keep only allowed tokens.
+    picks = {sample_token(logits, SamplingParams(temperature=1.0, top_k=2), rng, allow_from({2, 4, 5}))
+             for _ in range(300)}
+    assert picks == {2, 4}
