@@ -32,6 +32,7 @@ from edge_lora.converters.merge import PeftMerger  # noqa: E402
 from edge_lora.converters.peft import PeftAdapter  # noqa: E402
 from edge_lora.core.gguf_check import validate_gguf  # noqa: E402
 from tests.support.gguf_edit import rewrite_gguf  # noqa: E402
+from tests.support.llama_reference import follow_extra_buffer_verdict  # noqa: E402
 from tests.support.model_fixtures import DEFAULT_TARGETS, SUPPORTED_ARCHS, make_checkpoint, make_peft_adapter  # noqa: E402
 from tests.support.reference import apply_peft, load_checkpoint, reference_logits  # noqa: E402
 
@@ -98,6 +99,7 @@ def main() -> None:
     parser.add_argument("--arch", nargs="*", default=list(SUPPORTED_ARCHS), choices=SUPPORTED_ARCHS)
     parser.add_argument("--tokens", type=int, default=60)
     args = parser.parse_args()
+    follow_extra_buffer_verdict()  # llama_cpp.Llama loads as edge-lora does on this CPU
     header = ["arch", "convert F16", "base F16", "merged F16", "hot-applied", "baseline: default RoPE base"]
     print("max|Δ|/σ / top-1 (decided positions) vs the float64 reference (merged and hot-applied: vs the reference with the "
           f"adapter merged), {args.tokens} tokens")

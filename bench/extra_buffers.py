@@ -176,6 +176,8 @@ def main() -> None:
 
     verdict = extra_buffers_verdict()
     print(f"probe verdict on this machine: {verdict.describe()}")
+    if not verdict.usable and verdict.source != "forced":
+        raise SystemExit("the extra buffers do not run on this CPU: the fallback is the only path, nothing to compare")
     print(f"{PROMPT_TOKENS}-token prompt (best of {args.repeats}), {args.decode} decoded tokens, "
           f"{args.threads} threads; each figure from a fresh process\n")
     print("tok/s per CPU-second (process time: steady under load) and, in brackets, per wall second")

@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parent.parent  # tests.support, for the naive side's load
+
 EDGE = """
 import json, sys, time
 from edge_lora.perplexity import default_eval_text, measure_perplexity
@@ -30,6 +32,9 @@ import numpy as np
 from llama_cpp import Llama
 from edge_lora.perplexity import default_eval_text
 path, ctx, windows = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) or None
+sys.path.insert(0, sys.argv[4])
+from tests.support.llama_reference import follow_extra_buffer_verdict
+follow_extra_buffer_verdict()  # the same extra-buffer verdict as edge-lora's load
 t = time.perf_counter()
 llm = Llama(model_path=path, n_ctx=ctx, n_batch=ctx, logits_all=True, verbose=False)
 tokens = llm.tokenize(default_eval_text().encode(), add_bos=True, special=False)
@@ -51,7 +56,7 @@ print(json.dumps({"ppl": math.exp(sum(nll) / len(nll)), "tokens": n * ctx, "seco
 
 
 def run(script: str, model: Path, ctx: int, windows: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", script, str(model), str(ctx), str(windows)],
+    out = subprocess.run([sys.executable, "-c", script, str(model), str(ctx), str(windows), str(REPO)],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -65,6 +65,11 @@ def persistent_cache(request: pytest.FixtureRequest) -> Path:
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Reference loads through llama_cpp.Llama take the extra-buffer verdict edge-lora's own loads
+    # take: on a CPU whose AMX traps they would otherwise die by SIGSEGV.
+    from tests.support.llama_reference import follow_extra_buffer_verdict
+
+    follow_extra_buffer_verdict()
 
 
 # --- Real-model artifacts, built once per machine (persistent_cache) and shared by all tests ---

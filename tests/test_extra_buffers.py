@@ -52,13 +52,34 @@ def test_probe_model_uses_every_type_and_shape_the_extra_paths_take(tmp_path: Pa
     assert info.file_bytes < 4 * 1024 * 1024
 
 
-def test_probe_passes_on_this_machine_and_names_the_buffer_types(probe_cache: Path) -> None:
+REAL_MODEL_WITH_EXTRA_BUFFERS = """
+import sys
+import llama_cpp.llama_cpp as bindings
+from llama_cpp import Llama
+assert bindings.llama_model_default_params().use_extra_bufts  # llama.cpp's default: on
+llm = Llama(sys.argv[1], n_ctx=64, n_batch=32, n_threads=1, verbose=False)
+llm.eval(list(range(3, 35)))  # a prompt batch: the path AMX and repacked weights take
+print("decoded")
+"""
+
+
+def test_the_probe_verdict_is_what_a_real_model_does_on_this_machine(probe_cache: Path, gemma_q4_gguf: Path) -> None:
+    """Whatever this CPU is: the probe passes exactly where the real Gemma Q4_K_M, loaded with
+    llama.cpp's defaults (extra buffers on) in a child, decodes a prompt batch; where it passes it
+    names the buffer types, where it fails it names the signal; the verdict is cached."""
     verdict = extra_buffers.extra_buffers_verdict(cache_dir=probe_cache)
-    assert verdict.usable and verdict.source == "probe", verdict
-    if "avx2" in cpu_identity().flags:  # repack.cpp: Q4_0/Q4_K/IQ4_NL/MXFP4 are repacked on AVX2
+    assert verdict.source == "probe", verdict
+    real = subprocess.run([sys.executable, "-c", REAL_MODEL_WITH_EXTRA_BUFFERS, str(gemma_q4_gguf)],
+                          capture_output=True, text=True, timeout=300)
+    real_runs = real.returncode == 0 and "decoded" in real.stdout
+    assert real_runs or real.returncode < 0, real.stderr[-2000:]  # ran, or died by a signal
+    assert verdict.usable == real_runs, (verdict, real.returncode)
+    if verdict.usable and "avx2" in cpu_identity().flags:  # repack.cpp: Q4_0/Q4_K/IQ4_NL/MXFP4 on AVX2
         assert "CPU_REPACK" in verdict.buffer_types
+    if not verdict.usable:
+        assert "the probe child died by SIG" in verdict.reason, verdict.reason
     again = extra_buffers.extra_buffers_verdict(cache_dir=probe_cache, child_command=SIGILL_CHILD)
-    assert again.source == "cached" and again.usable  # the cached verdict: no second probe
+    assert again.source == "cached" and again.usable == verdict.usable  # no second probe
 
 
 def test_a_probe_child_killed_by_sigill_means_fallback_and_is_cached(probe_cache: Path) -> None:
@@ -146,9 +167,12 @@ def test_doctor_says_which_path_is_in_use_and_why() -> None:
     assert "Extra buffers off: forced by EDGE_LORA_NO_EXTRA_BUFFERS=1" in forced.stdout
     probed = _doctor({})
     assert probed.returncode == 0, probed.stderr
+    verdict = extra_buffers.extra_buffers_verdict()  # this machine's, cached by the doctor child
+    assert verdict.source == "cached"
     line = next(line for line in probed.stdout.splitlines() if line.startswith("Extra buffers"))
-    assert line.startswith("Extra buffers on (") and "probe" in line and "cached in" in line
+    expected = "Extra buffers on (" if verdict.usable else "Extra buffers off: the probe child died by SIG"
+    assert line.startswith(expected) and "probe" in line and "cached in" in line, line
     as_json = subprocess.run([sys.executable, "-m", "edge_lora", "doctor", "--json"], capture_output=True,
                              text=True, timeout=300)
     document = json.loads(as_json.stdout)
-    assert document["extra_buffers"]["usable"] is True and document["extra_buffers"]["source"] == "cached"
+    assert document["extra_buffers"]["usable"] is verdict.usable and document["extra_buffers"]["source"] == "cached"

@@ -1,0 +1,31 @@
+"""Faults injected where a CPU cannot be relied on to produce them.
+
+NaN weights do not reliably give NaN logits: on AVX2 they do, on AVX-512 llama.cpp's SIMD clamps
+swallow the NaN and the model writes finite nonsense (which is why adapters are checked for NaN
+at load). The runtime's own guard against non-finite logits is tested by making the logits NaN.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from edge_lora.llama_backend import LlamaContext
+
+
+@contextlib.contextmanager
+def nan_logits(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every LlamaContext.logits row reads NaN inside the block (decoding itself is untouched)."""
+    real = LlamaContext.logits
+
+    def poisoned(self: LlamaContext, i: int = -1) -> np.ndarray:
+        return np.full_like(real(self, i), np.nan)
+
+    monkeypatch.setattr(LlamaContext, "logits", poisoned)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(LlamaContext, "logits", real)
