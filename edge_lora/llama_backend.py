@@ -26,7 +26,7 @@ import numpy as np
 from edge_lora.converters.load_check import check_loads, proc_fd_path
 from edge_lora.core import constants
 from edge_lora.core.errors import AdapterError, InternalError, InvalidGGUFError, RequestError
-from edge_lora.core.gguf_check import FileIdentity, GGUFInfo, check_adapter_fits, validate_gguf
+from edge_lora.core.gguf_check import FileIdentity, GGUFInfo, check_adapter_fits, check_adapter_values, validate_gguf
 from edge_lora.extra_buffers import use_extra_buffers
 
 import llama_cpp.llama_cpp as llama  # noqa: E402  (heavy: imported only by modules that run models)
@@ -318,8 +318,10 @@ class LoraAdapter(_NativeHandle):
         _clear_log()
         self._ptr = None
         try:
-            with _pinned(self.path, self.info.identity) as (_fd, _identity, name), model._lock:
-                self._ptr = llama.llama_adapter_lora_init(model.ptr, name.encode())
+            with _pinned(self.path, self.info.identity) as (fd, _identity, name):
+                check_adapter_values(self.info, fd)
+                with model._lock:
+                    self._ptr = llama.llama_adapter_lora_init(model.ptr, name.encode())
         except InvalidGGUFError as exc:
             if self._ptr:
                 llama.llama_adapter_lora_free(self._ptr)

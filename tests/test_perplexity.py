@@ -86,14 +86,19 @@ def test_bad_inputs(tmp_path: Path, gemma_q4_gguf: Path) -> None:
         measure_perplexity(gemma_q4_gguf, "text", ctx=4)
 
 
-def test_nan_adapter_and_duplicate_adapter_refused(tmp_path: Path, gemma_q4_gguf: Path) -> None:
+def test_nan_adapter_nan_logits_and_duplicate_adapter_refused(tmp_path: Path, gemma_q4_gguf: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     # NaN logits used to give PPL NaN, exit 0 and "NaN" (not JSON) in --json output.
+    from edge_lora.core.errors import AdapterError
+    from tests.support.faults import nan_logits
     from tests.support.lora_fixtures import write_random_lora
 
     text = default_eval_text()
     nan = write_random_lora(gemma_q4_gguf, tmp_path / "nan.gguf", seed=3, strength=float("nan"))
-    with pytest.raises(InvalidGGUFError, match="NaN/inf logits"):
+    with pytest.raises(AdapterError, match="holds NaN/inf values"):
         measure_perplexity(gemma_q4_gguf, text, ctx=64, adapters=[nan], max_windows=2)
+    with nan_logits(monkeypatch), pytest.raises(InvalidGGUFError, match="NaN/inf logits"):
+        measure_perplexity(gemma_q4_gguf, text, ctx=64, max_windows=2, use_cache=False)
     good = write_random_lora(gemma_q4_gguf, tmp_path / "good.gguf", seed=4, strength=0.1)
     with pytest.raises(InputError, match="given twice"):
         measure_perplexity(gemma_q4_gguf, text, ctx=64, adapters=[good, tmp_path / "." / "good.gguf"])

@@ -152,18 +152,21 @@ def test_the_pool_routes_a_request_to_the_context_holding_its_prefix(gemma_q4_gg
         assert chat_turn(rt, chats["base"], "And then?").cached_tokens == 0
 
 
-def test_a_failed_request_leaves_nothing_to_reuse(runtime: Runtime, gemma_q4_gguf: Path, tmp_path: Path) -> None:
+def test_a_failed_request_leaves_nothing_to_reuse(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
     from edge_lora.core.errors import InvalidGGUFError
-    from tests.support.lora_fixtures import write_random_lora
+    from tests.support.faults import nan_logits
 
-    runtime.load_adapter("nan", write_random_lora(gemma_q4_gguf, tmp_path / "nan.gguf", seed=3,
-                                                  strength=float("nan")))
-    try:
-        for _ in range(2):  # the second must not decode one token on the first's NaN cache
+    prompt = "The license grants"
+    with nan_logits(monkeypatch):
+        for _ in range(2):
             with pytest.raises(InvalidGGUFError, match="NaN/inf"):
-                runtime.generate("The license grants", adapters={"nan": 1.0}, max_tokens=2).text()
-    finally:
-        runtime.unload_adapter("nan")
+                runtime.generate(prompt, max_tokens=2).text()
+    after = runtime.generate(prompt, max_tokens=2)
+    assert after.text()
+    assert after.stats.cached_tokens == 0  # the failed request's prefill was not kept
+    again = runtime.generate(prompt, max_tokens=2)
+    again.text()
+    assert again.stats.cached_tokens > 0  # a successful one is (the check above could fail)
 
 
 # --- the backend's cut: what a reused prefix leaves behind must not leak into the rest ---

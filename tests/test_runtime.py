@@ -172,7 +172,12 @@ def test_hot_applied_adapter_matches_reference_merge(tmp_path: Path, gemma_q4_gg
     ref = all_logits(merged, None)
     top1_hot_ref = (hot.argmax(1) == ref.argmax(1)).mean()
     top1_base_ref = (base.argmax(1) == ref.argmax(1)).mean()
-    assert top1_hot_ref >= 0.95, top1_hot_ref
+    # Kernels round differently (at least 0.95 on AVX2; 0.948 measured on an AVX-512 Xeon): where they disagree
+    # it must be a near-tie in the reference, under a tenth of sigma.
+    assert top1_hot_ref >= 0.9, top1_hot_ref
+    parted = np.flatnonzero(hot.argmax(1) != ref.argmax(1))
+    margins = ref[parted, ref.argmax(1)[parted]] - ref[parted, hot.argmax(1)[parted]]
+    assert (margins < 0.1 * ref.std()).all(), (margins, ref.std())
     assert top1_base_ref < top1_hot_ref
     assert np.abs(hot - ref).mean() < 0.25 * np.abs(base - ref).mean()
 
@@ -206,17 +211,24 @@ def test_non_finite_logits_are_a_typed_error_not_token_zero() -> None:
                 sample_token(bad, params, rng)
 
 
-def test_nan_adapter_is_refused_at_generation(tmp_path: Path, runtime: Runtime, gemma_q4_gguf: Path) -> None:
+def test_nan_adapter_is_refused_at_load(tmp_path: Path, runtime: Runtime, gemma_q4_gguf: Path) -> None:
+    """llama.cpp loads NaN adapter weights silently; on AVX-512 the logits even stay finite."""
     from tests.support.lora_fixtures import write_random_lora
 
     nan = write_random_lora(gemma_q4_gguf, tmp_path / "nan.gguf", seed=3, strength=float("nan"))
-    runtime.load_adapter("nan", nan)
-    try:
+    before = set(runtime.adapters)
+    with pytest.raises(AdapterError, match=r"nan.gguf: tensor blk\.0\.attn_q\.weight\.lora_b holds NaN/inf"):
+        runtime.load_adapter("nan", nan)
+    assert set(runtime.adapters) == before
+
+
+def test_nan_logits_are_refused_at_generation(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.support.faults import nan_logits
+
+    with nan_logits(monkeypatch):
         for temperature in (0.0, 0.8):
             with pytest.raises(InvalidGGUFError, match="NaN/inf logits"):
-                runtime.generate(PROMPT, adapters={"nan": 1.0}, max_tokens=2, temperature=temperature).text()
-    finally:
-        runtime.unload_adapter("nan")
+                runtime.generate(PROMPT, max_tokens=2, temperature=temperature).text()
     assert len(greedy(runtime, n=2)) == 2  # the context went back to the pool
 
 

@@ -226,20 +226,16 @@ def test_negative_seed_is_served(runtime: Runtime) -> None:
     assert first.json()["choices"][0]["text"] == second.json()["choices"][0]["text"]
 
 
-def test_nan_adapter_gets_an_error_plain_and_streamed(runtime: Runtime, gemma_q4_gguf: Path, tmp_path: Path) -> None:
-    from tests.support.lora_fixtures import write_random_lora
+def test_nan_logits_get_an_error_plain_and_streamed(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.support.faults import nan_logits
 
-    runtime.load_adapter("nan", write_random_lora(gemma_q4_gguf, tmp_path / "nan.gguf", seed=3,
-                                                  strength=float("nan")))
-    try:
-        async def go():
-            async with client_for(make_app(runtime)) as c:
-                plain = await _completion(c, "nan", temperature=0.8)
-                streamed = await _completion(c, "nan", temperature=0.8, stream=True)
-                return plain, streamed
+    async def go():
+        async with client_for(make_app(runtime)) as c:
+            plain = await _completion(c, runtime.model_id, temperature=0.8)
+            streamed = await _completion(c, runtime.model_id, temperature=0.8, stream=True)
+            return plain, streamed
+    with nan_logits(monkeypatch):
         plain, streamed = run(go())
-    finally:
-        runtime.unload_adapter("nan")
     assert plain.status_code == 400 and "NaN/inf logits" in plain.json()["error"]["message"]
     assert "NaN/inf logits" in _sse_events(streamed.text)[-1]["error"]["message"]
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Literal, NamedTuple
 
 import gguf
+import numpy as np
 
 from edge_lora.core.errors import AdapterError, AdapterMismatchError, InputError, InputNotFoundError, InvalidGGUFError
 
@@ -598,6 +599,31 @@ LORA_B_SUFFIX = ".lora_b"
 # ggml_mul_mat has no integer or F64 kernels: an adapter stored so crashed the process (SIGSEGV)
 # at the first decode.
 LORA_REFUSED_TYPES = MODEL_REFUSED_TYPES
+
+
+def check_adapter_values(adapter: GGUFInfo, fd: int) -> None:
+    """Refuse NaN/inf in an adapter's lora_a/lora_b (read through ``fd``, the checked file).
+    llama.cpp loads them without a word, and whether they reach the logits depends on the CPU's
+    kernels: on AVX2 the logits turn NaN, on AVX-512 SIMD clamps swallow the NaN and the model
+    writes finite nonsense. Adapters are small: this reads them once, per tensor."""
+    with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as data:
+        for tensor in adapter.tensors:
+            if not tensor.name.endswith((LORA_A_SUFFIX, LORA_B_SUFFIX)):
+                continue
+            raw = np.frombuffer(data, dtype=np.uint8, count=tensor.n_bytes, offset=tensor.offset)
+            if tensor.type_name in _FLOAT_VIEWS:
+                finite = np.isfinite(raw.view(_FLOAT_VIEWS[tensor.type_name])).all()
+            elif tensor.type_name == "BF16":  # exponent bits all ones: inf or NaN
+                finite = not ((raw.view(np.uint16) & 0x7F80) == 0x7F80).any()
+            else:
+                finite = np.isfinite(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[tensor.type_name])).all()
+            del raw  # no view may outlive the map
+            if not finite:
+                raise AdapterError(f"adapter {adapter.path.name}: tensor {tensor.name} holds NaN/inf values",
+                                   fix="the adapter is corrupt or its training diverged: re-train or re-convert it")
+
+
+_FLOAT_VIEWS = {"F32": np.float32, "F16": np.float16}
 
 
 def check_adapter_fits(base: GGUFInfo, adapter: GGUFInfo) -> None:
