@@ -485,3 +485,50 @@ def test_an_rwkv_tokenizer_on_another_architecture_is_refused(tmp_path: Path) ->
            _kv("tokenizer.ggml.model", VT.STRING, _str("rwkv"))]
     with pytest.raises(InvalidGGUFError, match="RWKV tokenizer for a llama model"):
         validate_gguf(write(tmp_path, build_gguf(kvs=kvs)), expect_type="model")
+
+
+@pytest.mark.parametrize("type_name", ["F32", "F16", "BF16", "Q8_0"])
+def test_adapter_values_nan_or_inf_refused_in_every_type_converters_write(tmp_path: Path, type_name: str) -> None:
+    import os
+
+    from edge_lora.core.gguf_check import check_adapter_values
+
+    def adapter(bad: float | None) -> Path:
+        lora_b = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
+        if bad is not None:
+            lora_b[17, 5] = bad
+        path = tmp_path / f"{type_name}-{bad}.gguf"
+        w = gguf.GGUFWriter(path, "llama")
+        w.add_string("general.type", "adapter")
+        w.add_string("adapter.type", "lora")
+        for name, values in (("blk.0.attn_q.weight.lora_a", np.ones((8, 32), np.float32)),
+                             ("blk.0.attn_q.weight.lora_b", lora_b)):
+            if type_name == "F32":
+                w.add_tensor(name, values)
+            elif type_name == "F16":
+                w.add_tensor(name, values.astype(np.float16))
+            elif type_name == "BF16":
+                w.add_tensor(name, (values.view(np.uint32) >> 16).astype(np.uint16), raw_dtype=gguf.GGMLQuantizationType.BF16)
+            else:
+                qtype = gguf.GGMLQuantizationType.Q8_0
+                with np.errstate(invalid="ignore", over="ignore"):
+                    w.add_tensor(name, gguf.quants.quantize(values, qtype), raw_dtype=qtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return path
+
+    def check(path: Path) -> None:
+        info = validate_gguf(path, expect_type="adapter")
+        assert {t.type_name for t in info.tensors} == {type_name}
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            check_adapter_values(info, fd)
+        finally:
+            os.close(fd)
+
+    check(adapter(None))  # finite: accepted
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(AdapterError, match=r"tensor blk\.0\.attn_q\.weight\.lora_b holds NaN/inf"):
+            check(adapter(bad))

@@ -605,7 +605,8 @@ def check_adapter_values(adapter: GGUFInfo, fd: int) -> None:
     """Refuse NaN/inf in an adapter's lora_a/lora_b (read through ``fd``, the checked file).
     llama.cpp loads them without a word, and whether they reach the logits depends on the CPU's
     kernels: on AVX2 the logits turn NaN, on AVX-512 SIMD clamps swallow the NaN and the model
-    writes finite nonsense. Adapters are small: this reads them once, per tensor."""
+    writes finite nonsense. Adapters are small: this reads them once, per tensor. Checked: the
+    types llama.cpp's and edge-lora's adapter converters write (F32, F16, BF16, Q8_0)."""
     with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as data:
         for tensor in adapter.tensors:
             if not tensor.name.endswith((LORA_A_SUFFIX, LORA_B_SUFFIX)):
@@ -615,13 +616,11 @@ def check_adapter_values(adapter: GGUFInfo, fd: int) -> None:
                 finite = np.isfinite(raw.view(_FLOAT_VIEWS[tensor.type_name])).all()
             elif tensor.type_name == "BF16":  # exponent bits all ones: inf or NaN
                 finite = not ((raw.view(np.uint16) & 0x7F80) == 0x7F80).any()
+            elif tensor.type_name == "Q8_0":
+                with np.errstate(invalid="ignore", over="ignore"):  # the NaN it looks for is no warning
+                    finite = np.isfinite(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q8_0)).all()
             else:
-                try:
-                    values = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[tensor.type_name])
-                except NotImplementedError:  # a type gguf-py cannot read: llama.cpp's own check only
-                    values = np.zeros(1)
-                finite = np.isfinite(values).all()
-                del values
+                finite = True  # not a type adapter converters write: left to llama.cpp's own loader
             del raw  # no view may outlive the map
             if not finite:
                 raise AdapterError(f"adapter {adapter.path.name}: tensor {tensor.name} holds NaN/inf values",
