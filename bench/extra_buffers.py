@@ -37,8 +37,8 @@ _MEASURE = r"""
 import json, re, sys, time
 sys.path.insert(0, sys.argv[1])
 import numpy as np
-from edge_lora import llama_backend
-from edge_lora.llama_backend import LlamaContext, LlamaModel, llama
+from edge_lora.serving import llama_backend
+from edge_lora.serving.llama_backend import LlamaContext, LlamaModel, llama
 
 path, extra, repeats, n_decode, threads = sys.argv[2], sys.argv[3] == "1", int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 llama_backend._ensure_backend()
@@ -132,7 +132,7 @@ def measure(path: Path, extra: bool, args: argparse.Namespace) -> dict:
 _INPROCESS_LOAD = r"""
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
-from edge_lora import llama_backend
+from edge_lora.serving import llama_backend
 from edge_lora.core.gguf_check import validate_gguf
 t = time.perf_counter()
 import llama_cpp.llama_cpp
@@ -172,7 +172,7 @@ def main() -> None:
                              "up on a loaded machine)")
     args = parser.parse_args()
 
-    from edge_lora.extra_buffers import extra_buffers_verdict
+    from edge_lora.serving.extra_buffers import extra_buffers_verdict
 
     verdict = extra_buffers_verdict()
     print(f"probe verdict on this machine: {verdict.describe()}")

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from edge_lora.core import constants
-from edge_lora.fit import estimate_memory, measure_peak_rss
+from edge_lora.analysis.fit import estimate_memory, measure_peak_rss
 
 
 def default_files() -> list[Path]:

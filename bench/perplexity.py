@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parent.parent  # tests.support, for the naive si
 
 EDGE = """
 import json, sys, time
-from edge_lora.perplexity import default_eval_text, measure_perplexity
+from edge_lora.analysis.perplexity import default_eval_text, measure_perplexity
 path, ctx, windows = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) or None
 t = time.perf_counter()
 r = measure_perplexity(path, default_eval_text(), ctx=ctx, max_windows=windows)
@@ -30,7 +30,7 @@ NAIVE = """
 import json, math, sys, time
 import numpy as np
 from llama_cpp import Llama
-from edge_lora.perplexity import default_eval_text
+from edge_lora.analysis.perplexity import default_eval_text
 path, ctx, windows = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) or None
 sys.path.insert(0, sys.argv[4])
 from tests.support.llama_reference import follow_extra_buffer_verdict

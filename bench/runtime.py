@@ -30,15 +30,15 @@ import time
 from pathlib import Path
 
 from edge_lora.core.gguf_check import validate_gguf
-from edge_lora.perplexity import default_eval_text, measure_perplexity
+from edge_lora.analysis.perplexity import default_eval_text, measure_perplexity
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # the repo root: edge_lora and tests.support
 from tests.support.lora_fixtures import write_random_lora  # noqa: E402  (test helper, shared with the runtime tests)
-from edge_lora.llama_backend import LlamaContext, LlamaModel, LoraAdapter
+from edge_lora.serving.llama_backend import LlamaContext, LlamaModel, LoraAdapter
 from edge_lora.core.constants import N_THREADS
-import edge_lora.runtime as runtime_module
-from edge_lora.runtime import Runtime
+import edge_lora.serving.runtime as runtime_module
+from edge_lora.serving.runtime import Runtime
 
 LEGAL_TARGETS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 LEGAL_DIR = REPO_ROOT / "edge_lora" / "data" / "legal-adapter"
@@ -263,7 +263,7 @@ def _completions_per_second(rt: Runtime, models: list[str], n_tokens: int, concu
     ASGI), greedy, prompt cache off so every request does the same work."""
     import httpx
 
-    from edge_lora.server import make_app
+    from edge_lora.serving.server import make_app
 
     async def run_all() -> float:
         transport = httpx.ASGITransport(app=make_app(rt))
@@ -331,7 +331,7 @@ def bench_prompt_cache(base: Path, legal: Path, n_reply: int) -> None:
     TUI chat use): time to first token per turn with the prompt cache (each turn decodes only
     what is new) and, on the same prompt, without it (a second runtime reads it from scratch,
     so neither run can find the other's tokens in its cache)."""
-    from edge_lora.conversation import Conversation
+    from edge_lora.serving.conversation import Conversation
 
     adapters = {"legal": 1.0}
     with Runtime(base, n_ctx=4096) as cached_rt, Runtime(base, n_ctx=4096, prompt_cache=False) as exact_rt:
@@ -380,7 +380,7 @@ def bench_prompt_cache(base: Path, legal: Path, n_reply: int) -> None:
 def bench_structured(base: Path, legal: Path, n_tokens: int, repeat: int) -> None:
     """Generation speed with a JSON-schema grammar enforced, and with log-probabilities
     reported, against plain sampling in the same run."""
-    from edge_lora.structured import Grammar
+    from edge_lora.serving.structured import Grammar
 
     schema = {"type": "object", "properties": {
         "license": {"enum": ["Apache-2.0", "MIT", "GPL-3.0", "other"]},

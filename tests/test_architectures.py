@@ -427,7 +427,7 @@ def _merged_logits(model: Converted, adapter: Path, out: Path) -> np.ndarray:
 
 def _hot_applied_logits(base: Path, lora: Path, tokens: list[int]) -> np.ndarray:
     tokens = tokens[:ADAPTER_TOKENS]
-    from edge_lora.llama_backend import LlamaContext, LlamaModel, LoraAdapter
+    from edge_lora.serving.llama_backend import LlamaContext, LlamaModel, LoraAdapter
 
     with LlamaModel(base) as llm, LlamaContext(llm, n_ctx=N_CTX, n_batch=N_CTX, n_threads=2) as ctx:
         adapter = LoraAdapter(llm, lora)
@@ -550,7 +550,7 @@ def test_smollm2_llama_with_its_own_tokenizer(tmp_path: Path, generation: str) -
     vocab = llama_cpp.Llama(str(model.f16), vocab_only=True, verbose=False)
     expected = Tokenizer.from_file(str(ckpt / "tokenizer.json")).encode(MIXED_TEXT, add_special_tokens=False).ids
     assert vocab.tokenize(MIXED_TEXT.encode(), add_bos=False, special=False) == expected
-    from edge_lora.go_template import detect_family
+    from edge_lora.analysis.go_template import detect_family
 
     assert detect_family(md["tokenizer.chat_template"]) == "chatml"
 

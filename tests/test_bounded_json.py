@@ -24,7 +24,7 @@ from edge_lora.core.bounded_json import LIMITS, MAX_DEPTH, JsonKind, loads_json,
 from edge_lora.core.errors import (AdapterError, EdgeLoraError, InputError, InvalidCheckpointError,
                                    RegistryError)
 from edge_lora.core.manifest import Manifest
-from edge_lora.registry import AdapterRegistry
+from edge_lora.serving.registry import AdapterRegistry
 from tests.support.model_fixtures import make_checkpoint, make_peft_adapter
 
 # json's own recursion gives up near 1000 levels (RecursionError); the depth walk at MAX_DEPTH.

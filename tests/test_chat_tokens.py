@@ -13,8 +13,8 @@ import pytest
 from edge_lora.converters.hf_to_gguf import convert_checkpoint
 from edge_lora.core.chat_template import ChatTemplate, render_chat
 from edge_lora.core.errors import RequestError
-from edge_lora.llama_backend import TOKEN_ATTR_CONTROL
-from edge_lora.runtime import Runtime
+from edge_lora.serving.llama_backend import TOKEN_ATTR_CONTROL
+from edge_lora.serving.runtime import Runtime
 
 from tests.support.model_fixtures import make_checkpoint
 

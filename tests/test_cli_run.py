@@ -20,8 +20,8 @@ from edge_lora import state
 from edge_lora.cli import main
 from edge_lora.core.context_size import MAX_CTX, MIN_CTX
 from edge_lora.core.errors import InputError, InputNotFoundError
-from edge_lora.model_choice import AdapterChoice, parse_adapter_arg, resolve_model_path
-from edge_lora.runtime import Runtime
+from edge_lora.serving.model_choice import AdapterChoice, parse_adapter_arg, resolve_model_path
+from edge_lora.serving.runtime import Runtime
 
 PROMPT = "The Apache License, Version 2.0, grants"
 
@@ -140,7 +140,7 @@ def test_model_directory_resolution(tmp_path: Path, gemma_q4_gguf: Path) -> None
         {"path": "gemma-Q8_0.gguf", "format": "Q8_0", "kind": "merged", **row},
         {"path": "adapter-x.gguf", "format": "F32", "kind": "adapter", **row}]}))
     assert resolve_model_path(by_manifest, "q8_0") == by_manifest / "gemma-Q8_0.gguf"
-    from edge_lora.fit import fit_report
+    from edge_lora.analysis.fit import fit_report
 
     [recommended] = [row for row in fit_report([by_manifest / "gemma-Q4_K_M.gguf", by_manifest / "gemma-Q8_0.gguf"])
                      .models if row.recommended]

@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 
 from edge_lora.core.manifest import Manifest
-from edge_lora.registry import AdapterRegistry
+from edge_lora.serving.registry import AdapterRegistry
 
 PER_PROCESS = 50
 
 REGISTRY_WORKER = """
 import sys, time
 from pathlib import Path
-from edge_lora.registry import AdapterRegistry
+from edge_lora.serving.registry import AdapterRegistry
 worker, adapter, go = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 while not go.exists():
     time.sleep(0.001)

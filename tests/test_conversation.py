@@ -1,4 +1,4 @@
-"""The conversation both chats use (edge_lora.conversation): the whole history is kept, only
+"""The conversation both chats use (edge_lora.serving.conversation): the whole history is kept, only
 the prompt is fitted (whole exchanges, never a leading assistant turn, the system message
 kept), a failed or abandoned turn leaves the history as it was, and the reply budget."""
 
@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from edge_lora.conversation import Conversation
+from edge_lora.serving.conversation import Conversation
 from edge_lora.core.errors import ContextLengthError, RequestError
-from edge_lora.runtime import Runtime
+from edge_lora.serving.runtime import Runtime
 
 
 class WordModel:

@@ -14,7 +14,7 @@ from tests.support.modelfile_grammar import parse_modelfile, resolve_modelfile_p
 
 from edge_lora.core.gguf_check import validate_gguf
 from edge_lora.core.imatrix_file import read_imatrix
-from edge_lora.perplexity import default_eval_text, measure_perplexity
+from edge_lora.analysis.perplexity import default_eval_text, measure_perplexity
 
 EXPECTED_FORMATS = {"F16", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K",
                     "Q8_0"}

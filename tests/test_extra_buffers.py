@@ -14,7 +14,7 @@ from pathlib import Path
 import gguf
 import pytest
 
-from edge_lora import extra_buffers, llama_backend
+from edge_lora.serving import extra_buffers, llama_backend
 from edge_lora.core import constants
 from edge_lora.core.gguf_check import validate_gguf
 from edge_lora.hardware import cpu_identity

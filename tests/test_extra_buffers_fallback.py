@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from edge_lora import extra_buffers
+from edge_lora.serving import extra_buffers
 from edge_lora.core import constants
 from edge_lora.hardware import cpu_identity
 
@@ -63,7 +63,7 @@ def test_fallback_logits_differ_no_more_than_llama_cpp_differs_from_itself(gemma
                                                                             heldout_text: str) -> None:
     import numpy as np
 
-    from edge_lora.llama_backend import LlamaContext, LlamaModel
+    from edge_lora.serving.llama_backend import LlamaContext, LlamaModel
 
     def logits(extra: bool, n_batch: int) -> np.ndarray:
         with LlamaModel(gemma_q4_gguf, extra_buffers=extra) as model:
@@ -90,7 +90,7 @@ def test_fallback_is_as_close_to_the_float64_reference_as_the_default(gemma_q4_g
     (measured: max|d| 0.50 vs 0.52 sigma, mean 0.047 vs 0.044, top-1 1.000 both, 64 tokens)."""
     import numpy as np
 
-    from edge_lora.llama_backend import LlamaContext, LlamaModel
+    from edge_lora.serving.llama_backend import LlamaContext, LlamaModel
     from tests.support.reference import load_checkpoint, reference_logits
 
     got = {}
@@ -169,7 +169,7 @@ def _greedy(model_path: Path, adapter: Path | None, prompt: str, n: int, extra: 
     """Greedy tokens and the logits each was chosen from, as the demo's generation does."""
     import numpy as np
 
-    from edge_lora.llama_backend import LlamaContext, LlamaModel, LoraAdapter
+    from edge_lora.serving.llama_backend import LlamaContext, LlamaModel, LoraAdapter
 
     with LlamaModel(model_path, extra_buffers=extra) as model:
         ctx = LlamaContext(model, n_ctx=512, n_batch=512)
@@ -194,7 +194,7 @@ def test_the_demo_generation_works_and_parts_only_at_near_ties(gemma_q4_gguf: Pa
     vs 30.30 in the fallback, sigma 7.7; the float64 reference picks ' use'), with the legal
     adapter the 9th (margin 0.41 = 0.053 sigma). "Near" is below a tenth of sigma, under the
     paths' own per-logit difference (mean 0.04, 99.9th percentile 0.23-0.28 sigma)."""
-    from edge_lora.runtime import Runtime
+    from edge_lora.serving.runtime import Runtime
     from edge_lora.workflows import demo
 
     monkeypatch.setattr(constants, "NO_EXTRA_BUFFERS", True)

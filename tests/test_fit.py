@@ -8,7 +8,7 @@ import pytest
 
 from edge_lora.cli import main
 from edge_lora.core.errors import InputError, InputNotFoundError, InvalidGGUFError
-from edge_lora.fit import (FIT_SHARE, estimate_memory, fit_report, format_of,
+from edge_lora.analysis.fit import (FIT_SHARE, estimate_memory, fit_report, format_of,
                            measure_peak_rss, verdict_for)
 from edge_lora.core.gguf_check import validate_gguf
 from tests.support.gguf_parses import count_parses
@@ -128,7 +128,7 @@ def test_fit_report_parses_each_file_once(format_dir: Path, random_gemma_loras: 
 
 
 def test_estimates_from_parsed_headers_read_no_file(format_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from edge_lora.fit import model_infos
+    from edge_lora.analysis.fit import model_infos
 
     infos = model_infos([format_dir])
     by_path = fit_report([format_dir], ctx=2048, available_bytes=10**11)

@@ -216,7 +216,7 @@ def test_extra_embedding_rows_load_in_llama_cpp_with_the_same_logits(tmp_path: P
     """The released models have 262208 embedding rows for 262144 tokenizer tokens: all rows are
     kept and the GGUF vocab is padded to match, so llama.cpp loads it and every real token's
     logit is the text model's (the extra rows only add logits no token ever decodes to)."""
-    from edge_lora.llama_backend import LlamaContext, LlamaModel
+    from edge_lora.serving.llama_backend import LlamaContext, LlamaModel
 
     extra = 64
     mm = _multimodal(text_ckpt, tmp_path, "4.52+", extra_vocab_rows=extra)

@@ -190,7 +190,7 @@ def _reference_sums(ckpt: Path, chunks: list[list[int]], peft: Path | None = Non
 
 def _chunks(model_path: Path, text: Path, ctx: int, n: int) -> list[list[int]]:
     """llama-imatrix's chunking, done plainly: whole text with BOS, ctx-token chunks, BOS first."""
-    from edge_lora.llama_backend import LlamaModel
+    from edge_lora.serving.llama_backend import LlamaModel
 
     with LlamaModel(model_path) as model:
         tokens = model.tokenize(text.read_text(encoding="utf-8").removesuffix("\n"), add_bos=True, special=False)
@@ -199,7 +199,7 @@ def _chunks(model_path: Path, text: Path, ctx: int, n: int) -> list[list[int]]:
 
 @pytest.mark.parametrize("with_adapter", [False, True], ids=["merged", "hot-applied"])
 def test_collected_sums_equal_the_reference_projection_inputs(tiny: dict[str, Path], with_adapter: bool) -> None:
-    from edge_lora.imatrix import compute_imatrix
+    from edge_lora.analysis.imatrix import compute_imatrix
 
     ctx = 64
     run = compute_imatrix(tiny["f32"], tiny["text"], ctx=ctx, n_threads=1, max_chunks=3,
@@ -225,7 +225,7 @@ def test_collected_sums_equal_the_reference_projection_inputs(tiny: dict[str, Pa
 
 
 def test_the_adapter_changes_what_the_base_weights_see(tiny: dict[str, Path]) -> None:
-    from edge_lora.imatrix import compute_imatrix
+    from edge_lora.analysis.imatrix import compute_imatrix
 
     plain = compute_imatrix(tiny["f32"], tiny["text"], ctx=64, n_threads=1, max_chunks=2).imatrix
     adapted = compute_imatrix(tiny["f32"], tiny["text"], ctx=64, n_threads=1, max_chunks=2,
@@ -240,7 +240,7 @@ def test_the_adapter_changes_what_the_base_weights_see(tiny: dict[str, Path]) ->
 def test_mul_mat_id_sums_follow_the_routing() -> None:
     """MUL_MAT_ID (mixture-of-experts) accumulation against a plain loop over llama-imatrix's
     definition: each (token, slot) adds its activation row's squares to the routed expert."""
-    from edge_lora.imatrix import ImatrixCollector
+    from edge_lora.analysis.imatrix import ImatrixCollector
 
     rng = np.random.default_rng(3)
     n_tokens, n_used, n_as, ne0 = 40, 2, 5, 32
@@ -269,7 +269,7 @@ def test_mul_mat_id_sums_follow_the_routing() -> None:
 
 
 def test_short_text_and_small_context_are_refused(tiny: dict[str, Path], tmp_path: Path) -> None:
-    from edge_lora.imatrix import compute_imatrix
+    from edge_lora.analysis.imatrix import compute_imatrix
 
     short = tmp_path / "short.txt"
     short.write_text("Only a few words here.", encoding="utf-8")
@@ -284,7 +284,7 @@ def test_short_text_and_small_context_are_refused(tiny: dict[str, Path], tmp_pat
 
 
 def test_text_is_read_in_paragraph_blocks(tmp_path: Path) -> None:
-    from edge_lora.imatrix import text_blocks
+    from edge_lora.analysis.imatrix import text_blocks
 
     text = "".join(f"Paragraph {i} " + "word " * (i % 7 + 3) + "\n\n\n" for i in range(200))
     path = tmp_path / "t.txt"
@@ -298,8 +298,8 @@ def test_text_is_read_in_paragraph_blocks(tmp_path: Path) -> None:
 def test_memory_is_flat_in_text_length(tiny: dict[str, Path], tmp_path: Path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """llama.cpp only ever tokenizes one block of text: a long text is never held whole."""
-    import edge_lora.imatrix as imatrix_module
-    from edge_lora.llama_backend import LlamaModel
+    import edge_lora.analysis.imatrix as imatrix_module
+    from edge_lora.serving.llama_backend import LlamaModel
 
     long_text = tmp_path / "long.txt"
     long_text.write_text("\n\n".join([tiny["text"].read_text()] * 3), encoding="utf-8")
@@ -336,8 +336,8 @@ def test_cli_hot_applies_a_registered_adapter_and_shows_progress(tiny: dict[str,
     import json
 
     from edge_lora.cli import main
-    from edge_lora.imatrix import compute_imatrix
-    from edge_lora.registry import AdapterRegistry
+    from edge_lora.analysis.imatrix import compute_imatrix
+    from edge_lora.serving.registry import AdapterRegistry
 
     AdapterRegistry().add("tiny", tiny["adapter"], 1.0)
     out = tmp_path / "base+tiny.imatrix.gguf"

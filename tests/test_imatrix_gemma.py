@@ -13,7 +13,7 @@ import pytest
 from edge_lora.converters.quantize import quantize_ladder
 from edge_lora.core.gguf_check import validate_gguf
 from edge_lora.core.imatrix_file import write_imatrix
-from edge_lora.perplexity import default_eval_text, measure_perplexity
+from edge_lora.analysis.perplexity import default_eval_text, measure_perplexity
 
 pytestmark = pytest.mark.slow
 CHUNKS = 12  # of the shipped text's 26: 6,144 calibration tokens
@@ -21,7 +21,7 @@ CHUNKS = 12  # of the shipped text's 26: 6,144 calibration tokens
 
 @pytest.fixture(scope="module")
 def legal_imatrix(gemma_legal_f16_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from edge_lora.imatrix import compute_imatrix, default_calibration_text
+    from edge_lora.analysis.imatrix import compute_imatrix, default_calibration_text
 
     run = compute_imatrix(gemma_legal_f16_gguf, default_calibration_text(), ctx=512, max_chunks=CHUNKS)
     assert run.early_stop and len(run.imatrix.entries) == 18 * 7

@@ -25,7 +25,7 @@ def legal_outputs(gemma_hf_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 
 def _ppl(model: Path, text: str, adapters: tuple = ()) -> float:
-    from edge_lora.perplexity import measure_perplexity
+    from edge_lora.analysis.perplexity import measure_perplexity
 
     result = measure_perplexity(model, text, ctx=512, adapters=adapters, use_cache=False)
     assert result.tokens == 2805  # 11 windows x 255 scored tokens, as in the README

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_lora import llama_backend
+from edge_lora.serving import llama_backend
 from edge_lora.converters import load_check
 from edge_lora.core import constants
 from edge_lora.core.errors import InvalidGGUFError

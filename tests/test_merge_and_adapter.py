@@ -37,7 +37,7 @@ def _tokens(config: dict, n: int = 20) -> list[int]:
 
 
 def _llama_logits(model_path: Path, tokens: list[int], adapter: Path | None = None) -> np.ndarray:
-    from edge_lora.llama_backend import LlamaContext, LlamaModel, LoraAdapter
+    from edge_lora.serving.llama_backend import LlamaContext, LlamaModel, LoraAdapter
 
     with LlamaModel(model_path) as model, LlamaContext(model, n_ctx=N_CTX, n_batch=N_CTX, n_threads=2) as ctx:
         lora = LoraAdapter(model, adapter) if adapter is not None else None

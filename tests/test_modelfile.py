@@ -17,10 +17,10 @@ from tests.support.modelfile_grammar import ModelfileSyntaxError, parse_modelfil
 
 from edge_lora.core.chat_template import FAMILY_TEMPLATES, render_chat
 from edge_lora.core.errors import InputError, InputNotFoundError, InvalidGGUFError
-from edge_lora.go_template import GO_FAMILIES, detect_family
+from edge_lora.analysis.go_template import GO_FAMILIES, detect_family
 from edge_lora.core.manifest import Manifest
 from edge_lora.core.output_dir import OutputDir
-from edge_lora.modelfile import (ADAPTER_CAVEAT, render_modelfile, render_modelfile_result, write_modelfile,
+from edge_lora.analysis.modelfile import (ADAPTER_CAVEAT, render_modelfile, render_modelfile_result, write_modelfile,
                                  write_modelfile_for_output)
 
 CONVERSATION = [

@@ -18,8 +18,8 @@ import pytest
 import uvicorn
 from pydantic import BaseModel
 
-from edge_lora.runtime import Runtime
-from edge_lora.server import make_app
+from edge_lora.serving.runtime import Runtime
+from edge_lora.serving.server import make_app
 
 PROMPT = "The Apache License, Version 2.0, grants"
 MESSAGES = [{"role": "user", "content": "Name three things a software license says."}]

@@ -10,7 +10,7 @@ import pytest
 from edge_lora.core import constants
 from edge_lora.cli import main
 from edge_lora.core.errors import InputError, InputNotFoundError, InvalidGGUFError
-from edge_lora.perplexity import (default_eval_text, log_softmax_row, measure_perplexity, window_plan)
+from edge_lora.analysis.perplexity import (default_eval_text, log_softmax_row, measure_perplexity, window_plan)
 from tests.support.quant_fixtures import gemma_formats
 from tests.support.reference import straightforward_perplexity
 

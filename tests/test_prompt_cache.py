@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from edge_lora.llama_backend import LlamaContext
-from edge_lora.runtime import ContextPool, Runtime
+from edge_lora.serving.llama_backend import LlamaContext
+from edge_lora.serving.runtime import ContextPool, Runtime
 
 LICENSE = Path("/usr/share/common-licenses/Apache-2.0").read_text()
 QUESTIONS = ["What does the license grant?", "Can I sell copies?", "What about patents?",
@@ -98,7 +98,7 @@ class RecordingRuntime:
 
 @pytest.mark.slow
 def test_a_conversation_reuses_the_cache_and_an_adapter_switch_reads_afresh(runtime: Runtime) -> None:
-    from edge_lora.conversation import Conversation
+    from edge_lora.serving.conversation import Conversation
 
     model = RecordingRuntime(runtime)
     chat = Conversation(model, max_reply_tokens=12)

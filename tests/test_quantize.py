@@ -45,7 +45,7 @@ QUANT_TYPES = {f.name: f.file_type for f in LADDER}
 
 @pytest.mark.slow
 def test_whole_ladder_loads_and_sizes_follow_llama_cpp_order(ladder: tuple[Path, dict], f16_model: Path) -> None:
-    from edge_lora.llama_backend import LlamaModel
+    from edge_lora.serving.llama_backend import LlamaModel
 
     out, report = ladder
     rows = {r["format"]: r for r in report["results"]}
@@ -82,7 +82,7 @@ def test_ladder_manifest_rows(ladder: tuple[Path, dict]) -> None:
 
 @pytest.mark.slow
 def test_q8_0_logits_stay_close_to_f16(ladder: tuple[Path, dict], f16_model: Path) -> None:
-    from edge_lora.llama_backend import LlamaContext, LlamaModel
+    from edge_lora.serving.llama_backend import LlamaContext, LlamaModel
 
     tokens = [1] + list(range(10, 40))
 

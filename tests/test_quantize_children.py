@@ -31,7 +31,7 @@ def f16_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _plant(directory: Path, marker: Path) -> None:
     """A cloned model repo with its own `edge_lora` and `llama_cpp` packages: importing either runs it."""
-    for module in ("edge_lora/__init__.py", "edge_lora/converters/__init__.py", "edge_lora/converters/quantize.py",
+    for module in ("edge_lora/__init__.py", "converters/__init__.py", "converters/quantize.py",
                    "llama_cpp/__init__.py", "llama_cpp/llama_cpp.py"):
         path = directory / module
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -183,7 +183,7 @@ def test_imatrix_cli_writes_a_file_llama_quantize_reads(calibrated: dict[str, Pa
 
 
 def test_imatrix_refuses_text_overlapping_the_evaluation_text(calibrated: dict[str, Path], tmp_path: Path) -> None:
-    from edge_lora.perplexity import default_eval_text
+    from edge_lora.analysis.perplexity import default_eval_text
 
     mixed = tmp_path / "mixed.txt"
     mixed.write_text(calibrated["text"].read_text() + "\n" + default_eval_text()[:3000], encoding="utf-8")
@@ -196,8 +196,8 @@ def test_imatrix_refuses_text_overlapping_the_evaluation_text(calibrated: dict[s
 
 
 def test_fit_and_modelfile_say_which_files_are_calibrated(calibrated: dict[str, Path], tmp_path: Path) -> None:
-    from edge_lora.fit import fit_report
-    from edge_lora.modelfile import render_modelfile
+    from edge_lora.analysis.fit import fit_report
+    from edge_lora.analysis.modelfile import render_modelfile
     from tests.support.modelfile_grammar import parse_modelfile
 
     out = tmp_path / "out"
@@ -238,7 +238,7 @@ def test_iq_formats_needing_an_imatrix_are_refused_without_one(calibrated: dict[
 @pytest.mark.slow
 def test_iq_ladder_with_an_imatrix_loads_and_runs(calibrated: dict[str, Path], tmp_path: Path) -> None:
     from edge_lora.core.gguf_check import validate_gguf
-    from edge_lora.llama_backend import LlamaContext, LlamaModel
+    from edge_lora.serving.llama_backend import LlamaContext, LlamaModel
 
     iq_ladder = {f.name: f.file_type for f in LADDERS[Ladder.IQ]}
     results = quantize_ladder(calibrated["f16"], tmp_path, list(iq_ladder), imatrix=calibrated["imatrix"])
@@ -289,7 +289,7 @@ def test_convert_calibrates_or_takes_an_imatrix(calibrated: dict[str, Path], tmp
 def test_ppl_warns_when_the_text_is_the_calibration_text(calibrated: dict[str, Path], tmp_path: Path) -> None:
     """The matrix carries a sketch of its calibration text into the manifest row of every file
     quantized with it; ``ppl`` on that text (gone or not) warns, on other text it does not."""
-    from edge_lora.imatrix import sketch_of_file
+    from edge_lora.analysis.imatrix import sketch_of_file
 
     sketch = read_imatrix(calibrated["imatrix"]).text_sketch
     assert sketch == sketch_of_file(calibrated["text"]).encode()

@@ -11,7 +11,7 @@ import pytest
 
 from edge_lora import state
 from edge_lora.core.errors import AdapterError, InputError, InputNotFoundError, InvalidGGUFError, RegistryError
-from edge_lora.registry import AdapterRegistry
+from edge_lora.serving.registry import AdapterRegistry
 
 
 def make_adapter(path: Path, arch: str = "llama") -> Path:

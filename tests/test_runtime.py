@@ -13,8 +13,8 @@ import pytest
 
 from edge_lora.core.errors import (AdapterError, AdapterMismatchError, InputNotFoundError, InvalidGGUFError,
                               RegistryError, RequestError)
-from edge_lora.llama_backend import LlamaContext, LlamaModel, LoraAdapter
-from edge_lora.runtime import Runtime, SamplingParams, _StopMatcher, sample_token
+from edge_lora.serving.llama_backend import LlamaContext, LlamaModel, LoraAdapter
+from edge_lora.serving.runtime import Runtime, SamplingParams, _StopMatcher, sample_token
 
 PROMPT = "The Apache License, Version 2.0, grants"
 
@@ -409,7 +409,7 @@ def test_adapter_init_and_free_never_overlap_a_decode(gemma_q4_gguf: Path, rando
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """llama_adapter_lora_init/_free change the model's adapter set, which a decoding context
     reads: loads and unloads must wait until no context decodes (init used not to wait)."""
-    import edge_lora.llama_backend as backend
+    import edge_lora.serving.llama_backend as backend
 
     lock = threading.Lock()
     decoding = [0]
@@ -499,7 +499,7 @@ def test_a_request_waiting_for_a_context_is_cancelled(gemma_q4_gguf: Path) -> No
 
 
 def test_a_cancel_stops_the_prefill_between_chunks(gemma_q4_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import edge_lora.llama_backend as backend
+    import edge_lora.serving.llama_backend as backend
 
     real_decode = backend.llama.llama_decode
     decodes: list[int] = []

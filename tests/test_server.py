@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from edge_lora.runtime import Runtime
-from edge_lora.server import make_app
+from edge_lora.serving.runtime import Runtime
+from edge_lora.serving.server import make_app
 
 PROMPT = "The Apache License, Version 2.0, grants"
 
@@ -194,7 +194,7 @@ def test_bad_requests_get_openai_errors_and_server_keeps_serving(runtime: Runtim
 
 
 def test_oversized_body_is_refused_while_streaming(runtime: Runtime) -> None:
-    from edge_lora.server import MAX_BODY_BYTES
+    from edge_lora.serving.server import MAX_BODY_BYTES
 
     sent: list[int] = []
 
@@ -242,7 +242,7 @@ def test_nan_logits_get_an_error_plain_and_streamed(runtime: Runtime, monkeypatc
 
 def test_a_bug_mid_stream_ends_the_stream_with_an_error(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
     # Only EdgeLoraError used to be forwarded: any other exception left the client waiting forever.
-    from edge_lora.runtime import Generation, GenerationStats
+    from edge_lora.serving.runtime import Generation, GenerationStats
 
     def broken(*args, **kwargs) -> Generation:
         def pieces():

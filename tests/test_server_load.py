@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from edge_lora.runtime import Runtime
-from edge_lora.server import ServerLimits, make_app, uvicorn_config
+from edge_lora.serving.runtime import Runtime
+from edge_lora.serving.server import ServerLimits, make_app, uvicorn_config
 
 PROMPT = "The Apache License, Version 2.0, grants"
 
@@ -172,7 +172,7 @@ def test_a_stream_cancelled_before_it_starts_gives_its_place_back(runtime: Runti
 
 
 def test_a_disconnect_during_prefill_stops_it(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
-    import edge_lora.llama_backend as backend
+    import edge_lora.serving.llama_backend as backend
 
     real_decode = backend.llama.llama_decode
     chunks: list[int] = []

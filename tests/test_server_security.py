@@ -16,9 +16,9 @@ import pytest
 
 from edge_lora.core.chat_template import ChatTemplate
 from edge_lora.core.errors import EdgeLoraError, InputError, InternalError
-from edge_lora.registry import AdapterRegistry
-from edge_lora.runtime import Runtime
-from edge_lora.server import ServerLimits, loopback_hosts, make_app
+from edge_lora.serving.registry import AdapterRegistry
+from edge_lora.serving.runtime import Runtime
+from edge_lora.serving.server import ServerLimits, loopback_hosts, make_app
 
 PROMPT = "The Apache License, Version 2.0, grants"
 
@@ -267,7 +267,7 @@ def test_lora_ids_keep_their_meaning_after_an_unload(runtime: Runtime, adapter_d
 
 def test_failures_inside_llama_cpp_are_generic_plain_and_streamed(runtime: Runtime,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from edge_lora.llama_backend import LlamaContext
+    from edge_lora.serving.llama_backend import LlamaContext
 
     def failing_decode(self, *args, **kwargs):
         raise InternalError("llama_decode failed with code -3: ggml_compute_forward: /home/user/models/secret")

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from edge_lora.core.errors import RequestError
-from edge_lora.llama_backend import GrammarSampler
-from edge_lora.runtime import Runtime
-from edge_lora.structured import Grammar, SchemaError, check_schema
+from edge_lora.serving.llama_backend import GrammarSampler
+from edge_lora.serving.runtime import Runtime
+from edge_lora.serving.structured import Grammar, SchemaError, check_schema
 
 # Bounded (maxLength, maxItems, enums), so every answer ends well within max_tokens.
 CLAUSE_SCHEMA = {
@@ -102,7 +102,7 @@ def test_supported_schemas_convert_and_drop_annotations() -> None:
 def test_grammar_masks_follow_the_schema(gemma_q4_gguf: Path) -> None:
     """Walks a few JSON texts through llama.cpp's grammar token by token (the model's own
     tokenization), so the corrected rules are checked where they are enforced."""
-    from edge_lora.llama_backend import LlamaModel
+    from edge_lora.serving.llama_backend import LlamaModel
 
     with LlamaModel(gemma_q4_gguf) as model:
         def accepts(schema: object, text: str) -> bool:
@@ -175,7 +175,7 @@ def _parses(text: str) -> bool:
 def test_date_format_knows_month_lengths_and_leap_years(gemma_q4_gguf: Path) -> None:
     import datetime
 
-    from edge_lora.llama_backend import LlamaModel
+    from edge_lora.serving.llama_backend import LlamaModel
 
     gbnf = Grammar.from_json_schema({"type": "string", "format": "date"}).gbnf
     with LlamaModel(gemma_q4_gguf) as model:

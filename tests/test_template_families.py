@@ -12,8 +12,8 @@ import pytest
 from edge_lora.converters.hf_to_gguf import convert_checkpoint
 from edge_lora.core.chat_template import FAMILY_TEMPLATES, render_chat
 from edge_lora.core.errors import InputError
-from edge_lora.go_template import GO_FAMILIES, detect_family
-from edge_lora.modelfile import render_modelfile_result
+from edge_lora.analysis.go_template import GO_FAMILIES, detect_family
+from edge_lora.analysis.modelfile import render_modelfile_result
 from tests.support.gotemplate_eval import ollama_values, render_go_template
 from tests.support.model_fixtures import (CHATML_TEMPLATE, GEMMA2_TEMPLATE, GRANITE_TEMPLATE, PHI3_TEMPLATE,
                                           PHI4_TEMPLATE, SMOLLM3_TEMPLATE, make_checkpoint)

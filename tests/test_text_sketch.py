@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from edge_lora.core.text_sketch import CAPACITY, TextSketch
-from edge_lora.imatrix import text_overlap
+from edge_lora.analysis.imatrix import text_overlap
 from tests.support.paths import LICENSES
 
 # Texts of 2,400+ words: over 60 sampled 13-grams each, enough for a +-0.15 estimate.

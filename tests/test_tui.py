@@ -462,7 +462,7 @@ def gemma_dir(tmp_path: Path, gemma_q4_gguf: Path, gemma_f16_gguf: Path) -> Path
 
 @pytest.mark.slow  # the F16 fixture is a real conversion the first time
 async def test_real_fit_estimator_on_gemma_files(gemma_dir: Path) -> None:
-    from edge_lora.fit import estimate_memory
+    from edge_lora.analysis.fit import estimate_memory
 
     q4, f16 = gemma_dir / "gemma-3-270m-Q4_K_M.gguf", gemma_dir / "gemma-3-270m-F16.gguf"
     q4_total = estimate_memory(q4, 2048).total_bytes

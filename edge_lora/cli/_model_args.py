@@ -1,5 +1,5 @@
 """Arguments several commands share: which model (run, serve), the context size (run, serve,
-tui, fit, modelfile) and the prompt cache switch (run, serve). Parsing only: the policy is ``edge_lora.model_choice`` and
+tui, fit, modelfile) and the prompt cache switch (run, serve). Parsing only: the policy is ``edge_lora.serving.model_choice`` and
 ``edge_lora.core.context_size``."""
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 
 def add_command(args: argparse.Namespace) -> int:
-    from edge_lora.registry import AdapterRegistry
+    from edge_lora.serving.registry import AdapterRegistry
 
     entry = AdapterRegistry().add(args.name, args.path, args.scale, replace=args.replace)
     print(f"registered {entry.name} -> {entry.path} (scale {entry.scale:g}, {entry.architecture})")
@@ -34,7 +34,7 @@ def add_command(args: argparse.Namespace) -> int:
 
 
 def list_command(args: argparse.Namespace) -> int:
-    from edge_lora.registry import AdapterRegistry
+    from edge_lora.serving.registry import AdapterRegistry
 
     entries = AdapterRegistry().list()
     if args.json:
@@ -53,7 +53,7 @@ def list_command(args: argparse.Namespace) -> int:
 
 
 def remove_command(args: argparse.Namespace) -> int:
-    from edge_lora.registry import AdapterRegistry
+    from edge_lora.serving.registry import AdapterRegistry
 
     entry = AdapterRegistry().remove(args.name)
     print(f"removed {entry.name} (file kept: {entry.path})")

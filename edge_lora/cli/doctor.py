@@ -18,7 +18,7 @@ def _gb(n: int) -> str:
 
 
 def doctor_command(args: argparse.Namespace) -> int:
-    from edge_lora.extra_buffers import extra_buffers_verdict
+    from edge_lora.serving.extra_buffers import extra_buffers_verdict
     from edge_lora.hardware import detect_hardware
 
     hw = detect_hardware()

@@ -29,7 +29,7 @@ def _gb(n: int) -> str:
 
 def fit_command(args: argparse.Namespace) -> int:
     check_ctx(args.ctx)
-    from edge_lora.fit import fit_report
+    from edge_lora.analysis.fit import fit_report
     from edge_lora.state import last_output_dir
 
     paths = list(args.paths)

@@ -31,7 +31,7 @@ def imatrix_command(args: argparse.Namespace) -> int:
 
     adapters = []
     if args.adapter:
-        from edge_lora.registry import AdapterRegistry
+        from edge_lora.serving.registry import AdapterRegistry
 
         registry = AdapterRegistry()
         adapters = [(e.path, e.scale) for e in (registry.resolve(name) for name in args.adapter)]

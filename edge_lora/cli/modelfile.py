@@ -27,11 +27,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 def modelfile_command(args: argparse.Namespace) -> int:
     check_ctx(args.ctx)
-    from edge_lora.modelfile import render_modelfile_result, write_modelfile
+    from edge_lora.analysis.modelfile import render_modelfile_result, write_modelfile
 
     adapter_path = None
     if args.adapter is not None:
-        from edge_lora.registry import AdapterRegistry
+        from edge_lora.serving.registry import AdapterRegistry
 
         adapter_path = AdapterRegistry().resolve(args.adapter).path
     if args.out is None:

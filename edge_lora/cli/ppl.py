@@ -49,7 +49,7 @@ def _record_in_manifest(model: Path, ppl: float, kld: float | None) -> bool:
 def _warn_if_calibrated_on(model: Path, text: str) -> float | None:
     """Warn when the text is (partly) the calibration text of the file's importance matrix: the
     calibrated format would look better than it is. Returns the estimated overlap (None: unknown)."""
-    from edge_lora.imatrix import calibration_overlap
+    from edge_lora.analysis.imatrix import calibration_overlap
 
     found = calibration_overlap(model, text)
     if found is None or not found.overlap.total:
@@ -62,14 +62,14 @@ def _warn_if_calibrated_on(model: Path, text: str) -> float | None:
 
 
 def ppl_command(args: argparse.Namespace) -> int:
-    from edge_lora.perplexity import default_eval_text, measure_perplexity
+    from edge_lora.analysis.perplexity import default_eval_text, measure_perplexity
     from edge_lora.core.progress import cli_progress
 
     text = _read_text(args.text) if args.text is not None else default_eval_text()
     calibration_overlap = _warn_if_calibrated_on(args.file, text)
     adapters = []
     if args.adapter:
-        from edge_lora.registry import AdapterRegistry
+        from edge_lora.serving.registry import AdapterRegistry
 
         registry = AdapterRegistry()
         adapters = [(e.path, e.scale) for e in (registry.resolve(name) for name in args.adapter)]

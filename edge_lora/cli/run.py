@@ -19,10 +19,10 @@ from edge_lora.core.context_size import check_ctx
 from edge_lora.core.errors import EdgeLoraError, InputError
 
 if TYPE_CHECKING:  # imported by the handler: llama.cpp loads only when a command needs it
-    from edge_lora.conversation import Conversation
-    from edge_lora.registry import AdapterRegistry
-    from edge_lora.runtime import Runtime
-    from edge_lora.structured import Grammar
+    from edge_lora.serving.conversation import Conversation
+    from edge_lora.serving.registry import AdapterRegistry
+    from edge_lora.serving.runtime import Runtime
+    from edge_lora.serving.structured import Grammar
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -60,17 +60,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 def load_json_schema(path: Path) -> Grammar:
     """The grammar for the JSON schema in ``path``; InputError for an unreadable or unsupported one."""
     from edge_lora.core.bounded_json import JsonKind, read_json
-    from edge_lora.structured import Grammar
+    from edge_lora.serving.structured import Grammar
 
     return Grammar.from_json_schema(read_json(path, JsonKind.JSON_SCHEMA))
 
 
 def run_command(args: argparse.Namespace) -> int:
     _check_args(args)
-    from edge_lora.conversation import Conversation
-    from edge_lora.model_choice import load_adapters, parse_adapter_arg, resolve_model_path
-    from edge_lora.registry import AdapterRegistry
-    from edge_lora.runtime import Runtime
+    from edge_lora.serving.conversation import Conversation
+    from edge_lora.serving.model_choice import load_adapters, parse_adapter_arg, resolve_model_path
+    from edge_lora.serving.registry import AdapterRegistry
+    from edge_lora.serving.runtime import Runtime
 
     choices = [parse_adapter_arg(a) for a in args.adapter]
     model_path = resolve_model_path(args.model, args.quant, args.ctx)
@@ -117,7 +117,7 @@ class ChatSession:
 
     def command(self, line: str, err: TextIO) -> bool:
         """Handle a /command; returns False to quit."""
-        from edge_lora.model_choice import parse_adapter_arg, use_adapter
+        from edge_lora.serving.model_choice import parse_adapter_arg, use_adapter
 
         parts = line.split()
         head = parts[0].lower()

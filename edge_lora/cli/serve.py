@@ -109,7 +109,7 @@ def _is_loopback(host: str) -> bool:
 def allowed_hosts_for(host: str, port: int, extra: list[str]) -> list[str]:
     """Host header values to answer: the loopback names with the port, the bound address when it
     is a specific one, and what the user named (a name alone allows it on any port)."""
-    from edge_lora.server import loopback_hosts
+    from edge_lora.serving.server import loopback_hosts
 
     allowed = loopback_hosts(port)
     if not _is_loopback(host) and host not in WILDCARD_ADDRESSES:
@@ -138,10 +138,10 @@ def serve_command(args: argparse.Namespace) -> int:
     allowed_hosts = allowed_hosts_for(args.host, args.port, args.allowed_host)
     import uvicorn
 
-    from edge_lora.model_choice import load_adapters, parse_adapter_arg, resolve_model_path
-    from edge_lora.registry import AdapterRegistry
-    from edge_lora.runtime import Runtime
-    from edge_lora.server import ServerLimits, make_app, uvicorn_config
+    from edge_lora.serving.model_choice import load_adapters, parse_adapter_arg, resolve_model_path
+    from edge_lora.serving.registry import AdapterRegistry
+    from edge_lora.serving.runtime import Runtime
+    from edge_lora.serving.server import ServerLimits, make_app, uvicorn_config
 
     choices = [parse_adapter_arg(a) for a in args.adapter]
     if len(choices) > args.max_adapters:

@@ -13,7 +13,7 @@ The quantizer uses mean squares: ``in_sum2 / counts``, and 1 for a matrix never 
 expert no calibration token was routed to), exactly as ``llama-quantize`` loads the file.
 
 This module only reads and writes files it is handed (layer 1): computing a matrix needs
-llama.cpp and lives in ``edge_lora.imatrix``; quantizing with one lives in the converters.
+llama.cpp and lives in ``edge_lora.analysis.imatrix``; quantizing with one lives in the converters.
 """
 
 from __future__ import annotations

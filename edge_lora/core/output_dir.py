@@ -1,6 +1,6 @@
 """An output directory as convert / quantize / ppl write it (DESIGN.md "Output directory"): the
 model files by format, the GGUF adapters, the full-precision reference. The one reader of that
-layout; choosing a file for a context and RAM is the fit estimator's (``edge_lora.fit``).
+layout; choosing a file for a context and RAM is the fit estimator's (``edge_lora.analysis.fit``).
 
 ``manifest.json`` says which files belong to the conversion (another model's files may stay on
 disk beside them); a directory without one (GGUF files copied by hand) is read from the file

@@ -12,7 +12,7 @@ from edge_lora.core.atomic import check_not_an_input, ensure_writable_dir
 from edge_lora.core.errors import InputError
 from edge_lora.core.imatrix_file import IMATRIX_SUFFIX, write_imatrix
 from edge_lora.core.progress import NullProgress, ProgressSink
-from edge_lora.imatrix import AdapterSpec, ImatrixRun, compute_imatrix
+from edge_lora.analysis.imatrix import AdapterSpec, ImatrixRun, compute_imatrix
 
 
 def imatrix_path_for(model: Path, out_dir: Path) -> Path:

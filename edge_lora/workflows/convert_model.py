@@ -37,8 +37,8 @@ from edge_lora.core.manifest import FileKind, Manifest, ManifestFile
 from edge_lora.core.output_dir import OutputDir, adapter_file_name
 from edge_lora.core.progress import NullProgress, ProgressSink
 from edge_lora.hub import resolve_local_or_hub
-from edge_lora.imatrix import check_calibration_text
-from edge_lora.modelfile import write_modelfile_for_output
+from edge_lora.analysis.imatrix import check_calibration_text
+from edge_lora.analysis.modelfile import write_modelfile_for_output
 from edge_lora.state import remember_output_dir
 from edge_lora.workflows.calibrate import quantize_calibrated
 

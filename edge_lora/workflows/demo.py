@@ -32,11 +32,11 @@ from edge_lora.core.gguf_check import validate_gguf
 from edge_lora.core.manifest import Manifest
 from edge_lora.core.output_dir import OutputDir
 from edge_lora.core.progress import NullProgress, ProgressSink
-from edge_lora.fit import fit_report
-from edge_lora.imatrix import default_calibration_text
-from edge_lora.modelfile import MODELFILE_NAME
-from edge_lora.perplexity import default_eval_text, measure_perplexity
-from edge_lora.runtime import Runtime
+from edge_lora.analysis.fit import fit_report
+from edge_lora.analysis.imatrix import default_calibration_text
+from edge_lora.analysis.modelfile import MODELFILE_NAME
+from edge_lora.analysis.perplexity import default_eval_text, measure_perplexity
+from edge_lora.serving.runtime import Runtime
 from edge_lora.workflows.convert_model import convert_model
 
 DEFAULT_OUT_DIR_NAME = "edge-lora-demo"

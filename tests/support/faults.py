@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from edge_lora.llama_backend import LlamaContext
+from edge_lora.serving.llama_backend import LlamaContext
 
 
 @contextlib.contextmanager

@@ -9,9 +9,9 @@ import pytest
 
 def count_parses(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     """Record every GGUF header parse, wherever edge_lora imported validate_gguf."""
-    import edge_lora.fit
+    import edge_lora.analysis.fit
     import edge_lora.core.gguf_check
-    import edge_lora.modelfile
+    import edge_lora.analysis.modelfile
 
     parsed: list[Path] = []
     real = edge_lora.core.gguf_check.validate_gguf
@@ -20,6 +20,6 @@ def count_parses(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
         parsed.append(Path(path))
         return real(path, **kwargs)
 
-    for module in (edge_lora.core.gguf_check, edge_lora.fit, edge_lora.modelfile):
+    for module in (edge_lora.core.gguf_check, edge_lora.analysis.fit, edge_lora.analysis.modelfile):
         monkeypatch.setattr(module, "validate_gguf", counting)
     return parsed

@@ -3,9 +3,10 @@
     python -m tests.support.import_graph     # layer -> layer edges, violations, cycles
 
 Layers (docs/ARCHITECTURE.md), each importing only its own layer and those below:
-1 ``edge_lora.core``, 2 ``edge_lora.converters``, 3 the modules directly in ``edge_lora``
-(runtime, server, fit, ...), 4 ``edge_lora.workflows``, 5 ``edge_lora.cli`` and
-``edge_lora.tui`` (the TUI never imports the CLI). ``tests/test_layers.py`` enforces it.
+1 ``edge_lora.core``, 2 ``edge_lora.converters`` (source in ``converters/``), 3
+``edge_lora.serving``, ``edge_lora.analysis`` and the other modules directly in ``edge_lora``,
+4 ``edge_lora.workflows``, 5 ``edge_lora.cli`` and ``edge_lora.tui`` (source in ``tui/``; the
+TUI never imports the CLI). ``tests/test_layers.py`` enforces it.
 Every import counts, including those inside functions: a lazy import is still a dependency.
 """
 
@@ -18,6 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PACKAGE = "edge_lora"
+# Import package -> source folder, as pyproject.toml's package-dir maps them
+# (tests/test_packaging.py checks the two agree).
+SOURCE_DIRS = {"edge_lora": "edge_lora", "edge_lora.tui": "tui", "edge_lora.converters": "converters"}
 LAYER_NAMES = {0: "edge_lora (package)", 1: "core", 2: "converters", 3: "runtime+analysis",
                4: "workflows", 5: "cli+tui"}
 _SUBPACKAGE_LAYER = {"core": 1, "converters": 2, "workflows": 4, "cli": 5, "tui": 5, "__main__": 5}
@@ -33,16 +37,21 @@ def layer_of(module: str) -> int:
 
 
 def group_of(module: str) -> str:
-    """The unit the graph is drawn between: a subpackage, or 'edge_lora.<module>' for layer 3."""
+    """The unit the graph is drawn between: a subpackage, or 'edge_lora.<module>' for a loose module."""
     parts = module.split(".")
     return ".".join(parts[:2])
 
 
 def find_modules(top: Path) -> dict[str, Path]:
     found: dict[str, Path] = {}
-    for path in sorted((top / PACKAGE).rglob("*.py")):
-        name = ".".join(path.relative_to(top).with_suffix("").parts).removesuffix(".__init__")
-        found[name] = path
+    for package, folder in SOURCE_DIRS.items():
+        root = top / folder
+        if not root.is_dir():
+            continue
+        for path in sorted(root.rglob("*.py")):
+            parts = path.relative_to(root).with_suffix("").parts
+            name = ".".join((package, *parts)).removesuffix(".__init__")
+            found[name] = path
     return found
 
 

@@ -1,7 +1,7 @@
 """llama_cpp.Llama, the reference side of tests and benches, loading models as edge-lora does.
 
 edge-lora loads every model with ggml's extra buffer types (AMX, repacked weights) only where the
-probe showed they run (``edge_lora.extra_buffers``). ``llama_cpp.Llama`` has no parameter for it
+probe showed they run (``edge_lora.serving.extra_buffers``). ``llama_cpp.Llama`` has no parameter for it
 and defaults them on, so on a CPU whose AMX traps a test's reference load dies by SIGSEGV at its
 first batch while edge-lora's own loads run. After ``follow_extra_buffer_verdict()`` the defaults
 ``Llama`` starts from carry the same verdict. Only the ``Llama`` class sees the change: its module
@@ -25,7 +25,7 @@ class _BindingsWithVerdict(types.ModuleType):
 
     @staticmethod
     def llama_model_default_params() -> bindings.llama_model_params:
-        from edge_lora import extra_buffers  # looked up per call: tests replace the verdict
+        from edge_lora.serving import extra_buffers# looked up per call: tests replace the verdict
 
         params = bindings.llama_model_default_params()
         params.use_extra_bufts = extra_buffers.use_extra_buffers()

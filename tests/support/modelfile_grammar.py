@@ -1,5 +1,5 @@
 """A strict parser of Ollama's Modelfile grammar, written from ollama/ollama docs/modelfile.md
-(independently of edge_lora.modelfile, so tests check the generator against the documented
+(independently of edge_lora.analysis.modelfile, so tests check the generator against the documented
 format rather than against itself).
 
 Documented rules enforced here:

@@ -543,7 +543,7 @@ def apply_peft(weights: dict[str, np.ndarray], adapter_dir: Path,
 
 def straightforward_perplexity(path: Path, text: str, n_ctx: int = 512) -> tuple[float, int]:
     """llama-perplexity's method done the plain way, as an independent check of
-    ``edge_lora.perplexity``: ``Llama(logits_all=True)``, BOS replaces each window's first token,
+    ``edge_lora.analysis.perplexity``: ``Llama(logits_all=True)``, BOS replaces each window's first token,
     the second half of each window is scored. Returns (perplexity, windows)."""
     import llama_cpp
 

@@ -43,7 +43,7 @@ def fixed_hardware(available: int = 1 * GB, total: int = 8 * GB) -> HardwareView
 
 class ScriptedFit:
     """file bytes + KV_BYTES_PER_TOKEN * ctx; "fits" up to 80% of the available RAM, "tight" up
-    to all of it (edge_lora.fit's rule); the largest file that runs is recommended. Records calls."""
+    to all of it (edge_lora.analysis.fit's rule); the largest file that runs is recommended. Records calls."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[int, int]] = []

@@ -38,7 +38,7 @@ from edge_lora.core import constants
 from edge_lora.core.atomic import atomic_open, ensure_writable_dir
 from edge_lora.core.errors import InputError, InputNotFoundError, InvalidGGUFError
 from edge_lora.core.progress import NullProgress, ProgressSink
-from edge_lora.llama_backend import LlamaContext, LlamaModel, LoraAdapter
+from edge_lora.serving.llama_backend import LlamaContext, LlamaModel, LoraAdapter
 
 CACHE_TOP_K = 1024
 CACHE_FORMAT = 2

@@ -27,7 +27,7 @@ from edge_lora.converters.load_check import check_loads, proc_fd_path
 from edge_lora.core import constants
 from edge_lora.core.errors import AdapterError, InternalError, InvalidGGUFError, RequestError
 from edge_lora.core.gguf_check import FileIdentity, GGUFInfo, check_adapter_fits, check_adapter_values, validate_gguf
-from edge_lora.extra_buffers import use_extra_buffers
+from edge_lora.serving.extra_buffers import use_extra_buffers
 
 import llama_cpp.llama_cpp as llama  # noqa: E402  (heavy: imported only by modules that run models)
 
@@ -371,7 +371,7 @@ class LlamaContext(_NativeHandle):
         ``swa_full``: sliding-window layers keep every position (llama.cpp's default), so the
         cache can be cut anywhere; off, they keep ~n_swa + n_batch and a cut may be refused.
         ``eval_callback`` (a ``llama.ggml_backend_sched_eval_callback``) observes graph nodes
-        as llama.cpp computes them (``edge_lora.imatrix``); the context keeps it alive."""
+        as llama.cpp computes them (``edge_lora.analysis.imatrix``); the context keeps it alive."""
         if n_ctx < 8:
             raise RequestError(f"context size {n_ctx} is too small", fix="use --ctx 512 or more")
         if n_batch < 1:

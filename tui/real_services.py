@@ -25,7 +25,7 @@ def detect_hardware_view() -> HardwareView:
 
 
 def fit_predictions(paths: Sequence[Path], ctx: int, available_bytes: int) -> list[FitPrediction]:
-    from edge_lora.fit import fit_report
+    from edge_lora.analysis.fit import fit_report
 
     report = fit_report(_parsed_headers(paths), ctx, available_bytes=available_bytes)
     # Each row names the path its header was parsed from: one of ours, unresolved.
@@ -40,7 +40,7 @@ _header_cache: dict[_HeaderKey, list[GGUFInfo]] = {}
 
 
 def _parsed_headers(paths: Sequence[Path]) -> list[GGUFInfo]:
-    from edge_lora.fit import model_infos
+    from edge_lora.analysis.fit import model_infos
 
     key = tuple((p, *_signature(p)) for p in paths)
     cached = _header_cache.get(key)
@@ -61,7 +61,7 @@ def _signature(path: Path) -> tuple[int, int, int]:
 
 def measure_quality(model: Path, text: str, ctx: int, kld_base: Path | None,
                     progress: ProgressSink) -> QualityResult:
-    from edge_lora.perplexity import measure_perplexity
+    from edge_lora.analysis.perplexity import measure_perplexity
 
     result = measure_perplexity(model, text, ctx=ctx, kld_base=kld_base, progress=progress)
     return QualityResult(ppl=result.ppl, kld=result.kld)
@@ -75,19 +75,19 @@ def record_quality(directory: Path, model: Path, result: QualityResult) -> None:
 
 
 def open_runtime(model: Path, n_ctx: int) -> ChatRuntime:
-    from edge_lora.runtime import Runtime
+    from edge_lora.serving.runtime import Runtime
 
     return Runtime(model, n_ctx=n_ctx)
 
 
 def list_registered_adapters() -> list[AdapterEntry]:
-    from edge_lora.registry import AdapterRegistry
+    from edge_lora.serving.registry import AdapterRegistry
 
     return [AdapterEntry(name=a.name, path=a.path, scale=a.scale) for a in AdapterRegistry().list()]
 
 
 def register_adapter(name: str, path: Path, scale: float) -> AdapterEntry:
-    from edge_lora.registry import AdapterRegistry
+    from edge_lora.serving.registry import AdapterRegistry
 
     added = AdapterRegistry().add(name, path, scale)
     return AdapterEntry(name=added.name, path=added.path, scale=added.scale)
@@ -101,7 +101,7 @@ def convert(base: str, out_dir: Path, adapter: str | None, quants: Sequence[str]
 
 
 def write_modelfile(model: Path, num_ctx: int, out_dir: Path) -> Path:
-    from edge_lora.modelfile import write_modelfile as write
+    from edge_lora.analysis.modelfile import write_modelfile as write
 
     result = write(out_dir, model, num_ctx=num_ctx)
     return result.path if result.path is not None else out_dir
@@ -114,7 +114,7 @@ def demo_model_path() -> Path:
 
 
 def default_eval_text() -> str:
-    from edge_lora.perplexity import default_eval_text as shipped_text
+    from edge_lora.analysis.perplexity import default_eval_text as shipped_text
 
     return shipped_text()
 
@@ -152,7 +152,7 @@ def _single_gguf_view(path: Path) -> ModelDirView:
     from edge_lora.core.gguf_check import validate_gguf
     from edge_lora.core.imatrix_file import calibration_of
     from edge_lora.core.manifest import info_bits_per_weight
-    from edge_lora.fit import format_of
+    from edge_lora.analysis.fit import format_of
 
     info = validate_gguf(path, expect_type="model")
     try:

@@ -354,7 +354,7 @@ def _choose(rows: list[ModelFit]) -> ModelFit | None:
 
 _MEASURE_SCRIPT = """
 import sys
-from edge_lora.llama_backend import LlamaContext, LlamaModel
+from edge_lora.serving.llama_backend import LlamaContext, LlamaModel
 path, ctx, n_batch, fill = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
 model = LlamaModel(path)
 context = LlamaContext(model, n_ctx=ctx, n_batch=n_batch)

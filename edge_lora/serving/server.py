@@ -46,9 +46,9 @@ from edge_lora.core.chat_template import normalize_messages
 from edge_lora.core.constants import MAX_STOP_STRINGS, MAX_TEMPERATURE, MAX_TOP_LOGPROBS
 from edge_lora.core.errors import (AdapterMismatchError, ContextLengthError, EdgeLoraError, InputError,
                                    InputNotFoundError, InternalError, RegistryError)
-from edge_lora.registry import NAME_PATTERN, AdapterRegistry, check_name
-from edge_lora.runtime import Generation, GenerationStats, Runtime, TokenLogprob
-from edge_lora.structured import Grammar, SchemaError
+from edge_lora.serving.registry import NAME_PATTERN, AdapterRegistry, check_name
+from edge_lora.serving.runtime import Generation, GenerationStats, Runtime, TokenLogprob
+from edge_lora.serving.structured import Grammar, SchemaError
 
 logger = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from edge_lora.core.errors import InputError, InputNotFoundError
 from edge_lora.core.output_dir import OutputDir
-from edge_lora.fit import fit_report
-from edge_lora.registry import AdapterRegistry
-from edge_lora.runtime import Runtime
+from edge_lora.analysis.fit import fit_report
+from edge_lora.serving.registry import AdapterRegistry
+from edge_lora.serving.runtime import Runtime
 from edge_lora.state import last_output_dir
 
 

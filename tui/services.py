@@ -14,13 +14,13 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from edge_lora.conversation import ChatModel
+from edge_lora.serving.conversation import ChatModel
 from edge_lora.core.progress import ProgressSink
 from edge_lora.tui.view_model import AdapterEntry, FitPrediction, HardwareView, ModelDirView, QualityResult
 
 
 class ChatRuntime(ChatModel, Protocol):
-    """The part of edge_lora.runtime.Runtime the chat pane uses: a conversation's model, plus
+    """The part of edge_lora.serving.runtime.Runtime the chat pane uses: a conversation's model, plus
     adapters loaded once and closing."""
 
     def load_adapter(self, name: str, path: Path | str, scale: float = 1.0) -> Any: ...

@@ -22,14 +22,14 @@ Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content":
 
 
 class TextStream(Protocol):
-    """A reply being generated (``edge_lora.runtime.Generation``): text pieces; close() stops it."""
+    """A reply being generated (``edge_lora.serving.runtime.Generation``): text pieces; close() stops it."""
 
     def __iter__(self) -> Iterator[str]: ...
     def close(self) -> None: ...
 
 
 class ChatModel(Protocol):
-    """What a conversation needs of a model (``edge_lora.runtime.Runtime`` provides it)."""
+    """What a conversation needs of a model (``edge_lora.serving.runtime.Runtime`` provides it)."""
 
     n_ctx: int
 

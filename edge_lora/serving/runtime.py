@@ -42,9 +42,9 @@ from edge_lora.core.chat_template import ChatPart, ChatTemplate, normalize_messa
 from edge_lora.core.context_size import default_ctx
 from edge_lora.core.errors import (ContextLengthError, InputNotFoundError, InternalError, InvalidGGUFError,
                                    RegistryError, RequestError)
-from edge_lora.llama_backend import (TOKEN_ATTR_CONTROL, TOKEN_ATTR_LSTRIP, TOKEN_ATTR_RSTRIP, TOKEN_ATTR_UNKNOWN,
+from edge_lora.serving.llama_backend import (TOKEN_ATTR_CONTROL, TOKEN_ATTR_LSTRIP, TOKEN_ATTR_RSTRIP, TOKEN_ATTR_UNKNOWN,
                                      GrammarSampler, LlamaContext, LlamaModel, LoraAdapter)
-from edge_lora.structured import Grammar
+from edge_lora.serving.structured import Grammar
 
 # How long close() waits for running generations to stop before leaving their contexts to the
 # process exit (freeing a context under a running decode would crash inside llama.cpp).

@@ -50,7 +50,7 @@ PROBE_TIMEOUT_S = 120.0
 CACHE_FORMAT = 1
 # Logits of the two paths differ by float summation order only; a wrong kernel is far off.
 MAX_RELATIVE_DIFFERENCE = 0.02
-CHILD_MODULE = "edge_lora.extra_buffers"
+CHILD_MODULE = "edge_lora.serving.extra_buffers"
 
 VerdictSource = Literal["forced", "cached", "probe"]
 
@@ -371,7 +371,7 @@ def _child(model_path: str) -> dict[str, Any]:
 
 def main(argv: Sequence[str]) -> int:
     if len(argv) != 1:
-        print("usage: python -m edge_lora.extra_buffers PROBE.gguf", file=sys.stderr)
+        print("usage: python -m edge_lora.serving.extra_buffers PROBE.gguf", file=sys.stderr)
         return 2
     try:
         report = _child(argv[0])

@@ -58,7 +58,7 @@ class ModelDirView:
 
 
 class Verdict(enum.Enum):
-    """The fit estimator's judgement (edge_lora.fit: "fits" | "tight" | "no")."""
+    """The fit estimator's judgement (edge_lora.analysis.fit: "fits" | "tight" | "no")."""
 
     FITS = "fits"
     TIGHT = "tight"

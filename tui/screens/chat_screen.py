@@ -15,7 +15,7 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Label, RadioButton, RadioSet, Static
 
-from edge_lora.conversation import Conversation
+from edge_lora.serving.conversation import Conversation
 from edge_lora.core.errors import EdgeLoraError
 from edge_lora.tui.services import ChatRuntime, RuntimeFactory
 from edge_lora.tui.view_model import AdapterEntry

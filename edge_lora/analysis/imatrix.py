@@ -174,7 +174,7 @@ class ImatrixCollector:
         self._seen_result_norm = False
         self._collected_after_norm = False
         self._layout_checked = False
-        from edge_lora.llama_backend import EvalCallback
+        from edge_lora.serving.llama_backend import EvalCallback
 
         self.callback = EvalCallback(self._on_node)
 
@@ -379,7 +379,7 @@ def check_calibration_text(path: Path | str, evaluation_text: str | None = None,
                            evaluation_name: str = "held-out evaluation text") -> None:
     """Before any long work: the calibration file is readable UTF-8 and does not overlap the
     evaluation text (default: the shipped held-out text ``ppl`` measures on; "" skips)."""
-    from edge_lora.perplexity import default_eval_text
+    from edge_lora.analysis.perplexity import default_eval_text
 
     if evaluation_text is None:
         evaluation_text = default_eval_text()
@@ -469,7 +469,7 @@ def compute_imatrix(model_path: Path | str, text_path: Path | str, *, ctx: int =
     ``text_path``. ``evaluation_text`` (default: the shipped held-out text ``ppl`` measures on)
     must not overlap the calibration text; pass "" to skip that check. ``max_chunks`` limits the
     work (tests, benches)."""
-    from edge_lora.llama_backend import LlamaContext, LlamaModel, LoraAdapter
+    from edge_lora.serving.llama_backend import LlamaContext, LlamaModel, LoraAdapter
 
     started = time.perf_counter()
     model_path, text_path = Path(model_path), Path(text_path)

@@ -2,7 +2,7 @@
 
 FROM the GGUF (``./name.gguf`` when it sits beside the Modelfile, else absolute: Ollama resolves
 relative paths against the Modelfile's directory), an optional ADAPTER, a TEMPLATE translated
-per family (``edge_lora.go_template``), the family's stop strings, ``num_ctx`` from the fit
+per family (``edge_lora.analysis.go_template``), the family's stop strings, ``num_ctx`` from the fit
 estimator, SYSTEM when given and LICENSE from the model's metadata. Model metadata is
 untrusted: the chat template only selects one of our own Go templates, and the licence text is
 checked before it is quoted.
@@ -22,8 +22,8 @@ from edge_lora.core.errors import InputError
 from edge_lora.core.gguf_check import GGUFInfo, check_adapter_fits, validate_gguf
 from edge_lora.core.imatrix_file import calibration_of
 from edge_lora.core.output_dir import OutputDir
-from edge_lora.fit import adapter_info, default_ctx, fit_report, model_info
-from edge_lora.go_template import GoFamily, family_for_jinja, go_family
+from edge_lora.analysis.fit import adapter_info, default_ctx, fit_report, model_info
+from edge_lora.analysis.go_template import GoFamily, family_for_jinja, go_family
 
 MODELFILE_NAME = "Modelfile"
 
@@ -121,7 +121,7 @@ def _chat_family(model_path: Path, info: GGUFInfo) -> GoFamily:
 
     def has_token(text: str) -> bool:
         if not loaded:  # only non-Gemma models without a template need the vocabulary loaded
-            from edge_lora.llama_backend import LlamaModel  # llama.cpp: loaded only when needed
+            from edge_lora.serving.llama_backend import LlamaModel  # llama.cpp: loaded only when needed
 
             loaded.append(LlamaModel(model_path, info=info))
         return loaded[0].token_id(text) is not None
