@@ -147,14 +147,18 @@ class StreamingGGUFWriter:
         final = Path(final)
         check_free_space(final.parent, self.tensor_data_bytes)
         expected = {t.name: t.n_bytes for t in self.tensors}
+        proven: list[FileIdentity] = []
 
         def validate(path: Path) -> None:
             _validate_written(path, expected)
             if prove_loads:
-                _prove_loads(path, final, progress)
+                proven.append(_prove_loads(path, final, progress))
 
         with atomic_file(final, validate=validate) as fh:
             self._write_to(fh, progress)
+        if proven:  # the rename set the ctime: the proof follows the file to its final name
+            from edge_lora.converters.load_check import remember_renamed
+            remember_renamed(proven[0], FileIdentity.of(final.stat()))
         return final
 
     def _write_to(self, fh: BinaryIO, progress: ProgressSink) -> None:
@@ -185,23 +189,26 @@ class StreamingGGUFWriter:
             writer.fout = None
 
 
-def _prove_loads(path: Path, final: Path, progress: ProgressSink) -> None:
+def _prove_loads(path: Path, final: Path, progress: ProgressSink) -> FileIdentity:
     """The whole model (hyperparameters, vocabulary, tensors, a context) rather than
     ``vocab_only``: the hyperparameter asserts are skipped by a vocabulary-only load, and the
     whole load costs little more (mmap; measured in README). The pass is remembered by the
-    file's identity, which os.replace keeps, so the first `run` of it does not load it again."""
+    file's identity (carried over the rename by ``write``), so the first `run` of it does not
+    load it again. Returns the identity proven."""
     from edge_lora.converters.load_check import check_loads
     from edge_lora.core.errors import InvalidGGUFError
 
     progress.start("checking that llama.cpp loads it", total=None)
+    identity = FileIdentity.of(path.stat())
     try:
-        check_loads(path, depth="model", identity=FileIdentity.of(path.stat()),
+        check_loads(path, depth="model", identity=identity,
                     fix="nothing was written; the checkpoint (config.json or tokenizer) converts to a file "
                         "llama.cpp cannot use — fix it, or report the conversion as a bug")
     except InvalidGGUFError as exc:
         raise InvalidGGUFError(exc.message.replace(str(path), final.name + " (as converted)"), fix=exc.fix) from None
     finally:
         progress.finish()
+    return identity
 
 
 def _validate_written(path: Path, expected: dict[str, int]) -> None:

@@ -101,6 +101,12 @@ def _remember_proven(identity: FileIdentity, depth: LoadDepth) -> None:
         logger.debug("could not record a load check in %s: %s", constants.EDGE_LORA_CACHE, exc)
 
 
+def remember_renamed(before: FileIdentity, after: FileIdentity) -> None:
+    """A proven file that was then only renamed (atomic publishing sets its ctime) stays proven."""
+    if before.same_content_as(after) and _is_proven(before, "model"):
+        _remember_proven(after, "model")
+
+
 def proc_fd_path(fd: int) -> str | None:
     """A name that opens exactly the file behind ``fd`` (Linux), or None."""
     return f"/proc/self/fd/{fd}" if os.path.isdir("/proc/self/fd") else None

@@ -228,3 +228,23 @@ def test_an_adapter_swapped_between_its_check_and_its_load_is_refused(tmp_path: 
         monkeypatch.setattr(llama_backend, "check_adapter_fits", fits_then_swap)
         with pytest.raises(AdapterError, match="replaced or modified"):
             llama_backend.LoraAdapter(model, adapter)
+
+
+def test_a_rewrite_in_place_with_the_mtime_restored_is_not_taken_as_proven(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The review's finding: same inode, same size, mtime put back with utime — only the ctime
+    tells the rewrite apart, so FileIdentity includes it and the proof no longer holds."""
+    monkeypatch.setattr(constants, "EDGE_LORA_CACHE", tmp_path / "own-cache")
+    monkeypatch.setattr(load_check, "_proven", set())
+    path = write_tiny_llama(tmp_path / "ok.gguf")
+    before = path.stat()
+    assert load_check.check_loads(path, depth="model", fix="x", identity=FileIdentity.of(before)).n_vocab == 300
+    time.sleep(0.01)
+    with open(path, "r+b") as fh:  # same size, same inode
+        fh.seek(before.st_size - 1)
+        fh.write(b"\x01")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+    assert FileIdentity.of(after) != FileIdentity.of(before)
+    assert not load_check._is_proven(FileIdentity.of(after), "model")

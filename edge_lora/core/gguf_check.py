@@ -77,16 +77,23 @@ class TensorRecord(NamedTuple):
 
 class FileIdentity(NamedTuple):
     """What names one version of one file: a file replaced (os.replace, a new download) or
-    rewritten in place has another identity."""
+    rewritten in place has another identity. ctime too: a rewrite in place can restore the
+    mtime (``touch -d``, ``os.utime``), but any write or utime call sets the ctime to now."""
 
     device: int
     inode: int
     size: int
     mtime_ns: int
+    ctime_ns: int
 
     @classmethod
     def of(cls, st: os.stat_result) -> FileIdentity:
-        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def same_content_as(self, other: FileIdentity) -> bool:
+        """Everything but the ctime matches: ``other`` is this file renamed (a rename sets the
+        ctime), not rewritten."""
+        return self[:4] == other[:4]
 
 
 @dataclass(frozen=True)
