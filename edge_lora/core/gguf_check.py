@@ -9,9 +9,11 @@ Python ints, and large arrays (token lists) are skipped with bounds rather than 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -341,24 +343,31 @@ def _parse(cur: _Cursor, identity: FileIdentity | None = None) -> GGUFInfo:
         file_bytes=file_bytes, alignment=alignment, identity=identity)
 
 
-def validate_gguf(path: Path | str, *, expect_type: GGUFKind | None = None) -> GGUFInfo:
+def validate_gguf(path: Path | str, *, expect_type: GGUFKind | None = None, fd: int | None = None) -> GGUFInfo:
     """Pre-parse ``path`` with bounds checks; raise InvalidGGUFError on anything malformed.
 
     ``expect_type="adapter"`` also requires a LoRA adapter (general.type adapter,
     adapter.type lora); ``"model"`` refuses adapters (so a user who swaps --model and
-    --adapter hears about it before llama.cpp does)."""
+    --adapter hears about it before llama.cpp does). ``fd``: read this open descriptor (the
+    file someone already opened and checked) instead of opening ``path``, which then only
+    names it in messages."""
     path = Path(path)
-    if path.is_dir():  # "does not exist" would send the user looking for a typo
-        raise InputError(f"{path} is a directory, not a GGUF file", fix="give the path of a .gguf file")
-    if not path.is_file():
-        raise InputNotFoundError(f"GGUF file {path} does not exist", fix="check the path")
+    if fd is None:
+        if path.is_dir():  # "does not exist" would send the user looking for a typo
+            raise InputError(f"{path} is a directory, not a GGUF file", fix="give the path of a .gguf file")
+        if not path.is_file():
+            raise InputNotFoundError(f"GGUF file {path} does not exist", fix="check the path")
     try:
-        with open(path, "rb") as fh:
-            identity = FileIdentity.of(os.fstat(fh.fileno()))
+        with (open(path, "rb") if fd is None else contextlib.nullcontext()) as fh:
+            fileno = fh.fileno() if fh is not None else fd
+            st = os.fstat(fileno)
+            if not stat.S_ISREG(st.st_mode):
+                raise InputError(f"{path} is not a regular file", fix="give the path of a .gguf file")
+            identity = FileIdentity.of(st)
             if identity.size < 24:
                 raise InvalidGGUFError(f"{path} is not a valid GGUF file: only {identity.size} bytes",
                                        fix="re-download or re-convert the file")
-            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            with mmap.mmap(fileno, 0, access=mmap.ACCESS_READ) as buf:
                 info = _parse(_Cursor(buf, path), identity)
     except OSError as exc:
         raise InvalidGGUFError(f"cannot read {path}: {exc.strerror or exc}",

@@ -14,6 +14,7 @@ import collections
 import collections.abc
 import contextlib
 import ctypes
+import logging
 import os
 import threading
 import weakref
@@ -31,6 +32,8 @@ from edge_lora.serving.extra_buffers import use_extra_buffers
 
 import llama_cpp.llama_cpp as llama  # noqa: E402  (heavy: imported only by modules that run models)
 
+logger = logging.getLogger(__name__)
+
 LogitsRequest = Literal["last", "all"] | set[int] | frozenset[int]
 EvalCallback = llama.ggml_backend_sched_eval_callback  # bool (*)(ggml_tensor *, bool ask, void *)
 
@@ -42,17 +45,23 @@ TOKEN_ATTR_LSTRIP = llama.LLAMA_TOKEN_ATTR_LSTRIP
 TOKEN_ATTR_RSTRIP = llama.LLAMA_TOKEN_ATTR_RSTRIP
 
 # --- logging: llama.cpp prints pages of loader chatter on stderr; keep it quiet, but remember
-# the last lines so a failed load can say why. ---
-_log_lock = threading.Lock()
-_recent_log: collections.deque[str] = collections.deque(maxlen=20)
+# the last lines so a failed load can say why (in the log and the CLI's message; the server
+# never puts them in an answer). One buffer per thread: llama.cpp calls the callback on the
+# thread that made the failing call, so two requests never read each other's lines. ---
+_recent_log = threading.local()
+
+
+def _thread_log() -> collections.deque[str]:
+    lines = getattr(_recent_log, "lines", None)
+    if lines is None:
+        lines = _recent_log.lines = collections.deque(maxlen=20)
+    return lines
 
 
 @llama.llama_log_callback
 def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-    message = text.decode("utf-8", errors="replace")
-    with _log_lock:
-        if level in (3, 4):  # ggml: 3 WARN, 4 ERROR — kept for error messages
-            _recent_log.append(message.strip())
+    if level in (3, 4):  # ggml: 3 WARN, 4 ERROR — kept for error messages
+        _thread_log().append(text.decode("utf-8", errors="replace").strip())
 
 
 _backend_ready = False
@@ -69,15 +78,14 @@ def _ensure_backend() -> None:
 
 
 def _last_log_lines(n: int = 3) -> str:
-    with _log_lock:
-        lines = [line for line in list(_recent_log)[-n:] if line]
-        _recent_log.clear()
-    return "; ".join(lines)
+    lines = _thread_log()
+    text = "; ".join(line for line in list(lines)[-n:] if line)
+    lines.clear()
+    return text
 
 
 def _clear_log() -> None:
-    with _log_lock:
-        _recent_log.clear()
+    _thread_log().clear()
 
 
 _Handle = TypeVar("_Handle", bound="_NativeHandle")
@@ -117,12 +125,16 @@ def _changed(path: Path) -> InvalidGGUFError:
 
 
 @contextlib.contextmanager
-def _pinned(path: Path, validated: FileIdentity | None) -> collections.abc.Iterator[tuple[int, FileIdentity, str]]:
+def _pinned(path: Path, validated: FileIdentity | None,
+            opened: int | None = None) -> collections.abc.Iterator[tuple[int, FileIdentity, str]]:
     """Open ``path`` once and yield (descriptor, identity, the name llama.cpp should open): the
     descriptor's /proc/self/fd name, so llama.cpp reads the very file that was validated, whatever
-    the path names meanwhile. Refuses a file that is not the validated one, before and after."""
+    the path names meanwhile. Refuses a file that is not the validated one, before and after.
+    ``opened``: a descriptor the caller opened (and checked) already; used (duplicated) instead
+    of opening ``path`` again, and afterwards the descriptor, not the path, must be unchanged."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        fd = (os.dup(opened) if opened is not None
+              else os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)))
     except OSError as exc:
         raise InvalidGGUFError(f"cannot open {path}: {exc.strerror or exc}",
                                fix="check the path and its permissions") from exc
@@ -132,7 +144,8 @@ def _pinned(path: Path, validated: FileIdentity | None) -> collections.abc.Itera
             raise _changed(path)
         yield fd, identity, proc_fd_path(fd) or str(path)
         try:
-            unchanged = FileIdentity.of(os.stat(path)) == identity
+            now = os.fstat(fd) if opened is not None else os.stat(path)
+            unchanged = FileIdentity.of(now) == identity
         except OSError:
             unchanged = False
         if not unchanged:
@@ -184,10 +197,14 @@ class LlamaModel(_NativeHandle):
         # Positions a sliding-window attention layer looks back (0: no such layers).
         self.n_swa: int = int(llama.llama_model_n_swa(self._ptr))
         self._dependents: weakref.WeakSet[LlamaContext | LoraAdapter | GrammarSampler] = weakref.WeakSet()
+        # WeakSet iteration fails ("set changed size") when another thread adds to it meanwhile
+        # (a request's grammar sampler while an adapter is freed): every add and copy holds this.
+        self._dependents_lock = threading.RLock()  # reentrant: a collected adapter frees itself from any frame
         # Held while an adapter is created or freed (llama.cpp changes the model's adapter set);
         # reentrant so a caller draining every context can hold it around both.
         self._lock = threading.RLock()
         self._control: np.ndarray | None = None
+        self._guidance_tokenizer = None
 
     # --- lifetime ---
     @property
@@ -201,12 +218,19 @@ class LlamaModel(_NativeHandle):
         return not self._ptr
 
     def _register(self, dependent: LlamaContext | LoraAdapter | GrammarSampler) -> None:
-        self._dependents.add(dependent)
+        with self._dependents_lock:
+            self._dependents.add(dependent)
+
+    def dependents(self) -> list[LlamaContext | LoraAdapter | GrammarSampler]:
+        """A snapshot of the live objects made from this model (safe while others are added)."""
+        with self._dependents_lock:
+            return list(self._dependents)
 
     def close(self) -> None:
         if getattr(self, "_ptr", None):
-            for dependent in list(self._dependents):
+            for dependent in self.dependents():
                 dependent.close()
+            self._guidance_tokenizer = None  # it holds the vocabulary's pointer
             llama.llama_model_free(self._ptr)
             self._ptr = None
 
@@ -276,6 +300,37 @@ class LlamaModel(_NativeHandle):
                      for t in range(self.n_vocab)), dtype=bool, count=self.n_vocab)
             return self._control
 
+    def guidance_tokenizer(self):  # -> llguidance.LLTokenizer (imported lazily: grammars only)
+        """llguidance's view of this vocabulary: every token's bytes, control tokens marked
+        (a 0xFF prefix, llguidance's convention) so no grammar text matches them, and every
+        end-of-generation token ends an answer. Built once per model (llguidance.llamacpp's
+        builder, without its deprecated per-token call that warns 262k times)."""
+        with self._lock:
+            if self._guidance_tokenizer is None:
+                from llguidance import LLTokenizer
+
+                vocab = self._vocab_ptr()
+                buf = ctypes.create_string_buffer(4096)
+                tokens: list[bytes] = []
+                for token in range(self.n_vocab):
+                    n = llama.llama_token_to_piece(vocab, token, buf, len(buf), 0, True)
+                    if n < 0:
+                        buf = ctypes.create_string_buffer(-n)
+                        n = llama.llama_token_to_piece(vocab, token, buf, len(buf), 0, True)
+                    piece = buf.raw[:max(n, 0)]
+                    attr = llama.llama_vocab_get_attr(vocab, token)
+                    if attr & llama.LLAMA_TOKEN_ATTR_CONTROL or (
+                            attr & llama.LLAMA_TOKEN_ATTR_USER_DEFINED and piece.startswith(b"<")
+                            and piece.endswith(b">")):
+                        piece = b"\xff" + piece
+                    tokens.append(piece)
+                eog = [t for t in range(self.n_vocab) if llama.llama_vocab_is_eog(vocab, t)]
+                tokenize = ctypes.cast(llama._lib.llama_tokenize, ctypes.c_void_p).value  # the C function
+                self._guidance_tokenizer = LLTokenizer.from_llamacpp(  # type: ignore[attr-defined]
+                    tokens=tokens, vocab_ptr=vocab, tokenize_fptr=tokenize, eos_token=eog or [self.eos],
+                    slices=None)
+            return self._guidance_tokenizer
+
     def token_id(self, text: str) -> int | None:
         """The id of a single (special) token spelled ``text``, or None."""
         ids = self.tokenize(text, add_bos=False, special=True)
@@ -310,15 +365,18 @@ class LoraAdapter(_NativeHandle):
     """A GGUF LoRA adapter loaded for one model. Checked against the model's tensors in
     Python first (llama.cpp's own check only logs and returns NULL)."""
 
-    def __init__(self, model: LlamaModel, path: Path | str) -> None:
+    def __init__(self, model: LlamaModel, path: Path | str, *, fd: int | None = None) -> None:
+        """``fd``: the adapter file, opened (and checked) by the caller: it is validated and
+        loaded, never ``path`` (which then only names it), so a symlink swapped meanwhile
+        changes nothing. The caller keeps and closes it."""
         self.path = Path(path)
         self.model = model
-        self.info = validate_gguf(self.path, expect_type="adapter")
+        self.info = validate_gguf(self.path, expect_type="adapter", fd=fd)
         check_adapter_fits(model.info, self.info)
         _clear_log()
         self._ptr = None
         try:
-            with _pinned(self.path, self.info.identity) as (fd, _identity, name):
+            with _pinned(self.path, self.info.identity, fd) as (fd, _identity, name):
                 check_adapter_values(self.info, fd)
                 with model._lock:
                     self._ptr = llama.llama_adapter_lora_init(model.ptr, name.encode())
@@ -346,7 +404,7 @@ class LoraAdapter(_NativeHandle):
     def free(self) -> None:
         if getattr(self, "_ptr", None):
             # Contexts still pointing at this adapter must drop it first.
-            for dependent in list(self.model._dependents):
+            for dependent in self.model.dependents():
                 if isinstance(dependent, LlamaContext):
                     dependent._forget_adapter(self)
             with self.model._lock:
@@ -609,47 +667,82 @@ class LlamaContext(_NativeHandle):
         raise RequestError(f"no logits were requested for token {i} in the last decode")
 
 
-# llama_token_data as numpy sees it: {int32 id; float logit; float p}.
-_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+
+
+# Per-token work of a grammar, bounded (llguidance's limits; its figures: ~14k lexer fuel and ~20k
+# Earley items a millisecond). A step that would pass them puts the matcher in its error state
+# instead of running on: the answer stops with an error, and the runtime's checks between
+# tokens (cancel, deadline) keep running. Ambiguous grammars cost an Earley parser a bounded
+# number of items per token, where llama.cpp's stack-based sampler doubled its stacks per "[".
+GRAMMAR_LIMITS = dict(max_items_in_row=2000, initial_lexer_fuel=1_000_000, step_lexer_fuel=200_000,
+                      step_max_items=50_000, max_lexer_states=50_000, max_grammar_size=200_000)
+
+
+class GrammarError(RequestError):
+    """A grammar llguidance refuses, or a grammar step that passed its work bound."""
 
 
 class GrammarSampler(_NativeHandle):
-    """llama.cpp's GBNF grammar as a filter over candidate tokens, one per generation:
-    ``allowed(ids)`` says which tokens the grammar accepts next, ``accept(token)`` advances it.
-    Only ever accept a token ``allowed`` returned (llama.cpp aborts on any other)."""
+    """A GBNF grammar as a filter over candidate tokens, one per generation: ``allowed(ids)``
+    says which tokens the grammar accepts next, ``accept(token)`` advances it. Only ever accept
+    a token ``allowed`` returned.
 
-    def __init__(self, model: LlamaModel, gbnf: str, root: str = "root") -> None:
+    The engine is llguidance (what llama.cpp and vLLM can use), not llama.cpp's GBNF sampler:
+    llama.cpp keeps one stack per way of parsing the text so far, so an ambiguous recursive
+    schema doubled its work with every token (2.7 s a token at depth 12 in bench/grammar_engines.py,
+    all inside C where no cancel is seen); llguidance's Earley parser does bounded work per token
+    (GRAMMAR_LIMITS) and computes the whole-vocabulary mask in about 0.2 ms."""
+
+    def __init__(self, model: LlamaModel, gbnf: str) -> None:
+        """``gbnf``: llama.cpp's grammar syntax, start rule ``root``."""
+        import llguidance
+        from llguidance.gbnf_to_lark import gbnf_to_lark
+
         self.model = model
-        _clear_log()
-        self._ptr = llama.llama_sampler_init_grammar(model._vocab_ptr(), gbnf.encode("utf-8"), root.encode())
-        if not self._ptr:
-            detail = _last_log_lines()
-            raise RequestError("the grammar does not parse" + (f": {detail}" if detail else ""),
-                               fix="check the GBNF (llama.cpp grammars/README.md)")
+        self._mask: np.ndarray | None = None
+        self._matcher = None
+        try:
+            lark = gbnf_to_lark(gbnf)
+        except Exception as exc:  # its parser raises plain exceptions naming the grammar's text
+            logger.warning("the grammar does not parse: %s", exc)
+            raise GrammarError("the grammar does not parse (details in the log)",
+                               fix="check the GBNF (llama.cpp grammars/README.md)") from None
+        matcher = llguidance.LLMatcher(model.guidance_tokenizer(), llguidance.LLMatcher.grammar_from_lark(lark),
+                                       limits=llguidance.LLParserLimits(**GRAMMAR_LIMITS), log_level=0)
+        if matcher.is_error():
+            logger.warning("llguidance refused a grammar: %s", matcher.get_error())
+            raise GrammarError("the grammar does not parse or passes the size bound (details in the log)",
+                               fix="simplify the schema, or check the GBNF (llama.cpp grammars/README.md)")
+        self._matcher = matcher
         model._register(self)
 
-    @property
-    def ptr(self) -> llama.llama_sampler_p:
-        if not self._ptr:
+    def _current_mask(self) -> np.ndarray:
+        if self._matcher is None:
             raise InternalError("the grammar sampler was already freed")
-        return self._ptr
+        if self._mask is None:
+            bias = self._matcher.compute_logit_bias()  # one byte a token: 0 or 200 (allowed)
+            if self._matcher.is_error():
+                logger.warning("grammar step failed: %s", self._matcher.get_error())
+                raise GrammarError("the structured output's grammar passed its work bound for one token",
+                                   fix="simplify the schema (fewer ambiguous alternatives)")
+            self._mask = np.frombuffer(bias, dtype=np.uint8)[:self.model.n_vocab] != 0
+        return self._mask
 
     def allowed(self, ids: np.ndarray) -> np.ndarray:
         """A boolean mask over ``ids``: which tokens may come next. End-of-generation tokens
         are allowed only once the grammar is complete."""
-        data = np.zeros(len(ids), dtype=_TOKEN_DATA)
         if not len(ids):
             return np.zeros(0, dtype=bool)
-        data["id"] = ids
-        array = llama.llama_token_data_array(
-            data=data.ctypes.data_as(llama.llama_token_data_p), size=len(ids), selected=-1, sorted=False)
-        llama.llama_sampler_apply(self.ptr, ctypes.byref(array))
-        return np.isfinite(data["logit"])
+        return self._current_mask()[np.asarray(ids)]
 
     def accept(self, token: int) -> None:
-        llama.llama_sampler_accept(self.ptr, int(token))
+        if self._matcher is None:
+            raise InternalError("the grammar sampler was already freed")
+        self._mask = None
+        if not self._matcher.consume_token(int(token)):
+            logger.warning("grammar refused token %d: %s", token, self._matcher.get_error())
+            raise InternalError(f"the grammar refused token {token} after allowing it")
 
     def close(self) -> None:
-        if getattr(self, "_ptr", None):
-            llama.llama_sampler_free(self._ptr)  # touches only the grammar's own memory
-            self._ptr = None
+        self._matcher = None
+        self._mask = None

@@ -433,14 +433,15 @@ class Runtime:
         self.close()
 
     # --- adapters ---
-    def load_adapter(self, name: str, path: Path | str, scale: float = 1.0) -> LoadedAdapter:
+    def load_adapter(self, name: str, path: Path | str, scale: float = 1.0, *, fd: int | None = None) -> LoadedAdapter:
         """Load (or replace) adapter ``name``; validated against the base before llama.cpp sees it.
-        Waits for running generations: see _exclusive."""
+        Waits for running generations: see _exclusive. ``fd``: the file already opened (and
+        checked) by the caller: that descriptor is validated and loaded, ``path`` only names it."""
         path = Path(path)
-        if not path.exists():
+        if fd is None and not path.exists():
             raise InputNotFoundError(f"adapter file {path} does not exist", fix="check the path")
         with self._exclusive():
-            adapter = LoraAdapter(self.model, path)
+            adapter = LoraAdapter(self.model, path, fd=fd)
             with self._adapters_lock:
                 old = self._adapters.get(name)
                 loaded = self._adapters[name] = LoadedAdapter(name, path, float(scale), adapter,

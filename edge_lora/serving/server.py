@@ -21,10 +21,13 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import functools
 import hmac
 import json
 import logging
+import os
 import re
+import stat
 import threading
 import time
 import uuid
@@ -42,6 +45,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from edge_lora.converters.load_check import proc_fd_path
 from edge_lora.core.chat_template import normalize_messages
 from edge_lora.core.constants import MAX_STOP_STRINGS, MAX_TEMPERATURE, MAX_TOP_LOGPROBS
 from edge_lora.core.errors import (AdapterMismatchError, ContextLengthError, EdgeLoraError, InputError,
@@ -94,7 +98,11 @@ def _internal() -> APIError:
 
 
 # An absolute path in a message (POSIX, ~, or a Windows drive): shown as its last component.
-_ABSOLUTE_PATH = re.compile(r"(?<![\w.])(?:~|[A-Za-z]:)?[/\\][^\s'\"`,;()]+")
+# Directory names may hold spaces ("/Users/alice smith/models/x.gguf"): a run of words is taken
+# as part of the path as long as a separator follows it; the last component stops at a space.
+_PATH_WORD = r"[^\s'\"`,;()/\\]+"
+_ABSOLUTE_PATH = re.compile(rf"(?<![\w.])(?:~|[A-Za-z]:)?[/\\](?:{_PATH_WORD}(?: {_PATH_WORD})*[/\\])*"
+                            r"[^\s'\"`,;()]*")
 
 
 def _without_paths(text: str) -> str:
@@ -423,14 +431,17 @@ class OpenAIServer:
                 chosen[by_id[item["id"]]] = float(item["scale"])
         return chosen
 
-    def _adapter_file(self, lora_path: str) -> tuple[Path, float]:
+    def _adapter_file(self, lora_path: str) -> tuple[Path, float, int]:
         """A registered adapter's file, or a file under --adapter-dir (symlinks resolved): never
-        anything else, and the answer never says whether a file outside exists."""
+        anything else, and the answer never says whether a file outside exists. Returns it opened:
+        the descriptor is what gets checked (where the open file really lives) and later loaded,
+        so a symlink swapped while the load waits for running requests changes nothing. The
+        caller closes it."""
         registry = self.registry or AdapterRegistry()
         if NAME_PATTERN.fullmatch(lora_path):
             entry = registry.get(lora_path)
             if entry is not None:
-                return entry.path, entry.scale
+                return entry.path, entry.scale, self._open_adapter(entry.path, Path(lora_path).name, None)
         refused = APIError(403, "lora_path must be a registered adapter name or a file name inside the server's "
                            "adapter directory" + ("" if self.adapter_dir else " (none was given: start the server "
                                                   "with --adapter-dir DIR)"),
@@ -442,10 +453,31 @@ class OpenAIServer:
         candidate = (self.adapter_dir / given).resolve()  # an absolute path replaces the directory
         if not candidate.is_relative_to(self.adapter_dir):  # outside, or a symlink leading out
             raise refused
-        if not candidate.is_file():
-            raise APIError(404, f"no adapter file {given.name!r} in the adapter directory", type_="not_found_error",
-                           param="lora_path", code="not_found")
-        return candidate, 1.0
+        return candidate, 1.0, self._open_adapter(candidate, given.name, refused)
+
+    def _open_adapter(self, path: Path, shown: str, refused: APIError | None) -> int:
+        """``path`` opened once, read-only; with ``refused`` (a file from --adapter-dir) the open
+        file itself must be a regular file inside the directory (its /proc/self/fd link)."""
+        not_found = APIError(404, f"no adapter file {shown!r} in the adapter directory", type_="not_found_error",
+                             param="lora_path", code="not_found")
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            raise (not_found if refused is not None else APIError(
+                404, f"adapter file {shown!r} cannot be opened", type_="not_found_error", param="lora_path",
+                code="not_found")) from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise not_found
+            if refused is not None and self.adapter_dir is not None:
+                where = proc_fd_path(fd)
+                real = Path(os.readlink(where)) if where else path.resolve()
+                if not real.is_relative_to(self.adapter_dir):  # a directory on the way was swapped
+                    raise refused
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     # --- routes ---
     async def models(self, request: Request) -> Response:
@@ -693,12 +725,14 @@ class OpenAIServer:
             if len(loaded) >= self.limits.max_adapters:
                 raise APIError(400, f"{len(loaded)} adapters are loaded, the most this server holds",
                                param="lora_name", code="too_many_adapters")
-            path, scale = await run_in_threadpool(self._adapter_file, lora_path)
+            path, scale, fd = await run_in_threadpool(self._adapter_file, lora_path)
             try:
                 # Waits for running requests to release their contexts, so run it off the loop.
-                await run_in_threadpool(self.runtime.load_adapter, name, path, scale)
+                await run_in_threadpool(functools.partial(self.runtime.load_adapter, name, path, scale, fd=fd))
             except EdgeLoraError as exc:
                 raise _adapter_load_error(exc, name, path) from exc
+            finally:
+                os.close(fd)
         return JSONResponse({"status": "ok", "message": f"adapter {name!r} loaded"})
 
     async def unload_lora_adapter(self, request: Request) -> Response:

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from llama_cpp import llama_grammar
 from llama_cpp.llama_grammar import PRIMITIVE_RULES, STRING_FORMAT_RULES, BuiltinRule, SchemaConverter
 
 from edge_lora.core.errors import RequestError
@@ -31,6 +33,12 @@ FORMATS = frozenset({"date", "time", "date-time", "uuid"})
 # Bounds on repetition counts: the converter unrolls {m,n} into n nested optional groups, and
 # llama.cpp's grammar parser recurses once per nesting level.
 MAX_REPEAT = 256
+# Bounds checked before any conversion (so before a context is taken): the converter's and the
+# grammar compiler's work grows with them (an enum of 160k values cost ~30 s of CPU).
+MAX_SCHEMA_BYTES = 64 * 1024  # the schema as compact JSON
+MAX_ENUM_VALUES = 1024  # in one enum
+MAX_SCHEMA_DEPTH = 64  # nested subschemas (the walker and the converter recurse)
+MAX_GRAMMAR_BYTES = 256 * 1024  # the GBNF the schema becomes
 
 
 class SchemaError(RequestError):
@@ -89,6 +97,9 @@ class _Walker:
                            fix=fix or "remove it, or check the answer yourself")
 
     def walk(self, schema: object, path: str) -> dict[str, Any]:
+        if path.count("/") > 2 * MAX_SCHEMA_DEPTH:
+            raise SchemaError(f"the JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels",
+                              fix="flatten it, or use $ref for recursive structures")
         if schema is True:
             schema = {}
         if not isinstance(schema, dict):
@@ -233,6 +244,9 @@ class _Walker:
         values = [body["const"]] if key == "const" else body["enum"]
         if not isinstance(values, list) or not values:
             raise self.fail(path, "enum that is not a non-empty list")
+        if len(values) > MAX_ENUM_VALUES:
+            raise SchemaError(f"the JSON schema's enum at {path or '/'} has {len(values)} values; at most "
+                              f"{MAX_ENUM_VALUES} are supported", fix="use a string, and check the answer yourself")
         for value in values:
             try:
                 json.dumps(value, allow_nan=False)
@@ -269,6 +283,13 @@ def check_schema(schema: object) -> dict[str, Any]:
         schema = {}
     if not isinstance(schema, dict):
         raise SchemaError("the JSON schema must be an object", fix="give a JSON schema object")
+    try:
+        size = len(json.dumps(schema, separators=(",", ":"), allow_nan=True))
+    except (TypeError, ValueError, RecursionError):
+        raise SchemaError("the JSON schema is not plain JSON", fix="give a JSON schema object") from None
+    if size > MAX_SCHEMA_BYTES:
+        raise SchemaError(f"the JSON schema is {size} bytes; at most {MAX_SCHEMA_BYTES} are supported",
+                          fix="shorten it (long enums, many properties)")
     walker = _Walker(schema)
     cleaned = walker.walk(schema, "")
     # $ref targets are converted from the original document: give the converter cleaned copies.
@@ -316,8 +337,44 @@ class _Converter(SchemaConverter):
         return super()._add_primitive(name, _REPLACED.get(id(rule), rule))
 
 
+def _repetition(item_rule: str, min_items: int, max_items: int | None, separator_rule: str | None = None,
+                item_rule_is_literal: bool = False) -> str:
+    """The converter's repetition as GBNF's ``{m,n}`` (llama.cpp's own converter does the same):
+    0.3.36 unrolls ``maxLength: 30`` into 30 nested optional groups, deeper than llguidance's
+    Lark front end nests. Same language either way."""
+    def times(lo: int, hi: int | None) -> str:
+        if (lo, hi) == (0, None):
+            return "*"
+        if (lo, hi) == (1, None):
+            return "+"
+        if (lo, hi) == (0, 1):
+            return "?"
+        return f"{{{lo},{'' if hi is None else hi}}}"
+
+    if max_items == 0:
+        return ""
+    if not separator_rule:
+        return f"({item_rule}){times(min_items, max_items)}"
+    more = "" if max_items == 1 else f" ({separator_rule} {item_rule}){times(max(min_items - 1, 0), None if max_items is None else max_items - 1)}"
+    body = f"{item_rule}{more}"
+    return f"({body})" if min_items > 0 else f"({body})?"
+
+
+_conversion_lock = threading.Lock()  # the repetition builder is swapped module-wide while converting
+
+
 def _convert(schema: dict[str, Any]) -> str:
     converter = _Converter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
-    converter.resolve_refs(schema, "")
-    converter.visit(schema, "")
-    return converter.format_grammar()
+    with _conversion_lock:
+        original = llama_grammar._build_repetition
+        llama_grammar._build_repetition = _repetition
+        try:
+            converter.resolve_refs(schema, "")
+            converter.visit(schema, "")
+        finally:
+            llama_grammar._build_repetition = original
+    gbnf = converter.format_grammar()
+    if len(gbnf) > MAX_GRAMMAR_BYTES:
+        raise SchemaError(f"the JSON schema makes a grammar of {len(gbnf)} bytes; at most {MAX_GRAMMAR_BYTES} "
+                          "are supported", fix="simplify it (fewer long enums or nested bounded lengths)")
+    return gbnf
