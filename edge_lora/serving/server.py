@@ -72,6 +72,12 @@ class ServerLimits:
     # None: 32 per context token; text averages about 4 characters a token, so nothing
     # refused here would have fit the context.
     max_prompt_chars: int | None = None
+    # Request bodies held at once (being read, parsed, or waiting in the queue), in bytes as
+    # sent; parsed JSON costs up to ~10x that. A body past it gets a 503 at once.
+    body_budget_bytes: int = 4 * MAX_BODY_BYTES
+    # Open connections; a new one past it closes the connection idle the longest (no request
+    # under way), so idle sockets cannot lock others out. None: 4 x (contexts + queue), at least 64.
+    max_connections: int | None = None
     header_timeout_s: float = 10.0  # request line and headers complete within this (slowloris)
     body_timeout_s: float = 30.0  # the whole body within this
     keep_alive_s: int = 5  # an idle keep-alive connection is closed after this
@@ -255,6 +261,18 @@ def _usage(stats: GenerationStats) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": stats.cached_tokens}}
 
 
+def _parse_body(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
+    except RecursionError:  # e.g. 100,000 nested brackets: json's recursive parser gives up
+        raise APIError(400, "the request body nests too deeply", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    return body
+
+
 def _is_json(content_type: str) -> bool:
     media_type = content_type.split(";", 1)[0].strip().lower()
     return media_type == "application/json"
@@ -350,12 +368,14 @@ class OpenAIServer:
         self._workers = concurrent.futures.ThreadPoolExecutor(max_workers=runtime.n_contexts,
                                                               thread_name_prefix="edge-lora-generation")
         self._admin_lock = asyncio.Lock()  # loads and unloads one at a time (checks, then acts)
+        self.body_bytes_held = 0  # request bodies read and not yet done with (body_budget_bytes)
 
     # --- bodies ---
     async def _read_body(self, request: Request) -> bytes:
         """The body, refused as soon as it passes MAX_BODY_BYTES: request.body() would first hold all
         of it (a 600 MB body took the server from 0.6 to 1.7 GB peak RSS before the 413). A body
-        trickling in slower than body_timeout_s is a 408, so it cannot hold a connection forever."""
+        trickling in slower than body_timeout_s is a 408, so it cannot hold a connection forever.
+        Every byte held counts against body_budget_bytes until the request's handler ends (_guard)."""
         too_large = APIError(413, f"request body over {MAX_BODY_BYTES} bytes", code="body_too_large")
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
@@ -368,11 +388,25 @@ class OpenAIServer:
                     size += len(chunk)
                     if size > MAX_BODY_BYTES:
                         raise too_large
+                    self._hold_body_bytes(request, len(chunk))
                     chunks.append(chunk)
         except TimeoutError:
             raise APIError(408, f"the request body did not arrive within {self.limits.body_timeout_s:g} s",
                            code="request_timeout", headers={"Connection": "close"}) from None
         return b"".join(chunks)
+
+    def _hold_body_bytes(self, request: Request, n: int) -> None:
+        """Count ``n`` more body bytes held by ``request`` (event-loop thread only)."""
+        if self.body_bytes_held + n > self.limits.body_budget_bytes:
+            raise APIError(503, "the server holds as many request bodies as it takes; retry shortly",
+                           type_="server_error", code="server_busy",
+                           headers={"Retry-After": str(self.limits.retry_after_s), "Connection": "close"})
+        self.body_bytes_held += n
+        request.state.body_bytes_held = getattr(request.state, "body_bytes_held", 0) + n
+
+    def release_body_bytes(self, request: Request) -> None:
+        self.body_bytes_held -= getattr(request.state, "body_bytes_held", 0)
+        request.state.body_bytes_held = 0
 
     async def _json_body(self, request: Request) -> dict:
         # JSON only: a page can POST text/plain or a form to any address without a CORS preflight.
@@ -380,15 +414,9 @@ class OpenAIServer:
             raise APIError(415, "the request body must be JSON sent with Content-Type: application/json",
                            code="unsupported_media_type")
         raw = await self._read_body(request)
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
-        except RecursionError:  # e.g. 100,000 nested brackets: json's recursive parser gives up
-            raise APIError(400, "the request body nests too deeply", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "the request body must be a JSON object", code="invalid_json")
-        return body
+        # Parsed in a worker thread: 8 MB of JSON takes the event loop ~0.1 s, during which no
+        # other client would be answered.
+        return await run_in_threadpool(_parse_body, raw)
 
     # --- adapters ---
     def _adapters_for(self, body: dict) -> dict[str, float | None]:
@@ -795,6 +823,8 @@ def _guard(handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
         except Exception:  # a bug: still answer in OpenAI's shape, and keep the details in the log
             logger.exception("request failed")
             return _internal().response()
+        finally:
+            request.app.state.server.release_body_bytes(request)  # its body is done with
     return wrapped
 
 
@@ -894,6 +924,12 @@ def uvicorn_config(app: Starlette, host: str, port: int, limits: ServerLimits = 
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     header_timeout = limits.header_timeout_s
+    server: OpenAIServer = app.state.server
+    max_connections = limits.max_connections or max(64, 4 * server.gate.capacity)
+    # Connections with no request under way (waiting for a request line or headers), oldest
+    # first: what gives way when max_connections are open. Event-loop thread only.
+    idle: dict[HeaderTimeoutProtocol, None] = {}
+    open_count = [0]
 
     class HeaderTimeoutProtocol(H11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
@@ -901,8 +937,10 @@ def uvicorn_config(app: Starlette, host: str, port: int, limits: ServerLimits = 
         def _arm(self) -> None:
             self._disarm()
             self._header_timer = self.loop.call_later(header_timeout, self._header_timeout)
+            idle[self] = None  # (re)inserted last: the most recently idle
 
         def _disarm(self) -> None:
+            idle.pop(self, None)
             if self._header_timer is not None:
                 self._header_timer.cancel()
                 self._header_timer = None
@@ -913,6 +951,18 @@ def uvicorn_config(app: Starlette, host: str, port: int, limits: ServerLimits = 
                 self.transport.close()  # connection_lost does h11's bookkeeping
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            open_count[0] += 1
+            if open_count[0] > max_connections:
+                # Full: the connection idle the longest gives way (80 idle sockets once made the
+                # server answer 503 to everyone); with none idle, this one is refused.
+                victim = next(iter(idle), None)
+                if victim is not None:
+                    victim._disarm()
+                    victim.transport.close()
+                else:
+                    super().connection_made(transport)
+                    self.transport.close()
+                    return
             super().connection_made(transport)
             self._arm()
 
@@ -928,14 +978,15 @@ def uvicorn_config(app: Starlette, host: str, port: int, limits: ServerLimits = 
                 self._arm()  # the next request on this connection gets the same time
 
         def connection_lost(self, exc: Exception | None) -> None:
+            open_count[0] -= 1
             self._disarm()
             super().connection_lost(exc)
 
-    server: OpenAIServer = app.state.server
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=HeaderTimeoutProtocol,
                           timeout_keep_alive=limits.keep_alive_s, h11_max_incomplete_event_size=16 * 1024,
-                          # open connections, generating or not; past this uvicorn answers 503
-                          limit_concurrency=max(64, 4 * server.gate.capacity))
+                          # uvicorn's own cap (connections + running requests, then 503s) sits
+                          # above ours, which closes idle connections instead of refusing work
+                          limit_concurrency=2 * max_connections + 16)
 
 
 __all__ = ["APIError", "MAX_BODY_BYTES", "OpenAIServer", "ServerLimits", "loopback_hosts",
