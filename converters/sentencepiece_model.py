@@ -9,6 +9,8 @@ Field numbers follow sentencepiece's ``sentencepiece_model.proto``.
 
 from __future__ import annotations
 
+import mmap
+import os
 import struct
 from array import array
 from collections.abc import Iterator, Sequence
@@ -90,9 +92,9 @@ def _read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
             raise _Malformed("varint longer than 10 bytes")
 
 
-def _fields(buf: bytes, start: int, end: int) -> list[tuple[int, int, int | bytes]]:
-    """(field number, wire type, value) for one message; length-delimited values are bytes."""
-    out: list[tuple[int, int, int | bytes]] = []
+def _fields(buf: bytes, start: int, end: int) -> Iterator[tuple[int, int, int | bytes]]:
+    """(field number, wire type, value) for one message, one field at a time (a list of them
+    cost ~36x the message for a crafted run of 2-byte fields); length-delimited values are bytes."""
     pos = start
     while pos < end:
         key, pos = _read_varint(buf, pos, end)
@@ -101,26 +103,25 @@ def _fields(buf: bytes, start: int, end: int) -> list[tuple[int, int, int | byte
             raise _Malformed("field number 0")
         if wire == _VARINT:
             value, pos = _read_varint(buf, pos, end)
-            out.append((number, wire, value))
+            yield number, wire, value
         elif wire == _FIXED64:
             if pos + 8 > end:
                 raise _Malformed("truncated 64-bit field")
-            out.append((number, wire, int.from_bytes(buf[pos:pos + 8], "little")))
+            yield number, wire, int.from_bytes(buf[pos:pos + 8], "little")
             pos += 8
         elif wire == _FIXED32:
             if pos + 4 > end:
                 raise _Malformed("truncated 32-bit field")
-            out.append((number, wire, int.from_bytes(buf[pos:pos + 4], "little")))
+            yield number, wire, int.from_bytes(buf[pos:pos + 4], "little")
             pos += 4
         elif wire == _LENGTH:
             length, pos = _read_varint(buf, pos, end)
             if length > end - pos:
                 raise _Malformed(f"field {number} declares {length} bytes, {end - pos} remain")
-            out.append((number, wire, buf[pos:pos + length]))
+            yield number, wire, buf[pos:pos + length]
             pos += length
         else:
             raise _Malformed(f"unsupported wire type {wire} (field {number})")
-    return out
 
 
 def _int32(value: int | bytes) -> int:
@@ -175,6 +176,11 @@ class PieceTable(Sequence[Piece]):
 
     def __len__(self) -> int:
         return len(self._ends)
+
+    @property
+    def n_bytes(self) -> int:
+        """What the table holds (before its arrays' growth headroom, ~1/8)."""
+        return len(self._text) + 9 * len(self._ends)
 
     @overload
     def __getitem__(self, index: int) -> Piece: ...
@@ -265,16 +271,27 @@ def _top_level_fields(buf: bytes) -> Iterator[tuple[int, int, int]]:
             raise _Malformed(f"unsupported wire type {wire} (field {number})")
 
 
-def parse_model(data: bytes) -> SentencePieceModel:
-    """Parse a ``ModelProto``. Peak memory is about twice ``data`` (measured in
-    tests/test_tokenizer_export.py): ``data`` itself plus the compact ``PieceTable``."""
+# The parsed pieces may take at most this many times the file: a real vocabulary takes about
+# one (Gemma 3's 262k pieces: 0.95x), a crafted run of empty pieces (2 bytes each in the file,
+# 9 in the table) would take 4.5x.
+MAX_TABLE_RATIO = 2
+
+
+def parse_model(data: bytes | mmap.mmap) -> SentencePieceModel:
+    """Parse a ``ModelProto``. Memory beyond ``data`` (which read_model maps, not reads) is the
+    compact ``PieceTable``, refused past MAX_TABLE_RATIO x the file; fields are walked one at
+    a time, never listed (tests/test_sentencepiece_model.py measures both)."""
     pieces = PieceTable()
     model = SentencePieceModel(pieces=pieces)
+    budget = max(MAX_TABLE_RATIO * len(data), 1 << 20)  # small files: no ratio worth refusing
     for number, start, end in _top_level_fields(data):
         if number == 1:
             if len(pieces) >= MAX_PIECES:
                 raise _Malformed(f"more than {MAX_PIECES} pieces")
             _parse_piece(data, start, end, pieces)
+            if pieces.n_bytes > budget:
+                raise _Malformed(f"{len(pieces)} pieces in {len(data)} bytes: far smaller than a real "
+                                 "vocabulary's (a crafted file)")
         elif number == 2:
             for sub, _w, v in _fields(data, start, end):
                 if sub == 3:
@@ -312,20 +329,27 @@ def parse_model(data: bytes) -> SentencePieceModel:
 
 
 def read_model(path: Path) -> SentencePieceModel:
+    """The parsed model; the file is memory-mapped (page cache, not the process's own memory)."""
+    fix = "re-download tokenizer.model, or remove it if tokenizer.json is present"
     try:
-        size = path.stat().st_size
-        if size > MAX_MODEL_BYTES:
-            raise InvalidCheckpointError(f"{path} is {size} bytes, too large for a SentencePiece model",
-                                         fix="check the file is a tokenizer.model")
-        data = path.read_bytes()
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size > MAX_MODEL_BYTES:
+                raise InvalidCheckpointError(f"{path} is {size} bytes, too large for a SentencePiece model",
+                                             fix="check the file is a tokenizer.model")
+            if size == 0:
+                raise InvalidCheckpointError(f"{path} is not a valid SentencePiece model: no pieces (the file is empty)",
+                                             fix=fix)
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                return parse_model(data)
     except OSError as exc:
         raise InvalidCheckpointError(f"cannot read {path}: {exc.strerror or exc}",
                                      fix="check the file exists and is readable") from exc
-    try:
-        return parse_model(data)
     except _Malformed as exc:
-        raise InvalidCheckpointError(f"{path} is not a valid SentencePiece model: {exc}",
-                                     fix="re-download tokenizer.model, or remove it if tokenizer.json is present") from exc
+        raise InvalidCheckpointError(f"{path} is not a valid SentencePiece model: {exc}", fix=fix) from exc
+    except MemoryError:
+        raise InvalidCheckpointError(f"{path} does not fit in memory to be parsed",
+                                     fix="free memory, or check the file is a real tokenizer.model") from None
 
 
 # --- writer -------------------------------------------------------------------------------------

@@ -6,6 +6,9 @@ import random
 import tracemalloc
 from pathlib import Path
 
+import pytest
+
+from edge_lora.core.errors import InvalidCheckpointError
 from edge_lora.converters.sentencepiece_model import (ModelType, Piece, PieceTable, PieceType, SentencePieceModel,
                                                       read_model, serialize_model)
 
@@ -59,3 +62,49 @@ def test_piece_table_is_a_sequence(tmp_path: Path) -> None:
     assert pieces != model.pieces[:-1]
     # A parsed model serializes back to the same bytes.
     assert serialize_model(read_model(path)) == path.read_bytes()
+
+
+def _traced_peak(path: Path) -> tuple[int, BaseException | None]:
+    tracemalloc.start()
+    error = None
+    try:
+        read_model(path)
+    except InvalidCheckpointError as exc:
+        error = exc
+    finally:
+        _current, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    return peak, error
+
+
+@pytest.mark.parametrize("crafted,refused", [
+    # The review's shape: one message (the trainer spec) of a million 2-byte varint fields; a
+    # list of (number, wire, value) tuples for them cost ~36x the file.
+    (b"\x0a\x03\x0a\x01a\x0a\x03\x0a\x01b\x0a\x03\x0a\x01c" + b"\x12" + b"\x80\x9f\x49"
+     + b"\x08\x01" * 600_000, None),
+    # Empty pieces, 2 bytes each: 9 bytes each in the table (4.5x) unless refused.
+    (b"\x0a\x00" * 600_000, "far smaller than a real vocabulary"),
+], ids=["a-run-of-fields", "empty-pieces"])
+def test_crafted_files_cost_at_most_about_twice_their_size(tmp_path: Path, crafted: bytes,
+                                                           refused: str | None) -> None:
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(crafted)
+    peak, error = _traced_peak(path)
+    assert peak <= 2.3 * len(crafted), f"peak {peak / len(crafted):.1f}x the file"
+    if refused is None:
+        assert error is None
+    else:
+        assert error is not None and refused in str(error)
+
+
+def test_running_out_of_memory_is_a_one_line_refusal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edge_lora.converters import sentencepiece_model
+
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(serialize_model(_generated_model(50, seed=2)))
+
+    def exhausted(data):
+        raise MemoryError
+    monkeypatch.setattr(sentencepiece_model, "parse_model", exhausted)
+    with pytest.raises(InvalidCheckpointError, match="does not fit in memory"):
+        read_model(path)
