@@ -13,7 +13,6 @@ import time
 import numpy as np
 
 from edge_lora.serving.llama_backend import GrammarSampler, LlamaModel
-from edge_lora.serving.structured import SchemaConverter  # noqa: F401  (the converter in use)
 
 A = {"type": "array", "items": {"$ref": "#/$defs/a"}}
 WORST = {"$defs": {"a": {"anyOf": [A, A, {"type": "null"}]}}, "$ref": "#/$defs/a"}

@@ -205,6 +205,7 @@ class LlamaModel(_NativeHandle):
         self._lock = threading.RLock()
         self._control: np.ndarray | None = None
         self._guidance_tokenizer = None
+        self._guidance_lock = threading.Lock()  # not _lock: building takes seconds, adapters need not wait
 
     # --- lifetime ---
     @property
@@ -305,7 +306,7 @@ class LlamaModel(_NativeHandle):
         (a 0xFF prefix, llguidance's convention) so no grammar text matches them, and every
         end-of-generation token ends an answer. Built once per model (llguidance.llamacpp's
         builder, without its deprecated per-token call that warns 262k times)."""
-        with self._lock:
+        with self._guidance_lock:
             if self._guidance_tokenizer is None:
                 from llguidance import LLTokenizer
 
