@@ -1,0 +1,95 @@
+"""GGUF LoRA adapter -> PEFT LoRA tensors, the inverse of ``adapter_gguf``.
+
+A GGUF LoRA holds ``<gguf name>.lora_a`` [r, in] and ``.lora_b`` [out, r] in the base GGUF's
+row order (Llama q/k rows permuted) and llama.cpp applies (alpha / r)·B·A with r read from the
+tensor shape. So the PEFT module is the HF name the base maps to that GGUF name, lora_A = A,
+lora_B = B with the row permutation undone, and scale = alpha / r: exactly what llama.cpp
+applies. Ranks that differ between modules become a ``rank_pattern``. F16 and Q8_0 tensors are
+dequantized (a Q8_0 adapter's zero-padded rank is kept: the padding is exact zeros).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from edge_lora.converters.architectures import ArchSpec, arch_spec_for
+from edge_lora.converters.checkpoint import HFCheckpoint
+from edge_lora.converters.peft import LoraConfig, LoraDelta, PeftAdapter
+from edge_lora.core.errors import AdapterError, AdapterMismatchError
+from edge_lora.core.gguf_check import validate_gguf
+
+
+def unpermute_qk_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of ``architectures.permute_qk_rows``."""
+    n = rows.shape[0]
+    return rows.reshape(n_head, n // n_head // 2, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def _tensor(t: gguf.ReaderTensor) -> np.ndarray:
+    shape = tuple(int(d) for d in reversed(t.shape))  # GGUF ne order -> numpy order
+    if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+        return np.asarray(t.data, dtype=np.float32).reshape(shape)
+    return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+
+
+def peft_tensors_from_gguf_adapter(gguf_path: Path | str, base: HFCheckpoint | ArchSpec) -> PeftAdapter:
+    """The GGUF LoRA adapter at ``gguf_path`` as an in-memory ``PeftAdapter`` (HF module names,
+    PEFT's A/B layout and per-module scales) for the base ``base`` (an open checkpoint, or its
+    ``ArchSpec``) it was made for. Write it with ``combine.write_peft_adapter``."""
+    path = Path(gguf_path)
+    info = validate_gguf(path, expect_type="adapter")
+    spec = base if isinstance(base, ArchSpec) else arch_spec_for(base.config)
+    if info.architecture != spec.gguf_arch_name:
+        raise AdapterMismatchError(f"GGUF adapter {path.name} is for {info.architecture}, the base is "
+                                   f"{spec.gguf_arch_name}", fix="give the base the adapter was made for")
+    reader = gguf.GGUFReader(path)
+    field = reader.fields.get(gguf.Keys.Adapter.LORA_ALPHA)
+    alpha = float(field.contents()) if field is not None else 0.0
+    hf_for_gguf = {g: n for n in spec.expected_shapes(separate_head=True) if (g := spec.gguf_name(n)) is not None}
+    tensors = {t.name: t for t in reader.tensors}
+    deltas: dict[str, LoraDelta] = {}
+    for name in tensors:
+        if not name.endswith(".lora_a"):
+            if not name.endswith(".lora_b"):
+                raise AdapterError(f"GGUF adapter {path.name} holds {name}, which is not a LoRA tensor",
+                                   fix="give a GGUF LoRA adapter")
+            continue
+        target = name[:-len(".lora_a")]
+        if target + ".lora_b" not in tensors:
+            raise AdapterError(f"GGUF adapter {path.name} has {name} but not {target}.lora_b",
+                               fix="re-convert the adapter")
+        hf_name = hf_for_gguf.get(target)
+        if hf_name is None:
+            raise AdapterMismatchError(f"GGUF adapter {path.name} adapts {target}, which the base does not have",
+                                       fix="give the base the adapter was made for")
+        a, b = _tensor(tensors[name]), _tensor(tensors[target + ".lora_b"])
+        module = hf_name.removesuffix(".weight")
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or \
+                (b.shape[0], a.shape[1]) != spec.expected_shapes(separate_head=True)[hf_name]:
+            raise AdapterMismatchError(f"GGUF adapter {path.name}: {target} lora_a {list(a.shape)} / lora_b "
+                                       f"{list(b.shape)} do not fit the base weight", fix="give the base it was made for")
+        heads = spec._permute_heads(hf_name)
+        if heads is not None:
+            b = unpermute_qk_rows(b, heads)
+        rank = a.shape[0]
+        # llama.cpp: alpha 0 (or none) means no scaling, i.e. scale 1
+        scale = alpha / rank if alpha != 0 else 1.0
+        deltas[hf_name] = LoraDelta(module=module, lora_a=a, lora_b=np.ascontiguousarray(b), scale=scale)
+    if not deltas:
+        raise AdapterError(f"GGUF adapter {path.name} holds no LoRA tensors", fix="give a GGUF LoRA adapter")
+    ranks = Counter(d.rank for d in deltas.values())
+    r = ranks.most_common(1)[0][0]
+    lora_alpha = alpha if alpha != 0 else float(r)
+    rank_pattern = {re.escape(d.module): d.rank for d in deltas.values() if d.rank != r}
+    alpha_pattern = {k: (alpha if alpha != 0 else float(v)) for k, v in rank_pattern.items()} if alpha == 0 else {}
+    config = LoraConfig(r=r, lora_alpha=lora_alpha, use_rslora=False, use_dora=False, rank_pattern=rank_pattern,
+                        alpha_pattern=alpha_pattern,
+                        target_modules=sorted({d.module.rsplit(".", 1)[-1] for d in deltas.values()}),
+                        layers_to_transform=None, modules_to_save=[], fan_in_fan_out=False)
+    name = path.name.removesuffix(".gguf").removeprefix("adapter-")
+    return PeftAdapter(path.with_name(name), config, deltas, {})
