@@ -337,3 +337,30 @@ def test_ia3_merged_logits_match_reference(arch: str, tmp_path: Path) -> None:
     merged = next((tmp_path / "out").glob("*-F16.gguf"))
     assert not list((tmp_path / "out").glob("adapter-*.gguf"))  # IA3 has no GGUF adapter form
     _assert_close(_llama_logits(merged, tokens), ref)
+
+
+@pytest.mark.slow
+def test_combine_registered_gguf_adapters_without_base(llama_base, tmp_path: Path) -> None:
+    """The TUI's path: registered GGUF adapters combined in GGUF layout (no HF base), written and
+    registered; cat hot-applied equals hot-applying both, ties equals the PEFT-space ties."""
+    from edge_lora.serving.registry import AdapterRegistry
+    from edge_lora.workflows.combine_adapters import combine_registered
+
+    b = llama_base
+    registry = AdapterRegistry(home=tmp_path / "home")
+    g1 = convert_adapter_to_gguf(b["one"], b["ckpt"], tmp_path / "adapter-one.gguf")
+    g3 = convert_adapter_to_gguf(b["three"], b["ckpt"], tmp_path / "adapter-three.gguf")
+    registry.add("one", g1)
+    registry.add("three", g3)
+    entry = combine_registered("mix", [("one", 0.7), ("three", -0.4)], registry=registry)
+    assert registry.get("mix") is not None and entry.path.parent == tmp_path / "home" / "adapters"
+    both = _llama_logits_multi(b["f16"], b["tokens"], [(g1, 0.7), (g3, -0.4)])
+    _assert_close(_llama_logits(b["f16"], b["tokens"], entry.path), both, 0.005)
+    ties = combine_registered("mix-ties", [("one", 0.7), (str(g3), -0.4)], CombineOptions("ties", density=0.5),
+                              registry=registry)
+    peft_ties = combine_to_dir([f"{b['one']}:0.7", f"{b['three']}:-0.4"], tmp_path / "ties",
+                               CombineOptions("ties", density=0.5)).out_dir
+    ref = reference_logits(b["config"], apply_peft(b["weights"], peft_ties, b["config"]), b["tokens"])
+    _assert_close(_llama_logits(b["f16"], b["tokens"], ties.path), ref)
+    with pytest.raises(InputError, match="already registered"):
+        combine_registered("mix", [("one", 0.5), ("three", 0.5)], registry=registry)

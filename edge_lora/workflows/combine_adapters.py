@@ -12,6 +12,7 @@ from pathlib import Path
 
 from edge_lora.converters.checkpoint import HFCheckpoint
 from edge_lora.converters.combine import CombineOptions, combine_adapters, write_peft_adapter
+from edge_lora.converters.combine_gguf import combine_gguf_adapters
 from edge_lora.converters.gguf_to_peft import peft_tensors_from_gguf_adapter
 from edge_lora.converters.hf_to_gguf import TensorMerger, model_name_for
 from edge_lora.converters.ia3 import Ia3Adapter, Ia3Merger, is_ia3_dir
@@ -19,8 +20,9 @@ from edge_lora.converters.merge import PeftMerger
 from edge_lora.converters.peft import PeftAdapter
 from edge_lora.core.atomic import check_not_an_input
 from edge_lora.core.errors import InputError
+from edge_lora.core.output_dir import adapter_file_name
 from edge_lora.hub import resolve_local_or_hub
-from edge_lora.serving.registry import NAME_PATTERN, AdapterRegistry
+from edge_lora.serving.registry import NAME_PATTERN, AdapterRegistry, RegisteredAdapter, check_name
 
 
 @dataclass(frozen=True)
@@ -156,3 +158,22 @@ def plan_merge(adapter_refs: Sequence[str], base: HFCheckpoint, options: Combine
     combined, name = combine_refs(refs, options or CombineOptions(), base)
     combined.check_fits(base)
     return MergePlan(PeftMerger(combined), combined, name, description)
+
+
+def combine_registered(name: str, inputs: Sequence[tuple[str, float]], options: CombineOptions = CombineOptions(),
+                       *, registry: AdapterRegistry | None = None) -> RegisteredAdapter:
+    """Combine registered (or GGUF file) adapters into ``<home>/adapters/adapter-<name>.gguf`` and
+    register it under ``name`` (the TUI's "combine adapters"). No HF base is needed: see
+    ``converters.combine_gguf``."""
+    registry = registry or AdapterRegistry()
+    check_name(name)
+    if registry.get(name) is not None:
+        raise InputError(f"an adapter named {name!r} is already registered", fix="pick another name")
+    if len(inputs) < 2 and not (len(inputs) == 1 and inputs[0][1] != 1.0):
+        raise InputError("combining needs two or more adapters, or one with a weight other than 1",
+                         fix="e.g. legal:0.5 tone:0.5")
+    paths = [(registry.resolve(ref).path, float(weight)) for ref, weight in inputs]
+    out = registry.home / "adapters" / adapter_file_name(name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    combine_gguf_adapters(paths, out, options, name=name)
+    return registry.add(name, out, 1.0)
