@@ -364,3 +364,14 @@ def test_combine_registered_gguf_adapters_without_base(llama_base, tmp_path: Pat
     _assert_close(_llama_logits(b["f16"], b["tokens"], ties.path), ref)
     with pytest.raises(InputError, match="already registered"):
         combine_registered("mix", [("one", 0.5), ("three", 0.5)], registry=registry)
+
+
+def test_convert_refuses_method_without_a_combination(llama_base, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    b = llama_base
+    for extra in (["--adapter", str(b["one"])], []):
+        assert main(["convert", str(b["ckpt"]), *extra, "--method", "ties", "--density", "0.5", "--quant", "none",
+                     "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--method ties" in err
+    assert not (tmp_path / "o").exists()

@@ -45,6 +45,11 @@ def _default_out(base: str) -> Path:
     return Path.cwd() / f"{Path(base.rstrip('/')).name or 'model'}-gguf"
 
 
+def _combining(args: argparse.Namespace) -> bool:
+    """Any adapter-arithmetic option given (then it must apply: see ``plan_merge``)."""
+    return args.method is not None or args.density is not None or args.svd_rank is not None
+
+
 def convert_command(args: argparse.Namespace) -> int:
     from edge_lora.core.progress import cli_progress
 
@@ -55,7 +60,8 @@ def convert_command(args: argparse.Namespace) -> int:
 
         manifest = convert_model(args.base, out_dir, adapter=args.adapter, quants=quant,
                                  outtype=args.outtype, calibrate=args.calibrate, imatrix=args.imatrix,
-                                 combine=combine_options(args), progress=progress)
+                                 combine=combine_options(args) if _combining(args) else None,
+                                 progress=progress)
     if args.json:
         print(json.dumps({"directory": str(out_dir), **manifest.to_json()}))
         return 0

@@ -141,6 +141,9 @@ def plan_merge(adapter_refs: Sequence[str], base: HFCheckpoint, options: Combine
     refs = [parse_weighted(r) for r in adapter_refs]
     description = " + ".join(r.label for r in refs)
     if len(refs) == 1 and refs[0].weight is None:
+        if options is not None:
+            raise InputError(f"--method {options.method} applies to a combination, and one adapter without a weight "
+                             "was given", fix="give two or more --adapter A:W, or a weight (--adapter A:0.5)")
         ref = refs[0].ref
         if _gguf_file(ref) is None:
             adapter_dir = resolve_local_or_hub(ref, "adapter")

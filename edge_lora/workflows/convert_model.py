@@ -91,6 +91,8 @@ def convert_model(base: str | Path, out_dir: str | Path, *,
         spec = arch_spec_for(ckpt.config)
         refs = [] if adapter is None else [str(adapter)] if isinstance(adapter, (str, Path)) else \
             [str(a) for a in adapter]
+        if combine is not None and not refs:
+            raise InputError(f"--method {combine.method} needs adapters to combine", fix="give --adapter A:W ...")
         plan = plan_merge(refs, ckpt, combine) if refs else None  # checked before the output directory exists
         peft: PeftAdapter | None = plan.lora if plan is not None else None
         adapter_name: str | None = plan.name if plan is not None else None
