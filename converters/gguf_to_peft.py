@@ -25,10 +25,13 @@ from edge_lora.core.errors import AdapterError, AdapterMismatchError
 from edge_lora.core.gguf_check import validate_gguf
 
 
-def unpermute_qk_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
-    """Inverse of ``architectures.permute_qk_rows``."""
-    n = rows.shape[0]
-    return rows.reshape(n_head, n // n_head // 2, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+def _undo_row_transform(spec: ArchSpec, module: str, lora_b: np.ndarray) -> np.ndarray:
+    """Inverse of ``spec.transform_lora_b`` (a row permutation, e.g. Llama q/k): row i of the
+    GGUF B is row perm[i] of the HF B, with perm read by transforming the row indices."""
+    perm = spec.transform_lora_b(module, np.arange(lora_b.shape[0], dtype=np.float64)[:, None])[:, 0]
+    out = np.empty_like(lora_b)
+    out[perm.astype(np.int64)] = lora_b
+    return out
 
 
 def _tensor(t: gguf.ReaderTensor) -> np.ndarray:
@@ -117,9 +120,7 @@ def peft_tensors_from_gguf_adapter(gguf_path: Path | str, base: HFCheckpoint | A
             raise AdapterMismatchError(f"GGUF adapter {path.name}: {target} lora_b @ lora_a is "
                                        f"{[b.shape[0], a.shape[1]]}, the base weight is {list(shapes[hf_name])}",
                                        fix="give the base the adapter was made for")
-        heads = spec._permute_heads(hf_name)
-        if heads is not None:
-            b = unpermute_qk_rows(b, heads)
+        b = _undo_row_transform(spec, hf_name.removesuffix(".weight"), b)
         deltas[hf_name] = LoraDelta(module=hf_name.removesuffix(".weight"), lora_a=a,
                                     lora_b=np.ascontiguousarray(b), scale=lora.scale(a.shape[0]))
     name = path.name.removesuffix(".gguf").removeprefix("adapter-")
