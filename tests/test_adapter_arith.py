@@ -168,7 +168,9 @@ def test_refusals_name_the_first_difference(tmp_path: Path) -> None:
     assert not (tmp_path / "o" / "adapter_config.json").exists()
 
 
-def test_parse_weighted() -> None:
+def test_parse_weighted(tmp_path: Path) -> None:
+    (tmp_path / "run:2").mkdir()
+    assert parse_weighted(str(tmp_path / "run:2")).weight is None  # an existing path is taken as written
     assert parse_weighted("legal:0.5") == parse_weighted("legal:.5")
     assert parse_weighted("legal:-1").weight == -1.0
     assert parse_weighted("org/name").weight is None

@@ -36,7 +36,10 @@ class WeightedRef:
 
 
 def parse_weighted(text: str) -> WeightedRef:
-    """``A`` or ``A:W``; a colon whose tail is not a number is part of the reference."""
+    """``A`` or ``A:W``; a colon whose tail is not a number, or in a path that exists as
+    written, is part of the reference."""
+    if Path(str(text)).expanduser().exists():
+        return WeightedRef(str(text), None)
     head, sep, tail = str(text).rpartition(":")
     if sep and head:
         try:
