@@ -279,13 +279,35 @@ def _combine_module(parts: Sequence[tuple[LoraDelta, float]], method: Method, op
         a = merge_task_tensors([d.lora_a for d, _ in parts], weights_a, method, options, rng)
         b = merge_task_tensors([d.lora_b for d, _ in parts], weights_b, method, options, rng)
         return a, b
+    if new_rank > min(out_features, in_features):
+        raise InputError(f"--svd-rank {new_rank} is larger than {parts[0][0].module} allows "
+                         f"({min(out_features, in_features)})",
+                         fix=f"give --svd-rank {min(out_features, in_features)} or less")
+    if method.merge is Merge.TASK_ARITHMETIC:
+        return _low_rank_svd(parts, new_rank)
     deltas = [(d.lora_b @ d.lora_a) * np.float32(d.scale) for d, _ in parts]
     merged = merge_task_tensors(deltas, [w for _, w in parts], method, options, rng)
-    if new_rank > min(merged.shape):
-        raise InputError(f"--svd-rank {new_rank} is larger than {parts[0][0].module} allows "
-                         f"({min(merged.shape)})", fix=f"give --svd-rank {min(merged.shape)} or less")
     u, s, vh = np.linalg.svd(merged.astype(np.float64), full_matrices=False)
     return vh[:new_rank].astype(np.float32), (u[:, :new_rank] * s[:new_rank]).astype(np.float32)
+
+
+def _low_rank_svd(parts: Sequence[tuple[LoraDelta, float]], new_rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """``svd``: the truncated SVD of Σ wᵢ·sᵢ·BᵢAᵢ from its factors (QR of [B₁ B₂ …] and of
+    [w₁s₁A₁; …]ᵀ, SVD of the small core): the same singular triplets as the SVD of the full
+    delta PEFT takes, at a cost linear in the layer size. Beyond the sum's rank the singular
+    values are 0 and the factors are written as zeros (PEFT's are arbitrary there; the product
+    is the same)."""
+    b = np.concatenate([d.lora_b.astype(np.float64) for d, _ in parts], axis=1)
+    a = np.concatenate([d.lora_a.astype(np.float64) * (w * d.scale) for d, w in parts], axis=0)
+    q_b, r_b = np.linalg.qr(b)
+    q_a, r_a = np.linalg.qr(a.T)
+    u, s, vh = np.linalg.svd(r_b @ r_a.T)
+    keep = min(new_rank, s.shape[0])
+    lora_b = np.zeros((b.shape[0], new_rank))
+    lora_a = np.zeros((new_rank, a.shape[1]))
+    lora_b[:, :keep] = (q_b @ u[:, :keep]) * s[:keep]
+    lora_a[:keep] = vh[:keep] @ q_a.T
+    return lora_a.astype(np.float32), lora_b.astype(np.float32)
 
 
 def combine_adapters(inputs: Sequence[tuple[PeftAdapter, float]], options: CombineOptions = CombineOptions(),

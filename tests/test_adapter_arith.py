@@ -105,7 +105,11 @@ def test_dare_at_density_1_is_its_counterpart(dare: str, plain: str) -> None:
     got = combine_adapters(inputs, CombineOptions(dare, density=1.0, seed=3))
     ref = combine_adapters(inputs, CombineOptions(plain, density=1.0 if plain.startswith("ties") else None))
     for name in ref.deltas:
-        np.testing.assert_array_equal(_product(got, name), _product(ref, name))
+        if plain == "svd":  # svd works from the factors, dare_linear_svd from the full delta: rounding differs
+            np.testing.assert_allclose(_product(got, name), _product(ref, name),
+                                       atol=1e-5 * np.abs(_product(ref, name)).max())
+        else:
+            np.testing.assert_array_equal(_product(got, name), _product(ref, name))
 
 
 def test_dare_keeps_density_rescales_and_repeats_with_its_seed() -> None:
