@@ -381,3 +381,19 @@ def test_convert_refuses_method_without_a_combination(llama_base, tmp_path: Path
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "--method ties" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_combine_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = DATA / "lora" / "a", DATA / "lora" / "b"
+    assert main(["adapter", "combine", f"{a}:0.7", f"{b}:-0.4", "--method", "dare_ties", "--density", "0.5",
+                 "--seed", "3", "--out", str(tmp_path / "o"), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["method"] == "dare_ties" and doc["seed"] == 3 and doc["rank"] == 4
+    assert [i["weight"] for i in doc["inputs"]] == [0.7, -0.4]
+    written = json.loads((tmp_path / "o" / "adapter_config.json").read_text())
+    assert written["r"] == written["lora_alpha"] == 4 and written["use_rslora"] is False
+    again = combine_adapters([(PeftAdapter.open(a), 0.7), (PeftAdapter.open(b), -0.4)],
+                             CombineOptions("dare_ties", density=0.5, seed=3))
+    got = PeftAdapter.open(tmp_path / "o")
+    for name, delta in again.deltas.items():
+        np.testing.assert_array_equal(got.deltas[name].lora_a, delta.lora_a)
