@@ -186,10 +186,11 @@ class StreamingGGUFWriter:
 
 
 def _prove_loads(path: Path, final: Path, progress: ProgressSink) -> None:
-    """The whole model (hyperparameters, vocabulary, tensors, a context) rather than
-    ``vocab_only``: the hyperparameter asserts are skipped by a vocabulary-only load, and the
-    whole load costs little more (mmap; measured in README). The pass is remembered by the
-    file's identity, which os.replace keeps, so the first `run` of it does not load it again."""
+    """The whole model (hyperparameters, vocabulary, tensor table, a context) rather than
+    ``vocab_only``: the hyperparameter and tensor-shape checks are skipped by a vocabulary-only
+    load. llama.cpp's ``no_alloc`` load reads no weight, so the proof costs about an interpreter
+    start (measured in bench/convert.py). The pass is remembered by the file's identity, which
+    os.replace keeps, so the first `run` of it does not load it again."""
     from edge_lora.converters.load_check import check_loads
     from edge_lora.core.errors import InvalidGGUFError
 
