@@ -19,7 +19,7 @@ from typing import Any
 
 import gguf
 
-from edge_lora.converters.sentencepiece_model import read_model
+from edge_lora.converters.sentencepiece_model import piece_columns, read_model
 from edge_lora.core.bounded_json import JsonKind, read_json
 from edge_lora.core.errors import EdgeLoraError, InvalidCheckpointError
 
@@ -246,8 +246,10 @@ def _apply_added_tokens(vocab: _Vocab, files: _Files) -> None:
 def _from_tokenizer_model(path: Path, files: _Files, vocab_size: int) -> TokenizerSpec:
     model = read_model(path)
     vocab = _Vocab()
-    for i, piece in enumerate(model.pieces):
-        vocab.set(i, piece.piece, piece.score, int(piece.type), path)
+    texts, scores, types = piece_columns(model.pieces)  # ids 0..n-1, n <= MAX_PIECES <= MAX_VOCAB
+    vocab.tokens.update(enumerate(texts))
+    vocab.scores.update(enumerate(scores))
+    vocab.types.update(enumerate(types))
     _apply_added_tokens(vocab, files)
     tokens, scores, types = vocab.finish(vocab_size)
     return TokenizerSpec(
