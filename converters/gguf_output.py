@@ -48,6 +48,8 @@ _NUMPY_ARRAY_TYPES: dict[gguf.GGUFValueType, str] = {
     VT.FLOAT32: "<f4", VT.UINT64: "<u8", VT.INT64: "<i8", VT.FLOAT64: "<f8", VT.BOOL: "?",
 }
 _FAST_ARRAY_MIN = 1024
+_STRING_SLICE = 4096
+_pack_length = struct.Struct("<Q").pack
 
 
 class FastKVWriter(gguf.GGUFWriter):
@@ -68,8 +70,13 @@ class FastKVWriter(gguf.GGUFWriter):
         if item_type in _NUMPY_ARRAY_TYPES:
             return head + np.asarray(val, dtype=_NUMPY_ARRAY_TYPES[item_type]).tobytes()
         if item_type == VT.STRING and first_type in (str, bytes):
-            encoded = [v.encode("utf-8") if isinstance(v, str) else v for v in val]
-            return head + b"".join([struct.pack("<Q", len(e)) + e for e in encoded])
+            # A slice at a time: whole-array lists of encoded pieces were ~25 MB of transient
+            # bytes objects for a 262,144-token vocabulary, at the top of convert's peak RSS.
+            chunks = [head]
+            for start in range(0, len(val), _STRING_SLICE):
+                encoded = (v.encode("utf-8") if isinstance(v, str) else v for v in val[start:start + _STRING_SLICE])
+                chunks.append(b"".join([_pack_length(len(e)) + e for e in encoded]))
+            return b"".join(chunks)
         return super()._pack_val(val, vtype, add_vtype, sub_type)
 
 
@@ -121,6 +128,7 @@ class StreamingGGUFWriter:
         # path=None: nothing is opened until write(); the KV/tensor-info API is gguf-py's.
         self.kv = FastKVWriter(path=None, arch=arch)
         self.tensors: list[PlannedTensor] = []
+        self.metadata_released = False
 
     def add_metadata(self, items: Iterable[tuple[str, Any, gguf.GGUFValueType]]) -> None:
         for key, value, vtype in items:
@@ -145,6 +153,8 @@ class StreamingGGUFWriter:
         llama.cpp (in a child process); a file llama.cpp refuses or aborts on never reaches
         ``final``."""
         final = Path(final)
+        if self.metadata_released:
+            raise InternalError("a StreamingGGUFWriter writes one file")
         check_free_space(final.parent, self.tensor_data_bytes)
         expected = {t.name: t.n_bytes for t in self.tensors}
 
@@ -167,6 +177,11 @@ class StreamingGGUFWriter:
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
+            # The metadata is on disk: let its Python form go (a 262,144-token vocabulary is
+            # ~55 MB of str objects), so neither the tensor streaming nor the load-check child,
+            # which runs beside this process, has it on top. A writer writes once.
+            writer.kv_data = [{} for _ in writer.kv_data]
+            self.metadata_released = True
             align = writer.data_alignment
             fh.write(b"\0" * (-fh.tell() % align))
             progress.start("writing GGUF", total=sum(t.n_bytes for t in self.tensors))

@@ -186,6 +186,7 @@ def write_checkpoint_gguf(ckpt: HFCheckpoint, out_path: Path | str, *, outtype: 
     metadata, extra_gguf_tensors = spec.metadata()
     writer.add_metadata(metadata)
     add_tokenizer(kv, tokenizer)
+    del tokenizer  # the writer holds the vocabulary now, and lets it go once it is written
 
     for hf_name, shape in ordered:
         writer.add_tensor(_plan_tensor(spec, source, hf_name, shape, OUTTYPES[outtype], adapter))
