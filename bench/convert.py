@@ -53,11 +53,20 @@ def _status_kb(pid: int, field: str) -> int:
 
 
 def _children(pid: int) -> list[int]:
+    """Children of every thread of ``pid`` (a child started from a thread is listed under that
+    thread's task, not the process's)."""
+    found: list[int] = []
     try:
-        with open(f"/proc/{pid}/task/{pid}/children") as fh:
-            return [int(c) for c in fh.read().split()]
+        tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return []
+        return found
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as fh:
+                found.extend(int(c) for c in fh.read().split())
+        except OSError:
+            continue
+    return found
 
 
 def _tree(pid: int) -> list[int]:

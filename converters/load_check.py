@@ -91,6 +91,12 @@ def _is_proven(identity: FileIdentity, depth: LoadDepth) -> bool:
     return False
 
 
+def remember_proven(identity: FileIdentity, depth: LoadDepth) -> None:
+    """Record a pass of a check run on a file before its identity was final (convert checks the
+    file it is still writing, whose tensor table is already complete)."""
+    _remember_proven(identity, depth)
+
+
 def _remember_proven(identity: FileIdentity, depth: LoadDepth) -> None:
     name = _proof_name(identity, depth)
     with _proven_lock:

@@ -217,6 +217,32 @@ def test_convert_refuses_an_output_llama_cpp_cannot_load_and_writes_nothing(
     assert _published(out) == []
 
 
+def test_without_proc_fd_the_check_runs_after_the_write_and_still_refuses(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, qwen2_checkpoint: Path) -> None:
+    """Where the child cannot open the file being written through /proc/self/fd, the check
+    runs on the complete file before publishing instead of beside the write."""
+    from edge_lora.converters.hf_to_gguf import convert_checkpoint
+
+    monkeypatch.setattr(load_check, "proc_fd_path", lambda fd: None)
+    _unknown_pre_tokenizer(monkeypatch)
+    out = tmp_path / "out"
+    with pytest.raises(InvalidGGUFError, match="unknown pre-tokenizer type: 'no-such-pre'") as caught:
+        convert_checkpoint(qwen2_checkpoint, out / "m-F16.gguf")
+    assert "m-F16.gguf (as converted)" in caught.value.message
+    assert _published(out) == []
+
+
+def test_a_converted_file_is_remembered_as_proven(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  qwen2_checkpoint: Path) -> None:
+    """The check ran on the file while it was written; the pass is recorded under the published
+    file's identity, so its first `run` does not load it again."""
+    from edge_lora.converters.hf_to_gguf import convert_checkpoint
+
+    monkeypatch.setattr(constants, "EDGE_LORA_CACHE", tmp_path / "cache")
+    out = convert_checkpoint(qwen2_checkpoint, tmp_path / "m-F16.gguf")
+    assert load_check._is_proven(FileIdentity.of(out.stat()), "model")
+
+
 @pytest.fixture(scope="module")
 def qwen2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.support.model_fixtures import make_checkpoint
