@@ -83,3 +83,21 @@ def read_with_ggml(path: Path | str, array_keys: tuple[str, ...] = ()) -> tuple[
         lib.gguf_free(gguf_ctx)
         if ggml_ctx:
             lib.ggml_free(ggml_ctx)
+
+
+def tensor_values(path: Path | str, tensor: GGMLTensor) -> "np.ndarray":
+    """A tensor's values as float32 in numpy order (rows first), dequantized with gguf-py's
+    reference dequantizers: what GGUFReader's ``data`` gives, without parsing the metadata."""
+    import gguf
+    import numpy as np
+
+    raw = np.memmap(path, dtype=np.uint8, mode="r", offset=tensor.offset, shape=(tensor.n_bytes,))
+    qtype = gguf.GGMLQuantizationType(tensor.ggml_type)
+    shape = tuple(reversed(tensor.shape))
+    if qtype == gguf.GGMLQuantizationType.F32:
+        return np.array(raw.view(np.float32).reshape(shape))
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return raw.view(np.float16).reshape(shape).astype(np.float32)
+    block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    rows = raw.reshape(*shape[:-1], shape[-1] // block * block_bytes)
+    return gguf.quants.dequantize(np.array(rows), qtype).astype(np.float32)
