@@ -50,7 +50,13 @@ def _lib() -> ctypes.CDLL:
             ("gguf_get_arr_n", ctypes.c_size_t, [ctypes.c_void_p, ctypes.c_int64]),
             ("ggml_get_tensor", ctypes.POINTER(_TensorHead), [ctypes.c_void_p, ctypes.c_char_p]),
             ("ggml_n_dims", ctypes.c_int, [ctypes.c_void_p]),
-            ("ggml_free", None, [ctypes.c_void_p])):
+            ("ggml_free", None, [ctypes.c_void_p]),
+            ("gguf_get_kv_type", ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64]),
+            ("gguf_get_arr_type", ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64]),
+            ("gguf_get_val_data", ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_int64]),
+            ("gguf_get_val_str", ctypes.c_char_p, [ctypes.c_void_p, ctypes.c_int64]),
+            ("gguf_get_arr_data", ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_int64]),
+            ("gguf_get_arr_str", ctypes.c_char_p, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_size_t])):
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = restype, argtypes
     return lib
@@ -85,19 +91,61 @@ def read_with_ggml(path: Path | str, array_keys: tuple[str, ...] = ()) -> tuple[
             lib.ggml_free(ggml_ctx)
 
 
-def tensor_values(path: Path | str, tensor: GGMLTensor) -> "np.ndarray":
-    """A tensor's values as float32 in numpy order (rows first), dequantized with gguf-py's
-    reference dequantizers: what GGUFReader's ``data`` gives, without parsing the metadata."""
+def tensor_values(path: Path | str, tensor: GGMLTensor, rows: "np.ndarray | None" = None) -> "np.ndarray":
+    """A tensor's values as float32 in numpy order (rows first; only ``rows`` of the first axis
+    when given), dequantized with gguf-py's reference dequantizers: what GGUFReader's ``data``
+    gives, without parsing the metadata."""
     import gguf
     import numpy as np
 
     raw = np.memmap(path, dtype=np.uint8, mode="r", offset=tensor.offset, shape=(tensor.n_bytes,))
     qtype = gguf.GGMLQuantizationType(tensor.ggml_type)
     shape = tuple(reversed(tensor.shape))
-    if qtype == gguf.GGMLQuantizationType.F32:
-        return np.array(raw.view(np.float32).reshape(shape))
-    if qtype == gguf.GGMLQuantizationType.F16:
-        return raw.view(np.float16).reshape(shape).astype(np.float32)
+    if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+        data = raw.view(np.float32 if qtype == gguf.GGMLQuantizationType.F32 else np.float16).reshape(shape)
+        return np.array(data[rows] if rows is not None else data, dtype=np.float32)
     block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
-    rows = raw.reshape(*shape[:-1], shape[-1] // block * block_bytes)
-    return gguf.quants.dequantize(np.array(rows), qtype).astype(np.float32)
+    stored = raw.reshape(*shape[:-1], shape[-1] // block * block_bytes)
+    return gguf.quants.dequantize(np.array(stored[rows] if rows is not None else stored), qtype).astype(np.float32)
+
+
+# gguf_type (gguf.h) -> numpy dtype of a scalar or array element; 8 is STRING, 9 ARRAY
+_GGUF_DTYPES = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8",
+                12: "<f8"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def read_values_with_ggml(path: Path | str, keys: tuple[str, ...]) -> dict[str, object]:
+    """The values of metadata ``keys`` as ggml parses them (absent keys: None): scalars as Python
+    values, arrays as lists."""
+    import numpy as np
+
+    lib = _lib()
+    gguf_ctx = lib.gguf_init_from_file(str(path).encode(), _InitParams(True, None))
+    assert gguf_ctx, f"ggml cannot parse {path}"
+    try:
+        values: dict[str, object] = {}
+        for key in keys:
+            key_id = lib.gguf_find_key(gguf_ctx, key.encode())
+            if key_id < 0:
+                values[key] = None
+                continue
+            kind = lib.gguf_get_kv_type(gguf_ctx, key_id)
+            if kind == _GGUF_STRING:
+                values[key] = lib.gguf_get_val_str(gguf_ctx, key_id).decode()
+            elif kind != _GGUF_ARRAY:
+                dtype = np.dtype(_GGUF_DTYPES[kind])
+                raw = ctypes.string_at(lib.gguf_get_val_data(gguf_ctx, key_id), dtype.itemsize)
+                values[key] = np.frombuffer(raw, dtype)[0].item()
+            else:
+                n = lib.gguf_get_arr_n(gguf_ctx, key_id)
+                item = lib.gguf_get_arr_type(gguf_ctx, key_id)
+                if item == _GGUF_STRING:
+                    values[key] = [lib.gguf_get_arr_str(gguf_ctx, key_id, i).decode() for i in range(n)]
+                else:
+                    dtype = np.dtype(_GGUF_DTYPES[item])
+                    raw = ctypes.string_at(lib.gguf_get_arr_data(gguf_ctx, key_id), n * dtype.itemsize)
+                    values[key] = np.frombuffer(raw, dtype).tolist()
+        return values
+    finally:
+        lib.gguf_free(gguf_ctx)
