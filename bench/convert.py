@@ -20,7 +20,8 @@ Getting the reference (once):
     python bench/convert.py --reference-script /tmp/sdist/llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py \
         --reference-python /tmp/ref/bin/python
 
-Usage: python bench/convert.py [--work DIR] [--skip-large] [--skip-gemma] [--reference-script F --reference-python P]
+Usage: python bench/convert.py [--work DIR] [--skip-large] [--skip-gemma] [--repeat N]
+                               [--reference-script F --reference-python P]
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -161,25 +163,41 @@ def checkpoint_bytes(ckpt_dir: Path) -> int:
     return sum(p.stat().st_size for p in ckpt_dir.glob("*.safetensors"))
 
 
-def report(label: str, ckpt_dir: Path, work: Path, baseline: str, reference: tuple[Path, Path] | None) -> None:
+def _median(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
+def report(label: str, ckpt_dir: Path, work: Path, baseline: str, reference: tuple[Path, Path] | None,
+           repeat: int) -> None:
+    """``repeat`` alternating pairs (ours, baseline), medians: on a shared machine the load moves
+    between two single runs far more than the ratio under test."""
     size = checkpoint_bytes(ckpt_dir)
     slug = "".join(c if c.isalnum() else "-" for c in label)
     stream_out, base_out = work / f"{slug}-stream.gguf", work / f"{slug}-{baseline}.gguf"
-    stream = measure("streaming", ckpt_dir, stream_out, work)
+    stream_runs, base_runs = [], []
+    for _ in range(repeat):
+        stream_runs.append(measure("streaming", ckpt_dir, stream_out, work))
+        if baseline == "naive":
+            base_runs.append(measure("naive", ckpt_dir, base_out, work))
+        else:
+            assert reference is not None
+            base_runs.append(measure_reference(reference[0], reference[1], ckpt_dir, base_out))
+        print(f"  run {len(stream_runs)}: ours {stream_runs[-1]['seconds']:.2f} s / {stream_runs[-1]['peak_rss'] / 1e6:.0f} MB,"
+              f" baseline {base_runs[-1]['seconds']:.2f} s / {base_runs[-1]['peak_rss'] / 1e6:.0f} MB,"
+              f" load {os.getloadavg()[0]:.1f}", flush=True)
+    stream, base = _median(stream_runs), _median(base_runs)
     if baseline == "naive":
-        base = measure("naive", ckpt_dir, base_out, work)
         note = f"outputs identical: {_same_bytes(stream_out, base_out)}"
         base_name = "load-everything"
     else:
-        assert reference is not None
-        base = measure_reference(reference[0], reference[1], ckpt_dir, base_out)
         note = f"reference output {base_out.stat().st_size / 1e6:.0f} MB"
         base_name = "convert_hf_to_gguf.py"
-    print(f"\n{label}: checkpoint {size / 1e6:.0f} MB -> F16 GGUF {stream_out.stat().st_size / 1e6:.0f} MB ({note})")
+    print(f"\n{label}: checkpoint {size / 1e6:.0f} MB -> F16 GGUF {stream_out.stat().st_size / 1e6:.0f} MB ({note});"
+          f" medians of {repeat} alternating runs")
     print(f"  {'':22} {'wall s':>8} {'MB/s':>8} {'peak RSS MB':>12} {'processes':>10}")
     for name, fig in (("edge-lora (streaming)", stream), (base_name, base)):
         print(f"  {name:22} {fig['seconds']:8.2f} {size / 1e6 / fig['seconds']:8.1f} {fig['peak_rss'] / 1e6:12.0f}"
-              f" {fig['processes']:10d}")
+              f" {int(fig['processes']):10d}")
     print(f"  edge-lora / {base_name}: wall x{stream['seconds'] / base['seconds']:.2f}, "
           f"peak RSS x{stream['peak_rss'] / base['peak_rss']:.2f} (whole process trees, load check included)")
     stream_out.unlink()
@@ -205,6 +223,7 @@ def main() -> None:
     parser.add_argument("--skip-gemma", action="store_true")
     parser.add_argument("--reference-script", type=Path, help="llama.cpp's convert_hf_to_gguf.py")
     parser.add_argument("--reference-python", type=Path, help="a Python with torch, transformers, sentencepiece")
+    parser.add_argument("--repeat", type=int, default=3, help="alternating runs of each side (medians reported)")
     parser.add_argument("--worker", nargs=3, metavar=("MODE", "CKPT", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -225,12 +244,13 @@ def main() -> None:
                 from edge_lora.converters.gguf_to_hf import build_hf_checkpoint_from_gguf
 
                 gemma = build_hf_checkpoint_from_gguf(Path(assemble()), work / "gemma-3-270m-hf")
-            report("Gemma 3 270M (bf16)", gemma, work, "reference", (args.reference_script, args.reference_python))
+            report("Gemma 3 270M (bf16)", gemma, work, "reference", (args.reference_script, args.reference_python),
+                   args.repeat)
         if not args.skip_large:
             from tests.support.large_checkpoint import make_large_llama
 
             ckpt = make_large_llama(work / "large-llama", vocab=131072, hidden=1024, layers=1)
-            report("generated Llama (f32)", ckpt, work, "naive", None)
+            report("generated Llama (f32)", ckpt, work, "naive", None, args.repeat)
             for p in ckpt.glob("*.safetensors"):
                 p.unlink()
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
