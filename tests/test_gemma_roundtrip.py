@@ -125,13 +125,21 @@ def test_refuses_non_gemma_gguf(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
-def test_failed_build_leaves_nothing(tmp_path: Path, gemma_q4_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_build_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A build that dies half-way (here: disk full while writing weights) leaves neither the
-    output directory nor its .partial, and reports a typed OutputError."""
+    output directory nor its .partial, and reports a typed OutputError. (A two-layer Gemma 3
+    made by code: the real one spent ~40 s reading its source before the failure.)"""
     import errno
 
     from edge_lora.converters import gguf_to_hf
+    from edge_lora.converters.hf_to_gguf import convert_checkpoint
     from edge_lora.core.errors import OutputError
+    from tests.support.model_fixtures import make_checkpoint
+
+    source = convert_checkpoint(make_checkpoint("gemma3", tmp_path / "ckpt", tokenizer="spm", n_layers=2),
+                                tmp_path / "src" / "tiny-F32.gguf", outtype="f32")
+    work = tmp_path / "work"
+    work.mkdir()
 
     def disk_full(out: Path, *args: object) -> None:
         out.write_bytes(b"\0" * 1024)
@@ -139,8 +147,8 @@ def test_failed_build_leaves_nothing(tmp_path: Path, gemma_q4_gguf: Path, monkey
 
     monkeypatch.setattr(gguf_to_hf, "_write_safetensors_streamed", disk_full)
     with pytest.raises(OutputError, match="disk full"):
-        build_hf_checkpoint_from_gguf(gemma_q4_gguf, tmp_path / "out")
-    assert list(tmp_path.iterdir()) == []
+        build_hf_checkpoint_from_gguf(source, work / "out")
+    assert list(work.iterdir()) == []
 
 
 def test_concurrent_builds_of_one_cache_entry_both_succeed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
