@@ -56,12 +56,17 @@ class ModelCheck:
     adapter: str | None  # None: the base
     agreeing: int = 0
     compared: int = 0
-    divergence: Divergence | None = None
+    divergences: list[Divergence] = field(default_factory=list)  # at most one per prompt
     error: str | None = None
 
     @property
+    def divergence(self) -> Divergence | None:
+        """The first divergence that is not a near-tie, else the first near-tie."""
+        return next((d for d in self.divergences if not d.near_tie), next(iter(self.divergences), None))
+
+    @property
     def passed(self) -> bool:
-        return self.error is None and (self.divergence is None or self.divergence.near_tie)
+        return self.error is None and all(d.near_tie for d in self.divergences)
 
 
 @dataclass
@@ -77,7 +82,9 @@ class CheckReport:
 
     def to_json(self) -> dict[str, Any]:
         return {"url": self.url, "tokens": self.tokens, "prompts": self.prompts, "passed": self.passed,
-                "models": [{**asdict(m), "passed": m.passed} for m in self.models]}
+                "models": [{**asdict(m), "passed": m.passed,
+                            "divergence": asdict(m.divergence) if m.divergence is not None else None}
+                           for m in self.models]}
 
 
 class ServerClient:
@@ -247,8 +254,8 @@ def check_server(url: str, *, model: Path | None = None, prompts: Sequence[str] 
                                                 index, tokens)
                     check.agreeing += agree
                     check.compared += tokens
-                    if divergence is not None and check.divergence is None:
-                        check.divergence = divergence
+                    if divergence is not None:
+                        check.divergences.append(divergence)
                     progress.advance(1, description=check.model)
             except RequestError as exc:
                 check.error = exc.one_line()

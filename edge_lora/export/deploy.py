@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import re
 import shlex
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
-if TYPE_CHECKING:
-    from edge_lora.export.vllm import ExportPlan
+from edge_lora.export.plan import ExportPlan
 
 # The official OpenAI-compatible image of the vLLM release the export was tested with; its
 # entrypoint is `vllm serve`, so the container's arguments start with the model.

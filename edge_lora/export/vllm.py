@@ -14,14 +14,12 @@ import json
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 
 from edge_lora.converters.architectures import arch_spec_for
 from edge_lora.converters.checkpoint import HFCheckpoint
-from edge_lora.converters.peft import CONFIG_FILE, PICKLE_WEIGHTS, WEIGHTS_FILE, PeftAdapter
-from edge_lora.converters.peft_export import (LoraPair, copy_peft_scaled, peft_source_of, read_gguf_lora,
+from edge_lora.converters.peft import CONFIG_FILE, PICKLE_WEIGHTS, PeftAdapter
+from edge_lora.converters.peft_export import (copy_peft_scaled, peft_source_of, read_gguf_lora,
                                               write_peft_from_pairs)
 from edge_lora.core.atomic import atomic_write_text, ensure_writable_dir
 from edge_lora.core.bounded_json import JsonKind, read_json_object
@@ -30,12 +28,12 @@ from edge_lora.core.gguf_check import validate_gguf
 from edge_lora.core.output_dir import OutputDir
 from edge_lora.core.progress import NullProgress, ProgressSink
 from edge_lora.export import deploy
+from edge_lora.export.plan import (DEFAULT_PORT, VLLM_MAX_LORA_RANKS, AdapterPlan, ExportPlan, Refusal,
+                                   SourceKind)
 from edge_lora.hub import resolve_local_or_hub
 from edge_lora.serving.registry import NAME_PATTERN, AdapterRegistry, RegisteredAdapter
 from edge_lora.state import last_output_dir
 
-# vLLM 0.32's --max-lora-rank choices (vllm/config/lora.py MaxLoRARanks).
-VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # Architectures vLLM 0.32 serves with LoRA (its model classes implementing SupportsLoRA) that
 # edge-lora converts. SmolLM3 runs on vLLM's transformers backend, which also takes LoRA.
 VLLM_LORA_ARCHITECTURES = frozenset({
@@ -49,52 +47,6 @@ MERGE_WAY_OUT = ("merge it into the base (PEFT's merge_and_unload, or `edge-lora
 # PEFT types other than LoRA: what to say (vLLM and llama.cpp apply LoRA adapters only).
 NON_LORA_REFUSALS = {"IA3": "llama.cpp's LoRA runtime and vLLM cannot apply IA3; merge it instead"}
 EXPORT_MARKER = "export.json"  # what the export wrote, read back by `--check` and by a re-export
-DEFAULT_PORT = 8000
-
-
-class SourceKind(Enum):
-    PEFT = "PEFT source"  # the recorded (or given) PEFT directory, copied
-    GGUF = "rebuilt from the GGUF adapter"
-
-
-@dataclass(frozen=True)
-class AdapterPlan:
-    name: str
-    kind: SourceKind
-    source: Path  # the PEFT directory or the GGUF file
-    scale: float  # the registry's scale, folded into the exported lora_B
-    rank: int  # the largest rank of any module
-    gguf: Path | None  # the GGUF adapter edge-lora hot-applies (what `--check` compares with)
-    pairs: tuple[LoraPair, ...] = ()  # GGUF rebuilds: read during planning
-    alpha: float = 0.0
-
-
-@dataclass(frozen=True)
-class Refusal:
-    name: str
-    reason: str  # one line: what vLLM cannot do, and the way out
-
-
-@dataclass
-class ExportPlan:
-    out_dir: Path
-    base: str  # what `vllm serve` is given: a local checkpoint directory (absolute) or a hub id
-    base_is_local: bool
-    architecture: str
-    served_names: list[str]  # the base's ids, as `edge-lora serve` answers to them
-    adapters: list[AdapterPlan] = field(default_factory=list)
-    refused: list[Refusal] = field(default_factory=list)
-    max_loras: int = 1
-    tensor_parallel_size: int = 1
-    replicas: int = 1
-    port: int = DEFAULT_PORT
-    model_dir: Path | None = None
-
-    @property
-    def max_lora_rank(self) -> int:
-        """The smallest --max-lora-rank vLLM accepts that holds every adapter."""
-        top = max((a.rank for a in self.adapters), default=1)
-        return next(r for r in VLLM_MAX_LORA_RANKS if r >= top)
 
 
 def _refuse(name: str, what: str) -> AdapterError:
