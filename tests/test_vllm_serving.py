@@ -41,6 +41,7 @@ CPU_ENV = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOS
            "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
 STARTUP_TIMEOUT = 600.0  # 1-2 minutes on a quiet 2-core machine; much longer when it is shared
 TOKENS = 12
+CHECK_TOKENS = 8  # vLLM on 2 shared cores answers a few tokens a second: keep the checks short
 PROMPTS = ["The licence grants every person the right to", "Once upon a time", "def main():"]
 
 
@@ -189,21 +190,26 @@ def test_openai_client_code_runs_unchanged(served: Served, swapped_server: str) 
     assert vllm_adapted != vllm_plain
 
 
-def test_check_passes_against_the_export(served: Served, capsys: pytest.CaptureFixture[str]) -> None:
-    report = check_server(served.url, model=served.tiny.out, registry=served.registry, prompts=PROMPTS,
-                          tokens=TOKENS)
+def test_check_passes_against_the_export(served: Served, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    report = check_server(served.url, model=served.tiny.out, registry=served.registry, prompts=PROMPTS[:2],
+                          tokens=CHECK_TOKENS)
     assert [m.model for m in report.models] == ["base-F16", *sorted(ADAPTERS)]
     assert report.passed, [(m.model, m.divergence, m.error) for m in report.models]
-    assert all(m.compared == TOKENS * len(PROMPTS) for m in report.models)
+    assert all(m.compared == CHECK_TOKENS * 2 for m in report.models)
     served.tiny.register(AdapterRegistry())  # the CLI reads the test's own EDGE_LORA_HOME
-    assert main(["export", "vllm", "--check", served.url, "--model", str(served.tiny.out), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["passed"] is True
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Once upon a time\n\n")
+    assert main(["export", "vllm", "--check", served.url, "--model", str(served.tiny.out), "--prompts", str(prompts),
+                 "--tokens", "4", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["passed"] is True and result["prompts"] == ["Once upon a time"]
 
 
 def test_check_fails_against_another_adapter_under_the_same_name(served: Served, swapped_server: str,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    report = check_server(swapped_server, model=served.tiny.out, registry=served.registry, prompts=PROMPTS,
-                          tokens=TOKENS)
+    report = check_server(swapped_server, model=served.tiny.out, registry=served.registry, prompts=PROMPTS[:2],
+                          tokens=CHECK_TOKENS)
     verdict = {m.model: m.passed for m in report.models}
     assert verdict == {"base-F16": True, "plain": False, "scaled": False}
     failing = {m.model: m.divergence for m in report.models if not m.passed}

@@ -37,14 +37,15 @@ NEAR_TIE = 0.05  # nats between the two candidates' log-probabilities, on both s
 TOP_LOGPROBS = 5
 MAX_RESPONSE_BYTES = 8 * 1024 * 1024
 CHECK_CTX = 512
+Token = int | str  # an id, or the token's text when the server does not give ids
 
 
 @dataclass
 class Divergence:
     prompt: int  # index into the prompts
     position: int  # generated-token index
-    local_token: int | None  # None: the sequence ended (end of text) there
-    server_token: int | None
+    local_token: int | str | None  # an id (or its text, see ``Token``); None: the text ended there
+    server_token: int | str | None
     near_tie: bool
     local_gap: float | None  # log p(local) - log p(server's token), in edge-lora's distribution
     server_gap: float | None  # the same difference in the server's distribution
@@ -132,8 +133,9 @@ class ServerClient:
             raise RequestError(f"{self.base}/models did not list models", fix="give the URL of an OpenAI-compatible server")
         return [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
-    def greedy(self, model: str, prompt: list[int], max_tokens: int) -> tuple[list[int], list[dict[int, float]], str]:
-        """(token ids, top log-probabilities per token, finish reason)."""
+    def greedy(self, model: str, prompt: list[int], max_tokens: int) -> tuple[list[Token], list[dict[Token, float]], str]:
+        """(tokens, top log-probabilities per token, finish reason). Tokens are ids when the server
+        honours vLLM's ``return_tokens_as_token_ids``, else their text (llama-server, edge-lora serve)."""
         answer = self._call("/completions", {
             "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
             "logprobs": TOP_LOGPROBS, "return_tokens_as_token_ids": True})
@@ -149,10 +151,10 @@ class ServerClient:
         return tokens, tops, finish
 
 
-def _token_id(text: str) -> int:
-    if not isinstance(text, str) or not text.startswith("token_id:"):
-        raise ValueError(f"token {text!r} is not 'token_id:N'")
-    return int(text.removeprefix("token_id:"))
+def _token_id(text: str) -> Token:
+    if not isinstance(text, str):
+        raise ValueError(f"token {text!r} is not a string")
+    return int(text.removeprefix("token_id:")) if text.startswith("token_id:") else text
 
 
 def read_prompts(path: Path | None) -> list[str]:
@@ -185,13 +187,13 @@ def reference_model(model: Path | None) -> Path:
     return reference.path
 
 
-def _gap(tops: dict[int, float], first: int | None, second: int | None) -> float | None:
+def _gap(tops: dict[Token, float], first: Token | None, second: Token | None) -> float | None:
     if first is None or second is None or first not in tops or second not in tops:
         return None
     return tops[first] - tops[second]
 
 
-def compare(local: tuple[list[int], list[dict[int, float]]], server: tuple[list[int], list[dict[int, float]]],
+def compare(local: tuple[list[Token], list[dict[Token, float]]], server: tuple[list[Token], list[dict[Token, float]]],
             prompt: int, k: int) -> tuple[int, Divergence | None]:
     """(tokens agreeing before the first divergence, the divergence) over the first ``k``."""
     local_tokens, local_tops = local
@@ -245,12 +247,17 @@ def check_server(url: str, *, model: Path | None = None, prompts: Sequence[str] 
                                                   cache_prompt=False)
                     generation.text()
                     stats = generation.stats
-                    local_tops = [{t: lp for t, _piece, lp in entry_.top} for entry_ in stats.logprobs]
                     server_tokens, server_tops, _finish = client.greedy(check.model, ids, tokens)
-                    # The server reports the end-of-text token it stopped on; edge-lora does not.
-                    while server_tokens and runtime.model.is_eog(server_tokens[-1]):
+                    by_text = any(isinstance(t, str) for t in server_tokens)
+                    local_tokens: list[Token] = [_text(runtime.model.token_piece(t)) if by_text else t
+                                                 for t in stats.tokens]
+                    local_tops = [{(_text(piece) if by_text else t): lp for t, piece, lp in entry_.top}
+                                  for entry_ in stats.logprobs]
+                    # vLLM reports the end-of-text token it stopped on; edge-lora does not.
+                    while server_tokens and isinstance(server_tokens[-1], int) \
+                            and runtime.model.is_eog(server_tokens[-1]):
                         server_tokens.pop()
-                    agree, divergence = compare((list(stats.tokens), local_tops), (server_tokens, server_tops),
+                    agree, divergence = compare((local_tokens, local_tops), (server_tokens, server_tops),
                                                 index, tokens)
                     check.agreeing += agree
                     check.compared += tokens
@@ -286,9 +293,13 @@ def format_report(report: CheckReport) -> str:
     return "\n".join(lines + [f"{verdict} ({len(report.prompts)} prompts, first {report.tokens} tokens each)"])
 
 
+def _text(piece: bytes) -> str:
+    return piece.decode("utf-8", errors="replace")
+
+
 def _fmt(value: float | None) -> str:
     return "?" if value is None else f"{value:.3f}"
 
 
-def _tok(token: int | None) -> str:
-    return "end of text" if token is None else f"#{token}"
+def _tok(token: int | str | None) -> str:
+    return "end of text" if token is None else f"#{token}" if isinstance(token, int) else repr(token)
