@@ -6,6 +6,7 @@ The same export served by a real vLLM: tests/test_vllm_serving.py."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -203,7 +204,7 @@ def test_adapters_for_another_base_are_refused(tiny: TinyDeployment, tmp_path: P
     # by default: every adapter made for a llama; the misfit is refused, the others exported
     plan = plan_export(tmp_path / "export", model=tiny.out, registry=registry)
     assert [r.name for r in plan.refused] == ["deep"] and "deep" not in [a.name for a in plan.adapters]
-    assert "model.layers.2" in plan.refused[0].reason
+    assert re.search(r"(blk|model\.layers)\.2\.", plan.refused[0].reason) and "base" in plan.refused[0].reason
     assert "qwen" not in [a.name for a in plan.adapters]
     with pytest.raises(AdapterError, match="made for a qwen2 model"):
         plan_export(tmp_path / "export", model=tiny.out, registry=registry, adapters=["qwen"])
@@ -247,3 +248,19 @@ def test_cli_exports_with_json(tiny: TinyDeployment, tmp_path: Path, capsys: pyt
         (tmp_path / "other").mkdir()
         (tmp_path / "other" / "notes.txt").write_text("mine")
         write_export(plan_export(tmp_path / "other", model=tiny.out, registry=AdapterRegistry()))
+
+
+def test_a_recorded_source_that_is_another_adapter_is_not_used(tiny: TinyDeployment, tmp_path: Path) -> None:
+    """The GGUF's metadata is untrusted: pointing it (with a matching hash) at another adapter
+    does not make the export serve that adapter."""
+    from tests.support.gguf_edit import rewrite_gguf
+
+    other = tiny.peft["pat"]
+    forged = rewrite_gguf(tiny.gguf["gone"], tmp_path / "adapter-forged.gguf",
+                          set_values={PEFT_PATH_KEY: str(other.resolve()), PEFT_SHA256_KEY: peft_dir_sha256(other)})
+    registry = AdapterRegistry(tmp_path / "home")
+    registry.add("forged", forged)
+    plan = plan_export(tmp_path / "export", model=tiny.out, registry=registry)
+    assert [(a.name, a.kind) for a in plan.adapters] == [("forged", SourceKind.GGUF)]
+    out = write_export(plan)
+    assert_same_deltas(delta_weights(out / "adapters" / "forged"), delta_weights(tiny.peft["gone"]), 1e-6)

@@ -16,7 +16,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from edge_lora.converters.architectures import arch_spec_for
+from edge_lora.converters.architectures import ArchSpec, arch_spec_for
 from edge_lora.converters.checkpoint import HFCheckpoint
 from edge_lora.converters.peft import CONFIG_FILE, PICKLE_WEIGHTS, PeftAdapter
 from edge_lora.converters.peft_export import (copy_peft_scaled, peft_source_of, read_gguf_lora,
@@ -24,7 +24,7 @@ from edge_lora.converters.peft_export import (copy_peft_scaled, peft_source_of, 
 from edge_lora.core.atomic import atomic_write_text, ensure_writable_dir
 from edge_lora.core.bounded_json import JsonKind, read_json_object
 from edge_lora.core.errors import AdapterError, EdgeLoraError, InputError, InputNotFoundError, OutputError
-from edge_lora.core.gguf_check import validate_gguf
+from edge_lora.core.gguf_check import GGUFInfo, validate_gguf
 from edge_lora.core.output_dir import OutputDir
 from edge_lora.core.progress import NullProgress, ProgressSink
 from edge_lora.export import deploy
@@ -88,10 +88,10 @@ def _plan_adapter(entry: RegisteredAdapter, ckpt: HFCheckpoint, gguf_arch: str) 
         raise _refuse(entry.name, f"it was made for a {info.architecture} model and the base is {gguf_arch} — "
                                   "export it with the base it was converted for")
     source = peft_source_of(info)
-    if source is not None and source.usable:
+    spec = arch_spec_for(ckpt.config)
+    if source is not None and source.usable and _same_modules(info, source.path, spec):
         rank = _check_peft_for_vllm(entry.name, source.path, ckpt)
         return AdapterPlan(entry.name, SourceKind.PEFT, source.path, entry.scale, rank, entry.path)
-    spec = arch_spec_for(ckpt.config)
     try:
         alpha, pairs = read_gguf_lora(entry.path, spec)
     except EdgeLoraError as exc:
@@ -99,6 +99,21 @@ def _plan_adapter(entry: RegisteredAdapter, ckpt: HFCheckpoint, gguf_arch: str) 
     rank = max(p.rank for p in pairs)
     _check_rank(entry.name, rank)
     return AdapterPlan(entry.name, SourceKind.GGUF, entry.path, entry.scale, rank, entry.path, tuple(pairs), alpha)
+
+
+def _same_modules(info: GGUFInfo, peft_dir: Path, spec: ArchSpec) -> bool:
+    """The recorded PEFT source adapts exactly the tensors the GGUF adapter does (the metadata is
+    untrusted: a source that is some other adapter is not used, the GGUF is rebuilt instead)."""
+    try:
+        raw = read_json_object(peft_dir / CONFIG_FILE, JsonKind.ADAPTER_CONFIG)
+        if str(raw.get("peft_type", "")).upper() != "LORA":
+            return True  # refused by _check_peft_for_vllm, naming what it is
+        adapter = PeftAdapter.open(peft_dir)
+    except EdgeLoraError:
+        return False
+    adapted = {spec.gguf_name(name) for name in adapter.deltas}
+    in_gguf = {r.name.removesuffix(".lora_a") for r in info.tensors if r.name.endswith(".lora_a")}
+    return adapted == in_gguf
 
 
 def _resolve_model_dir(model: Path | None) -> tuple[Path | None, OutputDir | None]:
