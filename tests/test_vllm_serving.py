@@ -75,8 +75,33 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 
 class Served:
-    def __init__(self, tiny: TinyDeployment, registry: AdapterRegistry, url: str, export: Path) -> None:
+    def __init__(self, tiny: TinyDeployment, registry: AdapterRegistry, url: str, export: Path,
+                 prompt_ids: list[list[int]], reference: dict[str, list[list[int]]]) -> None:
         self.tiny, self.registry, self.url, self.export = tiny, registry, url, export
+        self.prompt_ids, self.reference = prompt_ids, reference
+
+
+def tokenize(tiny: TinyDeployment) -> list[list[int]]:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tiny.base / "tokenizer.json"))
+    return [tokenizer.encode(p).ids for p in PROMPTS]
+
+
+def transformers_peft_reference(tiny: TinyDeployment, prompt_ids: list[list[int]], root: Path
+                                ) -> dict[str, list[list[int]]]:
+    """transformers + PEFT with the ORIGINAL adapters (the deleted one's kept copy), at the scale
+    the registry gives them: what every exported model must answer."""
+    models = [{"name": "base", "adapter": None, "scale": 1.0}] + [
+        {"name": name, "adapter": str(tiny.peft[name]), "scale": SCALES.get(name, 1.0)} for name in ADAPTERS]
+    request = root / "reference-request.json"
+    request.write_text(json.dumps({"base": str(tiny.base), "max_tokens": TOKENS, "prompts": prompt_ids,
+                                   "models": models}))
+    script = Path(__file__).parent / "support" / "peft_greedy.py"
+    result = subprocess.run([VLLM_PYTHON, str(script), str(request)], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
@@ -93,36 +118,13 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         process = subprocess.Popen([str(export / "serve.sh"), *CPU_FLAGS], stdout=sink, stderr=subprocess.STDOUT,
                                    env=env, start_new_session=True, cwd=root)
     try:
+        prompt_ids = tokenize(tiny)
+        reference = transformers_peft_reference(tiny, prompt_ids, root)  # while vLLM starts
         url = f"http://127.0.0.1:{port}"
         wait_for_models(url, process, log, STARTUP_TIMEOUT)
-        yield Served(tiny, registry, url, export)
+        yield Served(tiny, registry, url, export, prompt_ids, reference)
     finally:
         stop(process)
-
-
-@pytest.fixture(scope="module")
-def prompt_ids(served: Served) -> list[list[int]]:
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(served.tiny.base / "tokenizer.json"))
-    return [tokenizer.encode(p).ids for p in PROMPTS]
-
-
-@pytest.fixture(scope="module")
-def reference(served: Served, prompt_ids: list[list[int]], tmp_path_factory: pytest.TempPathFactory
-              ) -> dict[str, list[list[int]]]:
-    """transformers + PEFT with the ORIGINAL adapters (the deleted one's kept copy), at the scale
-    the registry gives them: what every exported model must answer."""
-    models = [{"name": "base", "adapter": None, "scale": 1.0}] + [
-        {"name": name, "adapter": str(served.tiny.peft[name]), "scale": SCALES.get(name, 1.0)} for name in ADAPTERS]
-    request = tmp_path_factory.mktemp("reference") / "request.json"
-    request.write_text(json.dumps({"base": str(served.tiny.base), "max_tokens": TOKENS, "prompts": prompt_ids,
-                                   "models": models}))
-    script = Path(__file__).parent / "support" / "peft_greedy.py"
-    result = subprocess.run([VLLM_PYTHON, str(script), str(request)], capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def vllm_greedy(url: str, model: str, prompt: list[int]) -> list[int]:
@@ -134,8 +136,8 @@ def vllm_greedy(url: str, model: str, prompt: list[int]) -> list[int]:
     return [int(t.removeprefix("token_id:")) for t in choice["logprobs"]["tokens"]]
 
 
-def test_vllm_answers_as_transformers_peft_with_the_original_adapters(
-        served: Served, prompt_ids: list[list[int]], reference: dict[str, list[list[int]]]) -> None:
+def test_vllm_answers_as_transformers_peft_with_the_original_adapters(served: Served) -> None:
+    prompt_ids, reference = served.prompt_ids, served.reference
     eos = json.loads((served.tiny.base / "config.json").read_text())["eos_token_id"]
     for name in ["base", *ADAPTERS]:
         model = "base-F16" if name == "base" else name
