@@ -270,8 +270,13 @@ def write_export(plan: ExportPlan, progress: ProgressSink = NullProgress()) -> P
         atomic_write_text(staging / EXPORT_MARKER, json.dumps(export_record(plan), indent=2) + "\n")
         old = out.with_name(f".{out.name}.{os.getpid()}.old")
         if out.exists():
-            out.rename(old)
-        staging.rename(out)
+            out.rename(old)  # an earlier export (or an empty directory) gives way only as a whole
+        try:
+            staging.rename(out)
+        except OSError:
+            if old.exists():
+                old.rename(out)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:
         raise OutputError(f"could not write the export to {out}: {exc.strerror or exc}",
