@@ -264,3 +264,24 @@ def test_a_recorded_source_that_is_another_adapter_is_not_used(tiny: TinyDeploym
     assert [(a.name, a.kind) for a in plan.adapters] == [("forged", SourceKind.GGUF)]
     out = write_export(plan)
     assert_same_deltas(delta_weights(out / "adapters" / "forged"), delta_weights(tiny.peft["gone"]), 1e-6)
+
+
+def test_check_compares_greedy_tokens_and_recognises_near_ties() -> None:
+    from edge_lora.export.check import CheckReport, ModelCheck, compare, format_report
+
+    local = ([1, 2, 3, 4], [{1: -0.1}, {2: -0.50, 7: -0.52}, {3: -0.1}, {4: -0.1}])
+    assert compare(local, local, 0, 4) == (4, None)
+    tie = compare(local, ([1, 7, 5], [{1: -0.1}, {7: -0.50, 2: -0.53}, {5: -0.2}]), 0, 4)
+    assert tie[0] == 1 and tie[1] is not None and tie[1].near_tie
+    assert tie[1].local_gap == pytest.approx(0.02) and tie[1].server_gap == pytest.approx(0.03)
+    clear = compare(local, ([1, 7], [{1: -0.1}, {7: -0.2, 2: -1.5}]), 0, 4)[1]
+    assert clear is not None and not clear.near_tie and clear.position == 1
+    ended = compare(local, ([1, 2], [{1: -0.1}, {2: -0.5}]), 2, 4)[1]  # the server stopped early
+    assert ended is not None and ended.server_token is None and not ended.near_tie and ended.prompt == 2
+    assert compare(local, local, 0, 2) == (2, None)  # only the first K count
+    report = CheckReport("http://x", 4, ["p"], [ModelCheck("base", None, 4, 4),
+                                                ModelCheck("a", "a", 1, 4, [tie[1]]), ModelCheck("b", "b", 1, 4, [clear])])
+    assert [m.passed for m in report.models] == [True, True, False] and not report.passed
+    table = format_report(report)
+    assert "pass (near-tie)" in table and "FAIL" in table and "edge-lora #2 vs server #7" in table
+    assert json.loads(json.dumps(report.to_json()))["models"][2]["divergence"]["near_tie"] is False
