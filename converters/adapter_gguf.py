@@ -27,7 +27,7 @@ from edge_lora.converters.architectures import ArchSpec, arch_spec_for
 from edge_lora.converters.checkpoint import HFCheckpoint
 from edge_lora.converters.gguf_output import GGMLType, PlannedTensor, StreamingGGUFWriter, encode_rows
 from edge_lora.converters.peft import LoraDelta, PeftAdapter
-from edge_lora.converters.peft_export import PEFT_PATH_KEY, PEFT_SHA256_KEY, peft_dir_sha256
+from edge_lora.converters.peft_export import PEFT_PATH_KEY, PEFT_SHA256_KEY, recorded_source
 from edge_lora.core.atomic import check_not_an_input, ensure_writable_dir
 from edge_lora.core.errors import AdapterError, AdapterMismatchError, InputError
 from edge_lora.core.output_dir import ADAPTER_PREFIX
@@ -111,8 +111,10 @@ def write_adapter_gguf(adapter: PeftAdapter, spec: ArchSpec, out_path: Path | st
     kv.add_string(gguf.Keys.Adapter.TYPE, "lora")
     kv.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
     # Where the PEFT source is (and its hash), so `export vllm` can hand vLLM the original files.
-    kv.add_string(PEFT_PATH_KEY, str(adapter.path.resolve()))
-    kv.add_string(PEFT_SHA256_KEY, peft_dir_sha256(adapter.path))
+    source = recorded_source(adapter.path)
+    if source is not None:
+        kv.add_string(PEFT_PATH_KEY, str(source.path))
+        kv.add_string(PEFT_SHA256_KEY, source.sha256)
     # Base order (the order llama.cpp lists the model's tensors), then anything left.
     expected = spec.expected_shapes()
     ordered = [n for n in expected if n in adapter.deltas] + [n for n in adapter.deltas if n not in expected]

@@ -97,15 +97,6 @@ def permute_qk_rows(weights: np.ndarray, n_head: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weights.shape))
 
 
-def unpermute_qk_rows(weights: np.ndarray, n_head: int) -> np.ndarray:
-    """The inverse of ``permute_qk_rows``: llama.cpp's interleaved rotary rows back to HF's halves."""
-    rows = weights.shape[0]
-    if rows % n_head or (rows // n_head) % 2:
-        raise ValueError(f"cannot unpermute {rows} rows into {n_head} heads")
-    return (weights.reshape(n_head, rows // n_head // 2, 2, *weights.shape[1:])
-            .swapaxes(1, 2).reshape(weights.shape))
-
-
 # --- RoPE settings, from either config generation ------------------------------------------------
 # transformers 4 writes top-level ``rope_theta`` (Gemma 3: also ``rope_local_base_freq``) and a
 # ``rope_scaling`` object; transformers 5 writes ``rope_parameters`` holding rope_theta, rope_type
@@ -708,11 +699,6 @@ class ArchSpec:
         permuting W's rows permutes (B @ A)'s rows, i.e. B's rows."""
         heads = self._permute_heads(hf_module)
         return permute_qk_rows(lora_b, heads) if heads is not None else lora_b
-
-    def inverse_transform_lora_b(self, hf_module: str, lora_b: np.ndarray) -> np.ndarray:
-        """Undo ``transform_lora_b`` (a GGUF adapter's B back to HF's row order)."""
-        heads = self._permute_heads(hf_module)
-        return unpermute_qk_rows(lora_b, heads) if heads is not None else lora_b
 
     def metadata(self) -> tuple[list[MetadataItem], dict[str, np.ndarray]]:
         """GGUF metadata items and extra GGUF-named F32 tensors (llama3 rope_freqs)."""

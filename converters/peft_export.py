@@ -61,6 +61,18 @@ class PeftSource:
             return False
 
 
+def recorded_source(peft_dir: Path) -> PeftSource | None:
+    """What a GGUF adapter converted from ``peft_dir`` records; None for an adapter that is not a
+    directory on disk (one combined in memory)."""
+    peft_dir = Path(peft_dir)
+    if not ((peft_dir / CONFIG_FILE).is_file() and (peft_dir / WEIGHTS_FILE).is_file()):
+        return None
+    try:
+        return PeftSource(peft_dir.resolve(), peft_dir_sha256(peft_dir))
+    except OSError:
+        return None
+
+
 def peft_source_of(info: GGUFInfo) -> PeftSource | None:
     path, digest = info.metadata.get(PEFT_PATH_KEY), info.metadata.get(PEFT_SHA256_KEY)
     if isinstance(path, str) and isinstance(digest, str) and path:
@@ -78,6 +90,15 @@ class LoraPair:
     @property
     def rank(self) -> int:
         return int(self.lora_a.shape[0])
+
+
+def _undo_row_transform(spec: ArchSpec, module: str, lora_b: np.ndarray) -> np.ndarray:
+    """The inverse of ``spec.transform_lora_b`` (a row permutation: Llama's q/k interleave), read
+    off by transforming the row indices."""
+    perm = spec.transform_lora_b(module, np.arange(lora_b.shape[0], dtype=np.float64)[:, None])[:, 0]
+    out = np.empty_like(lora_b)
+    out[perm.astype(np.int64)] = lora_b
+    return out
 
 
 def _dequantized(reader: gguf.GGUFReader, name: str) -> np.ndarray:
@@ -143,7 +164,7 @@ def read_gguf_lora(path: Path, spec: ArchSpec) -> tuple[float, list[LoraPair]]:
                 f"adapter {path.name}: {gguf_name} lora_a {list(lora_a.shape)} / lora_b {list(lora_b.shape)} do not "
                 f"fit the base weight {list(expected[hf_name])}", fix="export adapters made for this base only")
         module = hf_name.removesuffix(".weight")
-        lora_a, lora_b = _trim_padding(lora_a, spec.inverse_transform_lora_b(module, lora_b))
+        lora_a, lora_b = _trim_padding(lora_a, _undo_row_transform(spec, module, lora_b))
         pairs.append(LoraPair(module, lora_a, lora_b))
     if not pairs:
         raise InvalidGGUFError(f"adapter {path.name} holds no LoRA tensors", fix="re-convert the adapter")
