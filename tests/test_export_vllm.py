@@ -21,8 +21,9 @@ from edge_lora.converters.adapter_gguf import convert_adapter_to_gguf
 from edge_lora.converters.architectures import arch_spec_for
 from edge_lora.converters.checkpoint import HFCheckpoint
 from edge_lora.converters.peft import PeftAdapter
-from edge_lora.converters.peft_export import (PEFT_PATH_KEY, PEFT_SHA256_KEY, peft_dir_sha256, read_gguf_lora,
-                                              write_peft_from_pairs)
+from edge_lora.converters.combine import write_peft_adapter
+from edge_lora.converters.peft_export import (PEFT_PATH_KEY, PEFT_SHA256_KEY, peft_dir_sha256, rebuild_from_gguf,
+                                              scaled)
 from edge_lora.core.errors import AdapterError, OutputError
 from edge_lora.core.gguf_check import validate_gguf
 from edge_lora.export.vllm import SourceKind, plan_export, write_export
@@ -81,9 +82,9 @@ def test_peft_rebuilt_from_gguf_computes_the_same_delta(tiny: TinyDeployment, tm
     gguf_path = convert_adapter_to_gguf(tiny.peft["pat"], tiny.base, tmp_path / f"pat-{outtype}.gguf", outtype=outtype)
     with HFCheckpoint.open(tiny.base) as ckpt:
         spec = arch_spec_for(ckpt.config)
-    alpha, pairs = read_gguf_lora(gguf_path, spec)
-    assert {p.rank for p in pairs} == {4, 8}  # q_proj's rank 4 survived Q8_0's padding to 32
-    rebuilt = write_peft_from_pairs(tmp_path / "rebuilt", alpha, pairs, scale=0.5)
+    adapter = rebuild_from_gguf(gguf_path, spec)
+    assert {d.rank for d in adapter.deltas.values()} == {4, 8}  # q_proj's rank 4 survived Q8_0's padding to 32
+    rebuilt = write_peft_adapter(scaled(adapter, 0.5), tmp_path / "rebuilt")
     want = {k: 0.5 * v for k, v in delta_weights(tiny.peft["pat"]).items()}
     assert_same_deltas(delta_weights(rebuilt), want, rtol)
     config = json.loads((rebuilt / "adapter_config.json").read_text())

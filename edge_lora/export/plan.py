@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from edge_lora.converters.peft_export import LoraPair
+from edge_lora.converters.peft import PeftAdapter
 
 # vLLM 0.32's --max-lora-rank choices (vllm/config/lora.py MaxLoRARanks).
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -27,8 +27,7 @@ class AdapterPlan:
     scale: float  # the registry's scale, folded into the exported lora_B
     rank: int  # the largest rank of any module
     gguf: Path | None  # the GGUF adapter edge-lora hot-applies (what `--check` compares with)
-    pairs: tuple[LoraPair, ...] = ()  # GGUF rebuilds: read during planning
-    alpha: float = 0.0
+    rebuilt: PeftAdapter | None = None  # a GGUF rebuild, read during planning
 
 
 @dataclass(frozen=True)

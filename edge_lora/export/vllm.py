@@ -19,8 +19,8 @@ from pathlib import Path
 from edge_lora.converters.architectures import ArchSpec, arch_spec_for
 from edge_lora.converters.checkpoint import HFCheckpoint
 from edge_lora.converters.peft import CONFIG_FILE, PICKLE_WEIGHTS, PeftAdapter
-from edge_lora.converters.peft_export import (copy_peft_scaled, peft_source_of, read_gguf_lora,
-                                              write_peft_from_pairs)
+from edge_lora.converters.combine import write_peft_adapter
+from edge_lora.converters.peft_export import copy_peft_scaled, peft_source_of, rebuild_from_gguf, scaled
 from edge_lora.core.atomic import atomic_write_text, ensure_writable_dir
 from edge_lora.core.bounded_json import JsonKind, read_json_object
 from edge_lora.core.errors import AdapterError, EdgeLoraError, InputError, InputNotFoundError, OutputError
@@ -93,12 +93,12 @@ def _plan_adapter(entry: RegisteredAdapter, ckpt: HFCheckpoint, gguf_arch: str) 
         rank = _check_peft_for_vllm(entry.name, source.path, ckpt)
         return AdapterPlan(entry.name, SourceKind.PEFT, source.path, entry.scale, rank, entry.path)
     try:
-        alpha, pairs = read_gguf_lora(entry.path, spec)
+        rebuilt = rebuild_from_gguf(entry.path, spec)
     except EdgeLoraError as exc:
         raise _refuse(entry.name, exc.message + (f" — {exc.fix}" if exc.fix else "")) from exc
-    rank = max(p.rank for p in pairs)
+    rank = max(d.rank for d in rebuilt.deltas.values())
     _check_rank(entry.name, rank)
-    return AdapterPlan(entry.name, SourceKind.GGUF, entry.path, entry.scale, rank, entry.path, tuple(pairs), alpha)
+    return AdapterPlan(entry.name, SourceKind.GGUF, entry.path, entry.scale, rank, entry.path, rebuilt)
 
 
 def _same_modules(info: GGUFInfo, peft_dir: Path, spec: ArchSpec) -> bool:
@@ -245,7 +245,8 @@ def _write_adapter(plan: AdapterPlan, out: Path, base_model: str) -> None:
     if plan.kind is SourceKind.PEFT:
         copy_peft_scaled(plan.source, out, scale=plan.scale, base_model=base_model)
     else:
-        write_peft_from_pairs(out, plan.alpha, list(plan.pairs), scale=plan.scale, base_model=base_model)
+        assert plan.rebuilt is not None  # planned as a GGUF rebuild
+        write_peft_adapter(scaled(plan.rebuilt, plan.scale), out, base_model=base_model)
 
 
 def write_export(plan: ExportPlan, progress: ProgressSink = NullProgress()) -> Path:
