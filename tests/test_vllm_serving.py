@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from edge_lora.cli import main
+from edge_lora.core import constants
 from edge_lora.export.check import check_server
 from edge_lora.export.vllm import plan_export, write_export
 from edge_lora.serving.registry import AdapterRegistry
@@ -42,6 +43,10 @@ CPU_ENV = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOS
 STARTUP_TIMEOUT = 600.0  # 1-2 minutes on a quiet 2-core machine; much longer when it is shared
 TOKENS = 12
 CHECK_TOKENS = 8  # vLLM on 2 shared cores answers a few tokens a second: keep the checks short
+# llama.cpp's threads spin at barriers: two processes (the check's own run and a local server)
+# with one thread per core each would starve each other on 2 shared cores, so each gets one.
+ONE_THREAD_CLI = ("import sys; from edge_lora.core import constants; constants.N_THREADS = 1; "
+                  "from edge_lora.cli import main; sys.exit(main(sys.argv[1:]))")
 PROMPTS = ["The licence grants every person the right to", "Once upon a time", "def main():"]
 
 
@@ -105,11 +110,18 @@ def transformers_peft_reference(tiny: TinyDeployment, prompt_ids: list[list[int]
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> tuple[TinyDeployment, AdapterRegistry]:
     root = tmp_path_factory.mktemp("vllm-serving")
     tiny = build_tiny_deployment(root)
     registry = AdapterRegistry(root / "home")
     tiny.register(registry)
+    return tiny, registry
+
+
+@pytest.fixture(scope="module")
+def served(deployment: tuple[TinyDeployment, AdapterRegistry]) -> Iterator[Served]:
+    tiny, registry = deployment
+    root = tiny.root
     port = free_port()
     export = write_export(plan_export(root / "export", model=tiny.out, registry=registry, port=port))
     log = root / "vllm.log"
@@ -125,6 +137,24 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         yield Served(tiny, registry, url, export, prompt_ids, reference)
     finally:
         stop(process)
+
+
+def test_check_fails_against_another_adapter_under_the_same_name(
+        deployment: tuple[TinyDeployment, AdapterRegistry], swapped_server: str,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """First in the module: it needs no vLLM, so it runs before vLLM starts (and spins)."""
+    monkeypatch.setattr(constants, "N_THREADS", 1)
+    tiny, registry = deployment
+    report = check_server(swapped_server, model=tiny.out, registry=registry, prompts=PROMPTS[:2],
+                          tokens=CHECK_TOKENS)
+    verdict = {m.model: m.passed for m in report.models}
+    assert verdict == {"base-F16": True, "plain": False, "scaled": False}
+    failing = {m.model: m.divergence for m in report.models if not m.passed}
+    assert all(d is not None and not d.near_tie for d in failing.values())
+    tiny.register(AdapterRegistry())
+    assert main(["export", "vllm", "--check", swapped_server, "--model", str(tiny.out)]) == 1
+    table = capsys.readouterr().out
+    assert "FAIL" in table and "does not answer as edge-lora does" in table
 
 
 def vllm_greedy(url: str, model: str, prompt: list[int]) -> list[int]:
@@ -162,18 +192,20 @@ def client_code(base_url: str) -> tuple[list[str], str, str]:
 
 
 @pytest.fixture(scope="module")
-def swapped_server(served: Served, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def swapped_server(deployment: tuple[TinyDeployment, AdapterRegistry], tmp_path_factory: pytest.TempPathFactory
+                   ) -> Iterator[str]:
     """`edge-lora serve` where "plain" is another adapter (rs) and "scaled" has scale 1, not 0.5."""
     home = tmp_path_factory.mktemp("swapped-home")
     registry = AdapterRegistry(home)
-    registry.add("plain", served.tiny.gguf["rs"])
-    registry.add("scaled", served.tiny.gguf["scaled"], scale=1.0)
+    tiny = deployment[0]
+    registry.add("plain", tiny.gguf["rs"])
+    registry.add("scaled", tiny.gguf["scaled"], scale=1.0)
     port = free_port()
     log = home / "serve.log"
     env = {**os.environ, "EDGE_LORA_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     with open(log, "wb") as sink:
-        process = subprocess.Popen([sys.executable, "-m", "edge_lora", "serve", "--model",
-                                    str(served.tiny.out / "base-F16.gguf"), "--adapter", "plain", "--adapter",
+        process = subprocess.Popen([sys.executable, "-c", ONE_THREAD_CLI, "serve", "--model",
+                                    str(tiny.out / "base-F16.gguf"), "--adapter", "plain", "--adapter",
                                     "scaled", "--port", str(port)], stdout=sink, stderr=subprocess.STDOUT, env=env,
                                    start_new_session=True)
     try:
@@ -192,8 +224,9 @@ def test_openai_client_code_runs_unchanged(served: Served, swapped_server: str) 
     assert vllm_adapted != vllm_plain
 
 
-def test_check_passes_against_the_export(served: Served, tmp_path: Path,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_passes_against_the_export(served: Served, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(constants, "N_THREADS", 1)
     report = check_server(served.url, model=served.tiny.out, registry=served.registry, prompts=PROMPTS[:2],
                           tokens=CHECK_TOKENS)
     assert [m.model for m in report.models] == ["base-F16", *sorted(ADAPTERS)]
@@ -206,17 +239,3 @@ def test_check_passes_against_the_export(served: Served, tmp_path: Path,
                  "--tokens", "4", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["passed"] is True and result["prompts"] == ["Once upon a time"]
-
-
-def test_check_fails_against_another_adapter_under_the_same_name(served: Served, swapped_server: str,
-                                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    report = check_server(swapped_server, model=served.tiny.out, registry=served.registry, prompts=PROMPTS[:2],
-                          tokens=CHECK_TOKENS)
-    verdict = {m.model: m.passed for m in report.models}
-    assert verdict == {"base-F16": True, "plain": False, "scaled": False}
-    failing = {m.model: m.divergence for m in report.models if not m.passed}
-    assert all(d is not None and not d.near_tie for d in failing.values())
-    served.tiny.register(AdapterRegistry())
-    assert main(["export", "vllm", "--check", swapped_server, "--model", str(served.tiny.out)]) == 1
-    table = capsys.readouterr().out
-    assert "FAIL" in table and "does not answer as edge-lora does" in table
