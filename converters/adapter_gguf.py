@@ -2,7 +2,8 @@
 
 Tensors are ``<base GGUF name>.lora_a`` [r, in] and ``.lora_b`` [out, r] (numpy order; GGUF ne
 is the reverse, so base.ne[0] == a.ne[0] and base.ne[1] == b.ne[1] as the loader requires),
-stored F32 by default. llama.cpp scales every pair by alpha / r with r read from the tensor
+stored F32 by default. The PEFT directory's path and hash are recorded
+(``peft_export.PEFT_PATH_KEY``/``PEFT_SHA256_KEY``) so an export to vLLM can prefer the original. llama.cpp scales every pair by alpha / r with r read from the tensor
 shape, which cannot express rsLoRA or rank/alpha patterns; so we write the config's lora_alpha
 and fold ``scale · r / alpha`` into lora_b, making llama.cpp's product exactly PEFT's per-module
 scale (the factor is exactly 1 for a plain LoRA). lora_b also gets the base's row transforms
@@ -26,6 +27,7 @@ from edge_lora.converters.architectures import ArchSpec, arch_spec_for
 from edge_lora.converters.checkpoint import HFCheckpoint
 from edge_lora.converters.gguf_output import GGMLType, PlannedTensor, StreamingGGUFWriter, encode_rows
 from edge_lora.converters.peft import LoraDelta, PeftAdapter
+from edge_lora.converters.peft_export import PEFT_PATH_KEY, PEFT_SHA256_KEY, recorded_source
 from edge_lora.core.atomic import check_not_an_input, ensure_writable_dir
 from edge_lora.core.errors import AdapterError, AdapterMismatchError, InputError
 from edge_lora.core.output_dir import ADAPTER_PREFIX
@@ -108,6 +110,11 @@ def write_adapter_gguf(adapter: PeftAdapter, spec: ArchSpec, out_path: Path | st
     kv.add_name(f"{ADAPTER_PREFIX}{adapter.name}")  # named as its file is (adapter-<name>.gguf)
     kv.add_string(gguf.Keys.Adapter.TYPE, "lora")
     kv.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
+    # Where the PEFT source is (and its hash), so `export vllm` can hand vLLM the original files.
+    source = recorded_source(adapter.path)
+    if source is not None:
+        kv.add_string(PEFT_PATH_KEY, str(source.path))
+        kv.add_string(PEFT_SHA256_KEY, source.sha256)
     # Base order (the order llama.cpp lists the model's tensors), then anything left.
     expected = spec.expected_shapes()
     ordered = [n for n in expected if n in adapter.deltas] + [n for n in adapter.deltas if n not in expected]

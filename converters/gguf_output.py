@@ -8,7 +8,9 @@ The writer knows nothing about architectures: callers hand it keys, values and r
 
 from __future__ import annotations
 
+import os
 import struct
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +22,7 @@ from gguf.gguf_writer import WriterState
 
 from edge_lora.converters.safetensors_io import f32_to_bf16_bits
 from edge_lora.core.atomic import atomic_file, check_free_space
-from edge_lora.core.errors import InternalError, InvalidCheckpointError
+from edge_lora.core.errors import InternalError, InvalidCheckpointError, InvalidGGUFError
 from edge_lora.core.gguf_check import FileIdentity, validate_gguf
 from edge_lora.core.progress import NullProgress, ProgressSink
 
@@ -48,6 +50,8 @@ _NUMPY_ARRAY_TYPES: dict[gguf.GGUFValueType, str] = {
     VT.FLOAT32: "<f4", VT.UINT64: "<u8", VT.INT64: "<i8", VT.FLOAT64: "<f8", VT.BOOL: "?",
 }
 _FAST_ARRAY_MIN = 1024
+_STRING_SLICE = 4096
+_pack_length = struct.Struct("<Q").pack
 
 
 class FastKVWriter(gguf.GGUFWriter):
@@ -68,8 +72,13 @@ class FastKVWriter(gguf.GGUFWriter):
         if item_type in _NUMPY_ARRAY_TYPES:
             return head + np.asarray(val, dtype=_NUMPY_ARRAY_TYPES[item_type]).tobytes()
         if item_type == VT.STRING and first_type in (str, bytes):
-            encoded = [v.encode("utf-8") if isinstance(v, str) else v for v in val]
-            return head + b"".join([struct.pack("<Q", len(e)) + e for e in encoded])
+            # A slice at a time: whole-array lists of encoded pieces were ~25 MB of transient
+            # bytes objects for a 262,144-token vocabulary, at the top of convert's peak RSS.
+            chunks = [head]
+            for start in range(0, len(val), _STRING_SLICE):
+                encoded = (v.encode("utf-8") if isinstance(v, str) else v for v in val[start:start + _STRING_SLICE])
+                chunks.append(b"".join([_pack_length(len(e)) + e for e in encoded]))
+            return b"".join(chunks)
         return super()._pack_val(val, vtype, add_vtype, sub_type)
 
 
@@ -121,6 +130,7 @@ class StreamingGGUFWriter:
         # path=None: nothing is opened until write(); the KV/tensor-info API is gguf-py's.
         self.kv = FastKVWriter(path=None, arch=arch)
         self.tensors: list[PlannedTensor] = []
+        self.metadata_released = False
 
     def add_metadata(self, items: Iterable[tuple[str, Any, gguf.GGUFValueType]]) -> None:
         for key, value, vtype in items:
@@ -145,23 +155,26 @@ class StreamingGGUFWriter:
         llama.cpp (in a child process); a file llama.cpp refuses or aborts on never reaches
         ``final``."""
         final = Path(final)
+        if self.metadata_released:
+            raise InternalError("a StreamingGGUFWriter writes one file")
         check_free_space(final.parent, self.tensor_data_bytes)
         expected = {t.name: t.n_bytes for t in self.tensors}
-        proven: list[FileIdentity] = []
+        check = _LoadCheck(final) if prove_loads else None
 
         def validate(path: Path) -> None:
             _validate_written(path, expected)
-            if prove_loads:
-                proven.append(_prove_loads(path, final, progress))
+            if check is not None:
+                check.verdict(path, progress)
 
         with atomic_file(final, validate=validate) as fh:
-            self._write_to(fh, progress)
-        if proven:  # the rename set the ctime: the proof follows the file to its final name
+            self._write_to(fh, progress, check)
+        if check is not None and check.proven is not None:
+            # The rename set the ctime (part of FileIdentity): the proof follows the file.
             from edge_lora.converters.load_check import remember_renamed
-            remember_renamed(proven[0], FileIdentity.of(final.stat()))
+            remember_renamed(check.proven, FileIdentity.of(final.stat()))
         return final
 
-    def _write_to(self, fh: BinaryIO, progress: ProgressSink) -> None:
+    def _write_to(self, fh: BinaryIO, progress: ProgressSink, check: _LoadCheck | None = None) -> None:
         writer = self.kv
         # gguf-py would open the path itself (following a symlink planted there); it writes to
         # the descriptor atomic_file created exclusively instead, and never closes it.
@@ -171,8 +184,19 @@ class StreamingGGUFWriter:
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
+            # The metadata is on disk: let its Python form go (a 262,144-token vocabulary is
+            # ~55 MB of str objects), so neither the tensor streaming nor the load-check child,
+            # which runs beside this process, has it on top. A writer writes once.
+            writer.kv_data = [{} for _ in writer.kv_data]
+            self.metadata_released = True
             align = writer.data_alignment
             fh.write(b"\0" * (-fh.tell() % align))
+            if check is not None:
+                # The file at its final size (the data region a hole until written): what the
+                # no_alloc load reads, header, metadata and tensor table, is final already.
+                fh.flush()
+                os.ftruncate(fh.fileno(), fh.tell() + self.tensor_data_bytes)
+                check.start(fh.fileno())
             progress.start("writing GGUF", total=sum(t.n_bytes for t in self.tensors))
             for tensor in self.tensors:
                 written = 0
@@ -187,28 +211,73 @@ class StreamingGGUFWriter:
             fh.flush()
         finally:
             writer.fout = None
+            if check is not None:
+                check.join()  # the child has the descriptor: before atomic_file closes it
 
 
-def _prove_loads(path: Path, final: Path, progress: ProgressSink) -> FileIdentity:
-    """The whole model (hyperparameters, vocabulary, tensors, a context) rather than
-    ``vocab_only``: the hyperparameter asserts are skipped by a vocabulary-only load, and the
-    whole load costs little more (mmap; measured in README). The pass is remembered by the
-    file's identity (carried over the rename by ``write``), so the first `run` of it does not
-    load it again. Returns the identity proven."""
-    from edge_lora.converters.load_check import check_loads
-    from edge_lora.core.errors import InvalidGGUFError
+LOAD_CHECK_FIX = ("nothing was written; the checkpoint (config.json or tokenizer) converts to a file "
+                  "llama.cpp cannot use — fix it, or report the conversion as a bug")
 
-    progress.start("checking that llama.cpp loads it", total=None)
-    identity = FileIdentity.of(path.stat())
-    try:
-        check_loads(path, depth="model", identity=identity,
-                    fix="nothing was written; the checkpoint (config.json or tokenizer) converts to a file "
-                        "llama.cpp cannot use — fix it, or report the conversion as a bug")
-    except InvalidGGUFError as exc:
-        raise InvalidGGUFError(exc.message.replace(str(path), final.name + " (as converted)"), fix=exc.fix) from None
-    finally:
-        progress.finish()
-    return identity
+
+class _LoadCheck:
+    """The proof that llama.cpp loads the file being written: the whole model (hyperparameters,
+    vocabulary, tensor table, a context) rather than ``vocab_only``, whose load skips the
+    hyperparameter and tensor-shape checks. llama.cpp's ``no_alloc`` load reads no weight, so
+    it runs in a child beside the tensor streaming, from the moment the tensor table is
+    written (where /proc/self/fd is missing, after the write). The pass is remembered by the
+    file's identity (carried over the publishing rename by ``write``), so the first `run` of it
+    does not load it again."""
+
+    def __init__(self, final: Path) -> None:
+        self.final = final
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+        self.proven: FileIdentity | None = None  # the written file's identity, once it passed
+
+    def start(self, fd: int) -> None:
+        from edge_lora.converters.load_check import proc_fd_path
+
+        if proc_fd_path(fd) is None:
+            return
+        self.thread = threading.Thread(target=self._run, args=(fd,), name="gguf-load-check", daemon=True)
+        self.thread.start()
+
+    def _run(self, fd: int) -> None:
+        from edge_lora.converters.load_check import check_loads
+
+        try:
+            check_loads(self.final, depth="model", fd=fd, fix=LOAD_CHECK_FIX)
+        except BaseException as exc:  # noqa: BLE001 — handed to the writing thread by verdict()
+            self.error = exc
+
+    def join(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+
+    def verdict(self, path: Path, progress: ProgressSink) -> None:
+        """Raise what the check found (running it now if it could not run beside the write);
+        on a pass, remember the written file as proven."""
+        from edge_lora.converters.load_check import check_loads, remember_proven
+
+        identity = FileIdentity.of(path.stat())
+        if self.thread is None:
+            progress.start("checking that llama.cpp loads it", total=None)
+            try:
+                check_loads(path, depth="model", fix=LOAD_CHECK_FIX)
+            except InvalidGGUFError as exc:
+                raise _as_converted(exc, str(path), self.final) from None
+            finally:
+                progress.finish()
+        elif isinstance(self.error, InvalidGGUFError):
+            raise _as_converted(self.error, str(self.final), self.final) from None
+        elif self.error is not None:
+            raise self.error
+        remember_proven(identity, "model")
+        self.proven = identity
+
+
+def _as_converted(exc: InvalidGGUFError, named: str, final: Path) -> InvalidGGUFError:
+    return InvalidGGUFError(exc.message.replace(named, final.name + " (as converted)"), fix=exc.fix)
 
 
 def _validate_written(path: Path, expected: dict[str, int]) -> None:

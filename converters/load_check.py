@@ -3,13 +3,15 @@
 
 Two depths:
 
-- ``vocab``: ``vocab_only`` load plus a tokenize/detokenize round of a sample text — what
-  ``convert`` proves of every file it writes before publishing it (an unknown pre-tokenizer or
-  a vocabulary llama.cpp refuses is caught here, not by the user's first ``run``).
-- ``model``: the whole model (hyperparameters, vocabulary, tensors; mmap, no extra buffer types,
-  so the weights are not read) and a small context, which builds the compute graphs — where the
-  graph builders' asserts fire. The runtime's preflight for a file it has not loaded before, and
-  the quantizer's check of its source.
+- ``vocab``: ``vocab_only`` load plus a tokenize/detokenize round of a sample text (an unknown
+  pre-tokenizer or a vocabulary llama.cpp refuses is caught here, not by the user's first
+  ``run``). ``model`` runs the same round.
+- ``model``: the whole model as llama.cpp's ``no_alloc`` load sees it (hyperparameters,
+  vocabulary, every tensor's name, type and shape against the architecture, its data range
+  against the file size) and a small context, which builds the compute graphs — where the graph
+  builders' asserts fire — without reading or allocating a weight. What ``convert`` proves of
+  every file it writes before publishing it, the runtime's preflight for a file it has not
+  loaded before, and the quantizer's check of its source.
 
 The child imports only llama-cpp-python's ctypes bindings (not its high-level API, which pulls in
 numpy and jinja2), so a check costs little more than an interpreter start.
@@ -87,6 +89,12 @@ def _is_proven(identity: FileIdentity, depth: LoadDepth) -> bool:
             _proven.update(names)
         return True
     return False
+
+
+def remember_proven(identity: FileIdentity, depth: LoadDepth) -> None:
+    """Record a pass of a check run on a file before its identity was final (convert checks the
+    file it is still writing, whose tensor table is already complete)."""
+    _remember_proven(identity, depth)
 
 
 def _remember_proven(identity: FileIdentity, depth: LoadDepth) -> None:
@@ -222,7 +230,12 @@ def _child(depth: str, path: str) -> dict[str, Any]:
     params.n_gpu_layers = 0
     params.vocab_only = depth == "vocab"
     params.use_extra_bufts = False  # repacking would read every weight
-    params.load_mode = llama.LLAMA_LOAD_MODE_MMAP
+    # no_alloc: llama.cpp reads the hyperparameters, the vocabulary and the tensor table, checks
+    # every tensor's shape and type against the architecture and its data range against the
+    # file size, then stops short of the weights (it asserts that nothing is mapped: mmap would
+    # prefault the whole file with MAP_POPULATE).
+    params.no_alloc = True
+    params.load_mode = llama.LLAMA_LOAD_MODE_NONE
     model = llama.llama_model_load_from_file(path.encode(), params)
     if not model:
         return {"ok": False, "error": log.errors() or "llama_model_load_from_file returned NULL"}

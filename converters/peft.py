@@ -78,6 +78,7 @@ class LoraConfig:
     layers_to_transform: list[int] | None
     modules_to_save: list[str]
     fan_in_fan_out: bool
+    base_model_name_or_path: str | None = None
 
     def rank_for(self, module: str) -> int:
         key = pattern_key(self.rank_pattern, module)
@@ -111,6 +112,10 @@ class LoraConfig:
 
 def _parse_config(path: Path, raw: dict[str, Any]) -> LoraConfig:
     peft_type = raw.get("peft_type")
+    if isinstance(peft_type, str) and peft_type.upper() == "IA3":
+        raise _err(path, "is an IA3 adapter (learned rescaling vectors), which llama.cpp's LoRA runtime and "
+                         "vLLM cannot apply and which cannot be combined with LoRA arithmetic",
+                   fix="merge it into the model with `edge-lora convert BASE --adapter IA3_DIR`")
     if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
         raise _err(path, f"peft_type is {peft_type!r}; edge-lora supports LORA adapters only",
                    fix="use a LoRA adapter (peft_type LORA)")
@@ -173,7 +178,9 @@ def _parse_config(path: Path, raw: dict[str, Any]) -> LoraConfig:
         rank_pattern=pattern("rank_pattern", True),
         alpha_pattern={k: float(v) for k, v in pattern("alpha_pattern", False).items()},
         target_modules=targets, layers_to_transform=layers, modules_to_save=list(to_save),
-        fan_in_fan_out=flag("fan_in_fan_out"))
+        fan_in_fan_out=flag("fan_in_fan_out"),
+        base_model_name_or_path=base_model if isinstance(base_model := raw.get("base_model_name_or_path"), str)
+        and base_model else None)
 
 
 @dataclass(frozen=True)

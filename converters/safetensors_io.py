@@ -54,7 +54,9 @@ class TensorInfo:
 
 def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
     """bf16 is the top half of an f32: shift the raw u16 into the high bits (exact)."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+    wide = bits.astype(np.uint32)  # a fresh, writable array: shifted in place
+    wide <<= 16
+    return wide.view(np.float32)
 
 
 def _bad(path: Path, what: str) -> InvalidCheckpointError:

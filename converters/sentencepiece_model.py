@@ -201,6 +201,13 @@ class PieceTable(Sequence[Piece]):
             yield Piece(text[start:end].decode("utf-8"), score, _PIECE_TYPES[piece_type])
             start = end
 
+    def columns(self) -> tuple[list[str], list[float], list[int]]:
+        """Every piece's text, score and type number (llama.cpp's token type), in id order:
+        what an exporter needs, without building a ``Piece`` per entry."""
+        text, starts = self._text, [0, *self._ends[:-1]]
+        texts = [text[start:end].decode("utf-8") for start, end in zip(starts, self._ends)]
+        return texts, self._scores.tolist(), self._types.tolist()
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Sequence) or len(other) != len(self):
             return False
@@ -210,6 +217,13 @@ class PieceTable(Sequence[Piece]):
 
     def __repr__(self) -> str:
         return f"PieceTable({len(self)} pieces, {len(self._text)} text bytes)"
+
+
+def piece_columns(pieces: Sequence[Piece]) -> tuple[list[str], list[float], list[int]]:
+    """Texts, scores and type numbers of ``pieces`` (a parsed model's ``PieceTable`` in bulk)."""
+    if isinstance(pieces, PieceTable):
+        return pieces.columns()
+    return [p.piece for p in pieces], [p.score for p in pieces], [int(p.type) for p in pieces]
 
 
 def _parse_piece(buf: bytes, start: int, end: int, table: PieceTable) -> None:

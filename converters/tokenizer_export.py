@@ -19,7 +19,7 @@ from typing import Any
 
 import gguf
 
-from edge_lora.converters.sentencepiece_model import read_model
+from edge_lora.converters.sentencepiece_model import piece_columns, read_model
 from edge_lora.core.bounded_json import JsonKind, read_json
 from edge_lora.core.errors import EdgeLoraError, InvalidCheckpointError
 
@@ -150,32 +150,43 @@ def _looks_special(token: str) -> bool:
 
 @dataclass
 class _Vocab:
-    """Mutable token table while reading; ids may have gaps until padded."""
+    """Mutable token table while reading, kept as three lists indexed by id (``None`` text: an
+    id not given yet, padded at the end): a 262,144-token vocabulary as dicts cost ~30 MB more
+    at convert's peak."""
 
-    tokens: dict[int, str] = field(default_factory=dict)
-    scores: dict[int, float] = field(default_factory=dict)
-    types: dict[int, int] = field(default_factory=dict)
+    tokens: list[str | None] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    types: list[int] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, tokens: list[str], scores: list[float], types: list[int]) -> _Vocab:
+        """Ids 0..n-1 at once (the caller guarantees n <= MAX_VOCAB and equal lengths)."""
+        return cls(tokens, scores, types)  # type: ignore[arg-type]
 
     def set(self, token_id: int, text: str, score: float, token_type: int, source: Path) -> None:
         if not isinstance(token_id, int) or isinstance(token_id, bool) or not 0 <= token_id < MAX_VOCAB:
             raise _bad(source, f"token id {token_id!r} is out of range")
+        if token_id >= len(self.tokens):
+            self._grow(token_id + 1)
         self.tokens[token_id] = text
         self.scores[token_id] = score
         self.types[token_id] = token_type
 
+    def _grow(self, size: int) -> None:
+        missing = size - len(self.tokens)
+        self.tokens.extend([None] * missing)
+        self.scores.extend([0.0] * missing)
+        self.types.extend([0] * missing)
+
     def finish(self, vocab_size: int) -> tuple[list[str], list[float], list[int]]:
-        size = max(vocab_size, max(self.tokens, default=-1) + 1)
-        tokens, scores, types = [], [], []
-        for i in range(size):
-            if i in self.tokens:
-                tokens.append(self.tokens[i])
-                scores.append(self.scores[i])
-                types.append(self.types[i])
-            else:  # config.json's vocab_size is larger (resized embeddings): padding, as llama.cpp
-                tokens.append(f"[PAD{i}]")
-                scores.append(-1000.0)
-                types.append(int(gguf.TokenType.UNUSED))
-        return tokens, scores, types
+        if vocab_size > len(self.tokens):
+            self._grow(vocab_size)
+        for i, text in enumerate(self.tokens):
+            if text is None:  # config.json's vocab_size is larger (resized embeddings): padding, as llama.cpp
+                self.tokens[i] = f"[PAD{i}]"
+                self.scores[i] = -1000.0
+                self.types[i] = int(gguf.TokenType.UNUSED)
+        return self.tokens, self.scores, self.types  # type: ignore[return-value]
 
 
 @dataclass
@@ -245,9 +256,7 @@ def _apply_added_tokens(vocab: _Vocab, files: _Files) -> None:
 
 def _from_tokenizer_model(path: Path, files: _Files, vocab_size: int) -> TokenizerSpec:
     model = read_model(path)
-    vocab = _Vocab()
-    for i, piece in enumerate(model.pieces):
-        vocab.set(i, piece.piece, piece.score, int(piece.type), path)
+    vocab = _Vocab.of(*piece_columns(model.pieces))  # ids 0..n-1, n <= MAX_PIECES <= MAX_VOCAB
     _apply_added_tokens(vocab, files)
     tokens, scores, types = vocab.finish(vocab_size)
     return TokenizerSpec(

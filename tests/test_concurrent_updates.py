@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import gguf
@@ -23,6 +22,7 @@ import sys, time
 from pathlib import Path
 from edge_lora.serving.registry import AdapterRegistry
 worker, adapter, go = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+print("ready", flush=True)
 while not go.exists():
     time.sleep(0.001)
 registry = AdapterRegistry()
@@ -35,6 +35,7 @@ import sys, time
 from pathlib import Path
 from edge_lora.core.manifest import Manifest
 worker, directory, go = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+print("ready", flush=True)
 while not go.exists():
     time.sleep(0.001)
 for i in range({n}):
@@ -63,8 +64,9 @@ def _tiny_gguf(path: Path, general_type: str) -> Path:
 
 def _run_two(script: str, args: list[str], go: Path) -> None:
     workers = [subprocess.Popen([sys.executable, "-c", script, str(w), *args, str(go)],
-                                stderr=subprocess.PIPE, text=True) for w in (1, 2)]
-    time.sleep(1.0)  # both interpreters started and waiting
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for w in (1, 2)]
+    for worker in workers:  # both interpreters started (imports done) and waiting, however slow
+        assert worker.stdout is not None and worker.stdout.readline() == "ready\n"
     go.touch()
     for worker in workers:
         _out, err = worker.communicate(timeout=300)

@@ -58,10 +58,12 @@ def write(tmp_path: Path, blob: bytes, name: str = "x.gguf") -> Path:
 
 
 def refused(path: Path, match: str) -> None:
-    start = time.perf_counter()
+    # CPU time of this thread, here and below: the bound is on the work a refusal takes (no
+    # reading of what a header declares), not on how busy the machine is.
+    start = time.thread_time()
     with pytest.raises(InvalidGGUFError, match=match):
         validate_gguf(path)
-    assert time.perf_counter() - start < 1.0
+    assert time.thread_time() - start < 1.0
 
 
 def test_builder_makes_a_valid_file_that_gguf_reader_agrees_with(tmp_path: Path) -> None:
@@ -73,21 +75,24 @@ def test_builder_makes_a_valid_file_that_gguf_reader_agrees_with(tmp_path: Path)
     assert info.architecture == "llama" and info.tensor_data_bytes == 256 + 128
 
 
-@pytest.mark.slow
-def test_real_gemma_file_passes_fast_and_matches_gguf_reader(gemma_q4_gguf: Path) -> None:
-    start = time.perf_counter()
+def test_real_gemma_file_passes_fast_and_matches_llama_cpps_parser(gemma_q4_gguf: Path) -> None:
+    """The tensor table and the vocabulary's length as ggml's own gguf_init_from_file reads them
+    (gguf-py's GGUFReader, the former reference, took ~16 s of CPU on this file's vocabulary)."""
+    from tests.support.ggml_gguf import read_with_ggml
+
+    start = time.thread_time()
     info = validate_gguf(gemma_q4_gguf, expect_type="model")
-    assert time.perf_counter() - start < 0.5
+    assert time.thread_time() - start < 0.5
     assert info.architecture == "gemma3" and info.version == 3 and info.file_type == 15
     assert info.metadata["tokenizer.ggml.tokens"] == ArraySummary("STRING", 262144)
-    assert info.array_length("tokenizer.ggml.tokens") == 262144
-    assert len(info.tensors) == 236
-    reader = gguf.GGUFReader(gemma_q4_gguf)
-    for t in reader.tensors:
-        rec = info.tensor(t.name)
+    tensors, lengths = read_with_ggml(gemma_q4_gguf, ("tokenizer.ggml.tokens",))
+    assert info.array_length("tokenizer.ggml.tokens") == lengths["tokenizer.ggml.tokens"] == 262144
+    assert len(info.tensors) == len(tensors) == 236
+    for name, t in tensors.items():
+        rec = info.tensor(name)
         assert rec is not None
         assert (rec.shape, rec.n_bytes, rec.offset, rec.type_name) == \
-            (tuple(int(x) for x in t.shape), int(t.n_bytes), int(t.data_offset), t.tensor_type.name)
+            (t.shape, t.n_bytes, t.offset, gguf.GGMLQuantizationType(t.ggml_type).name), name
 
 
 def test_writer_output_passes(tmp_path: Path) -> None:
@@ -380,7 +385,7 @@ def test_random_header_corruption_only_raises_invalid_gguf(tmp_path: Path) -> No
     header_end = seed.index(b"blk.0.ffn_up.weight") + 64
     rng = np.random.default_rng(0)
     target = tmp_path / "fuzz.gguf"
-    start = time.perf_counter()
+    start = time.thread_time()
     for trial in range(400):
         blob = bytearray(seed)
         for _ in range(int(rng.integers(1, 4))):
@@ -393,7 +398,7 @@ def test_random_header_corruption_only_raises_invalid_gguf(tmp_path: Path) -> No
             validate_gguf(target)
         except InvalidGGUFError:
             pass
-    assert time.perf_counter() - start < 20
+    assert time.thread_time() - start < 20
 
 
 # --- hyperparameters llama.cpp's loader or graph builder asserts on (llama-model.cpp, src/models) ---
@@ -428,10 +433,10 @@ def test_hparams_llama_cpp_aborts_on_are_refused_before_it_sees_them(tmp_path: P
     from tests.support.tiny_gguf import write_tiny_llama
 
     path = write_tiny_llama(tmp_path / "bad.gguf", overrides)
-    start = time.perf_counter()
+    start = time.thread_time()
     with pytest.raises(InvalidGGUFError, match=match):
         validate_gguf(path, expect_type="model")
-    assert time.perf_counter() - start < 1.0
+    assert time.thread_time() - start < 1.0
 
 
 @pytest.mark.parametrize("overrides", [

@@ -154,15 +154,9 @@ def _published(out: Path) -> list[str]:
     return sorted(p.name for p in out.iterdir()) if out.exists() else []
 
 
-def test_convert_refuses_an_output_llama_cpp_cannot_load_and_writes_nothing(tmp_path: Path,
-                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """A pre-tokenizer name llama.cpp does not know (the exporter is made to write one): the
-    converted file is loaded before publishing, refused with llama.cpp's reason, and removed."""
+def _unknown_pre_tokenizer(monkeypatch: pytest.MonkeyPatch) -> None:
     from edge_lora.converters import hf_to_gguf, tokenizer_export
-    from edge_lora.converters.hf_to_gguf import convert_checkpoint
-    from tests.support.model_fixtures import make_checkpoint
 
-    ckpt = make_checkpoint("qwen2", tmp_path / "ckpt")
     real_read = tokenizer_export.read_tokenizer
 
     def unknown_pre(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -171,11 +165,144 @@ def test_convert_refuses_an_output_llama_cpp_cannot_load_and_writes_nothing(tmp_
         return spec
 
     monkeypatch.setattr(hf_to_gguf, "read_tokenizer", unknown_pre)
+
+
+def _missing_hparam(monkeypatch: pytest.MonkeyPatch) -> None:
+    from edge_lora.converters.gguf_output import StreamingGGUFWriter
+
+    real_add = StreamingGGUFWriter.add_metadata
+
+    def without_context_length(self, items):  # type: ignore[no-untyped-def]
+        real_add(self, [item for item in items if item[0] != "qwen2.context_length"])
+
+    monkeypatch.setattr(StreamingGGUFWriter, "add_metadata", without_context_length)
+
+
+def _wrong_tensor_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ffn_down planned (and written) transposed: the same bytes, so the writer's own plan check
+    passes; only the architecture's shape table can tell."""
+    import dataclasses
+
+    from edge_lora.converters import hf_to_gguf
+
+    real_plan = hf_to_gguf._plan_tensor
+
+    def transposed_ffn_down(*args, **kwargs):  # type: ignore[no-untyped-def]
+        planned = real_plan(*args, **kwargs)
+        if planned.name == "blk.0.ffn_down.weight":
+            assert planned.shape[0] != planned.shape[1]
+            return dataclasses.replace(planned, shape=planned.shape[::-1])
+        return planned
+
+    monkeypatch.setattr(hf_to_gguf, "_plan_tensor", transposed_ffn_down)
+
+
+@pytest.mark.parametrize("fault,match", [
+    (_unknown_pre_tokenizer, "unknown pre-tokenizer type: 'no-such-pre'"),
+    (_missing_hparam, "key not found in model: qwen2.context_length"),
+    (_wrong_tensor_shape, "tensor 'blk.0.ffn_down.weight' has wrong shape"),
+], ids=["pre-tokenizer", "missing-hparam", "tensor-shape"])
+def test_convert_refuses_an_output_llama_cpp_cannot_load_and_writes_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, qwen2_checkpoint: Path, fault, match: str) -> None:
+    """The converter is made to write a file llama.cpp refuses (the checkpoint itself is fine):
+    the file is loaded (metadata, vocabulary, tensor table; no weights) before publishing,
+    refused with llama.cpp's reason, and removed."""
+    from edge_lora.converters.hf_to_gguf import convert_checkpoint
+
+    fault(monkeypatch)
     out = tmp_path / "out"
-    with pytest.raises(InvalidGGUFError, match="unknown pre-tokenizer type: 'no-such-pre'") as caught:
-        convert_checkpoint(ckpt, out / "m-F16.gguf")
+    with pytest.raises(InvalidGGUFError, match=match) as caught:
+        convert_checkpoint(qwen2_checkpoint, out / "m-F16.gguf")
     assert "m-F16.gguf (as converted)" in caught.value.message and "nothing was written" in (caught.value.fix or "")
     assert _published(out) == []
+
+
+def test_without_proc_fd_the_check_runs_after_the_write_and_still_refuses(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, qwen2_checkpoint: Path) -> None:
+    """Where the child cannot open the file being written through /proc/self/fd, the check
+    runs on the complete file before publishing instead of beside the write."""
+    from edge_lora.converters.hf_to_gguf import convert_checkpoint
+
+    monkeypatch.setattr(load_check, "proc_fd_path", lambda fd: None)
+    _unknown_pre_tokenizer(monkeypatch)
+    out = tmp_path / "out"
+    with pytest.raises(InvalidGGUFError, match="unknown pre-tokenizer type: 'no-such-pre'") as caught:
+        convert_checkpoint(qwen2_checkpoint, out / "m-F16.gguf")
+    assert "m-F16.gguf (as converted)" in caught.value.message
+    assert _published(out) == []
+
+
+def test_a_converted_file_is_remembered_as_proven(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  qwen2_checkpoint: Path) -> None:
+    """The check ran on the file while it was written; the pass is recorded under the published
+    file's identity, so its first `run` does not load it again."""
+    from edge_lora.converters.hf_to_gguf import convert_checkpoint
+
+    monkeypatch.setattr(constants, "EDGE_LORA_CACHE", tmp_path / "cache")
+    out = convert_checkpoint(qwen2_checkpoint, tmp_path / "m-F16.gguf")
+    assert load_check._is_proven(FileIdentity.of(out.stat()), "model")
+
+
+@pytest.fixture(scope="module")
+def qwen2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.support.model_fixtures import make_checkpoint
+
+    return make_checkpoint("qwen2", tmp_path_factory.mktemp("ckpt") / "qwen2")
+
+
+def _sparse_wide_llama(path: Path, n_ff: int) -> Path:
+    """The tiny Llama with a feed-forward ``n_ff`` wide, its tensor data a hole in a sparse file:
+    hundreds of MB that cost nothing to write, and that a check reading the weights would bring
+    into memory."""
+    from tests.support.tiny_gguf import N_EMBD, _value_type, tiny_metadata
+
+    import gguf
+    import numpy as np
+
+    metadata = tiny_metadata() | {"llama.feed_forward_length": n_ff}
+    n_vocab = len(metadata["tokenizer.ggml.tokens"])
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in metadata.items():
+        w.add_key_value(key, value, _value_type(value))
+    shapes = {"token_embd.weight": (n_vocab, N_EMBD), "output_norm.weight": (N_EMBD,),
+              "output.weight": (n_vocab, N_EMBD), "blk.0.attn_norm.weight": (N_EMBD,),
+              "blk.0.ffn_norm.weight": (N_EMBD,), "blk.0.ffn_gate.weight": (n_ff, N_EMBD),
+              "blk.0.ffn_up.weight": (n_ff, N_EMBD), "blk.0.ffn_down.weight": (N_EMBD, n_ff)}
+    shapes |= {f"blk.0.{n}.weight": (N_EMBD, N_EMBD) for n in ("attn_q", "attn_k", "attn_v", "attn_output")}
+    data_bytes = 0
+    for name, shape in shapes.items():
+        n_bytes = int(np.prod(shape)) * 4
+        w.add_tensor_info(name, shape, np.dtype(np.float32), n_bytes)
+        data_bytes += -(-n_bytes // w.data_alignment) * w.data_alignment
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    with open(path, "r+b") as fh:
+        end = fh.seek(0, os.SEEK_END)
+        fh.truncate(-(-end // w.data_alignment) * w.data_alignment + data_bytes)
+    return path
+
+
+def test_the_model_check_does_not_read_the_weights(tmp_path: Path) -> None:
+    """The check convert runs on every file it writes (and the runtime on a file it has not
+    loaded before) is a no_alloc load: a 768 MB model is checked in a child that stays far
+    below that size. (The former mmap load prefaulted the whole file.)"""
+    import json
+    import subprocess
+    import sys
+
+    path = _sparse_wide_llama(tmp_path / "wide.gguf", n_ff=1_000_000)
+    assert path.stat().st_size > 750_000_000
+    measure = ("import json, resource, subprocess, sys\n"
+               "proc = subprocess.run([sys.executable, '-m', 'edge_lora.converters.load_check', 'model', sys.argv[1]],"
+               " capture_output=True, text=True)\n"
+               "print(json.dumps([proc.stdout, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024]))")
+    result = subprocess.run([sys.executable, "-c", measure, str(path)], capture_output=True, text=True, timeout=120,
+                            check=True)
+    stdout, peak_rss = json.loads(result.stdout)
+    assert json.loads(stdout.strip().splitlines()[-1]) == {"ok": True, "n_vocab": 300}
+    assert peak_rss < 200_000_000, f"the check child peaked at {peak_rss / 1e6:.0f} MB"
 
 
 def test_convert_cli_refuses_a_tokenizer_llama_cpp_aborts_on(tmp_path: Path) -> None:

@@ -106,7 +106,8 @@ def _adapter_convert(adapter: Path, base: Path, out: Path) -> list[str]:
 
 BAD_ADAPTERS = {
     "pickle": (lambda d: ((d / "adapter_model.safetensors").rename(d / "adapter_model.bin")), "pickle"),
-    "unknown-peft-type": (lambda d: _edit_config(d, peft_type="IA3"), "LORA adapters only"),
+    "ia3-type": (lambda d: _edit_config(d, peft_type="IA3"), "IA3"),  # LoRA tensors under an IA3 config
+    "unknown-peft-type": (lambda d: _edit_config(d, peft_type="LOHA"), "'LOHA'; edge-lora supports LORA adapters only"),
     "prefix-tuning": (lambda d: _edit_config(d, peft_type="PREFIX_TUNING"), "LORA adapters only"),
     "bias-all": (lambda d: _edit_config(d, bias="all"), "bias"),
     "corrupt-safetensors": (lambda d: (d / "adapter_model.safetensors").write_bytes(

@@ -153,3 +153,53 @@ def test_adapter_and_garbage_inputs_are_refused(tmp_path: Path, capsys: pytest.C
     garbage.write_bytes(b"GGUF" + b"\xff" * 60)
     _cli_error(["quantize", str(garbage), "--quant", "Q8_0", "--out", str(tmp_path / "o")], capsys, "x-F16.gguf")
     _cli_error(["quantize", str(tmp_path / "nope.gguf"), "--quant", "Q8_0"], capsys, "does not exist")
+
+
+# Run as `python -c HELD -m edge_lora quantize ...`: the real CLI, except that once llama.cpp has
+# written the Q8_0 partial the run prints its path and stops there, as if still validating it.
+HELD = """
+import runpy, sys, time
+import edge_lora.converters.quantize as q
+real_finish = q._finish
+def held(job):
+    if job.name != "Q8_0":
+        return real_finish(job)
+    job.process.wait()
+    print(job.partial, flush=True)
+    time.sleep(600)
+q._finish = held
+sys.argv = ["edge-lora", *sys.argv[1:]]
+runpy.run_module("edge_lora", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_runs_partials_are_removed_by_the_next_run_whatever_they_were_for(f16_model: Path,
+                                                                                  tmp_path: Path) -> None:
+    """`quantize --quant Q4_K_M,Q8_0` killed by SIGKILL while its Q8_0 partial is on disk; then
+    `quantize --quant Q4_K_M` into the same directory removes that Q8_0 partial too."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    held = subprocess.Popen([sys.executable, "-c", HELD, "quantize", str(f16_model), "--quant", "Q4_K_M,Q8_0",
+                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert held.stdout is not None
+        partial = Path(held.stdout.readline().strip())
+        assert partial.name.startswith("tiny-Q8_0.gguf.") and partial.is_file(), held.stderr.read() if held.stderr else ""
+        assert partial.stat().st_size > 0  # what llama.cpp wrote: a real, half-published file
+    finally:
+        os.kill(held.pid, signal.SIGKILL)
+        held.wait(timeout=60)
+    assert held.returncode == -signal.SIGKILL and partial.is_file()
+
+    again = subprocess.run([sys.executable, "-m", "edge_lora", "quantize", str(f16_model), "--quant", "Q4_K_M",
+                            "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert not partial.exists()
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".partial")]
+    assert validate_gguf(out / "tiny-Q4_K_M.gguf").file_type == QUANT_TYPES["Q4_K_M"]
+    assert not (out / "tiny-Q8_0.gguf").exists()

@@ -609,3 +609,43 @@ async def test_hardware_panel_refreshes_and_refits_when_free_ram_moves(model_dir
         assert [available for _, available in fit.calls] == [1 * GB, 680_000_000]  # only on a real change
         assert "680 MB free" in str(app.screen.query_one("#hardware").render())
         assert table_rows(app)["Q8_0"][5] == "no"
+
+
+async def test_combine_adapters_modal(model_dir: Path) -> None:
+    """The adapter dialog's Combine button: weights parsed, errors shown in the dialog, the result
+    registered."""
+    from edge_lora.tui.screens.combine_modal import CombineModal
+
+    services = fake_services()
+    services["register_adapter"]("legal", model_dir / "adapter-legal.gguf", 1.0)
+    services["register_adapter"]("tone", model_dir / "adapter-legal.gguf", 1.0)
+    app = make_app(model_dir, refresh_seconds=0, **services)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(pilot)
+        await pilot.press("a")
+        await pilot.pause()
+        await pilot.click("#adapter-combine")
+        await pilot.pause()
+        assert isinstance(app.screen, CombineModal)
+        assert "legal, tone" in str(app.screen.query_one("#combine-registered").render())
+        app.screen.query_one("#combine-inputs", Input).value = "legal:0.5 nope:1"
+        app.screen.query_one("#combine-name", Input).value = "mix"
+        await pilot.click("#combine-ok")
+        app.screen.query_one("#combine-name", Input).focus()
+        await pilot.press("enter")
+        await pilot.pause()
+        assert "neither a registered adapter" in str(app.screen.query_one("#adapter-dialog-error").render())
+        app.screen.query_one("#combine-inputs", Input).value = "legal:0.5, tone:-x"
+        app.screen.query_one("#combine-name", Input).focus()
+        await pilot.press("enter")
+        await pilot.pause()
+        assert "not a number" in str(app.screen.query_one("#adapter-dialog-error").render())
+        app.screen.query_one("#combine-inputs", Input).value = "legal:0.5 tone:-1"
+        app.screen.query_one("#combine-method", Input).value = "ties"
+        app.screen.query_one("#combine-density", Input).value = "0.4"
+        app.screen.query_one("#combine-name", Input).focus()
+        await pilot.press("enter")
+        await settle(pilot)
+        assert isinstance(app.screen, MainScreen)
+        assert services["combine_adapters"].calls == [("mix", (("legal", 0.5), ("tone", -1.0)), "ties", 0.4)]
+        assert "mix" in [a.name for a in services["list_adapters"]()]

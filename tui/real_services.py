@@ -93,6 +93,15 @@ def register_adapter(name: str, path: Path, scale: float) -> AdapterEntry:
     return AdapterEntry(name=added.name, path=added.path, scale=added.scale)
 
 
+def combine_adapters(name: str, inputs: Sequence[tuple[str, float]], method: str,
+                     density: float | None) -> AdapterEntry:
+    from edge_lora.converters.combine import CombineOptions
+    from edge_lora.workflows.combine_adapters import combine_registered
+
+    added = combine_registered(name, inputs, CombineOptions(method=method, density=density))
+    return AdapterEntry(name=added.name, path=added.path, scale=added.scale)
+
+
 def convert(base: str, out_dir: Path, adapter: str | None, quants: Sequence[str], progress: ProgressSink) -> Path:
     from edge_lora.workflows.convert_model import convert_model
 
@@ -187,6 +196,7 @@ def default_services() -> TuiServices:
         runtime_factory=open_runtime,
         list_adapters=list_registered_adapters,
         register_adapter=register_adapter,
+        combine_adapters=combine_adapters,
         convert_fn=convert,
         write_modelfile=write_modelfile,
         load_model_dir=load_model_dir,

@@ -34,6 +34,8 @@ QualityRecorder = Callable[[Path, Path, QualityResult], None]  # (dir, model pat
 RuntimeFactory = Callable[[Path, int], ChatRuntime]  # (model path, n_ctx)
 AdapterLister = Callable[[], list[AdapterEntry]]
 AdapterRegistrar = Callable[[str, Path, float], AdapterEntry]
+# (new name, [(registered name or path, weight)], method, density) -> the registered result
+AdapterCombiner = Callable[[str, Sequence[tuple[str, float]], str, "float | None"], AdapterEntry]
 ConvertFn = Callable[[str, Path, "str | None", Sequence[str], ProgressSink], Path]  # -> output dir
 ModelfileWriter = Callable[[Path, int, Path], Path]  # (model path, num_ctx, out dir) -> written file
 ModelDirLoader = Callable[[Path], ModelDirView]
@@ -50,6 +52,7 @@ class TuiServices:
     runtime_factory: RuntimeFactory
     list_adapters: AdapterLister
     register_adapter: AdapterRegistrar
+    combine_adapters: AdapterCombiner
     convert_fn: ConvertFn
     write_modelfile: ModelfileWriter
     load_model_dir: ModelDirLoader

@@ -1,4 +1,5 @@
-"""``edge-lora adapter convert PEFT --base BASE --out FILE.gguf``: PEFT LoRA -> GGUF LoRA."""
+"""``edge-lora adapter convert PEFT --base BASE --out FILE.gguf``: PEFT LoRA -> GGUF LoRA;
+``edge-lora adapter combine A[:W] B[:W] ... --out DIR [--method ...]``: adapter arithmetic."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import argparse
 import json
 from pathlib import Path
 
+from edge_lora.cli._combine_args import add_combine_args, combine_options
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    parser = subparsers.add_parser("adapter", help="convert a PEFT LoRA adapter to a GGUF LoRA adapter")
+    parser = subparsers.add_parser("adapter", help="convert a PEFT LoRA adapter to GGUF, or combine adapters")
     sub = parser.add_subparsers(dest="adapter_command", metavar="ACTION", required=True)
     convert = sub.add_parser(
         "convert", help="PEFT adapter -> GGUF LoRA adapter for llama.cpp hot-apply",
@@ -23,6 +26,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                               "(default: f32)")
     convert.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     convert.set_defaults(handler=adapter_convert_command)
+    combine = sub.add_parser(
+        "combine", help="combine adapters (weighted sum, TIES, DARE, ...) into one PEFT adapter",
+        description="Combine PEFT LoRA adapters (directories or Hub ids, or GGUF adapters / registered names with "
+                    "--base) with weights, as PEFT's add_weighted_adapter does, into a PEFT adapter directory that "
+                    "`adapter convert`, `convert --adapter`, PEFT and vLLM load. A:-1 subtracts A.")
+    combine.add_argument("adapters", nargs="+", metavar="A[:W]", help="adapter and optional weight (default 1)")
+    combine.add_argument("--out", metavar="DIR", type=Path, required=True, help="output PEFT adapter directory")
+    combine.add_argument("--base", metavar="BASE", default=None,
+                         help="HF base checkpoint: checks every adapter against it; needed for GGUF inputs")
+    add_combine_args(combine)
+    combine.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    combine.set_defaults(handler=adapter_combine_command)
 
 
 def adapter_convert_command(args: argparse.Namespace) -> int:
@@ -42,4 +57,19 @@ def adapter_convert_command(args: argparse.Namespace) -> int:
         print(json.dumps({"path": str(path), "bytes": path.stat().st_size, "sha256": sha256_file(path)}))
     else:
         print(f"wrote {path}")
+    return 0
+
+
+def adapter_combine_command(args: argparse.Namespace) -> int:
+    from edge_lora.workflows.combine_adapters import combine_to_dir
+
+    options = combine_options(args)
+    result = combine_to_dir(args.adapters, args.out, options, base=args.base)
+    if args.json:
+        print(json.dumps({"directory": str(result.out_dir), "method": options.method if len(result.inputs) > 1
+                          else "linear", "rank": result.adapter.config.r, "seed": options.seed,
+                          "inputs": [{"adapter": r.ref, "weight": 1.0 if r.weight is None else r.weight}
+                                     for r in result.inputs]}))
+    else:
+        print(f"wrote {result.out_dir} (rank {result.adapter.config.r}, {len(result.adapter.deltas)} modules)")
     return 0

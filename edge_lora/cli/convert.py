@@ -1,4 +1,4 @@
-"""``edge-lora convert BASE [--adapter PEFT] [--out DIR] [--quant ...] [--outtype ...] [--calibrate TEXT | --imatrix FILE] [--json]``.
+"""``edge-lora convert BASE [--adapter A[:W] ...] [--method METHOD ...] [--out DIR] [--quant ...] [--outtype ...] [--calibrate TEXT | --imatrix FILE] [--json]``.
 
 A thin layer over ``edge_lora.workflows.convert_model.convert_model``.
 """
@@ -9,6 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
+from edge_lora.cli._combine_args import add_combine_args, combine_options
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = subparsers.add_parser(
@@ -16,8 +18,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         description="Convert BASE (a local Hugging Face checkpoint directory or a Hub repo id) to GGUF "
                     "in DIR: <name>-F16.gguf, optional quantized files and manifest.json.")
     parser.add_argument("base", metavar="BASE", help="HF checkpoint directory or repo id (org/name)")
-    parser.add_argument("--adapter", metavar="PEFT", default=None,
-                        help="PEFT LoRA adapter (directory or repo id) to merge and export")
+    parser.add_argument("--adapter", metavar="A[:W]", action="append", default=None,
+                        help="PEFT LoRA or IA3 adapter (directory or repo id; or a GGUF adapter file / registered "
+                             "name) to merge, optionally with a weight; repeat it to merge a combination "
+                             "(see --method)")
     parser.add_argument("--out", metavar="DIR", type=Path, default=None,
                         help="output directory (default: ./<name>-gguf)")
     parser.add_argument("--quant", default="all", metavar="all|iq|none|Q4_K_M,IQ4_XS,...",
@@ -32,12 +36,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     calibration.add_argument("--imatrix", metavar="FILE", type=Path, default=None,
                              help="quantize with this importance matrix (from `edge-lora imatrix` or llama-imatrix, "
                                   "computed on this same model)")
+    add_combine_args(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON document (the manifest) on stdout")
     parser.set_defaults(handler=convert_command)
 
 
 def _default_out(base: str) -> Path:
     return Path.cwd() / f"{Path(base.rstrip('/')).name or 'model'}-gguf"
+
+
+def _combining(args: argparse.Namespace) -> bool:
+    """Any adapter-arithmetic option given (then it must apply: see ``plan_merge``)."""
+    return args.method is not None or args.density is not None or args.svd_rank is not None
 
 
 def convert_command(args: argparse.Namespace) -> int:
@@ -50,6 +60,7 @@ def convert_command(args: argparse.Namespace) -> int:
 
         manifest = convert_model(args.base, out_dir, adapter=args.adapter, quants=quant,
                                  outtype=args.outtype, calibrate=args.calibrate, imatrix=args.imatrix,
+                                 combine=combine_options(args) if _combining(args) else None,
                                  progress=progress)
     if args.json:
         print(json.dumps({"directory": str(out_dir), **manifest.to_json()}))

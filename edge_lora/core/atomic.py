@@ -5,9 +5,10 @@ with ``O_CREAT | O_EXCL | O_NOFOLLOW``, so two writers never share one and a sym
 under that name is never followed — writes it through the descriptor it created, fsyncs,
 optionally validates, then ``os.replace``s it (a rename replaces a symlink at the final path
 instead of writing through it). An interrupted run leaves at most its partial file, never a
-half-written final file; a killed run's partial carries its dead pid, and the next writer of
-the same final name removes it (only regular files of ours whose writer is gone). Free space
-is checked before large writes.
+half-written final file; a killed run's partial carries its dead pid, and the next writer into
+the same directory removes it, whatever final file it was for (only regular files of ours whose
+writer is gone: `quantize --quant Q4_K_M` after a killed `--quant Q4_K_M,Q8_0` also removes the
+dead run's Q8_0 partial). Free space is checked before large writes.
 """
 
 from __future__ import annotations
@@ -54,22 +55,21 @@ def partial_path(final: Path) -> Path:
     return final.with_name(f"{final.name}.{os.getpid()}-{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
 
 
-def _partial_pattern(final: Path) -> re.Pattern[str]:
-    return re.compile(rf"{re.escape(final.name)}\.(\d+)-[0-9a-f]{{8}}{re.escape(PARTIAL_SUFFIX)}")
+# <final name>.<writer's pid>-<8 hex>.partial, for any final name
+_PARTIAL_NAME = re.compile(rf".+\.(\d+)-[0-9a-f]{{8}}{re.escape(PARTIAL_SUFFIX)}", re.DOTALL)
 
 
-def remove_stale_partials(final: Path) -> list[Path]:
-    """Delete partial files of ``final`` whose writer is no longer running (a killed run's):
-    only names of our scheme, only regular files this user owns, never this process's own."""
-    final = Path(final)
-    pattern = _partial_pattern(final)
+def remove_stale_partials(directory: Path) -> list[Path]:
+    """Delete the partial files in ``directory`` whose writer is no longer running (a killed
+    run's), for whatever final file they were: only names of our scheme, only regular files
+    this user owns, never this process's own or a live writer's."""
     removed: list[Path] = []
     try:
-        entries = list(os.scandir(final.parent))
+        entries = list(os.scandir(directory))
     except OSError:
         return removed
     for entry in entries:
-        match = pattern.fullmatch(entry.name)
+        match = _PARTIAL_NAME.fullmatch(entry.name)
         if match is None:
             continue
         pid = int(match.group(1))
@@ -86,10 +86,10 @@ def remove_stale_partials(final: Path) -> list[Path]:
 
 
 def create_partial(final: Path) -> tuple[Path, int]:
-    """Remove ``final``'s stale partials, then create a new empty partial exclusively
-    (``O_CREAT | O_EXCL | O_NOFOLLOW``): (its path, a descriptor open for writing)."""
+    """Remove the stale partials in ``final``'s directory, then create a new empty partial
+    exclusively (``O_CREAT | O_EXCL | O_NOFOLLOW``): (its path, a descriptor open for writing)."""
     final = Path(final)
-    remove_stale_partials(final)
+    remove_stale_partials(final.parent)
     while True:
         tmp = partial_path(final)
         try:

@@ -73,11 +73,14 @@ class RenderBudget:
     seconds: float
     max_chars: int
     work_left: int
+    max_iterations: int = MAX_LOOP_ITERATIONS
     iterations_left: int = MAX_LOOP_ITERATIONS
 
     @classmethod
-    def start(cls, max_chars: int = MAX_RENDERED_CHARS, seconds: float = RENDER_SECONDS) -> RenderBudget:
-        return cls(time.monotonic() + seconds, seconds, max_chars, WORK_FACTOR * max_chars)
+    def start(cls, max_chars: int = MAX_RENDERED_CHARS, seconds: float = RENDER_SECONDS,
+              loop_iterations: int = MAX_LOOP_ITERATIONS) -> RenderBudget:
+        return cls(time.monotonic() + seconds, seconds, max_chars, WORK_FACTOR * max_chars,
+                   loop_iterations, loop_iterations)
 
     def tick(self) -> None:
         if time.monotonic() > self.deadline:
@@ -446,7 +449,7 @@ def _bounded_loop(context: Context, iterable: Any, static_chars: int) -> Iterato
             budget.iterations_left -= 1
             if budget.iterations_left < 0:
                 raise TemplateLimitError(
-                    f"the chat template ran more than {MAX_LOOP_ITERATIONS:,} loop iterations and was stopped",
+                    f"the chat template ran more than {budget.max_iterations:,} loop iterations and was stopped",
                     fix="use a model whose chat template is trustworthy")
             budget.charge(static_chars)  # the body's literal text, output once an iteration
         yield item

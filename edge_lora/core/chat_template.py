@@ -14,8 +14,8 @@ from typing import Any, Protocol
 
 import jinja2
 
-from edge_lora.core.bounded_jinja import (MAX_RENDERED_CHARS, RENDER_SECONDS, BoundedSandboxEnvironment,
-                                         RenderBudget, active_budget)
+from edge_lora.core.bounded_jinja import (MAX_LOOP_ITERATIONS, MAX_RENDERED_CHARS, RENDER_SECONDS,
+                                         BoundedSandboxEnvironment, RenderBudget, active_budget)
 from edge_lora.core.errors import EdgeLoraError, RequestError, TemplateLimitError
 
 GEMMA_TEMPLATE = (
@@ -184,18 +184,18 @@ def _compiled(template: str) -> jinja2.Template:
 
 def render_chat(template: str, messages: Any, add_generation_prompt: bool = True,
                 bos_token: str = "", eos_token: str = "", *, max_chars: int = MAX_RENDERED_CHARS,
-                seconds: float = RENDER_SECONDS) -> str:
+                seconds: float = RENDER_SECONDS, loop_iterations: int = MAX_LOOP_ITERATIONS) -> str:
     """Render ``messages`` with ``template`` in the sandbox: at most ``max_chars`` characters
-    of output, ``seconds`` of time (TemplateLimitError past either); any failure of the
-    template is a RequestError."""
+    of output, ``seconds`` of time, ``loop_iterations`` loop iterations (TemplateLimitError
+    past any); any failure of the template is a RequestError."""
     return _render(template, normalize_messages(messages), add_generation_prompt, bos_token, eos_token,
-                   max_chars=max_chars, seconds=seconds)
+                   max_chars=max_chars, seconds=seconds, loop_iterations=loop_iterations)
 
 
 def _render(template: str, checked: list[dict[str, str]], add_generation_prompt: bool,
             bos_token: str, eos_token: str, *, max_chars: int = MAX_RENDERED_CHARS,
-            seconds: float = RENDER_SECONDS) -> str:
-    budget = RenderBudget.start(max_chars, seconds)
+            seconds: float = RENDER_SECONDS, loop_iterations: int = MAX_LOOP_ITERATIONS) -> str:
+    budget = RenderBudget.start(max_chars, seconds, loop_iterations)
     token = active_budget().set(budget)
     try:
         compiled = _compiled(template)

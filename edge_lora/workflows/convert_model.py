@@ -19,14 +19,14 @@ was) makes manifest.json describe the new conversion only: the other model's row
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from edge_lora.converters.adapter_gguf import check_expressible, write_adapter_gguf
 from edge_lora.converters.architectures import arch_spec_for
 from edge_lora.converters.checkpoint import HFCheckpoint
 from edge_lora.converters.hf_to_gguf import check_outtype, model_name_for, output_file_name, write_checkpoint_gguf
-from edge_lora.converters.merge import PeftMerger
+from edge_lora.converters.combine import CombineOptions
 from edge_lora.converters.peft import PeftAdapter
 from edge_lora.converters.quantize import QuantResult, check_imatrix_given, record_in_manifest
 from edge_lora.core.atomic import ensure_writable_dir
@@ -40,6 +40,7 @@ from edge_lora.hub import resolve_local_or_hub
 from edge_lora.analysis.imatrix import check_calibration_text
 from edge_lora.analysis.modelfile import write_modelfile_for_output
 from edge_lora.state import remember_output_dir
+from edge_lora.workflows.combine_adapters import plan_merge
 from edge_lora.workflows.calibrate import quantize_calibrated
 
 
@@ -55,11 +56,15 @@ class PartialConversionError(QuantizeError):
         self.failed = failed
 
 
-def convert_model(base: str | Path, out_dir: str | Path, *, adapter: str | Path | None = None,
+def convert_model(base: str | Path, out_dir: str | Path, *,
+                  adapter: str | Path | Sequence[str | Path] | None = None,
                   quants: str | Iterable[str] = "all", outtype: str = "f16",
                   calibrate: str | Path | None = None, imatrix: str | Path | None = None,
+                  combine: CombineOptions | None = None,
                   progress: ProgressSink = NullProgress()) -> Manifest:
-    """``calibrate``: a text file to compute an importance matrix on (on the written full-precision
+    """``adapter``: one adapter reference (``A`` or ``A:W``) or several; one without a weight
+    merges as given (LoRA or IA3), otherwise their combination (``combine``, default ``cat``) is
+    merged. ``calibrate``: a text file to compute an importance matrix on (on the written full-precision
     file: the merged model when an adapter is given) before quantizing with it; or ``imatrix``, an
     importance matrix file made for this model (read now; checked against the full-precision
     file once written, before any quantization)."""
@@ -84,22 +89,23 @@ def convert_model(base: str | Path, out_dir: str | Path, *, adapter: str | Path 
     # The base and the adapter are opened (their headers parsed) once, for every file written.
     with HFCheckpoint.open(ckpt_dir) as ckpt:
         spec = arch_spec_for(ckpt.config)
-        peft: PeftAdapter | None = None
-        adapter_name: str | None = None
-        if adapter is not None:
-            adapter_dir = resolve_local_or_hub(str(adapter), "adapter")
-            peft = PeftAdapter.open(adapter_dir)
-            peft.check_fits(ckpt)  # before the output directory exists
-            adapter_name = model_name_for(str(adapter), adapter_dir)
+        refs = [] if adapter is None else [str(adapter)] if isinstance(adapter, (str, Path)) else \
+            [str(a) for a in adapter]
+        if combine is not None and not refs:
+            raise InputError(f"--method {combine.method} needs adapters to combine", fix="give --adapter A:W ...")
+        plan = plan_merge(refs, ckpt, combine) if refs else None  # checked before the output directory exists
+        peft: PeftAdapter | None = plan.lora if plan is not None else None
+        adapter_name: str | None = plan.name if plan is not None else None
+        if adapter_name is not None:
             name = f"{name}-{adapter_name}"
         ensure_writable_dir(out_dir)
 
         full_path = write_checkpoint_gguf(ckpt, out_dir / output_file_name(name, outtype), outtype=outtype,
-                                          adapter=PeftMerger(peft) if peft is not None else None, name=name,
+                                          adapter=plan.merger if plan is not None else None, name=name,
                                           progress=progress)
-    kind: FileKind = "merged" if peft is not None else "model"
+    kind: FileKind = "merged" if plan is not None else "model"
     manifest = _manifest_for_conversion(out_dir, name=name, architecture=spec.gguf_arch_name, base=base_ref,
-                                        adapter=str(adapter) if adapter is not None else None, kind=kind)
+                                        adapter=plan.description if plan is not None else None, kind=kind)
     manifest.add_file(full_path.name, format=full_format.name, kind=kind)
     if peft is not None and adapter_name is not None:
         try:

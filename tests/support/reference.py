@@ -563,3 +563,49 @@ def straightforward_perplexity(path: Path, text: str, n_ctx: int = 512) -> tuple
         count += len(targets)
     llm.close()
     return math.exp(nll / count), count // (n_ctx // 2 - 1)
+
+
+def apply_ia3(weights: dict[str, np.ndarray], adapter_dir: Path) -> dict[str, np.ndarray]:
+    """Return a copy of `weights` with a PEFT IA3 adapter merged as PEFT's merge_and_unload does:
+    W' = W * ia3_l with ia3_l [out, 1] (rows; the bias too) or, for feedforward_modules, [1, in]
+    (columns; the bias is untouched). Checked against PEFT itself in tests/test_adapter_arith.py."""
+    adapter_dir = Path(adapter_dir)
+    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    if adapter_config.get("peft_type") != "IA3":
+        raise ValueError(f"reference: not an IA3 adapter: {adapter_config.get('peft_type')!r}")
+    merged = dict(weights)
+    prefix, suffix = "base_model.model.", ".ia3_l"
+    for name, vector in load_safetensors(adapter_dir / "adapter_model.safetensors").items():
+        if not (name.startswith(prefix) and name.endswith(suffix)):
+            raise ValueError(f"reference: IA3 tensor {name} has no known meaning")
+        module = name[len(prefix):-len(suffix)]
+        vector = vector.astype(np.float64)
+        merged[module + ".weight"] = (merged[module + ".weight"].astype(np.float64) * vector).astype(np.float32)
+        if vector.shape[1] == 1 and module + ".bias" in merged:
+            merged[module + ".bias"] = (merged[module + ".bias"] * vector[:, 0]).astype(np.float32)
+    return merged
+
+
+def make_ia3_adapter(weights: Mapping[str, np.ndarray], out_dir: Path, *, targets: tuple[str, ...],
+                     feedforward: tuple[str, ...], seed: int = 5, spread: float = 0.3) -> Path:
+    """An IA3 adapter as PEFT's save_pretrained writes it (ia3_l [out, 1], or [1, in] for
+    feedforward modules), with values 1 + spread·N(0, 1) (as after training)."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    tensors: dict[str, np.ndarray] = {}
+    for name, w in sorted(weights.items()):
+        module = name.removesuffix(".weight")
+        if not name.endswith(".weight") or w.ndim != 2 or module.rsplit(".", 1)[-1] not in targets:
+            continue
+        ff = module.rsplit(".", 1)[-1] in feedforward
+        shape = (1, w.shape[1]) if ff else (w.shape[0], 1)
+        tensors[f"base_model.model.{module}.ia3_l"] = (1.0 + spread * rng.standard_normal(shape)).astype(np.float32)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = {"peft_type": "IA3", "target_modules": list(targets), "feedforward_modules": list(feedforward),
+              "fan_in_fan_out": False, "init_ia3_weights": True, "inference_mode": True, "modules_to_save": None,
+              "task_type": "CAUSAL_LM", "base_model_name_or_path": None}
+    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file(tensors, str(out_dir / "adapter_model.safetensors"))
+    return out_dir

@@ -10,6 +10,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from edge_lora.core.errors import InputNotFoundError
 from edge_lora.tui.view_model import AdapterEntry, FitPrediction, HardwareView, QualityResult, Verdict
 
 GB = 1_000_000_000
@@ -124,10 +125,20 @@ def fake_services(**overrides: Any) -> dict[str, Any]:
         registered.append(entry)
         return entry
 
+    def combine(name: str, inputs: Sequence[tuple[str, float]], method: str, density: float | None) -> AdapterEntry:
+        known = {e.name for e in registered}
+        missing = [ref for ref, _ in inputs if ref not in known]
+        if missing:
+            raise InputNotFoundError(f"{missing[0]!r} is neither a registered adapter nor an adapter file")
+        combine.calls.append((name, tuple(inputs), method, density))  # type: ignore[attr-defined]
+        return register(name, Path(f"/adapters/adapter-{name}.gguf"), 1.0)
+
+    combine.calls = []  # type: ignore[attr-defined]
     services: dict[str, Any] = dict(
         hardware_provider=fixed_hardware, fit_fn=ScriptedFit(), ppl_fn=ScriptedPpl(),
         record_quality=lambda directory, model, result: None, runtime_factory=FakeRuntime,
-        list_adapters=lambda: list(registered), register_adapter=register,
+        list_adapters=lambda: list(registered), register_adapter=register, combine_adapters=combine,
+
         eval_text=lambda: "held-out text",
     )
     services.update(overrides)

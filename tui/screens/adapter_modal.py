@@ -1,7 +1,9 @@
-"""Modal registering an adapter (name + path + scale) in the adapter registry."""
+"""Modal registering an adapter (name + path + scale) in the adapter registry; its "Combine
+registered…" button opens the combine dialog (``combine_modal``)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from textual import on
@@ -20,9 +22,10 @@ class AdapterModal(ModalScreen[AdapterEntry | None]):
     CSS_PATH = "adapter_modal.tcss"
     BINDINGS = [Binding("escape", "dismiss_modal", "Cancel")]
 
-    def __init__(self, register: AdapterRegistrar) -> None:
+    def __init__(self, register: AdapterRegistrar, combine: Callable[[], None] | None = None) -> None:
         super().__init__()
         self.register = register
+        self.combine = combine  # opens the combine dialog (registered adapters with weights)
 
     def compose(self) -> ComposeResult:
         with Vertical(id="adapter-dialog"):
@@ -34,6 +37,8 @@ class AdapterModal(ModalScreen[AdapterEntry | None]):
             with Horizontal(id="adapter-dialog-buttons"):
                 yield Button("Register", variant="primary", id="adapter-ok", compact=True)
                 yield Button("Cancel", id="adapter-cancel", compact=True)
+                if self.combine is not None:
+                    yield Button("Combine registered…", id="adapter-combine", compact=True)
 
     def on_mount(self) -> None:
         self.query_one("#adapter-name", Input).focus()
@@ -61,6 +66,12 @@ class AdapterModal(ModalScreen[AdapterEntry | None]):
             self._error(exc.one_line())
             return
         self.dismiss(entry)
+
+    @on(Button.Pressed, "#adapter-combine")
+    def _open_combine(self) -> None:
+        self.dismiss(None)
+        if self.combine is not None:
+            self.combine()
 
     @on(Button.Pressed, "#adapter-cancel")
     def action_dismiss_modal(self) -> None:

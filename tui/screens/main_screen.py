@@ -19,6 +19,7 @@ from textual.widgets import DataTable, Footer, Header, Label, ProgressBar, Selec
 from edge_lora.core.errors import EdgeLoraError
 from edge_lora.tui.progress_bridge import OperationCancelled, ThreadProgress
 from edge_lora.tui.screens.adapter_modal import AdapterModal
+from edge_lora.tui.screens.combine_modal import CombineModal
 from edge_lora.tui.screens.chat_screen import ChatScreen
 from edge_lora.tui.screens.convert_modal import ConvertModal, ConvertRequest
 from edge_lora.tui.services import TuiServices
@@ -57,6 +58,7 @@ class MainScreen(Screen[None]):
         Binding("escape,c", "cancel", "Cancel"),
         Binding("n", "convert", "Convert"),
         Binding("a", "add_adapter", "Adapter"),
+        Binding("A", "combine_adapters", "Combine", show=False),  # also a button in the adapter dialog
         Binding("t", "chat", "Chat"),
         Binding("m", "modelfile", "Modelfile"),
         Binding("plus,equals_sign", "ctx_up", "+ctx", show=False),
@@ -271,7 +273,16 @@ class MainScreen(Screen[None]):
 
     # --- quick actions ---
     def action_add_adapter(self) -> None:
-        self.app.push_screen(AdapterModal(self.services.register_adapter), self._adapter_added)
+        self.app.push_screen(AdapterModal(self.services.register_adapter, combine=self.action_combine_adapters),
+                             self._adapter_added)
+
+    def action_combine_adapters(self) -> None:
+        try:
+            registered = self.services.list_adapters()
+        except Exception as exc:
+            self.set_status(f"adapter registry: {describe_error(exc)}", "red")
+            return
+        self.app.push_screen(CombineModal(self.services.combine_adapters, registered), self._adapter_added)
 
     def _adapter_added(self, entry: AdapterEntry | None) -> None:
         if entry is not None:
