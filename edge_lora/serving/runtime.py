@@ -161,6 +161,8 @@ class Runtime:
         old = self.adapters.get(name)
         if old is not None:
             self._retire(old)
+        else:
+            self._evict_over_limit(keep=None, room_for=1)
         with self._scheduler.paused(ADMIN_WAIT_S):
             adapter = LoraAdapter(self.model, path)
             with self._adapters_lock:
@@ -169,7 +171,6 @@ class Runtime:
             if old is not None:
                 self._scheduler.forget_adapter(old.adapter)
                 old.adapter.free()
-        self._evict_over_limit(keep=name)
         return loaded
 
     def unload_adapter(self, name: str) -> None:
