@@ -248,8 +248,9 @@ def test_a_guessing_client_of_another_tenant_sees_no_cached_tokens(rt: Runtime) 
             await _ask(c, model, "key-alice", SECRET_SYSTEM, "What can you do?")
             # Bob guesses Alice's system prompt piece by piece (the reviewer's oracle), each guess
             # the first of its scope: nothing of Alice's is reused, whatever he guesses.
+            # (Three requests: with Alice's, they fill the 4 slots without evicting her cache.)
             guesses = [await _ask(c, model, "key-bob", SECRET_SYSTEM[:n], "What can you do?", salt=f"g{n}")
-                       for n in (30, 60, len(SECRET_SYSTEM))]
+                       for n in (40, len(SECRET_SYSTEM))]
             guesses.append(await _ask(c, model, "key-bob", SECRET_SYSTEM, "What can you do?"))
             again = await _ask(c, model, "key-alice", SECRET_SYSTEM, "And what else?")
             # Alice with a cache_salt is another scope too; within it, reuse works again.
@@ -257,5 +258,5 @@ def test_a_guessing_client_of_another_tenant_sees_no_cached_tokens(rt: Runtime) 
             salted_again = await _ask(c, model, "key-alice", SECRET_SYSTEM, "And what else?", salt="s1")
             return guesses, again, salted, salted_again
     guesses, again, salted, salted_again = asyncio.run(go())
-    assert guesses == [0, 0, 0, 0] and salted == 0
+    assert guesses == [0, 0, 0] and salted == 0
     assert again > 20 and salted_again > 20  # the same tenant and salt still reuse their prefix

@@ -116,6 +116,7 @@ class Runtime:
         self._adapters: dict[str, LoadedAdapter] = {}
         self._adapters_lock = threading.Condition()
         self._adapter_ids = itertools.count()
+        self._loading = threading.Lock()
         self.adapter_resolver = adapter_resolver
         self.max_adapters = max_adapters
         self._closing = threading.Event()
@@ -158,19 +159,20 @@ class Runtime:
         path = Path(path)
         if not path.exists():
             raise InputNotFoundError(f"adapter file {path} does not exist", fix="check the path")
-        old = self.adapters.get(name)
-        if old is not None:
-            self._retire(old)
-        else:
-            self._evict_over_limit(keep=None, room_for=1)
-        with self._scheduler.paused(ADMIN_WAIT_S):
-            adapter = LoraAdapter(self.model, path)
-            with self._adapters_lock:
-                loaded = self._adapters[name] = LoadedAdapter(name, path, float(scale), adapter,
-                                                              next(self._adapter_ids), last_used=time.monotonic())
+        with self._loading_slot():
+            old = self.adapters.get(name)
             if old is not None:
-                self._scheduler.forget_adapter(old.adapter)
-                old.adapter.free()
+                self._retire(old)
+            else:
+                self._evict_over_limit(keep=None, room_for=1)
+            with self._scheduler.paused(ADMIN_WAIT_S):
+                adapter = LoraAdapter(self.model, path)
+                with self._adapters_lock:
+                    loaded = self._adapters[name] = LoadedAdapter(name, path, float(scale), adapter,
+                                                                  next(self._adapter_ids), last_used=time.monotonic())
+                if old is not None:
+                    self._scheduler.forget_adapter(old.adapter)
+                    old.adapter.free()
         return loaded
 
     def unload_adapter(self, name: str) -> None:
@@ -251,16 +253,28 @@ class Runtime:
             self._load_on_demand(name, *source)  # type: ignore[misc]
 
     def _load_on_demand(self, name: str, path: Path, scale: float) -> None:
-        self._evict_over_limit(keep=None, room_for=1)
-        with self._scheduler.paused(ADMIN_WAIT_S):
+        with self._loading_slot():
             with self._adapters_lock:
                 if name in self._adapters:  # another request loaded it meanwhile
                     return
-            adapter = LoraAdapter(self.model, path)
-            with self._adapters_lock:
-                self._adapters[name] = LoadedAdapter(name, path, float(scale), adapter, next(self._adapter_ids),
-                                                     last_used=time.monotonic())
+            self._evict_over_limit(keep=None, room_for=1)
+            with self._scheduler.paused(ADMIN_WAIT_S):
+                adapter = LoraAdapter(self.model, path)
+                with self._adapters_lock:
+                    self._adapters[name] = LoadedAdapter(name, path, float(scale), adapter, next(self._adapter_ids),
+                                                         last_used=time.monotonic())
         logger.info("adapter %s loaded on first use", name)
+
+    @contextlib.contextmanager
+    def _loading_slot(self) -> Iterator[None]:
+        """One load (and the evictions making room for it) at a time, so two never both see room
+        for one more; waited for at most ADMIN_WAIT_S."""
+        if not self._loading.acquire(timeout=ADMIN_WAIT_S):
+            raise BusyError("another adapter is being loaded", fix="retry shortly")
+        try:
+            yield
+        finally:
+            self._loading.release()
 
     def _evict_over_limit(self, keep: str | None, room_for: int = 0) -> None:
         """Free the least recently used adapters no request holds until ``room_for`` more fit."""
