@@ -62,26 +62,27 @@ def _together(starts: list) -> list[Generation]:
 
 
 def test_exact_mode_answers_among_others_equal_the_same_request_alone(rt: Runtime) -> None:
-    adapters = [None, {"a": 1.0}, {"b": 1.0}, {"a": 0.5}]
-    alone = [rt.chat(_chat(q), adapters=ad, max_tokens=12, cache_prompt=False) for q, ad in zip(QUESTIONS, adapters)]
+    adapters = [None, {"a": 1.0}, {"b": 1.0}]
+    alone = [rt.chat(_chat(q), adapters=ad, max_tokens=8, cache_prompt=False) for q, ad in zip(QUESTIONS, adapters)]
     for g in alone:
         g.text()
     steps = rt.scheduler.steps
     # Exact requests among cached (batched) traffic on the same adapters.
-    together = _together([lambda q=q, ad=ad: rt.chat(_chat(q), adapters=ad, max_tokens=12, cache_prompt=False)
+    together = _together([lambda q=q, ad=ad: rt.chat(_chat(q), adapters=ad, max_tokens=8, cache_prompt=False)
                           for q, ad in zip(QUESTIONS, adapters)]
-                         + [lambda q=q, ad=ad: rt.chat(_chat(q + " Please."), adapters=ad, max_tokens=12)
+                         + [lambda q=q, ad=ad: rt.chat(_chat(q + " Please."), adapters=ad, max_tokens=8)
                             for q, ad in zip(QUESTIONS, adapters)])
-    assert rt.scheduler.steps - steps < 12 * 8  # they ran side by side, not one after another
-    for a, t in zip(alone, together[:4]):
+    assert rt.scheduler.steps - steps < 8 * 6  # they ran side by side, not one after another
+    for a, t in zip(alone, together[:3]):
         assert t.stats.tokens == a.stats.tokens and t.stats.finish_reason == a.stats.finish_reason
     assert len({tuple(a.stats.tokens) for a in alone}) > 1  # the adapters made a difference
 
 
-def test_a_grammar_answer_read_alone_parses(rt: Runtime) -> None:
-    gens = _together([lambda q=q: rt.chat(_chat(q + " Reply as a JSON object."), max_tokens=48,
-                                          grammar=Grammar.json_object()) for q in QUESTIONS])
-    for g in gens:
+def test_grammar_answers_batched_with_others_parse(rt: Runtime) -> None:
+    gens = _together([lambda q=q: rt.chat(_chat(q + " Reply as a JSON object."), max_tokens=24,
+                                          grammar=Grammar.json_object()) for q in QUESTIONS[:2]]
+                     + [lambda: rt.generate("The license grants", max_tokens=24)])
+    for g in gens[:2]:
         text = rt.model.detokenize(g.stats.tokens)
         if g.stats.finish_reason == "stop":
             assert isinstance(json.loads(text), dict)
@@ -110,7 +111,7 @@ def test_stop_strings_cut_every_batched_answer(rt: Runtime) -> None:
 def test_cancelling_one_sequence_leaves_the_others_tokens_unchanged(rt: Runtime) -> None:
     def run(cancel_third: bool) -> list[list[int]]:
         cancel = threading.Event()
-        gens = [rt.generate(f"Story {i}: Once upon a time", max_tokens=16, cache_prompt=False) for i in range(2)]
+        gens = [rt.generate(f"Story {i}: Once upon a time", max_tokens=10, cache_prompt=False) for i in range(2)]
         third = rt.generate("Story 3: Once upon a time", max_tokens=200, cancel=cancel)
         done = threading.Event()
 
@@ -221,7 +222,7 @@ def test_the_cache_is_reused_within_a_scope_and_never_across(rt: Runtime) -> Non
     same = rt.chat([system, {"role": "user", "content": "Hi there"}], max_tokens=2, cache_scope="tenant-a")
     same.text()
     assert same.stats.cached_tokens > 20  # the same tenant still reuses its system prompt
-    for scope in ("tenant-b", "", "tenant-a\0salt"):
+    for scope in ("tenant-b", "tenant-c", "tenant-a\0salt"):  # scopes with no request before
         other = rt.chat([system, {"role": "user", "content": "Hello"}], max_tokens=2, cache_scope=scope)
         other.text()
         assert other.stats.cached_tokens == 0, scope

@@ -42,10 +42,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.add_argument("--api-key-file", type=Path, default=None, metavar="FILE",
                         help="read the API keys from FILE, one per line; each key is a tenant (the prompt "
                              "cache is shared only between requests of one key)")
-    # One decode loop batches the running requests (bench/runtime.py): more slots cost KV cache
-    # memory (--ctx tokens each), not speed.
-    parser.add_argument("--contexts", type=int, default=8,
-                        help="requests decoded together in one batch (slots; default 8)")
+    # One decode loop batches the running requests (bench/runtime.py): each slot costs KV cache
+    # memory for --ctx tokens (fit's estimate for one context), so the default stays modest.
+    parser.add_argument("--contexts", type=int, default=4,
+                        help="requests decoded together in one batch (slots, each with --ctx tokens of KV "
+                             "cache; default 4)")
     parser.add_argument("--queue", type=int, default=16,
                         help="requests that may wait for a context; more are answered 429 (default 16)")
     add_prompt_cache_arg(parser)

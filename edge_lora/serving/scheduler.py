@@ -48,6 +48,11 @@ from edge_lora.serving.sampling import (GenerationStats, LogprobTracker, Samplin
 
 logger = logging.getLogger(__name__)
 
+# Prompt tokens a step reads while other requests run or wait: a step's time is what a request
+# arriving meanwhile waits before its own first step, and what every generating sequence waits for
+# its next token. A lone request reads n_batch at a time.
+SHARED_PROMPT_CHUNK = 64
+
 AdapterSet = tuple[tuple[LoraAdapter, float], ...]
 
 
@@ -115,13 +120,14 @@ class Scheduler:
     single-sequence contexts made on first use (at most one per slot)."""
 
     def __init__(self, model: LlamaModel, context: BatchedContext, *, n_batch: int, n_threads: int,
-                 idle_poll_s: float = 0.05) -> None:
+                 shared_chunk: int = SHARED_PROMPT_CHUNK, idle_poll_s: float = 0.05) -> None:
         self.model = model
         self.context = context
         self.n_slots = context.n_seq
         self.n_ctx = context.n_ctx
         self.n_batch = n_batch
         self.n_threads = n_threads
+        self.shared_chunk = max(1, min(shared_chunk, n_batch))
         self.idle_poll_s = idle_poll_s
         self._slots = [_Slot() for _ in range(self.n_slots)]
         self._exact: list[LlamaContext | None] = [None] * self.n_slots
@@ -285,11 +291,16 @@ class Scheduler:
     def _admit(self) -> None:
         with self._cond:
             candidates = list(self._waiting)
+        now = time.monotonic()
         for request in candidates:
-            if request.stopped():
+            if request.stopped() or now > request.deadline:
                 with self._cond:
                     self._waiting.remove(request)
-                self._finish(request, "cancelled", started=False)
+                if request.stopped():
+                    self._finish(request, "cancelled", started=False)
+                else:
+                    self._fail(request, RequestDeadlineError("the request waited past its deadline",
+                                                             fix="retry when the server is less busy"))
                 continue
             seq = self._choose_slot(request)
             if seq is None:
@@ -355,7 +366,9 @@ class Scheduler:
 
     def _decode_group(self, adapters: AdapterSet, requests: list[SequenceRequest]) -> None:
         parts: list[tuple[SequenceRequest, list[int]]] = []
-        budget = self.context.n_batch
+        with self._cond:
+            alone = len(self._running) == 1 and not self._waiting
+        budget = self.context.n_batch if alone else min(self.context.n_batch, len(requests) + self.shared_chunk)
         for request in requests:
             if request.pending is not None:
                 parts.append((request, [request.pending]))
@@ -394,6 +407,8 @@ class Scheduler:
                 context.decode([request.pending], pos, "last")
                 request.pending = None
             else:
+                # Whole n_batch chunks (the boundaries of a prompt read alone), so exact-mode tokens
+                # do not depend on other traffic; that step is longer for the others.
                 chunk = request.tokens[request.fed:request.fed + context.n_batch]
                 last = request.fed + len(chunk) == len(request.tokens)
                 # Chunks at the same boundaries, logits only after the prompt: as a whole-prompt decode alone.
