@@ -273,12 +273,13 @@ def test_lora_ids_keep_their_meaning_after_an_unload(runtime: Runtime, adapter_d
 
 def test_failures_inside_llama_cpp_are_generic_plain_and_streamed(runtime: Runtime,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from edge_lora.serving.llama_backend import LlamaContext
+    from edge_lora.serving.llama_backend import BatchedContext, LlamaContext
 
     def failing_decode(self, *args, **kwargs):
         raise InternalError("llama_decode failed with code -3: ggml_compute_forward: /home/user/models/secret")
 
     monkeypatch.setattr(LlamaContext, "decode", failing_decode)
+    monkeypatch.setattr(BatchedContext, "decode", failing_decode)  # the decode loop's batched context
 
     async def go():
         async with client(make_app(runtime)) as c:
