@@ -40,6 +40,7 @@ from edge_lora.analysis.perplexity import default_eval_text, measure_perplexity
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # the repo root: edge_lora and tests.support
 from tests.support.lora_fixtures import write_random_lora  # noqa: E402  (test helper, shared with the runtime tests)
+from edge_lora.serving.extra_buffers import use_extra_buffers
 from edge_lora.serving.llama_backend import LlamaContext, LlamaModel, LoraAdapter
 from edge_lora.core.constants import N_THREADS
 import edge_lora.serving.runtime as runtime_module
@@ -330,6 +331,8 @@ class _Server:
             argv = [str(llama_server), "-m", str(base), "--port", str(self.port), "-np", str(SERVE_SLOTS),
                     "-c", str(SERVE_CTX * SERVE_SLOTS), "-t", str(N_THREADS), "-tb", str(N_THREADS),
                     "--lora-init-without-apply", "--no-webui", "-fa", "off"]
+            if not use_extra_buffers():  # as edge-lora: no repacked weights where they fail the probe (SIGILL)
+                argv.append("--no-repack")
             for a in adapters:
                 argv += ["--lora", str(a)]
         self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
@@ -420,6 +423,7 @@ def bench_serving(base: Path, legal: Path, work: Path, n_tokens: int, llama_serv
                 row["8 one adapter, cores busy"] = _tokens_per_second(server, [0] * 8, n_tokens)
             finally:
                 burner.stop()
+            print(f"   {kind}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items()), flush=True)
         finally:
             server.stop()
     print(f"3. serving, {n_tokens} greedy tokens per request, {SERVE_SLOTS} slots x {SERVE_CTX} tokens, "
