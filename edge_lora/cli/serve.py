@@ -40,12 +40,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                         help="require 'Authorization: Bearer KEY' on every route (visible to other users in "
                              "`ps`: prefer --api-key-file or EDGE_LORA_API_KEY)")
     parser.add_argument("--api-key-file", type=Path, default=None, metavar="FILE",
-                        help="read the API key from FILE (its first line)")
-    # bench/runtime.py on 2 cores (Gemma 3 270M): 8 concurrent mixed-adapter clients get 1.5-1.7x
-    # the tokens/s from two 1-thread contexts than from one 2-thread context behind a lock; a lone
-    # client loses 0-10% (small-model decoding barely scales past one thread per sequence).
-    parser.add_argument("--contexts", type=int, default=min(2, constants.N_THREADS),
-                        help="parallel inference contexts sharing the cores (default 2 on 2+ cores)")
+                        help="read the API keys from FILE, one per line; each key is a tenant (the prompt "
+                             "cache is shared only between requests of one key)")
+    # One decode loop batches the running requests (bench/runtime.py): each slot costs KV cache
+    # memory for --ctx tokens (fit's estimate for one context), so the default stays modest.
+    parser.add_argument("--contexts", type=int, default=4,
+                        help="requests decoded together in one batch (slots, each with --ctx tokens of KV "
+                             "cache; default 4)")
     parser.add_argument("--queue", type=int, default=16,
                         help="requests that may wait for a context; more are answered 429 (default 16)")
     add_prompt_cache_arg(parser)
@@ -68,8 +69,9 @@ def _check_port_free(host: str, port: int) -> None:
                              fix="choose another --port or stop the program using it") from exc
 
 
-def api_key_from(args: argparse.Namespace) -> str | None:
-    """--api-key-file, else --api-key (with a warning: argv is public), else EDGE_LORA_API_KEY."""
+def api_key_from(args: argparse.Namespace) -> str | list[str] | None:
+    """--api-key-file (one key, or a list of several: one per line, each a tenant), else --api-key
+    (with a warning: argv is public), else EDGE_LORA_API_KEY."""
     if args.api_key_file is not None and args.api_key is not None:
         raise InputError("both --api-key and --api-key-file were given", fix="pass one of them")
     if args.api_key_file is not None:
@@ -77,17 +79,20 @@ def api_key_from(args: argparse.Namespace) -> str | None:
         try:
             info = path.stat()
             with path.open("r", encoding="utf-8") as handle:
-                key = handle.readline(4096).strip()
+                keys = [line.strip() for line in handle.read(1 << 20).splitlines() if line.strip()]
         except FileNotFoundError:
             raise InputNotFoundError(f"--api-key-file {path} does not exist", fix="check the path") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise InputError(f"cannot read --api-key-file {path}: {getattr(exc, 'strerror', None) or exc}",
                              fix="give a readable text file holding the key") from None
-        if not key:
-            raise InputError(f"--api-key-file {path} holds no key on its first line", fix="write the key into it")
+        if not keys:
+            raise InputError(f"--api-key-file {path} holds no key", fix="write the key into it (one per line)")
+        if any(len(k) > 4096 for k in keys):
+            raise InputError(f"--api-key-file {path} holds a line longer than 4096 characters",
+                             fix="write one key per line")
         if info.st_mode & (stat.S_IRGRP | stat.S_IROTH):
             print(f"edge-lora: warning: {path} is readable by other users (chmod 600 it)", file=sys.stderr)
-        return key
+        return keys[0] if len(keys) == 1 else keys
     if args.api_key is not None:
         if not args.api_key.strip():
             raise InputError("--api-key is empty", fix="give a key, or leave the option out")
@@ -125,8 +130,8 @@ def allowed_hosts_for(host: str, port: int, extra: list[str]) -> list[str]:
 def serve_command(args: argparse.Namespace) -> int:
     if not 1 <= args.port <= 65535:
         raise InputError(f"--port {args.port} is out of range", fix="use 1-65535")
-    if not 1 <= args.contexts <= 8:
-        raise InputError(f"--contexts {args.contexts} is out of range", fix="use 1-8")
+    if not 1 <= args.contexts <= 64:
+        raise InputError(f"--contexts {args.contexts} is out of range", fix="use 1-64")
     if not 0 <= args.queue <= 4096:
         raise InputError(f"--queue {args.queue} is out of range", fix="use 0-4096")
     if not 1 <= args.max_adapters <= 256:

@@ -196,7 +196,7 @@ class LlamaModel(_NativeHandle):
         self.add_bos: bool = bool(llama.llama_vocab_get_add_bos(self._vocab))
         # Positions a sliding-window attention layer looks back (0: no such layers).
         self.n_swa: int = int(llama.llama_model_n_swa(self._ptr))
-        self._dependents: weakref.WeakSet[LlamaContext | LoraAdapter | GrammarSampler] = weakref.WeakSet()
+        self._dependents: weakref.WeakSet[LlamaContext | BatchedContext | LoraAdapter | GrammarSampler] = weakref.WeakSet()
         # WeakSet iteration fails ("set changed size") when another thread adds to it meanwhile
         # (a request's grammar sampler while an adapter is freed): every add and copy holds this.
         self._dependents_lock = threading.RLock()  # reentrant: a collected adapter frees itself from any frame
@@ -218,11 +218,11 @@ class LlamaModel(_NativeHandle):
     def closed(self) -> bool:
         return not self._ptr
 
-    def _register(self, dependent: LlamaContext | LoraAdapter | GrammarSampler) -> None:
+    def _register(self, dependent: LlamaContext | BatchedContext | LoraAdapter | GrammarSampler) -> None:
         with self._dependents_lock:
             self._dependents.add(dependent)
 
-    def dependents(self) -> list[LlamaContext | LoraAdapter | GrammarSampler]:
+    def dependents(self) -> list[LlamaContext | BatchedContext | LoraAdapter | GrammarSampler]:
         """A snapshot of the live objects made from this model (safe while others are added)."""
         with self._dependents_lock:
             return list(self._dependents)
@@ -406,7 +406,7 @@ class LoraAdapter(_NativeHandle):
         if getattr(self, "_ptr", None):
             # Contexts still pointing at this adapter must drop it first.
             for dependent in self.model.dependents():
-                if isinstance(dependent, LlamaContext):
+                if isinstance(dependent, (LlamaContext, BatchedContext)):
                     dependent._forget_adapter(self)
             with self.model._lock:
                 if not self.model.closed:
@@ -747,3 +747,178 @@ class GrammarSampler(_NativeHandle):
     def close(self) -> None:
         self._matcher = None
         self._mask = None
+
+
+class BatchedContext(_NativeHandle):
+    """One context holding ``n_seq`` sequences (slots) in a unified KV cache, so one
+    ``llama_decode`` call evaluates tokens of several sequences at once (llama-server's slots).
+    Each sequence may reach ``n_ctx_seq`` positions; the cache holds ``n_ctx_seq * n_seq`` cells,
+    so every slot can be full at once. It remembers the tokens each sequence holds (the prompt
+    cache, per sequence). Adapters apply to the whole context: a caller decoding sequences under
+    different adapter sets decodes each set's tokens in its own call (``set_adapters`` between),
+    and never mixes KV computed under one set into a sequence of another."""
+
+    def __init__(self, model: LlamaModel, n_ctx_seq: int, n_seq: int, n_batch: int = 512,
+                 n_threads: int | None = None) -> None:
+        if n_ctx_seq < 8:
+            raise RequestError(f"context size {n_ctx_seq} is too small", fix="use --ctx 512 or more")
+        if not 1 <= n_seq <= 256:
+            raise RequestError(f"{n_seq} sequences is out of range (1-256)")
+        self.model = model
+        self.n_ctx = n_ctx_seq
+        self.n_seq = n_seq
+        self.n_batch = max(1, min(n_batch, n_ctx_seq * n_seq))
+        params = llama.llama_context_default_params()
+        params.n_ctx = n_ctx_seq * n_seq
+        params.n_batch = self.n_batch
+        params.n_ubatch = self.n_batch
+        params.n_seq_max = n_seq
+        params.kv_unified = True
+        self.n_threads = n_threads or constants.N_THREADS
+        params.n_threads = self.n_threads
+        params.n_threads_batch = self.n_threads
+        params.no_perf = True
+        # Off: the single-token kernel splits the KV cache by thread count (see LlamaContext).
+        params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        params.swa_full = True  # every position kept, so any sequence can be cut anywhere
+        _clear_log()
+        self._ptr = llama.llama_init_from_model(model.ptr, params)
+        if not self._ptr:
+            detail = _last_log_lines()
+            raise InternalError(f"llama.cpp could not create a context of {n_seq} x {n_ctx_seq} tokens"
+                                + (f": {detail}" if detail else ""))
+        self._batch = llama.llama_batch_init(self.n_batch, 0, 1)
+        self._adapters: tuple[tuple[LoraAdapter, float], ...] = ()
+        self._tokens: list[list[int]] = [[] for _ in range(n_seq)]
+        model._register(self)
+
+    @property
+    def ptr(self) -> llama.llama_context_p:
+        if not self._ptr:
+            raise InternalError("the context was already closed")
+        return self._ptr
+
+    def close(self) -> None:
+        if getattr(self, "_ptr", None):
+            llama.llama_batch_free(self._batch)
+            llama.llama_free(self._ptr)
+            self._ptr = None
+            self._adapters = ()
+
+    def set_threads(self, n_threads: int) -> None:
+        n_threads = max(1, int(n_threads))
+        if n_threads != self.n_threads:
+            llama.llama_set_n_threads(self.ptr, n_threads, n_threads)
+            self.n_threads = n_threads
+
+    # --- per-sequence KV cache ---
+    def n_past(self, seq: int) -> int:
+        return len(self._tokens[seq])
+
+    def cached_tokens(self, seq: int) -> tuple[int, ...]:
+        return tuple(self._tokens[seq])
+
+    def clear_seq(self, seq: int) -> None:
+        llama.llama_memory_seq_rm(llama.llama_get_memory(self.ptr), seq, -1, -1)
+        self._tokens[seq] = []
+
+    def reusable_prefix(self, seq: int, tokens: Sequence[int]) -> int:
+        """Leading ``tokens`` sequence ``seq`` already holds, less at least one (the last prompt
+        token is always decoded, for its logits). Every position is kept (swa_full), so a
+        sequence can be cut anywhere."""
+        cached = self._tokens[seq]
+        limit = min(len(cached), len(tokens) - 1)
+        n = 0
+        while n < limit and cached[n] == tokens[n]:
+            n += 1
+        return n
+
+    def keep_prefix(self, seq: int, n: int) -> int:
+        """Keep the first ``n`` positions of sequence ``seq``, drop the rest; returns ``n`` kept."""
+        if n <= 0:
+            self.clear_seq(seq)
+            return 0
+        if n < len(self._tokens[seq]):
+            if not llama.llama_memory_seq_rm(llama.llama_get_memory(self.ptr), seq, n, -1):
+                self.clear_seq(seq)
+                return 0
+            del self._tokens[seq][n:]
+        return min(n, len(self._tokens[seq]))
+
+    # --- adapters ---
+    @property
+    def adapters(self) -> tuple[tuple[LoraAdapter, float], ...]:
+        return self._adapters
+
+    def set_adapters(self, adapters: Iterable[tuple[LoraAdapter, float]]) -> bool:
+        """Make exactly these adapters active for the next decodes. The KV cache is kept: each
+        sequence's cells were computed under the set its caller decoded it with."""
+        wanted = tuple((a, float(s)) for a, s in adapters if float(s) != 0.0)
+        for adapter, _ in wanted:
+            if adapter.model is not self.model:
+                raise AdapterError(f"adapter {adapter.path.name} was loaded for another model")
+            adapter.ptr  # raises if freed
+        if wanted == self._adapters:
+            return False
+        n = len(wanted)
+        if n:
+            ptrs = (llama.llama_adapter_lora_p_ctypes * n)(*[a.ptr for a, _ in wanted])
+            scales = (ctypes.c_float * n)(*[s for _, s in wanted])
+            rc = llama.llama_set_adapters_lora(self.ptr, ptrs, n, scales)
+        else:
+            rc = llama.llama_set_adapters_lora(self.ptr, None, 0, None)
+        if rc != 0:
+            raise InternalError(f"llama.cpp refused the adapter set (code {rc})")
+        self._adapters = wanted
+        return True
+
+    def _forget_adapter(self, adapter: LoraAdapter) -> None:
+        if self._ptr and any(a is adapter for a, _ in self._adapters):
+            self.set_adapters([(a, s) for a, s in self._adapters if a is not adapter])
+
+    # --- decoding ---
+    def decode(self, parts: Sequence[tuple[int, Sequence[int]]]) -> list[int]:
+        """One llama_decode over several sequences: ``parts`` is [(seq, tokens)], each appended at
+        the sequence's next positions, all tokens together at most n_batch. Returns, per part, the
+        batch row whose logits follow its last token (``logits(row)``). On failure every part's
+        sequence is cleared (a failed batch may leave some of it in the cache)."""
+        total = sum(len(t) for _, t in parts)
+        if total == 0 or total > self.n_batch:
+            raise InternalError(f"a batch of {total} tokens (1..{self.n_batch} allowed)")
+        batch = self._batch
+        rows: list[int] = []
+        k = 0
+        for seq, tokens in parts:
+            if not 0 <= seq < self.n_seq or not tokens:
+                raise InternalError(f"bad batch part for sequence {seq}")
+            pos0 = len(self._tokens[seq])
+            if pos0 + len(tokens) > self.n_ctx:
+                raise RequestError(f"{pos0 + len(tokens)} tokens do not fit the context of {self.n_ctx} tokens",
+                                   fix="shorten the prompt or raise --ctx")
+            for i, token in enumerate(tokens):
+                self.model._check_token(int(token))
+                batch.token[k] = int(token)
+                batch.pos[k] = pos0 + i
+                batch.n_seq_id[k] = 1
+                batch.seq_id[k][0] = seq
+                batch.logits[k] = 1 if i == len(tokens) - 1 else 0
+                k += 1
+            rows.append(k - 1)
+        batch.n_tokens = k
+        rc = llama.llama_decode(self.ptr, batch)
+        if rc != 0:
+            for seq, _ in parts:
+                self.clear_seq(seq)
+            if rc == 1:
+                raise RequestError("the KV cache is full", fix="shorten the prompt or raise --ctx")
+            raise InternalError(f"llama_decode failed with code {rc}")
+        for seq, tokens in parts:
+            self._tokens[seq].extend(int(t) for t in tokens)
+        return rows
+
+    def logits(self, row: int) -> np.ndarray:
+        """Logits after the token at batch ``row`` of the last decode: a view, valid until the next."""
+        ptr = llama.llama_get_logits_ith(self.ptr, row)
+        if not ptr:
+            raise InternalError(f"llama.cpp returned no logits for batch row {row}")
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))

@@ -31,7 +31,7 @@ import stat
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
@@ -51,7 +51,8 @@ from edge_lora.core.constants import MAX_STOP_STRINGS, MAX_TEMPERATURE, MAX_TOP_
 from edge_lora.core.errors import (AdapterMismatchError, ContextLengthError, EdgeLoraError, InputError,
                                    InputNotFoundError, InternalError, RegistryError)
 from edge_lora.serving.registry import NAME_PATTERN, AdapterRegistry, check_name
-from edge_lora.serving.runtime import Generation, GenerationStats, Runtime, TokenLogprob
+from edge_lora.serving.runtime import (BusyError, Generation, GenerationStats, RequestDeadlineError, Runtime,
+                                       TokenLogprob)
 from edge_lora.serving.structured import Grammar, SchemaError
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 # Names a loopback server answers to; a DNS-rebinding page sends its own name as Host.
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 LOOPBACK_ADDRESSES = ("localhost", "127.0.0.1", "::1")
+TENANT_KEY = "edge_lora_tenant"  # in the ASGI scope's state: which API key the request came with
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,9 @@ class ServerLimits:
     body_timeout_s: float = 30.0  # the whole body within this
     keep_alive_s: int = 5  # an idle keep-alive connection is closed after this
     retry_after_s: int = 1
+    # A request (waiting, reading its prompt, generating) ends with an error after this long; the
+    # decode loop checks it every step, so a stuck client or a runaway answer frees its slot.
+    request_deadline_s: float = 600.0
 
 
 class APIError(Exception):
@@ -131,6 +136,10 @@ def _from_library_error(exc: EdgeLoraError) -> APIError:
         return APIError(404, text, type_="not_found_error", code="not_found")
     if isinstance(exc, ContextLengthError):
         return APIError(400, text, param="messages", code="context_length_exceeded")
+    if isinstance(exc, RequestDeadlineError):
+        return APIError(408, text, type_="timeout_error", code="deadline_exceeded")
+    if isinstance(exc, BusyError):
+        return APIError(503, text, type_="server_error", code="server_busy", headers={"Retry-After": "1"})
     return APIError(400, text)
 
 
@@ -430,17 +439,19 @@ class OpenAIServer:
                 for k, v in extra.items())):
             raise APIError(400, "adapters must map adapter names to numeric scales", param="adapters")
         loaded = self.runtime.adapters
+
+        def servable(name: str) -> bool:  # loaded, or loaded on first use (registered, in --adapter-dir)
+            return name in loaded or self._servable_file(name) is not None
         if model == self.base_id:
             chosen: dict[str, float | None] = {}
-        elif model in loaded:
+        elif servable(model):
             chosen = {model: None}
         else:
-            raise APIError(404, f"the model {model!r} does not exist; available: "
-                           f"{', '.join([self.base_id, *loaded])}", type_="not_found_error",
-                           param="model", code="model_not_found")
+            raise APIError(404, f"the model {model!r} does not exist; GET /v1/models lists them",
+                           type_="not_found_error", param="model", code="model_not_found")
         for name, scale in (extra or {}).items():
-            if name not in loaded:
-                raise APIError(404, f"adapter {name!r} is not loaded", type_="not_found_error",
+            if not servable(name):
+                raise APIError(404, f"adapter {name!r} does not exist", type_="not_found_error",
                                param="adapters", code="model_not_found")
             chosen[name] = float(scale)
         lora = body.get("lora")  # llama-server's form: [{"id": id from /lora-adapters, "scale": s}]
@@ -507,13 +518,50 @@ class OpenAIServer:
             raise
         return fd
 
+    def _servable_files(self) -> dict[str, tuple[Path, float]]:
+        """Adapters a request may name without a load call: the registered ones, and the adapter
+        files directly inside --adapter-dir (``adapter-<name>.gguf`` or ``<name>.gguf``)."""
+        found: dict[str, tuple[Path, float]] = {}
+        if self.adapter_dir is not None:
+            with contextlib.suppress(OSError):
+                for path in sorted(self.adapter_dir.glob("*.gguf")):
+                    name = path.name.removesuffix(".gguf").removeprefix("adapter-")
+                    if NAME_PATTERN.fullmatch(name) and name != self.base_id:
+                        resolved = path.resolve()
+                        if resolved.is_relative_to(self.adapter_dir) and resolved.is_file():
+                            found[name] = (resolved, 1.0)
+        with contextlib.suppress(EdgeLoraError):
+            for entry in (self.registry or AdapterRegistry()).list():
+                if entry.name != self.base_id:
+                    found[entry.name] = (entry.path, entry.scale)
+        return found
+
+    def _servable_file(self, name: str) -> tuple[Path, float] | None:
+        """The file of a servable adapter ``name`` (the runtime's resolver: loaded on first use)."""
+        if not NAME_PATTERN.fullmatch(name) or name == self.base_id:
+            return None
+        with contextlib.suppress(EdgeLoraError):
+            entry = (self.registry or AdapterRegistry()).get(name)
+            if entry is not None:
+                return entry.path, entry.scale
+        if self.adapter_dir is not None:
+            for file_name in (f"adapter-{name}.gguf", f"{name}.gguf"):
+                candidate = (self.adapter_dir / file_name).resolve()
+                if candidate.is_relative_to(self.adapter_dir) and candidate.is_file():
+                    return candidate, 1.0
+        return None
+
     # --- routes ---
     async def models(self, request: Request) -> Response:
+        """Every servable model: the base, the loaded adapters and those loaded on first use."""
         data = [{"id": self.base_id, "object": "model", "created": self.created, "owned_by": "edge-lora",
-                 "root": self.base_id, "parent": None}]
-        for name, loaded in self.runtime.adapters.items():
+                 "root": self.base_id, "parent": None, "loaded": True}]
+        loaded = self.runtime.adapters
+        servable = await run_in_threadpool(self._servable_files)
+        for name in sorted(set(loaded) | set(servable)):
+            root = loaded[name].path.name if name in loaded else servable[name][0].name
             data.append({"id": name, "object": "model", "created": self.created, "owned_by": "edge-lora",
-                         "root": loaded.path.name, "parent": self.base_id})
+                         "root": root, "parent": self.base_id, "loaded": name in loaded})
         return JSONResponse({"object": "list", "data": data})
 
     async def lora_adapters(self, request: Request) -> Response:
@@ -567,6 +615,13 @@ class OpenAIServer:
         params["adapters"] = self._adapters_for(body)
         params["logprobs"] = _logprobs(body, kind)
         params["cache_prompt"] = _boolean(body, "cache_prompt", True)  # llama-server's name
+        salt = body.get("cache_salt", "")  # vLLM's name: only requests with the same salt share a cache
+        if not isinstance(salt, str) or len(salt) > 1024:
+            raise APIError(400, "cache_salt must be a string of at most 1024 characters", param="cache_salt")
+        # The prompt cache is shared only within a tenant (API key) and salt: no cached_tokens
+        # (or speed) tells one client anything about another's prompts.
+        params["cache_scope"] = f"{request.scope.get('state', {}).get(TENANT_KEY, '')}\0{salt}"
+        params["deadline_s"] = self.limits.request_deadline_s
         response_format = _response_format(body)
         model = body["model"]
         ticket = self.gate.admit()
@@ -750,9 +805,7 @@ class OpenAIServer:
             if name in loaded:
                 raise APIError(400, f"an adapter named {name!r} is already loaded", param="lora_name",
                                code="already_loaded")
-            if len(loaded) >= self.limits.max_adapters:
-                raise APIError(400, f"{len(loaded)} adapters are loaded, the most this server holds",
-                               param="lora_name", code="too_many_adapters")
+            # Past --max-adapters the least recently used idle adapter is evicted (503 when all are in use).
             path, scale, fd = await run_in_threadpool(self._adapter_file, lora_path)
             try:
                 # Waits for running requests to release their contexts, so run it off the loop.
@@ -833,12 +886,22 @@ class _RequestGuard:
     foreign Origin (a page in the user's browser), the API key. Plain ASGI (not
     BaseHTTPMiddleware) so streamed responses and client disconnects pass through untouched."""
 
-    def __init__(self, app: ASGIApp, allowed_hosts: Iterable[str], api_key: str | None) -> None:
+    def __init__(self, app: ASGIApp, allowed_hosts: Iterable[str], api_key: str | Sequence[str] | None) -> None:
         self.app = app
         hosts = {h.lower() for h in allowed_hosts}
         self.any_host = "*" in hosts
         self.allowed_hosts = hosts - {"*"}
-        self.expected = None if api_key is None else f"Bearer {api_key}".encode()
+        keys = [] if api_key is None else [api_key] if isinstance(api_key, str) else list(api_key)
+        self.expected = [f"Bearer {key}".encode() for key in keys]
+
+    def _tenant(self, given: bytes) -> str | None:
+        """Which key ``given`` is ("k<index>": each key is a tenant), None when none. Every key is
+        compared, in constant time, so the answer's timing does not say which one matched."""
+        match = None
+        for index, expected in enumerate(self.expected):
+            if hmac.compare_digest(given, expected) and match is None:
+                match = f"k{index}"
+        return match
 
     def _host_allowed(self, host: str) -> bool:
         if self.any_host or host in self.allowed_hosts:
@@ -865,9 +928,10 @@ class _RequestGuard:
             # files); a page served from this very host and port is the only origin allowed.
             error = APIError(403, "cross-origin requests are refused", type_="permission_error",
                              code="origin_not_allowed")
-        elif self.expected is not None and not hmac.compare_digest(headers.get(b"authorization", b""),
-                                                                   self.expected):
+        elif self.expected and (tenant := self._tenant(headers.get(b"authorization", b""))) is None:
             error = APIError(401, "missing or wrong API key", type_="authentication_error", code="invalid_api_key")
+        elif self.expected:
+            scope.setdefault("state", {})[TENANT_KEY] = tenant
         if error is not None:
             await error.response()(scope, receive, send)
             return
@@ -879,13 +943,17 @@ def loopback_hosts(port: int) -> list[str]:
     return [f"{name}:{port}" for name in LOOPBACK_HOSTS] + (list(LOOPBACK_HOSTS) if port == 80 else [])
 
 
-def make_app(runtime: Runtime, registry: AdapterRegistry | None = None, api_key: str | None = None, *,
+def make_app(runtime: Runtime, registry: AdapterRegistry | None = None, api_key: str | Sequence[str] | None = None, *,
              allowed_hosts: Iterable[str] = LOOPBACK_HOSTS, adapter_dir: Path | None = None,
              limits: ServerLimits = ServerLimits()) -> Starlette:
     """``allowed_hosts``: Host header values answered ("name:port", or "name" for any port, or
     "*" for any); the default is the loopback names on any port. ``adapter_dir``: where
-    load_lora_adapter may load files from (registered names always work)."""
+    load_lora_adapter may load files from (registered names always work). ``api_key``: one key,
+    or several (each a tenant: the prompt cache is shared only within one). Registered adapters
+    and files in ``adapter_dir`` load on first use, at most ``limits.max_adapters`` at once."""
     server = OpenAIServer(runtime, registry, adapter_dir=adapter_dir, limits=limits)
+    runtime.adapter_resolver = server._servable_file
+    runtime.max_adapters = limits.max_adapters
     routes = [
         Route("/health", _guard(server.health), methods=["GET"]),
         Route("/v1/models", _guard(server.models), methods=["GET"]),

@@ -13,19 +13,26 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from edge_lora.serving.llama_backend import LlamaContext
+from edge_lora.serving.llama_backend import BatchedContext, LlamaContext
 
 
 @contextlib.contextmanager
 def nan_logits(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Every LlamaContext.logits row reads NaN inside the block (decoding itself is untouched)."""
+    """Every logits row (LlamaContext's, BatchedContext's) reads NaN inside the block (decoding
+    itself is untouched)."""
     real = LlamaContext.logits
+    real_batched = BatchedContext.logits
 
     def poisoned(self: LlamaContext, i: int = -1) -> np.ndarray:
         return np.full_like(real(self, i), np.nan)
 
+    def poisoned_batched(self: BatchedContext, row: int) -> np.ndarray:
+        return np.full_like(real_batched(self, row), np.nan)
+
     monkeypatch.setattr(LlamaContext, "logits", poisoned)
+    monkeypatch.setattr(BatchedContext, "logits", poisoned_batched)
     try:
         yield
     finally:
         monkeypatch.setattr(LlamaContext, "logits", real)
+        monkeypatch.setattr(BatchedContext, "logits", real_batched)
