@@ -417,7 +417,67 @@ class LoraAdapter(_NativeHandle):
         self.free()
 
 
-class LlamaContext(_NativeHandle):
+class _ContextHandle(_NativeHandle):
+    """What a single-sequence context and a batched one share: the llama.cpp context's lifetime,
+    its thread count, and its active adapter set (adapters apply to a whole llama.cpp context)."""
+
+    model: LlamaModel
+    n_threads: int
+    _ptr: llama.llama_context_p | None
+    _batch: llama.llama_batch
+    _adapters: tuple[tuple[LoraAdapter, float], ...]
+
+    @property
+    def ptr(self) -> llama.llama_context_p:
+        if not self._ptr:
+            raise InternalError("the context was already closed")
+        return self._ptr
+
+    def close(self) -> None:
+        if getattr(self, "_ptr", None):
+            llama.llama_batch_free(self._batch)
+            llama.llama_free(self._ptr)
+            self._ptr = None
+            self._adapters = ()
+
+    def set_threads(self, n_threads: int) -> None:
+        """Threads for the next decodes (llama.cpp reads them at each decode call)."""
+        n_threads = max(1, int(n_threads))
+        if n_threads != self.n_threads:
+            llama.llama_set_n_threads(self.ptr, n_threads, n_threads)
+            self.n_threads = n_threads
+
+    @property
+    def adapters(self) -> tuple[tuple[LoraAdapter, float], ...]:
+        return self._adapters
+
+    def _switch_adapters(self, adapters: Iterable[tuple[LoraAdapter, float]]) -> bool:
+        """Make exactly these adapters (with scales) active; True when the set changed."""
+        wanted = tuple((a, float(s)) for a, s in adapters if float(s) != 0.0)
+        for adapter, _ in wanted:
+            if adapter.model is not self.model:
+                raise AdapterError(f"adapter {adapter.path.name} was loaded for another model")
+            adapter.ptr  # raises if freed
+        if wanted == self._adapters:
+            return False
+        n = len(wanted)
+        if n:
+            ptrs = (llama.llama_adapter_lora_p_ctypes * n)(*[a.ptr for a, _ in wanted])
+            scales = (ctypes.c_float * n)(*[s for _, s in wanted])
+            rc = llama.llama_set_adapters_lora(self.ptr, ptrs, n, scales)
+        else:
+            rc = llama.llama_set_adapters_lora(self.ptr, None, 0, None)
+        if rc != 0:
+            raise InternalError(f"llama.cpp refused the adapter set (code {rc})")
+        self._adapters = wanted
+        return True
+
+    def _forget_adapter(self, adapter: LoraAdapter) -> None:
+        if self._ptr and any(a is adapter for a, _ in self._adapters):
+            self.set_adapters([(a, s) for a, s in self._adapters if a is not adapter])
+
+
+class LlamaContext(_ContextHandle):
     """One inference context (KV cache) on a model: single sequence, batched decode. It
     remembers which token sits at each cached position, so a later prompt can keep the
     prefix it shares with them (``reusable_prefix``, ``keep_prefix``)."""
@@ -469,27 +529,6 @@ class LlamaContext(_NativeHandle):
         # Asked before every llama_decode call, so a long prefill re-splits the cores as requests come and go.
         self.thread_policy: Callable[[], int] | None = None
         model._register(self)
-
-    # --- lifetime ---
-    @property
-    def ptr(self) -> llama.llama_context_p:
-        if not self._ptr:
-            raise InternalError("the context was already closed")
-        return self._ptr
-
-    def close(self) -> None:
-        if getattr(self, "_ptr", None):
-            llama.llama_batch_free(self._batch)
-            llama.llama_free(self._ptr)
-            self._ptr = None
-            self._adapters = ()
-
-    def set_threads(self, n_threads: int) -> None:
-        """Threads for the next decodes (llama.cpp reads them at each decode call)."""
-        n_threads = max(1, int(n_threads))
-        if n_threads != self.n_threads:
-            llama.llama_set_n_threads(self.ptr, n_threads, n_threads)
-            self.n_threads = n_threads
 
     # --- KV cache ---
     @property
@@ -552,36 +591,13 @@ class LlamaContext(_NativeHandle):
         return 0
 
     # --- adapters ---
-    @property
-    def adapters(self) -> tuple[tuple[LoraAdapter, float], ...]:
-        return self._adapters
-
     def set_adapters(self, adapters: Iterable[tuple[LoraAdapter, float]]) -> bool:
         """Make exactly these adapters (with scales) active. Returns True when the set changed,
         in which case the KV cache was cleared (it was computed under other weights)."""
-        wanted = tuple((a, float(s)) for a, s in adapters if float(s) != 0.0)
-        for adapter, _ in wanted:
-            if adapter.model is not self.model:
-                raise AdapterError(f"adapter {adapter.path.name} was loaded for another model")
-            adapter.ptr  # raises if freed
-        if wanted == self._adapters:
+        if not self._switch_adapters(adapters):
             return False
-        n = len(wanted)
-        if n:
-            ptrs = (llama.llama_adapter_lora_p_ctypes * n)(*[a.ptr for a, _ in wanted])
-            scales = (ctypes.c_float * n)(*[s for _, s in wanted])
-            rc = llama.llama_set_adapters_lora(self.ptr, ptrs, n, scales)
-        else:
-            rc = llama.llama_set_adapters_lora(self.ptr, None, 0, None)
-        if rc != 0:
-            raise InternalError(f"llama.cpp refused the adapter set (code {rc}): {_last_log_lines()}")
-        self._adapters = wanted
         self.clear_kv()
         return True
-
-    def _forget_adapter(self, adapter: LoraAdapter) -> None:
-        if self._ptr and any(a is adapter for a, _ in self._adapters):
-            self.set_adapters([(a, s) for a, s in self._adapters if a is not adapter])
 
     # --- decoding ---
     def decode(self, tokens: Sequence[int], pos0: int = 0, logits: LogitsRequest = "last",
@@ -749,7 +765,7 @@ class GrammarSampler(_NativeHandle):
         self._mask = None
 
 
-class BatchedContext(_NativeHandle):
+class BatchedContext(_ContextHandle):
     """One context holding ``n_seq`` sequences (slots) in a unified KV cache, so one
     ``llama_decode`` call evaluates tokens of several sequences at once (llama-server's slots).
     Each sequence may reach ``n_ctx_seq`` positions; the cache holds ``n_ctx_seq * n_seq`` cells,
@@ -792,25 +808,6 @@ class BatchedContext(_NativeHandle):
         self._tokens: list[list[int]] = [[] for _ in range(n_seq)]
         model._register(self)
 
-    @property
-    def ptr(self) -> llama.llama_context_p:
-        if not self._ptr:
-            raise InternalError("the context was already closed")
-        return self._ptr
-
-    def close(self) -> None:
-        if getattr(self, "_ptr", None):
-            llama.llama_batch_free(self._batch)
-            llama.llama_free(self._ptr)
-            self._ptr = None
-            self._adapters = ()
-
-    def set_threads(self, n_threads: int) -> None:
-        n_threads = max(1, int(n_threads))
-        if n_threads != self.n_threads:
-            llama.llama_set_n_threads(self.ptr, n_threads, n_threads)
-            self.n_threads = n_threads
-
     # --- per-sequence KV cache ---
     def n_past(self, seq: int) -> int:
         return len(self._tokens[seq])
@@ -846,35 +843,10 @@ class BatchedContext(_NativeHandle):
         return min(n, len(self._tokens[seq]))
 
     # --- adapters ---
-    @property
-    def adapters(self) -> tuple[tuple[LoraAdapter, float], ...]:
-        return self._adapters
-
     def set_adapters(self, adapters: Iterable[tuple[LoraAdapter, float]]) -> bool:
         """Make exactly these adapters active for the next decodes. The KV cache is kept: each
         sequence's cells were computed under the set its caller decoded it with."""
-        wanted = tuple((a, float(s)) for a, s in adapters if float(s) != 0.0)
-        for adapter, _ in wanted:
-            if adapter.model is not self.model:
-                raise AdapterError(f"adapter {adapter.path.name} was loaded for another model")
-            adapter.ptr  # raises if freed
-        if wanted == self._adapters:
-            return False
-        n = len(wanted)
-        if n:
-            ptrs = (llama.llama_adapter_lora_p_ctypes * n)(*[a.ptr for a, _ in wanted])
-            scales = (ctypes.c_float * n)(*[s for _, s in wanted])
-            rc = llama.llama_set_adapters_lora(self.ptr, ptrs, n, scales)
-        else:
-            rc = llama.llama_set_adapters_lora(self.ptr, None, 0, None)
-        if rc != 0:
-            raise InternalError(f"llama.cpp refused the adapter set (code {rc})")
-        self._adapters = wanted
-        return True
-
-    def _forget_adapter(self, adapter: LoraAdapter) -> None:
-        if self._ptr and any(a is adapter for a, _ in self._adapters):
-            self.set_adapters([(a, s) for a, s in self._adapters if a is not adapter])
+        return self._switch_adapters(adapters)
 
     # --- decoding ---
     def decode(self, parts: Sequence[tuple[int, Sequence[int]]]) -> list[int]:
